@@ -1,0 +1,37 @@
+"""The contract between the scheduler (what to compute) and the engine (computing it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minisrv.scheduler.request import Request
+
+
+@dataclass
+class ScheduledSeq:
+    """Compute tokens request.token_ids[start:start+num_tokens] this step.
+
+    Their K/V go to positions start.. of the request's page table (pages already allocated by the
+    scheduler). `sample` is true when the last of them is the request's newest token, i.e. this step
+    ends its prefill or is a decode step, so the engine samples the next token from its logits.
+    """
+
+    request: Request
+    start: int
+    num_tokens: int
+    sample: bool
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start == self.request.num_tokens - 1
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)

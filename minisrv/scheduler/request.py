@@ -1,0 +1,83 @@
+"""A request's life inside the engine, and the records the engine hands back per step."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from minisrv.sampling_params import SamplingParams
+
+
+class FinishReason(enum.IntEnum):
+    """Codes travel in TOKENS/TEXT records; names are what the OpenAI API reports."""
+
+    NONE = 0
+    STOP = 1     # EOS, a stop token id, or a stop string
+    LENGTH = 2   # max_tokens or the context length
+    ABORT = 3    # client went away, server shutting down, or preempted beyond recovery
+
+    @property
+    def api_name(self) -> str | None:
+        return None if self is FinishReason.NONE else self.name.lower()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()    # queued, or preempted and waiting to recompute
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Request:
+    rid: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int                                   # params.seed, or one drawn at admission
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed: int = 0                       # leading tokens whose K/V sit in `pages`
+    pages: list[int] = field(default_factory=list)   # page table: KV page ids, in order
+    num_cached_tokens: int = 0                  # prompt tokens served by the prefix cache (first admission)
+    finish_reason: FinishReason = FinishReason.NONE
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass
+class SampleResult:
+    """What the sampler chose for one sequence in one step."""
+
+    token_id: int
+    logprob: float | None = None                # log-softmax of the processed logits at token_id
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """One step's news about one request, as the scheduler process turns it into a TOKENS row."""
+
+    rid: int
+    new_token_ids: list[int]
+    new_samples: list[SampleResult]
+    finish_reason: FinishReason
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not FinishReason.NONE
