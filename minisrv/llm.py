@@ -1,0 +1,68 @@
+"""Offline, in-process generation: `LLM(...).generate(prompts, params)` on the same engine the server runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tqdm import tqdm
+
+from minisrv.config import DEFAULT_MODEL, EngineConfig
+from minisrv.engine.llm_engine import LLMEngine
+from minisrv.sampling_params import SamplingParams
+from minisrv.scheduler.request import FinishReason, SampleResult
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class GenerationOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    logprobs: list[SampleResult] = field(default_factory=list)
+
+
+class LLM:
+    """`LLM()` serves the embedded default model; keyword arguments are EngineConfig fields."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._next_rid = 0
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[GenerationOutput]:
+        """Text prompts are tokenized as they are (no chat template); token-id prompts pass through."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        outputs: dict[int, GenerationOutput] = {}
+        order: list[int] = []
+        for prompt, p in zip(prompts, params_list):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+            rid, self._next_rid = self._next_rid, self._next_rid + 1
+            self.engine.add_request(rid, ids, p)
+            outputs[rid] = GenerationOutput(prompt_token_ids=ids)
+            order.append(rid)
+        bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                gen = outputs[out.rid]
+                gen.token_ids += out.new_token_ids
+                gen.logprobs += [s for s in out.new_samples if s.logprob is not None]
+                gen.num_cached_tokens = out.num_cached_tokens
+                if out.finish_reason is not FinishReason.NONE:
+                    gen.finish_reason = out.finish_reason.api_name
+                    bar.update(1)
+        bar.close()
+        for gen in outputs.values():
+            gen.text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        return [outputs[rid] for rid in order]
