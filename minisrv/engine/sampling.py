@@ -1,0 +1,184 @@
+"""Batched next-token sampling: greedy or random per row, with vLLM V1's semantics and order.
+
+Per step, for rows with mixed parameters:
+  1. min_tokens bans and repetition/presence/frequency penalties (penalties.py);
+  2. greedy rows (temperature < 1e-5, vLLM's cut-off) take the argmax and stop there;
+  3. random rows: logits / temperature, then min-p, top-k, top-p, each masking tokens to -inf;
+  4. one draw per row by inverse transform over the kept tokens in vocabulary order, with the uniform
+     from Philox keyed by (seed, output position) (philox.py).
+Logprobs come from log_softmax of the RAW logits (vLLM V1's default "raw_logprobs"), so greedy and
+sampled rows report the model's own distribution; rows that ask for none pay nothing.
+
+Why inverse transform and not an exponential race (argmax(p / E)): it needs one random number per row
+instead of one per vocabulary entry, which is what makes the CPU path cheap, and a CUDA kernel can do
+the same scan (as FlashInfer's samplers do). Every per-row quantity below (softmax, cumsum, top-k
+values, thresholds) is computed row by row, so a row's token depends only on its own logits, seed and
+position, never on the batch around it.
+
+Top-k and top-p are thresholds on the row's logits, so ties at the cut are kept (vLLM does the same
+for top-k). Top-p sorts only a candidate prefix (torch.topk) and falls back to a full sort for rows
+whose nucleus does not fit in it: a full sort of a 49k vocabulary costs ~2 ms a row on a CPU core.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from minisrv.engine.penalties import apply_logit_adjustments
+from minisrv.engine.philox import uniform_draws
+from minisrv.scheduler.request import Request, SampleResult
+
+GREEDY_TEMPERATURE = 1e-5          # below this a row is greedy (vLLM's _SAMPLING_EPS); also avoids logits / 0
+NUCLEUS_CANDIDATES = 256           # top-p first looks for its nucleus among this many most likely tokens
+
+
+class Sampler:
+    """Chooses one token per logits row; see the module docstring for the semantics."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device | str = "cpu"):
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if any(not 0 <= t < vocab_size for t in eos_token_ids):
+            raise ValueError(f"eos_token_ids must lie in [0, vocab_size={vocab_size}), got {eos_token_ids}")
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.device = torch.device(device)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+        if logits.dim() != 2 or logits.shape[0] != len(requests) or logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits must be [len(requests)={len(requests)}, >= vocab_size={self.vocab_size}], "
+                             f"got {tuple(logits.shape)}")
+        if not requests:
+            return []
+        # A padded vocabulary's tail is not part of the model's distribution: drop it before anything else.
+        raw_logits = logits[:, : self.vocab_size].to(self.device, torch.float32)
+        adjusted = apply_logit_adjustments(raw_logits, requests, self.eos_token_ids)
+
+        greedy_rows = [i for i, r in enumerate(requests) if r.params.temperature < GREEDY_TEMPERATURE]
+        random_rows = [i for i, r in enumerate(requests) if r.params.temperature >= GREEDY_TEMPERATURE]
+        if not random_rows:
+            token_ids = adjusted.argmax(dim=-1)
+        elif not greedy_rows:
+            # The sampling path works in place; the raw logits must survive for logprobs.
+            owned = adjusted if adjusted is not raw_logits else adjusted.clone(memory_format=torch.contiguous_format)
+            token_ids = self._sample_random(owned, requests)
+        else:
+            token_ids = torch.empty(len(requests), dtype=torch.long, device=self.device)
+            greedy_index = self._index(greedy_rows)
+            token_ids[greedy_index] = adjusted[greedy_index].argmax(dim=-1)
+            random_index = self._index(random_rows)
+            token_ids[random_index] = self._sample_random(adjusted[random_index],
+                                                          [requests[i] for i in random_rows])
+        return self._results(raw_logits, token_ids, requests)
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _floats(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Token ids for rows that sample; `logits` is a private copy, modified in place."""
+        logits.div_(self._floats([r.params.temperature for r in requests])[:, None])
+
+        min_p = [r.params.min_p for r in requests]
+        if any(m > 0.0 for m in min_p):
+            # p < min_p * p_max  <=>  logit < max_logit + log(min_p): no softmax needed.
+            log_min_p = self._floats([math.log(m) if m > 0.0 else -math.inf for m in min_p])
+            floor = logits.amax(dim=-1, keepdim=True) + log_min_p[:, None]
+            logits.masked_fill_(logits < floor, -math.inf)
+
+        truncated_rows = [i for i, r in enumerate(requests) if _top_k(r, self.vocab_size) < self.vocab_size
+                          or r.params.top_p < 1.0]
+        if truncated_rows:
+            index = self._index(truncated_rows)
+            top_k = torch.tensor([_top_k(requests[i], self.vocab_size) for i in truncated_rows],
+                                 dtype=torch.long, device=self.device)
+            top_p = self._floats([requests[i].params.top_p for i in truncated_rows])
+            if len(truncated_rows) == len(requests):
+                _apply_top_k_top_p(logits, top_k, top_p)
+            else:
+                truncated = logits[index]
+                _apply_top_k_top_p(truncated, top_k, top_p)
+                logits[index] = truncated
+
+        # Inverse transform in vocabulary order over exp(logit - max); masked tokens add exactly 0, so the
+        # cumulative sum is flat there and they can never be the first entry above the target.
+        cumulative = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+        total = cumulative[:, -1:].contiguous()
+        uniforms = uniform_draws([r.seed for r in requests], [len(r.output_ids) for r in requests])
+        target = torch.from_numpy(uniforms).to(self.device)[:, None] * total
+        chosen = torch.searchsorted(cumulative, target, right=True)
+        # u can be exactly 1 (cuRAND's range is (0, 1]): then take the last token with mass, i.e. the
+        # first index where the cumulative sum reaches its total.
+        last_kept = torch.searchsorted(cumulative, total, right=False)
+        return torch.minimum(chosen, last_kept).squeeze(1)
+
+    def _results(self, raw_logits: torch.Tensor, token_ids: torch.Tensor,
+                 requests: list[Request]) -> list[SampleResult]:
+        ids = token_ids.tolist()
+        results = [SampleResult(token_id=t) for t in ids]
+        logprob_rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        if not logprob_rows:
+            return results
+        index = self._index(logprob_rows)
+        logprobs = torch.log_softmax(raw_logits[index], dim=-1)
+        chosen = logprobs.gather(1, token_ids[index][:, None]).squeeze(1).tolist()
+        max_top = max(requests[i].params.logprobs for i in logprob_rows)
+        top_values, top_ids = logprobs.topk(max_top, dim=-1) if max_top else (None, None)
+        top_values_list = top_values.tolist() if max_top else []
+        top_ids_list = top_ids.tolist() if max_top else []
+        for j, row in enumerate(logprob_rows):
+            n = requests[row].params.logprobs
+            result = results[row]
+            result.logprob = chosen[j]
+            if n:
+                result.top_ids = top_ids_list[j][:n]
+                result.top_logprobs = top_values_list[j][:n]
+        return results
+
+
+def _top_k(request: Request, vocab_size: int) -> int:
+    k = request.params.top_k
+    return vocab_size if k <= 0 else min(k, vocab_size)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       num_candidates: int = NUCLEUS_CANDIDATES) -> None:
+    """Mask to -inf, in place, what top-k and then top-p over the top-k survivors remove (vLLM's order).
+
+    top_k [rows] (vocab_size when off), top_p [rows] (1.0 when off). Top-p keeps the smallest prefix of the
+    descending order whose mass reaches top_p (at least one token): token j stays iff the mass strictly
+    before it is < top_p. Both cuts become logit thresholds, so tokens tied with the last kept one stay.
+    The nucleus is searched among the `num_candidates` most likely tokens, 16x more for rows where it
+    does not fit, up to the whole vocabulary (a full sort).
+    """
+    vocab_size = logits.shape[1]
+    needs_top_k = top_k < vocab_size
+    needs_top_p = top_p < 1.0
+    largest_k = int(top_k[needs_top_k].max()) if bool(needs_top_k.any()) else 0
+    width = min(vocab_size, max(largest_k, num_candidates if bool(needs_top_p.any()) else 0))
+    values, ids = logits.topk(width, dim=-1)
+
+    k_floor = values.gather(1, (top_k.clamp(max=width) - 1)[:, None])
+    logits.masked_fill_(logits < torch.where(needs_top_k[:, None], k_floor, -math.inf), -math.inf)
+    if not bool(needs_top_p.any()):
+        return
+
+    # Probabilities after top-k (softmax of the masked row), in descending order.
+    sorted_probs = logits.softmax(dim=-1).gather(1, ids)
+    mass_through = sorted_probs.cumsum(dim=-1)
+    num_kept = 1 + (mass_through[:, :-1] < top_p[:, None]).sum(dim=-1)
+    # The nucleus is known when the candidates reach top_p, or hold every token top-k left.
+    resolved = (mass_through[:, -1] >= top_p) | (top_k <= width) | ~needs_top_p
+    p_floor = values.gather(1, (num_kept - 1)[:, None])
+    logits.masked_fill_(logits < torch.where((needs_top_p & resolved)[:, None], p_floor, -math.inf), -math.inf)
+    if bool(resolved.all()):
+        return
+    # Flat distributions: look again, among more candidates, in the rows not resolved (only top-k applied).
+    unresolved = (~resolved).nonzero().squeeze(1)
+    retry = logits[unresolved]
+    _apply_top_k_top_p(retry, top_k[unresolved], top_p[unresolved], num_candidates=num_candidates * 16)
+    logits[unresolved] = retry
