@@ -26,6 +26,10 @@ class GenerateInput:
     stop: list[str] = field(default_factory=list)
     echo: bool = False                        # completions: return the prompt text before the completion
     add_generation_prompt: bool = True        # chat: end the rendered prompt with the assistant header
+    # The client gave no max_tokens (chat's default, OpenAI semantics: generate up to the context length).
+    # Only the tokenizer worker knows the prompt's length, so it sets params.max_tokens to
+    # max_model_len - prompt tokens; until then params.max_tokens holds max_model_len. (Added by HTTP.)
+    max_tokens_from_context: bool = False
 
 
 @dataclass
