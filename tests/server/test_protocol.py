@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minisrv.server.errors import APIError
+from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse_request
+
+MAX_LEN, VOCAB = 512, 1000
+
+
+def chat(body: dict):
+    body = {"messages": [{"role": "user", "content": "hi"}], **body}
+    return parse_request(ChatCompletionRequest, json.dumps(body).encode()).to_generate_input(MAX_LEN, VOCAB)
+
+
+def completions(body: dict):
+    body = {"prompt": "hi", **body}
+    return parse_request(CompletionRequest, json.dumps(body).encode()).to_generate_inputs(MAX_LEN, VOCAB)
+
+
+def generate(body: dict):
+    return parse_request(GenerateRequest, json.dumps(body).encode()).to_generate_input(VOCAB)
+
+
+def rejects(fn, body, param: str | None, status: int = 400) -> APIError:
+    with pytest.raises(APIError) as exc:
+        fn(body)
+    assert exc.value.status == status
+    assert exc.value.param == param, exc.value.message
+    if param:
+        assert param in exc.value.message
+    return exc.value
+
+
+def test_chat_fields_reach_sampling_params() -> None:
+    rng = random.Random(1)
+    for _ in range(20):
+        values = {"temperature": round(rng.uniform(0, 2), 3), "top_p": round(rng.uniform(0.01, 1), 3),
+                  "top_k": rng.randint(-1, 50), "min_p": round(rng.uniform(0, 1), 3), "seed": rng.randint(0, 2**40),
+                  "presence_penalty": round(rng.uniform(-2, 2), 3), "frequency_penalty": round(rng.uniform(-2, 2), 3),
+                  "repetition_penalty": round(rng.uniform(0.1, 2), 3), "max_tokens": rng.randint(1, 100),
+                  "min_tokens": 0, "stop_token_ids": [rng.randrange(VOCAB) for _ in range(rng.randint(0, 3))],
+                  "ignore_eos": rng.random() < 0.5}
+        n = rng.randint(1, 16)
+        stop = [f"s{rng.randint(0, 99)}" for _ in range(rng.randint(0, 3))]
+        inp = chat(dict(values, n=n, stop=stop, logprobs=True, top_logprobs=rng.randint(0, 20)))
+        for key, value in values.items():
+            assert getattr(inp.params, key) == value, key
+        assert inp.n == n and inp.stop == stop and inp.is_chat and not inp.max_tokens_from_context
+        assert inp.params.logprobs is not None
+
+
+def test_chat_messages_and_defaults() -> None:
+    inp = chat({"messages": [{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                             {"role": "assistant", "content": "c", "name": "bot"}]})
+    assert inp.prompt == [("system", "be brief"), ("user", "a\nb"), ("assistant", "c")]
+    # OpenAI's chat default: no limit but the context; the worker resolves it once it knows the prompt.
+    assert inp.max_tokens_from_context and inp.params.max_tokens == MAX_LEN
+    assert inp.params.temperature == 1.0 and inp.params.logprobs is None and inp.stop == []
+    assert chat({"max_completion_tokens": 7, "max_tokens": 3}).params.max_tokens == 7
+    assert chat({"stop": "x"}).stop == ["x"]
+    assert chat({"user": "someone"}).n == 1   # accepted, ignored
+
+
+def test_completion_prompt_forms() -> None:
+    rng = random.Random(2)
+    ids = [rng.randrange(VOCAB) for _ in range(5)]
+    assert [i.prompt for i in completions({"prompt": "abc"})] == ["abc"]
+    assert [i.prompt for i in completions({"prompt": ["a", "b"]})] == ["a", "b"]
+    assert [i.prompt for i in completions({"prompt": ids})] == [ids]
+    assert [i.prompt for i in completions({"prompt": [ids, ids[:2]]})] == [ids, ids[:2]]
+    inp = completions({"echo": True})[0]
+    assert inp.echo and inp.params.max_tokens == 16 and not inp.is_chat
+    assert completions({"max_tokens": None})[0].max_tokens_from_context
+    assert completions({"logprobs": 3})[0].params.logprobs == 3
+
+
+def test_generate_request() -> None:
+    inp = generate({"text": "hi", "sampling_params": {"max_new_tokens": 9, "min_new_tokens": 2, "temperature": 0,
+                                                      "stop": "x", "n": 2}})
+    assert inp.prompt == "hi" and inp.params.max_tokens == 9 and inp.params.min_tokens == 2
+    assert inp.params.greedy and inp.stop == ["x"] and inp.n == 2
+    assert generate({"input_ids": [5, 6]}).prompt == [5, 6]
+    assert generate({"text": "hi"}).params.max_tokens == 128
+    rejects(generate, {"text": "a", "input_ids": [1]}, "text")
+    rejects(generate, {}, "text")
+    rejects(generate, {"text": "a", "sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens")
+    rejects(generate, {"text": "a", "sampling_params": {"top_p": 2.0}}, "sampling_params.top_p")
+    rejects(generate, {"text": "a", "sampling_params": {"bogus": 1}}, "sampling_params.bogus")
+    rejects(generate, {"input_ids": [VOCAB]}, "input_ids")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_completion_tokens": -3}, "max_completion_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"seed": -1}, "seed"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stop": ["ok", ""]}, "stop"),
+    ({"stop": 3}, "stop"),
+    ({"stop_token_ids": [VOCAB + 5]}, "stop_token_ids"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"stream": 1}, "stream"),
+    ({"tools": []}, "tools"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"),
+])
+def test_chat_rejects(body: dict, param: str) -> None:
+    rejects(chat, body, param)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [1, -1]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [5, VOCAB]}, "prompt"),
+    ({"prompt": [[5], [VOCAB + 1]]}, "prompt"),
+    ({"prompt": 7}, "prompt"),
+    ({"echo": True, "logprobs": 1}, "echo"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"suffix": "x"}, "suffix"),
+    ({"best_of": 2}, "best_of"),
+])
+def test_completion_rejects(body: dict, param: str) -> None:
+    rejects(completions, body, param)
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"{", "invalid_json"),
+    (b"not json", "invalid_json"),
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "invalid_utf8"),
+    (b'[1, 2]', "invalid_type"),
+    (b'{"messages": [{"role": "user", "content": "a"}], "temperature": NaN}', "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "invalid_json"),   # a lone surrogate
+    (b"", "invalid_json"),
+])
+def test_malformed_bodies(raw: bytes, code: str) -> None:
+    with pytest.raises(APIError) as exc:
+        parse_request(ChatCompletionRequest, raw)
+    assert exc.value.status == 400 and exc.value.code == code
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                           max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "n",
+                                        "stop", "logprobs", "top_logprobs", "stream", "stream_options", "seed",
+                                        "echo", "top_k", "min_tokens", "stop_token_ids", "unknown"]),
+                       json_values, max_size=6))
+def test_any_json_is_accepted_or_a_400(body: dict) -> None:
+    """Whatever a client sends, parsing and conversion end in a GenerateInput or a 400: never anything else."""
+    raw = json.dumps(body).encode()
+    for schema, convert in ((ChatCompletionRequest, lambda r: r.to_generate_input(MAX_LEN, VOCAB)),
+                            (CompletionRequest, lambda r: r.to_generate_inputs(MAX_LEN, VOCAB))):
+        try:
+            convert(parse_request(schema, raw))
+        except APIError as exc:
+            assert exc.status == 400 and exc.message
