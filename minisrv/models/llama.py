@@ -1,0 +1,127 @@
+"""The Llama family in one implementation: Llama 2/3, SmolLM2, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+The model takes a flat batch, forward(input_ids [T], positions [T]) -> hidden [T, hidden_size], with the
+step's attention metadata in the forward context. q/k/v and gate/up projections are fused into one matmul
+each at load time; q/k rows are stored in the interleaved RoPE layout (see minisrv/models/rope.py).
+Forward methods call F.linear on the weights rather than the submodules: on a 2-core CPU decode step the
+nn.Module call machinery is a measurable share of the time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisrv.engine.attention import PagedAttention
+from minisrv.models.config import ModelConfig
+from minisrv.models.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: norm(x). With: (norm(x + residual), x + residual), the sum reusing residual's memory."""
+        if residual is None:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        residual.add_(x)
+        return F.rms_norm(residual, self.weight.shape, self.weight, self.eps), residual
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        # Qwen3's per-head q/k RMSNorm weights, one row per q head then per kv head, so the q and k heads
+        # (adjacent in the qkv output) are normalized by a single call.
+        self.qk_norm = (nn.Parameter(torch.empty(self.num_heads + self.num_kv_heads, self.head_dim))
+                        if config.qk_norm else None)
+        self.eps = config.rms_norm_eps
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        num_tokens = qkv.shape[0]
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.qk_norm is not None:
+            torch.mul(F.rms_norm(qk, (self.head_dim,), eps=self.eps), self.qk_norm, out=qk)
+        RotaryEmbedding.rotate_(qk, rotations)
+        q = qk[:, : self.num_heads]
+        kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
+        return F.linear(self.attn(q, kv), self.o_proj.weight)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x, self.gate_up_proj.weight)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rotations: torch.Tensor):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm.forward(hidden)
+        else:
+            hidden, residual = self.input_layernorm.forward(hidden, residual)
+        hidden = self.self_attn.forward(hidden, rotations)
+        hidden, residual = self.post_attention_layernorm.forward(hidden, residual)
+        return self.mlp.forward(hidden), residual
+
+
+class CausalLM(nn.Module):
+    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM, per `config.architecture`.
+
+    Parameter names follow Hugging Face's where a tensor maps one to one; minisrv/models/weights.py maps
+    checkpoints onto the fused ones. Build on the meta device and materialize (see minisrv/models/loader.py).
+    """
+
+    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device | str) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (self.embed_tokens if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        # Built with an explicit device so it is real even while the rest is constructed on "meta".
+        self.rope = RotaryEmbedding(config, max_positions, device)
+
+    def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"kv_caches: expected {len(self.layers)} layers, got {len(kv_caches)}")
+        for layer, cache in zip(self.layers, kv_caches):
+            layer.self_attn.attn.bind(cache)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rotations = self.rope.lookup(positions)
+        hidden = F.embedding(input_ids, self.embed_tokens.weight)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer.forward(hidden, residual, rotations)
+        hidden, _ = self.norm.forward(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [rows, hidden_size] -> float32 logits [rows, vocab_size]."""
+        return F.linear(hidden, self.lm_head.weight).float()
