@@ -1,0 +1,217 @@
+"""The API server's HTTP side: OpenAI routes, SGLang's /generate, /health, /models, /metrics.
+
+`build_app(client, config)` makes the Starlette app around an EngineClient; `run_http(app, config,
+shutdown_event)` serves it with hypercorn on the running event loop (the launcher runs that loop
+with uvloop, so the rings' asyncio consumer and the HTTP connections share one loop).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from minisrv.config import ServerConfig
+from minisrv.server import responses
+from minisrv.server.client import EngineClient, GenerateInput, RequestError
+from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
+from minisrv.server.metrics import ServerMetrics
+from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse_request
+from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext, choice_deltas, collect, to_json
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 1024 * 1024   # a full-context prompt as token ids is a few MiB of JSON at most
+SHUTDOWN_GRACE_S = 2.0              # open connections get this long after shutdown; all exits stay within 5 s
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
+
+Streamer = Callable[[ResponseContext, AsyncIterator[ChoiceDelta]], AsyncIterator[bytes]]
+Builder = Callable[[ResponseContext, list[ChoiceResult]], object]
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def json_response(obj: object, status: int = 200) -> Response:
+    return Response(to_json(obj), status_code=status, media_type="application/json")
+
+
+class OpenAIServer:
+    """The routes' state: the engine client, the metrics, and the API key."""
+
+    def __init__(self, client: EngineClient, config: ServerConfig) -> None:
+        self.client = client
+        self.config = config
+        self.metrics = ServerMetrics(client.stats)
+        self.started = int(time.time())
+        self._api_key = config.api_key.encode() if config.api_key else None
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_text, methods=["GET"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/generate", self.generate, methods=["POST"]),
+        ]
+
+    # --- routes ----------------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        if self.client.dead_worker is not None:
+            raise APIError(503, f"worker {self.client.dead_worker} died; the server is going down")
+        if not self.client.ready:
+            raise APIError(503, "the server is starting or shutting down")
+        return json_response({"status": "ok"})
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def list_models(self, request: Request) -> Response:
+        self._authorize(request)
+        return json_response({"object": "list", "data": [self._model_card()]})
+
+    async def get_model(self, request: Request) -> Response:
+        self._authorize(request)
+        self._check_model(request.path_params["model"])
+        return json_response(self._model_card())
+
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req = parse_request(ChatCompletionRequest, await read_body(request))
+        self._check_model(req.model)
+        inp = req.to_generate_input(self.client.max_model_len, self.client.vocab_size)
+        ctx = self._context("chatcmpl", req.include_usage())
+        return await self._respond(request, ctx, [inp], req.stream, responses.chat_stream, responses.chat_completion)
+
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req = parse_request(CompletionRequest, await read_body(request))
+        self._check_model(req.model)
+        inputs = req.to_generate_inputs(self.client.max_model_len, self.client.vocab_size)
+        ctx = self._context("cmpl", req.include_usage())
+        return await self._respond(request, ctx, inputs, req.stream, responses.completion_stream,
+                                   responses.completion)
+
+    async def generate(self, request: Request) -> Response:
+        self._authorize(request)
+        req = parse_request(GenerateRequest, await read_body(request))
+        inp = req.to_generate_input(self.client.vocab_size)
+        return await self._respond(request, self._context("gen", False), [inp], req.stream,
+                                   responses.generate_stream, responses.generate_result)
+
+    # --- shared steps ----------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Headers arrive decoded as latin-1; re-encoding gives back the bytes the client sent.
+        given = token.strip().encode("latin-1")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._api_key):
+            raise APIError(401, "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.client.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.client.model_name}'",
+                           "model", "model_not_found")
+
+    def _model_card(self) -> dict:
+        return {"id": self.client.model_name, "object": "model", "created": self.started, "owned_by": "minisrv",
+                "root": self.config.engine.model, "max_model_len": self.client.max_model_len}
+
+    def _context(self, id_prefix: str, include_usage: bool) -> ResponseContext:
+        return ResponseContext.new(id_prefix, self.client.model_name, self.metrics.timer(), include_usage)
+
+    async def _respond(self, request: Request, ctx: ResponseContext, inputs: list[GenerateInput], stream: bool,
+                       streamer: Streamer, builder: Builder) -> Response:
+        if self.client.dead_worker is not None or not self.client.ready:
+            raise APIError(503, "the server is not ready (starting, shutting down, or a worker died)")
+        n = inputs[0].n
+        deltas = choice_deltas([self.client.generate(inp) for inp in inputs], n)
+        try:
+            if not stream:
+                results = await until_disconnect(request, collect(ctx, deltas, n * len(inputs)))
+                return json_response(builder(ctx, results))
+            # The first delta comes before the 200: a refused request (400 too long, 503) gets its status.
+            first = await until_disconnect(request, anext(deltas))
+        except RequestError as exc:
+            raise APIError(exc.status, exc.message, exc.param) from exc
+        except ClientDisconnected:
+            return Response(status_code=499)   # nobody is listening; the request was aborted
+        return StreamingResponse(streamer(ctx, prepend(first, deltas)), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
+
+async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
+async def read_body(request: Request) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` unless the client goes away first; then cancel it, which aborts its request."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((work_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+    if not work_task.done():
+        work_task.cancel()
+        raise ClientDisconnected
+    return work_task.result()
+
+
+def build_app(client: EngineClient, config: ServerConfig) -> Starlette:
+    server = OpenAIServer(client, config)
+    app = Starlette(
+        routes=server.routes(),
+        exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception,
+                            Exception: handle_unexpected},
+    )
+    app.state.server = server
+    return app
+
+
+async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio.Event) -> None:
+    """Serve until `shutdown_event` is set; call on the (uvloop) loop the EngineClient runs on."""
+    hc = HypercornConfig()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    hc.graceful_timeout = SHUTDOWN_GRACE_S
+    hc.include_server_header = False
+    hc.loglevel = config.log_level.upper()
+    await hypercorn_serve(app, hc, shutdown_trigger=shutdown_event.wait)

@@ -1,0 +1,164 @@
+"""From OutputDelta streams to response pieces: choice numbering, usage, logprobs, SSE framing.
+
+The endpoint-specific shapes (chat, completions, /generate) live in responses.py; this module holds
+what they share. A request's deltas arrive as ChoiceDelta(choice, prompt, delta): `choice` numbers
+the response's choices (prompt index * n + the delta's index, as OpenAI numbers the choices of a
+completions request with several prompts), `prompt` says which prompt the choice belongs to.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator, NamedTuple
+
+from minisrv.server.client import OutputDelta, TokenLogprob
+from minisrv.server.metrics import RequestTimer
+
+SSE_DONE = b"data: [DONE]\n\n"
+# JSON has no -inf; OpenAI reports a token the sampler could never pick with this logprob.
+MIN_LOGPROB = -9999.0
+
+
+class ChoiceDelta(NamedTuple):
+    choice: int
+    prompt: int
+    delta: OutputDelta
+
+
+def to_json(obj: object) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sse_event(obj: object) -> bytes:
+    return b"data: " + to_json(obj) + b"\n\n"
+
+
+async def choice_deltas(streams: list[AsyncIterator[OutputDelta]], n: int) -> AsyncIterator[ChoiceDelta]:
+    """All prompts' deltas as they come; closing this closes (and so aborts) every stream."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for delta in only:
+                yield ChoiceDelta(delta.index, 0, delta)
+        return
+    queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
+
+    async def pump(prompt: int, stream: AsyncIterator[OutputDelta]) -> None:
+        try:
+            async with aclosing(stream):
+                async for delta in stream:
+                    queue.put_nowait(ChoiceDelta(prompt * n + delta.index, prompt, delta))
+        except Exception as exc:  # handed to the consumer, which raises it in the request's own task
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(None)
+
+    pumps = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
+    try:
+        running = len(pumps)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        # Synchronous on purpose: this may run inside a cancelled scope, where any await would raise.
+        for task in pumps:
+            task.cancel()
+
+
+@dataclass
+class ResponseContext:
+    """What every piece of one response needs: its identity, the usage so far, and the request's timer."""
+
+    id: str
+    created: int
+    model: str
+    timer: RequestTimer
+    include_usage: bool = False
+    _choices: dict[int, ChoiceDelta] = field(default_factory=dict)   # latest delta of each choice
+
+    @classmethod
+    def new(cls, id_prefix: str, model: str, timer: RequestTimer, include_usage: bool = False) -> ResponseContext:
+        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, timer, include_usage)
+
+    def record(self, cd: ChoiceDelta) -> None:
+        self._choices[cd.choice] = cd
+        self.timer.on_delta(cd.choice, cd.prompt, cd.delta)
+
+    def usage(self) -> dict:
+        """Prompt tokens count once per prompt however many choices it has; the counts are cumulative."""
+        prompt_tokens: dict[int, int] = {}
+        cached_tokens: dict[int, int] = {}
+        completion_tokens = 0
+        for cd in self._choices.values():
+            prompt_tokens[cd.prompt] = cd.delta.prompt_tokens
+            # The prompt's choices share its pages; what was cached before the request came is the least.
+            cached_tokens[cd.prompt] = min(cached_tokens.get(cd.prompt, cd.delta.cached_tokens),
+                                           cd.delta.cached_tokens)
+            completion_tokens += cd.delta.completion_tokens
+        prompt = sum(prompt_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+                "total_tokens": prompt + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(cached_tokens.values())}}
+
+
+@dataclass
+class ChoiceResult:
+    """One choice of a whole (non-streaming) response."""
+
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+async def collect(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta], num_choices: int) -> list[ChoiceResult]:
+    results = [ChoiceResult() for _ in range(num_choices)]
+    async with aclosing(deltas):
+        async for cd in deltas:
+            ctx.record(cd)
+            result, delta = results[cd.choice], cd.delta
+            result.text_parts.append(delta.text)
+            result.token_ids += delta.token_ids
+            if delta.logprobs is not None:
+                result.logprobs = (result.logprobs or []) + delta.logprobs
+            if delta.finish_reason is not None:
+                result.finish_reason = delta.finish_reason
+    ctx.timer.on_finish()
+    return results
+
+
+def _logprob(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+def chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
+    """OpenAI chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    return {"content": [
+        {"token": lp.token, "logprob": _logprob(lp.logprob), "bytes": list(lp.token_bytes),
+         "top_logprobs": [{"token": t.token, "logprob": _logprob(t.logprob), "bytes": list(t.token_bytes)}
+                          for t in lp.top_logprobs]}
+        for lp in logprobs]}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], text_offset: int) -> dict:
+    """OpenAI completions shape: parallel lists; `text_offset` is where the first token's text starts."""
+    offsets = []
+    for lp in logprobs:
+        offsets.append(text_offset)
+        text_offset += len(lp.token)
+    return {"tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [_logprob(lp.logprob) for lp in logprobs],
+            "top_logprobs": [{t.token: _logprob(t.logprob) for t in lp.top_logprobs} for lp in logprobs],
+            "text_offset": offsets}

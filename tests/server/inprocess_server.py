@@ -1,0 +1,58 @@
+"""Run the real app on real hypercorn + uvloop in a background thread, with a FakeEngineClient behind it."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import httpx
+import uvloop
+
+from minisrv.config import ServerConfig
+from minisrv.server.app import build_app, run_http
+from fake_engine_client import FakeEngineClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class InProcessServer:
+    client: FakeEngineClient
+    config: ServerConfig = field(default_factory=ServerConfig)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop: asyncio.Event | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.port}"
+
+    def __enter__(self) -> InProcessServer:
+        self.config.port = free_port()
+        started = threading.Event()
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            started.set()
+            await run_http(build_app(self.client, self.config), self.config, self._stop)
+
+        self._thread = threading.Thread(target=uvloop.run, args=(main(),), daemon=True)
+        self._thread.start()
+        started.wait(10)
+        for _ in range(200):
+            try:
+                httpx.get(f"{self.url}/health", timeout=1)
+                return self
+            except httpx.TransportError:
+                threading.Event().wait(0.02)
+        raise RuntimeError("in-process server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)

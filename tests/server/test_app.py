@@ -1,0 +1,274 @@
+"""The HTTP app on real hypercorn + uvloop, in-process, with a fake engine client: shapes, streaming, errors."""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import httpx
+import openai
+import pytest
+from fake_engine_client import MAX_MODEL_LEN, REPLY, VOCAB_SIZE, FakeEngineClient
+from inprocess_server import InProcessServer
+
+from minisrv.config import ServerConfig
+from minisrv.server.app import MAX_BODY_BYTES
+
+GREEDY = {"temperature": 0}
+MODEL = "fake-model"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with InProcessServer(FakeEngineClient(MODEL)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_health_and_models(server) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    assert httpx.get(f"{server.url}/v1/models/{MODEL}").json()["id"] == MODEL
+    assert_error(httpx.get(f"{server.url}/v1/models/other"), 404, "model")
+
+
+def test_health_503_while_not_ready_or_dead(server) -> None:
+    client = server.client
+    try:
+        client.ready = False
+        assert_error(httpx.get(f"{server.url}/health"), 503)
+        assert_error(httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}), 503)
+        client.ready, client.dead_worker = True, "tokenizer-0"
+        assert "tokenizer-0" in assert_error(httpx.get(f"{server.url}/health"), 503)["message"]
+    finally:
+        client.ready, client.dead_worker = True, None
+
+
+def test_chat_whole_response(server, sdk) -> None:
+    out = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=200,
+                                      **GREEDY)
+    assert out.id.startswith("chatcmpl-") and out.object == "chat.completion" and out.model == MODEL
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == REPLY
+    assert out.choices[0].finish_reason == "stop"
+    prompt_len = len("<user>hi\n")
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_len, len(REPLY))
+    assert out.usage.total_tokens == prompt_len + len(REPLY)
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+    assert server.client.inputs[-1].params.max_tokens == 200
+    # Without max_tokens the app asks for "up to the context length".
+    sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert server.client.inputs[-1].max_tokens_from_context
+
+
+def test_chat_streaming_matches_whole(sdk) -> None:
+    rng = random.Random(3)
+    for _ in range(3):
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": f"q{rng.randint(0, 999)}"}],
+                      max_tokens=rng.randint(1, 70), seed=rng.randint(0, 1000), n=rng.randint(1, 3))
+        whole = sdk.chat.completions.create(**kwargs)
+        chunks = list(sdk.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        texts: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        for chunk in chunks[:-1]:
+            assert chunk.object == "chat.completion.chunk" and chunk.id == chunks[0].id and chunk.usage is None
+            (choice,) = chunk.choices
+            if choice.index not in texts:
+                assert choice.delta.role == "assistant"   # the first delta of each choice carries the role
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+        assert texts == {c.index: c.message.content for c in whole.choices}
+        assert reasons == {c.index: c.finish_reason for c in whole.choices}
+        assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_chat_logprobs(sdk) -> None:
+    out = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                      logprobs=True, top_logprobs=3, **GREEDY)
+    content = out.choices[0].logprobs.content
+    assert [c.token for c in content] == list(REPLY[:4])
+    assert all(len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode()) for c in content)
+    assert sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=2).choices[0].logprobs is None
+
+
+def test_completions_several_prompts_and_n(sdk) -> None:
+    out = sdk.completions.create(model=MODEL, prompt=["ab", "hij"], n=2, max_tokens=5, seed=11)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert all(len(c.text) == 5 and c.finish_reason == "length" for c in out.choices)
+    assert out.choices[0].text != out.choices[1].text   # different choices sample differently
+    assert out.usage.prompt_tokens == 2 + 3 and out.usage.completion_tokens == 20
+    streamed = list(sdk.completions.create(model=MODEL, prompt=["ab", "hij"], n=2, max_tokens=5, seed=11,
+                                           stream=True))
+    texts: dict[int, str] = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in out.choices}
+
+
+def test_completions_logprobs_and_echo(sdk) -> None:
+    out = sdk.completions.create(model=MODEL, prompt="p", max_tokens=3, logprobs=2, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == list(REPLY[:3]) and lp.text_offset == [0, 1, 2] and len(lp.top_logprobs[0]) == 2
+    assert sdk.completions.create(model=MODEL, prompt="pre", max_tokens=3, echo=True, **GREEDY).choices[0].text \
+        == "pre" + REPLY[:3]
+
+
+def test_stop_strings_and_finish_reasons(sdk) -> None:
+    cut = REPLY.index("world")
+    out = sdk.completions.create(model=MODEL, prompt="x", max_tokens=100, stop=["world", "zzz"], **GREEDY)
+    assert out.choices[0].text == REPLY[:cut] and out.choices[0].finish_reason == "stop"
+    out = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                      stop="world", **GREEDY)
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_generate_endpoint(server) -> None:
+    r = httpx.post(f"{server.url}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 4,
+                                                                                   "temperature": 0}})
+    body = r.json()
+    assert body["text"] == REPLY[:4] and body["output_ids"] == [ord(c) for c in REPLY[:4]]
+    assert body["meta_info"]["finish_reason"] == {"type": "length"} and body["meta_info"]["prompt_tokens"] == 2
+    with httpx.stream("POST", f"{server.url}/generate", json={"input_ids": [104, 105], "stream": True,
+                                                              "sampling_params": {"max_new_tokens": 4,
+                                                                                  "temperature": 0}}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]" and events[-2]["text"] == REPLY[:4]   # SGLang streams the text so far
+    two = httpx.post(f"{server.url}/generate", json={"text": "hi", "sampling_params": {"n": 2}}).json()
+    assert isinstance(two, list) and len(two) == 2
+
+
+def test_sse_framing(server) -> None:
+    body = {"prompt": "x", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    frames = raw.split("\n\n")
+    assert frames[-1] == "" and frames[-2] == "data: [DONE]"
+    assert all(f.startswith("data: {") for f in frames[:-2])
+    usage = json.loads(frames[-3][len("data: "):])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("method, path, body, status, param", [
+    ("POST", "/v1/chat/completions", b"{not json", 400, None),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}', 400, None),
+    ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "messages"),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}', 404,
+     "model"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 300}', 400, "prompt"),   # longer than the context
+    ("POST", "/v1/completions", json.dumps({"prompt": [1, VOCAB_SIZE]}).encode(), 400, "prompt"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options"),
+    ("GET", "/v1/chat/completions", b"", 405, None),
+    ("PUT", "/v1/models", b"", 405, None),
+    ("GET", "/v1/nothing", b"", 404, None),
+    ("POST", "/generate", b'{"text": 5}', 400, "text"),
+])
+def test_error_bodies(server, method: str, path: str, body: bytes, status: int, param: str | None) -> None:
+    assert_error(httpx.request(method, f"{server.url}{path}", content=body), status, param)
+
+
+def test_streaming_refusal_keeps_its_status(server) -> None:
+    with httpx.stream("POST", f"{server.url}/v1/completions",
+                      json={"prompt": "x", "max_tokens": 500, "stream": True}) as r:
+        r.read()
+        assert_error(r, 400, "prompt")
+
+
+def test_body_too_large(server) -> None:
+    assert_error(httpx.post(f"{server.url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1)), 413)
+
+
+def test_sdk_raises_typed_errors(sdk) -> None:
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=-1)
+
+
+def wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts_the_request(server, stream: bool) -> None:
+    client = server.client
+    client.step_delay = 0.05   # ~3 s for the whole reply: the client leaves long before
+    aborted_before = len(client.aborted)
+    try:
+        body = {"prompt": "x", "max_tokens": 60, "stream": stream}
+        if stream:   # read a few events, then hang up
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                assert next(lines) == ""
+        else:        # give up waiting for the whole response
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+        assert wait_for(lambda: len(client.aborted) == aborted_before + 1 and not client.running)
+    finally:
+        client.step_delay = 0.0
+
+
+def test_metrics(server, sdk) -> None:
+    sdk.completions.create(model=MODEL, prompt="abc", max_tokens=4)
+    text = httpx.get(f"{server.url}/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    for name in ("minisrv:num_requests_running", "minisrv:num_requests_waiting", "minisrv:kv_cache_usage_perc"):
+        assert name in samples
+    assert samples["minisrv:prefix_cache_queries_total"] == 7 and samples["minisrv:prefix_cache_hits_total"] == 3
+    assert samples["minisrv:prompt_tokens_total"] >= 3 and samples["minisrv:generation_tokens_total"] >= 4
+    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+        assert samples[f"minisrv:{hist}_count"] >= 1
+
+
+def test_api_key() -> None:
+    key = "s3cret-ключ"
+    with InProcessServer(FakeEngineClient(MODEL), ServerConfig(api_key=key)) as s:
+        url = f"{s.url}/v1/completions"
+        body = {"prompt": "x", "max_tokens": 2}
+        assert_error(httpx.post(url, json=body), 401)
+        assert_error(httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(httpx.get(f"{s.url}/v1/models", headers={"Authorization": f"Basic {key}".encode()}), 401)
+        ok = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}".encode()})
+        assert ok.status_code == 200
+        assert httpx.get(f"{s.url}/health").status_code == 200   # probes need no key
+        sdk = openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            sdk.models.list()
