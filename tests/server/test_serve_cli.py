@@ -1,0 +1,91 @@
+"""`minisrv serve` / `minisrv chat` flags: every flag reaches the config; bad values are one-line errors."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+from minisrv.cli import build_parser
+from minisrv.config import EngineConfig, ServerConfig
+from minisrv.server.cli import server_config
+
+SERVE_FLAGS = ["--model", "--served-model-name", "--host", "--port", "--device", "--dtype", "--tp-size",
+               "--num-tokenizers", "--max-running-requests", "--max-num-batched-tokens", "--max-model-len",
+               "--page-size", "--kv-cache-memory", "--disable-prefix-cache", "--api-key", "--chat-template",
+               "--log-level", "--load-format", "--seed"]
+
+
+def parse(argv: list[str]):
+    return build_parser().parse_args(argv)
+
+
+def test_defaults_are_the_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MINISRV_API_KEY", raising=False)
+    assert server_config(parse(["serve"])) == ServerConfig(engine=EngineConfig())
+
+
+def test_every_flag_reaches_the_config() -> None:
+    rng = random.Random(4)
+    values = dict(port=rng.randint(1024, 65535), tp=rng.randint(1, 8), tok=rng.randint(1, 8),
+                  run=rng.randint(1, 512), batched=rng.randint(64, 8192), max_len=rng.randint(64, 8192),
+                  page=rng.choice([8, 16, 32]), kv=round(rng.uniform(0.1, 8), 2), seed=rng.randint(0, 2**40))
+    args = parse(["serve", "--model", "/models/x.gguf", "--served-model-name", "x", "--host", "0.0.0.0",
+                  "--port", str(values["port"]), "--device", "cpu", "--dtype", "bfloat16",
+                  "--tp-size", str(values["tp"]), "--num-tokenizers", str(values["tok"]),
+                  "--max-running-requests", str(values["run"]), "--max-num-batched-tokens", str(values["batched"]),
+                  "--max-model-len", str(values["max_len"]), "--page-size", str(values["page"]),
+                  "--kv-cache-memory", str(values["kv"]), "--disable-prefix-cache", "--api-key", "k",
+                  "--chat-template", "t.jinja", "--log-level", "DEBUG", "--load-format", "dummy",
+                  "--seed", str(values["seed"]), "--gpu-memory-utilization", "0.5"])
+    config = server_config(args)
+    e = config.engine
+    assert (config.host, config.port, config.served_model_name, config.num_tokenizers, config.api_key,
+            config.log_level) == ("0.0.0.0", values["port"], "x", values["tok"], "k", "debug")
+    assert (e.model, e.device, e.dtype, e.tp_size, e.max_running_requests, e.max_num_batched_tokens,
+            e.max_model_len, e.page_size, e.kv_cache_memory, e.enable_prefix_cache, e.chat_template,
+            e.load_format, e.seed, e.gpu_memory_fraction) == (
+        "/models/x.gguf", "cpu", "bfloat16", values["tp"], values["run"], values["batched"], values["max_len"],
+        values["page"], values["kv"], False, "t.jinja", "dummy", values["seed"], 0.5)
+
+
+def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINISRV_API_KEY", "from-env")
+    assert server_config(parse(["serve"])).api_key == "from-env"
+    assert server_config(parse(["serve", "--api-key", "flag"])).api_key == "flag"
+    out = subprocess.run([sys.executable, "-m", "minisrv.cli", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "from-env" not in out   # --help never shows the key
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--port", "70000"], "--port"),
+    (["--port", "eighty"], "--port"),
+    (["--tp-size", "0"], "--tp-size"),
+    (["--num-tokenizers", "-1"], "--num-tokenizers"),
+    (["--max-model-len", "1.5"], "--max-model-len"),
+    (["--kv-cache-memory", "0"], "--kv-cache-memory"),
+    (["--device", "tpu"], "--device"),
+    (["--dtype", "int3"], "--dtype"),
+    (["--log-level", "loud"], "--log-level"),
+    (["--page-size", "0"], "--page-size"),
+    (["--seed", "-4"], "--seed"),
+    (["--load-format", "pt"], "--load-format"),
+])
+def test_bad_values_are_one_line_errors(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(["serve", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and err.startswith("minisrv serve: error: argument")
+
+
+def test_help_documents_every_flag() -> None:
+    out = subprocess.run([sys.executable, "-m", "minisrv.cli", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in SERVE_FLAGS:
+        assert flag in out, flag
+    chat = subprocess.run([sys.executable, "-m", "minisrv.cli", "chat", "--help"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "--url" in chat and "/reset" in chat
