@@ -1,0 +1,74 @@
+"""The launcher's side of ring lifecycles: create every ring, hand out specs, unlink every name.
+
+    rings = RingSet()                                     # in the parent, before starting children
+    tokens = rings.create("tokens", capacity=1 << 22)     # -> RingSpecs(producer=..., readers=(...,))
+    Process(target=scheduler_main, args=(tokens.producer, ...)).start()    # spawn; specs pickle
+    ...  every child attaches (RingWriter.attach / RingReader.attach) and reports ready ...
+    rings.unlink()                                        # idempotent; also in the launcher's finally
+
+Names are `/minisrv-<pid>-<random>-<ring>`: unique per server instance and unguessable (64 random
+bits), created with mode 0600. The last process to attach a ring already unlinks its names, so once
+everyone is attached a `kill -9` of anyone leaves nothing in /dev/shm; `unlink()` covers a child
+that died before attaching.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass
+
+from minisrv.ipc.segment import RingNames, RingSpec, Role, Wakeup, create_segment
+
+RING_LABEL = re.compile(r"[a-z0-9][a-z0-9_]{0,31}")
+
+
+@dataclass(frozen=True)
+class RingSpecs:
+    """The specs of one ring: one for its producer, one per reader."""
+
+    producer: RingSpec
+    readers: tuple[RingSpec, ...]
+
+    @property
+    def reader(self) -> RingSpec:
+        """The only reader of a single-consumer ring."""
+        if len(self.readers) != 1:
+            raise ValueError(f"ring {self.producer.label!r} has {len(self.readers)} readers; pick one of .readers")
+        return self.readers[0]
+
+
+class RingSet:
+    """Every ring of one server instance, so they can be unlinked together."""
+
+    def __init__(self) -> None:
+        self.prefix = f"/minisrv-{os.getpid()}-{secrets.token_hex(8)}"
+        self._created: list[tuple[RingNames, int, Wakeup]] = []
+
+    def create(self, ring: str, capacity: int, num_readers: int = 1,
+               wakeup: Wakeup = Wakeup.SEMAPHORE) -> RingSpecs:
+        """Create ring `ring` (a short label) with a data area of `capacity` bytes (a power of two).
+
+        `wakeup` is how its readers sleep: SEMAPHORE for blocking readers, FIFO for a reader inside
+        an event loop (AsyncRingReader); a FIFO reader can also block, a SEMAPHORE one cannot be async.
+        """
+        if not RING_LABEL.fullmatch(ring):
+            raise ValueError(f"ring name must match {RING_LABEL.pattern}, got {ring!r}")
+        name = f"{self.prefix}-{ring}"
+        if any(names.segment == name for names, _, _ in self._created):
+            raise ValueError(f"ring {ring!r} already exists in this RingSet")
+        create_segment(name, capacity, num_readers, wakeup)
+        self._created.append((RingNames(name), num_readers, wakeup))
+        readers = tuple(RingSpec(name, capacity, Role.READER, r) for r in range(num_readers))
+        return RingSpecs(RingSpec(name, capacity, Role.PRODUCER), readers)
+
+    def unlink(self) -> None:
+        """Remove every name this set created. Attached processes keep working; new attaches fail."""
+        for names, num_readers, wakeup in self._created:
+            names.unlink_all(num_readers, wakeup)
+
+    def __enter__(self) -> RingSet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unlink()
