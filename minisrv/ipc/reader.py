@@ -1,0 +1,164 @@
+"""A reader end of a ring (framing and publication rules: minisrv/ipc/ring.py).
+
+Polling (`try_read`, `drain`, `drain_views`) touches only shared memory: no system call when the
+ring is empty, so the scheduler can poll between steps for free. Blocking (`read`, `wait`) sleeps
+on the reader's doorbell after advertising it in the header (minisrv/ipc/wakeup.py explains the
+handshake), waking every LIVENESS_INTERVAL_S to check that the producer still lives.
+"""
+from __future__ import annotations
+
+import time
+
+from minisrv.ipc.ring import (LIVENESS_INTERVAL_S, WRAP_MARKER, PeerGone, RingEndpoint, RingTimeout,
+                              peer_state)
+from minisrv.ipc.segment import CLOSED_BIT, HeaderLayout, RingSpec, Role, open_doorbell
+from minisrv.ipc.wakeup import SemaphoreDoorbell, process_alive
+
+
+class RingReader(RingEndpoint):
+    """Reads records in order. Copies (`try_read`, `read`, `drain`) are the reader's to keep; views
+    (`drain_views`) point into the ring and stay valid only until `release()`."""
+
+    def __init__(self, spec: RingSpec) -> None:
+        if spec.role is not Role.READER:
+            raise ValueError(f"ring {spec.label!r}: RingReader needs a reader spec, got {spec.role.value}")
+        super().__init__(spec)
+        layout, names, self.wakeup = self._layout, self.segment.names, self.segment.wakeup
+        self.doorbell = open_doorbell(names.doorbell(spec.reader, self.wakeup), self.wakeup)
+        self._space = SemaphoreDoorbell(names.space)
+        self._write_word = layout.write_index
+        self._read_word = layout.read_index(spec.reader)
+        self._sleeping_word = layout.sleeping(spec.reader)
+        self._waiting_word = layout.producer_waiting
+        self._mmap = self.segment.mmap
+        self._data_offset = self.segment.data_offset
+        self._pos = self._header[self._read_word]
+        self._seen_write = self._header[self._write_word]
+        self.segment.claim(self._fence)
+
+    def _available(self) -> bool:
+        if self._pos != self._seen_write:
+            return True
+        # One aligned 8-byte load; a weakly ordered CPU needs an acquire fence after it.
+        self._seen_write = self._header[self._write_word]
+        return self._pos != self._seen_write
+
+    def _next_frame(self) -> tuple[int, int]:
+        """(data offset, length) of the next record, stepping over a wrap marker. Needs _available()."""
+        offset = self._pos & (self.capacity - 1)
+        length = self._frames[offset >> 3]
+        if length == WRAP_MARKER:
+            self._pos += self.capacity - offset
+            offset = 0
+            length = self._frames[0]
+        self._pos += 8 + ((length + 7) & ~7)
+        return offset + 8, length
+
+    def try_read(self) -> bytes | None:
+        """The next record, copied, or None when the ring is empty."""
+        if not self._available():
+            return None
+        start, length = self._next_frame()
+        start += self._data_offset
+        record = self._mmap[start : start + length]
+        self.release()
+        return record
+
+    def read(self, timeout: float | None = None) -> bytes:
+        """The next record, copied, waiting up to `timeout` seconds (None: forever)."""
+        record = self.try_read()
+        while record is None:
+            self.wait(timeout)
+            record = self.try_read()
+        return record
+
+    def drain_views(self) -> list[memoryview]:
+        """Zero-copy views of every available record, in order (maybe none). The producer cannot
+        overwrite them until `release()`; a second call continues after the records already returned."""
+        self._seen_write = end = self._header[self._write_word]   # all of them, not just those seen before
+        if end == self._pos:
+            return []
+        views = []
+        pos, capacity = self._pos, self.capacity
+        frames, data = self._frames, self._data
+        while pos != end:
+            offset = pos & (capacity - 1)
+            length = frames[offset >> 3]
+            if length == WRAP_MARKER:
+                pos += capacity - offset
+                continue
+            views.append(data[offset + 8 : offset + 8 + length])
+            pos += 8 + ((length + 7) & ~7)
+        self._pos = pos
+        return views
+
+    def drain(self) -> list[bytes]:
+        """Copies of every available record, in order (maybe none), with one read-index publication."""
+        self._seen_write = end = self._header[self._write_word]
+        if end == self._pos:
+            return []
+        records = []
+        mm, base = self._mmap, self._data_offset
+        while self._pos != end:
+            start, length = self._next_frame()
+            records.append(mm[base + start : base + start + length])
+        self.release()
+        return records
+
+    def release(self) -> None:
+        """Give the space of every record read so far back to the producer, waking it if it waits."""
+        self._header[self._read_word] = self._pos
+        self._fence()
+        if self._header[self._waiting_word]:
+            self._header[self._waiting_word] = 0
+            self._space.ring()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until a record is available. Raises RingTimeout, or PeerGone once the ring is empty
+        and the producer has exited or closed its end."""
+        if self._available():
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.prepare_to_sleep():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self.cancel_sleep()
+                raise RingTimeout(self.describe(f"timed out after {timeout} s waiting for a record",
+                                                self.producer_state()))
+            self.doorbell.wait(LIVENESS_INTERVAL_S if deadline is None else min(LIVENESS_INTERVAL_S, deadline - now))
+            if not self._available():   # a timeout, not a ring: time to check on the producer
+                self.check_producer()
+
+    def poll(self) -> bool:
+        """Whether a record is available (shared-memory loads only)."""
+        return self._available()
+
+    def prepare_to_sleep(self) -> bool:
+        """Advertise that this reader is about to sleep on its doorbell, then re-check. True: a record
+        arrived meanwhile, do not sleep. False: sleep; the producer's next publication rings."""
+        header = self._header
+        header[self._sleeping_word] = 1
+        self._fence()
+        if self._available():
+            header[self._sleeping_word] = 0
+            return True
+        if header[HeaderLayout.PRODUCER_PID] & CLOSED_BIT:
+            self.check_producer()
+        return False
+
+    def cancel_sleep(self) -> None:
+        self._header[self._sleeping_word] = 0
+
+    def check_producer(self) -> None:
+        """Raise PeerGone when the ring is empty and its producer has exited or closed its end."""
+        word = self._header[HeaderLayout.PRODUCER_PID]
+        if word and (word & CLOSED_BIT or not process_alive(word)) and not self._available():
+            self.cancel_sleep()
+            raise PeerGone(self.describe("the ring is empty and its producer is gone", self.producer_state()))
+
+    def producer_state(self) -> str:
+        return f"producer {peer_state(self._header[HeaderLayout.PRODUCER_PID])}"
+
+    def _close_doorbells(self) -> None:
+        self.doorbell.close()
+        self._space.close()
