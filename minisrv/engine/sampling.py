@@ -17,12 +17,12 @@ position, never on the batch around it.
 
 Top-k and top-p are thresholds on the row's logits, so ties at the cut are kept (vLLM does the same
 for top-k). Top-p sorts only a candidate prefix (torch.topk) and falls back to a full sort for rows
-whose nucleus does not fit in it: a full sort of a 49k vocabulary costs ~2 ms a row on a CPU core.
+whose nucleus does not fit in it (16x wider each time): a full sort of a 49k vocabulary costs ~3 ms a
+row on a CPU core, a top-256 ~0.1 ms.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -104,9 +104,10 @@ class Sampler:
                 _apply_top_k_top_p(truncated, top_k, top_p)
                 logits[index] = truncated
 
-        # Inverse transform in vocabulary order over exp(logit - max); masked tokens add exactly 0, so the
-        # cumulative sum is flat there and they can never be the first entry above the target.
-        cumulative = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+        # Inverse transform in vocabulary order; masked tokens add exactly 0, so the cumulative sum is flat
+        # there and they can never be the first entry above the target. softmax, not exp: torch.exp takes a
+        # scalar slow path on -inf or underflowing inputs (measured 5-20x slower on masked rows).
+        cumulative = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
         total = cumulative[:, -1:].contiguous()
         uniforms = uniform_draws([r.seed for r in requests], [len(r.output_ids) for r in requests])
         target = torch.from_numpy(uniforms).to(self.device)[:, None] * total
