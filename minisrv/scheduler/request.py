@@ -61,7 +61,7 @@ class SampleResult:
     """What the sampler chose for one sequence in one step."""
 
     token_id: int
-    logprob: float | None = None                # log-softmax of the processed logits at token_id
+    logprob: float | None = None                # log-softmax of the RAW model logits at token_id (vLLM V1 raw_logprobs)
     top_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
 
