@@ -1,0 +1,256 @@
+"""Continuous batching: which tokens of which requests the engine computes each step.
+
+Each step spends a token budget (max_num_batched_tokens): first one token for every running request
+that is decoding, then prefill chunks (running requests part-way through their prompt, then newly
+admitted ones) fill what is left, so a long prompt is chunked and never stalls running streams.
+
+Admission is optimistic: a request gets pages only for the tokens it computes now. When the pool runs
+dry, idle prefix-cache pages are evicted first; then the most recently admitted running request is
+preempted: it drops its pages (their full pages stay cached) and waits at the head of the queue to
+recompute its prompt and output so far. The earliest admitted request is never preempted for a later
+one, and add_request refuses any request that could not run alone in the whole pool, so the scheduler
+always makes progress.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from minisrv.config import EngineConfig
+from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
+from minisrv.scheduler.kv_pages import PagePool, pages_for_tokens
+from minisrv.scheduler.prefix_cache import CacheNode, PrefixCache
+from minisrv.scheduler.request import FinishReason, Request, RequestOutput, RequestStatus, SampleResult
+
+
+@dataclass
+class _Step:
+    """The step being planned: its seqs in batch order and the token budget left."""
+
+    budget: int
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: bool = False
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_pages: int, eos_token_ids: list[int], max_model_len: int,
+                 vocab_size: int) -> None:
+        for name, value in [("max_num_batched_tokens", config.max_num_batched_tokens),
+                            ("max_running_requests", config.max_running_requests),
+                            ("max_model_len", max_model_len), ("vocab_size", vocab_size)]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.pool = PagePool(num_pages, config.page_size)
+        self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_cache else None
+        self.page_size = config.page_size
+        self.token_budget = config.max_num_batched_tokens
+        # Capped by the budget so that every running request can decode in every step.
+        self.max_running = min(config.max_running_requests, config.max_num_batched_tokens)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}         # admission order: the last is preempted first
+        self._requests: dict[int, Request] = {}       # every unfinished request, by id
+        self._cursors: dict[int, CacheNode] = {}      # running request -> deepest cached page on its path
+        self._preempted_rids: set[int] = set()        # so a resumed request keeps its first cache report
+        self.prefix_cache_queries = 0                 # prompt tokens looked up at first admission
+        self.prefix_cache_hits = 0                    # of those, tokens whose K/V came from the cache
+        self.num_preemptions = 0
+
+    # ---- stats for metrics
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Pages held by requests / all pages; idle cached pages are evictable, so they count as free."""
+        return self.pool.num_in_use / self.pool.num_pages
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # ---- requests in and out
+    def add_request(self, req: Request) -> None:
+        rid, prompt, params = req.rid, req.prompt_ids, req.params
+        if rid in self._requests:
+            raise ValueError(f"request id {rid} is already queued or running")
+        if req.status is not RequestStatus.WAITING or req.pages or req.output_ids or req.num_computed:
+            raise ValueError(f"request {rid} is not new: it already has a status, pages or output")
+        if not prompt:
+            raise ValueError(f"request {rid}: the prompt is empty; it needs at least one token")
+        for field_name, ids in [("prompt", prompt), ("stop_token_ids", params.stop_token_ids)]:
+            bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"request {rid}: {field_name} token id {ids[bad]} at position {bad} is "
+                                 f"outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"request {rid}: the prompt has {len(prompt)} tokens and max_tokens is "
+                             f"{params.max_tokens}, but the context length is {self.max_model_len}; "
+                             "shorten the prompt or lower max_tokens")
+        # The last output token is never fed back, so its K/V never needs a slot.
+        pages_needed = pages_for_tokens(len(prompt) + params.max_tokens - 1, self.page_size)
+        if pages_needed > self.pool.num_pages:
+            raise ValueError(f"request {rid}: the prompt has {len(prompt)} tokens and max_tokens is "
+                             f"{params.max_tokens}, which needs {pages_needed} KV pages of {self.page_size} "
+                             f"tokens, but the KV cache holds only {self.pool.num_pages} pages; lower "
+                             "max_tokens or give the KV cache more memory")
+        self._requests[rid] = req
+        self.waiting.append(req)
+
+    def abort(self, rid: int) -> RequestOutput | None:
+        """Finish a waiting or running request now and free its pages; None if it is not here."""
+        req = self._requests.get(rid)
+        if req is None:
+            return None
+        self._finish(req, FinishReason.ABORT)
+        return self._output(req, [])
+
+    # ---- one step
+    def schedule(self) -> ScheduledBatch:
+        step = _Step(budget=self.token_budget)
+        # Admission order is decodes first: a request is admitted only with budget left after every
+        # running one got all its remaining tokens, so only the newest running request can still be
+        # prefilling. It also means preemption victims (the newest) are never already in this step.
+        for req in list(self.running.values()):
+            if step.budget == 0:
+                break
+            if req.status is RequestStatus.RUNNING:     # not preempted earlier in this step
+                self._schedule_running(req, step)
+        # Memory is short when someone was just preempted: admitting more would only thrash.
+        while (self.waiting and step.budget > 0 and not step.preempted
+               and len(self.running) < self.max_running and self._admit(self.waiting[0], step)):
+            pass
+        return ScheduledBatch(step.seqs)
+
+    def postprocess(self, batch: ScheduledBatch, results: list[SampleResult]) -> list[RequestOutput]:
+        """Record the step's sampled tokens (one result per sampling seq, in batch order)."""
+        num_sampling = sum(seq.sample for seq in batch.seqs)
+        if len(results) != num_sampling:
+            raise ValueError(f"postprocess got {len(results)} sample results for a batch with "
+                             f"{num_sampling} sampling sequences")
+        outputs: list[RequestOutput] = []
+        next_result = iter(results)
+        for seq in batch.seqs:
+            result = next(next_result) if seq.sample else None
+            req = seq.request
+            if req.finished:        # aborted after it was scheduled; abort() already reported it
+                continue
+            if req.rid in self._cursors:
+                self._cache_full_pages(req, seq.start + seq.num_tokens)
+            if result is None:
+                continue
+            req.output_ids.append(result.token_id)
+            reason = self._finish_reason(req, result.token_id)
+            if reason is not FinishReason.NONE:
+                self._finish(req, reason)
+            outputs.append(self._output(req, [result]))
+        return outputs
+
+    # ---- internals
+    def _schedule_running(self, req: Request, step: _Step) -> None:
+        num_tokens = min(req.num_tokens - req.num_computed, step.budget)
+        if num_tokens == 0:
+            return
+        while not self._grow(req, req.num_computed + num_tokens):
+            victim = next(reversed(self.running.values()))
+            self._preempt(victim, step)
+            if victim is req:
+                return
+        self._add_seq(req, req.num_computed, num_tokens, step)
+
+    def _admit(self, req: Request, step: _Step) -> bool:
+        cursor = None
+        if self.prefix_cache is not None:
+            req.pages, cursor = self.prefix_cache.match(req.token_ids)
+        # At least the last token is computed, so that the step has logits to sample from; when the
+        # whole sequence is cached that rewrites identical K/V into the request's last (shared) page.
+        start = min(len(req.pages) * self.page_size, req.num_tokens - 1)
+        num_tokens = min(req.num_tokens - start, step.budget)
+        if not self._grow(req, start + num_tokens):
+            self.pool.release(req.pages)
+            req.pages = []
+            return False
+        self.waiting.popleft()
+        req.status = RequestStatus.RUNNING
+        self.running[req.rid] = req
+        if cursor is not None:
+            self._cursors[req.rid] = cursor
+        if req.rid not in self._preempted_rids:
+            req.num_cached_tokens = start
+            if self.prefix_cache is not None:
+                self.prefix_cache_queries += req.num_prompt_tokens
+                self.prefix_cache_hits += start
+        self._add_seq(req, start, num_tokens, step)
+        return True
+
+    def _add_seq(self, req: Request, start: int, num_tokens: int, step: _Step) -> None:
+        req.num_computed = start + num_tokens
+        step.seqs.append(ScheduledSeq(req, start, num_tokens, sample=req.num_computed == req.num_tokens))
+        step.budget -= num_tokens
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Give req pages for its first num_tokens tokens, evicting idle cached pages if needed."""
+        need = pages_for_tokens(num_tokens, self.page_size) - len(req.pages)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free + self.pool.num_idle:
+            return False
+        if need > self.pool.num_free:
+            assert self.prefix_cache is not None
+            self.prefix_cache.evict(need - self.pool.num_free)
+        req.pages.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, req: Request, step: _Step) -> None:
+        self._drop_pages(req)
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self._preempted_rids.add(req.rid)
+        self.num_preemptions += 1
+        step.preempted = True
+
+    def _drop_pages(self, req: Request) -> None:
+        """Free the request's pages; full ones it cached stay in the prefix cache as idle pages."""
+        self.running.pop(req.rid, None)
+        self._cursors.pop(req.rid, None)
+        self.pool.release(req.pages)
+        req.pages = []
+        req.num_computed = 0
+
+    def _cache_full_pages(self, req: Request, num_computed: int) -> None:
+        assert self.prefix_cache is not None
+        cursor = self._cursors[req.rid]
+        num_full_pages = num_computed // self.page_size
+        if num_full_pages > cursor.depth:
+            self._cursors[req.rid] = self.prefix_cache.insert(cursor, req.token_ids, req.pages, num_full_pages)
+
+    def _finish_reason(self, req: Request, token_id: int) -> FinishReason:
+        params = req.params
+        num_output = len(req.output_ids)
+        if num_output >= params.min_tokens and (
+                (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids):
+            return FinishReason.STOP
+        if num_output >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return FinishReason.NONE
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        self._drop_pages(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self._requests[req.rid]
+        self._preempted_rids.discard(req.rid)
+
+    def _output(self, req: Request, samples: list[SampleResult]) -> RequestOutput:
+        return RequestOutput(rid=req.rid, new_token_ids=[s.token_id for s in samples], new_samples=samples,
+                             finish_reason=req.finish_reason, num_prompt_tokens=req.num_prompt_tokens,
+                             num_cached_tokens=req.num_cached_tokens, num_output_tokens=len(req.output_ids))

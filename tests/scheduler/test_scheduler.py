@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+from sched_harness import (FakeEngine, check_drained, check_invariants, drive, make_scheduler, reference_generate,
+                           request)
+
+from minisrv.config import EngineConfig
+from minisrv.scheduler.request import FinishReason, RequestStatus, SampleResult
+from minisrv.scheduler.scheduler import Scheduler
+
+VOCAB = 50
+
+
+def tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def assert_matches_reference(run, reqs, eos=(), max_model_len=4096):
+    for req in reqs:
+        want, reason = reference_generate(req.prompt_ids, req.params, list(eos), max_model_len, VOCAB)
+        assert run.tokens(req.rid) == want, f"request {req.rid}"
+        assert run.finish_reason(req.rid) is reason
+        last = run.outputs[req.rid][-1]
+        assert last.num_output_tokens == len(want) and last.num_prompt_tokens == req.num_prompt_tokens
+
+
+def test_long_prompt_is_chunked_and_shares_steps_with_decodes():
+    rng = random.Random(10)
+    sched = make_scheduler(num_pages=64, budget=8)
+    engine = FakeEngine(sched)
+    short = request(1, tokens(rng, 5), max_tokens=12)
+    long = request(2, tokens(rng, 30), max_tokens=3)
+    run = drive(engine, {0: [short], 2: [long]})
+    chunks = [seq for batch in run.batches for seq in batch if seq[0] == 2 and seq[1] < 30]
+    assert [n for _, _, n, _ in chunks] == [7, 7, 7, 7, 2]          # one budget slot per step went to the decode
+    assert [sample for *_, sample in chunks] == [False] * 4 + [True]
+    for batch in run.batches[2:7]:
+        assert batch[0][0] == 1 and batch[0][2] == 1                # the decode comes first, every step
+    assert [sum(n for _, _, n, _ in batch) for batch in run.batches[2:7]] == [8, 8, 8, 8, 3]
+    assert_matches_reference(run, [short, long])
+    check_drained(sched)
+
+
+def test_prefix_hits_are_counted_and_output_pages_are_cached_for_the_next_turn():
+    rng = random.Random(11)
+    sched = make_scheduler(num_pages=64, page_size=4)
+    engine = FakeEngine(sched)
+    first = request(1, tokens(rng, 10), max_tokens=7)
+    run = drive(engine, {0: [first]})
+    assert first.num_cached_tokens == 0
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (10, 0)
+
+    history = first.prompt_ids + run.tokens(1)                     # 17 tokens; 16 of them computed
+    second = request(2, history + tokens(rng, 5), max_tokens=4)
+    run2 = drive(engine, {0: [second]})
+    assert second.num_cached_tokens == 16 and run2.outputs[2][-1].num_cached_tokens == 16
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (10 + 22, 16)
+    assert run2.batches[0] == [(2, 16, 6, True)]
+    assert_matches_reference(run2, [second])
+    check_drained(sched)
+
+
+def test_a_fully_cached_prompt_recomputes_only_its_last_token():
+    rng = random.Random(12)
+    sched = make_scheduler(num_pages=32, page_size=4)
+    engine = FakeEngine(sched)
+    prompt = tokens(rng, 12)
+    a, b = request(1, prompt, max_tokens=3), request(2, prompt, max_tokens=5)
+    run = drive(engine, {0: [a], 6: [b]})
+    assert [seq for batch in run.batches for seq in batch if seq[0] == 2][0] == (2, 11, 1, True)
+    assert b.num_cached_tokens == 11
+    assert_matches_reference(run, [a, b])
+    check_drained(sched)
+
+
+def test_disabled_prefix_cache_caches_nothing():
+    rng = random.Random(13)
+    sched = make_scheduler(num_pages=32, prefix_cache=False)
+    engine = FakeEngine(sched)
+    prompt = tokens(rng, 12)
+    reqs = [request(i, prompt, max_tokens=4) for i in range(3)]
+    run = drive(engine, {0: reqs[:1], 5: reqs[1:]})
+    assert sched.prefix_cache is None and all(r.num_cached_tokens == 0 for r in reqs)
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (0, 0)
+    assert sched.pool.num_free == 32
+    assert_matches_reference(run, reqs)
+
+
+def test_max_running_requests_is_respected_and_capped_by_the_budget():
+    rng = random.Random(14)
+    sched = make_scheduler(num_pages=64, budget=32, max_running=2)
+    engine = FakeEngine(sched)
+    reqs = [request(i, tokens(rng, rng.randint(2, 9)), max_tokens=rng.randint(1, 6)) for i in range(6)]
+    run = drive(engine, {0: reqs})
+    assert max(len(batch) for batch in run.batches) == 2
+    assert_matches_reference(run, reqs)
+    assert make_scheduler(num_pages=8, budget=3, max_running=10).max_running == 3
+
+
+def test_finish_reasons_and_min_tokens():
+    rng = random.Random(15)
+    prompt = tokens(rng, 6)
+    free_run, _ = reference_generate(prompt, request(0, prompt, max_tokens=30).params, [], 4096, VOCAB)
+    eos = free_run[0]
+    stop = free_run[2] if free_run[2] != eos else free_run[3]
+    reqs = [
+        request(1, prompt, max_tokens=30),                          # EOS first token: STOP with 1 token
+        request(2, prompt, max_tokens=5, ignore_eos=True),          # LENGTH
+        # No stop before 4 tokens, although the first one is EOS; free_run[5] stops it at the latest.
+        request(3, prompt, max_tokens=30, min_tokens=4, stop_token_ids=[free_run[5]]),
+        request(4, prompt, max_tokens=30, ignore_eos=True, stop_token_ids=[stop]),
+        request(5, prompt, max_tokens=30, ignore_eos=True),         # ends exactly at the context length
+    ]
+    sched = make_scheduler(num_pages=64, eos=(eos,), max_model_len=36)
+    engine = FakeEngine(sched)
+    run = drive(engine, {0: reqs})
+    assert run.tokens(1) == [eos] and run.finish_reason(1) is FinishReason.STOP
+    assert len(run.tokens(2)) == 5 and run.finish_reason(2) is FinishReason.LENGTH
+    assert 4 <= len(run.tokens(3)) <= 6 and run.finish_reason(3) is FinishReason.STOP
+    assert run.tokens(3) == free_run[:len(run.tokens(3))]
+    assert run.tokens(4)[-1] == stop and stop not in run.tokens(4)[:-1]
+    assert run.finish_reason(4) is FinishReason.STOP
+    assert len(prompt) + len(run.tokens(5)) == 36 and run.finish_reason(5) is FinishReason.LENGTH
+    assert_matches_reference(run, reqs, eos=(eos,), max_model_len=36)
+    check_drained(sched)
+
+
+def test_validation_errors_name_the_problem():
+    sched = make_scheduler(num_pages=4, page_size=4, max_model_len=40, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        sched.add_request(request(1, [], max_tokens=2))
+    with pytest.raises(ValueError, match=r"prompt token id 50 at position 2 is outside the vocabulary \[0, 50\)"):
+        sched.add_request(request(1, [3, 4, 50], max_tokens=2))
+    with pytest.raises(ValueError, match="prompt token id -1 at position 0"):
+        sched.add_request(request(1, [-1], max_tokens=2))
+    with pytest.raises(ValueError, match="stop_token_ids token id 77"):
+        sched.add_request(request(1, [1], max_tokens=2, stop_token_ids=[77]))
+    with pytest.raises(ValueError, match="prompt has 30 tokens and max_tokens is 11, but the context length is 40"):
+        sched.add_request(request(1, [1] * 30, max_tokens=11))
+    # 10 + 8 tokens need 17 K/V slots: 5 pages of 4, but the pool has 4 (16 slots).
+    with pytest.raises(ValueError, match="needs 5 KV pages of 4 tokens, but the KV cache holds only 4 pages"):
+        sched.add_request(request(1, [1] * 10, max_tokens=8))
+    sched.add_request(request(1, [2] * 10, max_tokens=7))          # 16 slots: fits exactly
+    with pytest.raises(ValueError, match="request id 1 is already queued or running"):
+        sched.add_request(request(1, [2], max_tokens=1))
+    assert sched.num_waiting == 1
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1, got 0"):
+        Scheduler(EngineConfig(max_num_batched_tokens=0), num_pages=4, eos_token_ids=[], max_model_len=8,
+                  vocab_size=8)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_request_that_exactly_fills_the_pool_runs_to_completion(prefix_cache):
+    rng = random.Random(16)
+    sched = make_scheduler(num_pages=4, page_size=4, budget=5, prefix_cache=prefix_cache)
+    engine = FakeEngine(sched)
+    reqs = [request(1, tokens(rng, 10), max_tokens=7, ignore_eos=True),
+            request(2, tokens(rng, 9), max_tokens=8, ignore_eos=True)]
+    run = drive(engine, {0: reqs})
+    assert sched.num_preemptions > 0
+    assert_matches_reference(run, reqs)
+    check_drained(sched)
+
+
+def test_abort_frees_pages_at_once_whether_waiting_running_or_in_flight():
+    rng = random.Random(17)
+    sched = make_scheduler(num_pages=16, budget=64, max_running=1)
+    engine = FakeEngine(sched)
+    a, b = request(1, tokens(rng, 9), max_tokens=20), request(2, tokens(rng, 5), max_tokens=20)
+    sched.add_request(a)
+    sched.add_request(b)
+    sched.postprocess(batch := sched.schedule(), engine.execute(batch))
+    assert a.status is RequestStatus.RUNNING and b.status is RequestStatus.WAITING and sched.kv_cache_usage > 0
+
+    out = sched.abort(2)
+    assert out.finish_reason is FinishReason.ABORT and out.new_token_ids == [] and b.finished
+    assert sched.num_waiting == 0 and sched.abort(2) is None and sched.abort(99) is None
+
+    batch = sched.schedule()
+    results = engine.execute(batch)
+    out = sched.abort(1)                                           # between schedule and postprocess
+    assert out.num_output_tokens == 1 and sched.kv_cache_usage == 0.0 and not a.pages
+    assert sched.postprocess(batch, results) == []                 # the in-flight result is dropped
+    check_drained(sched)
+
+
+def test_preemption_takes_the_most_recently_admitted_and_it_resumes_from_the_cache():
+    rng = random.Random(18)
+    # 11 pages: both fit until the newer needs its 6th page; the older needs no eviction to finish.
+    sched = make_scheduler(num_pages=11, page_size=4, budget=16)
+    older = request(1, tokens(rng, 8), max_tokens=14, ignore_eos=True)
+    newer = request(2, tokens(rng, 8), max_tokens=14, ignore_eos=True)
+    engine = FakeEngine(sched)
+    sched.add_request(older)
+    sched.add_request(newer)
+    outputs: dict[int, list[int]] = {1: [], 2: []}
+    newer_seqs_after_preemption = []
+    while sched.has_unfinished():
+        preempted_before = sched.num_preemptions
+        batch = sched.schedule()
+        check_invariants(sched, batch)
+        if not older.finished:
+            assert older.status is RequestStatus.RUNNING               # the earliest admitted is never preempted
+        if sched.num_preemptions > preempted_before:
+            assert newer.status is RequestStatus.WAITING and not newer.pages and sched.waiting[0] is newer
+            assert len(newer.output_ids) > 0                          # it keeps what it generated
+            computed_when_preempted = newer.num_tokens - 1
+        if sched.num_preemptions:
+            newer_seqs_after_preemption += [s for s in batch.seqs if s.request is newer]
+        for out in sched.postprocess(batch, engine.execute(batch)):
+            outputs[out.rid] += out.new_token_ids
+    assert sched.num_preemptions >= 1
+    # Its full pages stayed in the prefix cache, so it resumed after them instead of from scratch.
+    assert newer_seqs_after_preemption[0].start == computed_when_preempted // 4 * 4 >= 16
+    assert newer.num_cached_tokens == 0                                # what its first admission found
+    for req in (older, newer):
+        want, _ = reference_generate(req.prompt_ids, req.params, [], 4096, VOCAB)
+        assert outputs[req.rid] == want
+    check_drained(sched)
+
+
+def test_lru_eviction_through_the_scheduler():
+    rng = random.Random(19)
+    sched = make_scheduler(num_pages=8, page_size=4)
+    engine = FakeEngine(sched)
+    prompts = [tokens(rng, 8) for _ in range(3)]
+    for i in range(3):                                             # three cached 2-page prompts, finishing in order
+        drive(engine, {0: [request(i, prompts[i], max_tokens=1)]})
+    assert sched.pool.num_idle == 6 and sched.pool.num_free == 2
+    drive(engine, {0: [request(3, tokens(rng, 12), max_tokens=1)]})  # needs 3 pages: evicts prompt 0's leaf page
+    oldest, newest = request(4, prompts[0], max_tokens=1), request(5, prompts[2], max_tokens=1)
+    drive(engine, {0: [oldest]})                                    # needs 1 page more: evicts prompt 1's leaf
+    drive(engine, {0: [newest]})
+    assert oldest.num_cached_tokens == 4 and newest.num_cached_tokens == 7
+    middle = request(6, prompts[1], max_tokens=1)
+    drive(engine, {0: [middle]})
+    assert middle.num_cached_tokens == 4
+    check_drained(sched)
+
+
+def test_postprocess_rejects_a_wrong_number_of_results():
+    sched = make_scheduler(num_pages=8)
+    sched.add_request(request(1, [1, 2, 3], max_tokens=2))
+    batch = sched.schedule()
+    with pytest.raises(ValueError, match="got 2 sample results for a batch with 1 sampling sequences"):
+        sched.postprocess(batch, [SampleResult(1), SampleResult(2)])
