@@ -74,11 +74,11 @@ class PagedAttention:
             decoded = ops.decode_attention(q[:num_decodes], cache, meta.decode_page_table,
                                            meta.decode_max_seq_len, meta.decode_kv_mask)
             if not meta.extends:
-                return decoded.view(num_tokens, -1)
+                return decoded.view(num_tokens, self.num_heads * self.head_dim)
         out = q.new_empty(num_tokens, self.num_heads, self.head_dim)
         if num_decodes:
             out[:num_decodes] = decoded
         for seq in meta.extends:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             out[rows] = ops.extend_attention(q[rows], kv[rows], cache, seq.pages, seq.context_len)
-        return out.view(num_tokens, -1)
+        return out.view(num_tokens, self.num_heads * self.head_dim)

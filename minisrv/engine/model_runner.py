@@ -80,6 +80,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult]:
         """Run one step; one SampleResult per seq with sample=True, in batch order."""
+        if not batch.seqs:
+            return []
         step = self.prepare(batch)
         with forward_context(ForwardContext(step.attn)):
             hidden = self.model(step.input_ids, step.positions)

@@ -6,6 +6,7 @@ shapes, so speed and memory are the real ones, while the text is noise.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from minisrv.models.llama import CausalLM
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_INIT_STD = 0.02
+LOGIT_STD = 3.0
+_VOCAB_MATRICES = ("embed_tokens.weight", "lm_head.weight")
 
 
 def preset_names() -> list[str]:
@@ -33,13 +36,15 @@ def load_preset(name: str) -> dict[str, Any]:
 def init_dummy_weights(model: CausalLM, seed: int, std: float = DEFAULT_INIT_STD) -> None:
     """Fill every parameter from one seeded generator on the model's device (fast even for 8B on a GPU).
 
-    Norm weights are 1 and everything else N(0, std): with unit-RMS hidden states the logits then have a
-    standard deviation of about std * sqrt(hidden_size), neither flat nor one-hot.
+    Norm weights are 1, projections N(0, std). The embedding / LM head rows get std LOGIT_STD / sqrt(hidden):
+    the final norm makes the hidden state unit-RMS, so logits then spread with a standard deviation of about
+    LOGIT_STD, like a trained model's: sampling neither degenerates to uniform noise nor to one token.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    vocab_std = LOGIT_STD / math.sqrt(model.config.hidden_size)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight") or name.endswith("qk_norm"):
             param.fill_(1.0)
         else:
-            param.normal_(0.0, std, generator=generator)
+            param.normal_(0.0, vocab_std if name in _VOCAB_MATRICES else std, generator=generator)

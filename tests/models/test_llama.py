@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from hf_tiny import TINY_CONFIGS, make_hf_model, make_loaded, make_request, make_runner
+from hf_tiny import TINY_CONFIGS, hf_logits, make_hf_model, make_loaded, make_request, make_runner, tiny_config
 
 from minisrv.engine.forward_context import ForwardContext, forward_context
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
@@ -16,13 +16,8 @@ SEQ_LEN = 40
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
 def pair(request):
-    hf = make_hf_model(request.param, seed=len(request.param))
-    return request.param, hf
-
-
-def hf_logits(hf, tokens: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return hf(torch.tensor([tokens])).logits[0].float()
+    spec = tiny_config(request.param)
+    return spec, make_hf_model(spec, seed=len(request.param))
 
 
 def random_tokens(rng: random.Random, n: int) -> list[int]:
@@ -39,10 +34,10 @@ def random_pages(rng: random.Random, num_pages: int, count: int) -> list[list[in
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 def test_prefill_every_row_matches(pair, page_size):
-    name, hf = pair
+    spec, hf = pair
     rng = random.Random(page_size)
     tokens = random_tokens(rng, 23)
-    runner, _ = make_runner(make_loaded(name, hf), page_size)
+    runner, _ = make_runner(make_loaded(spec, hf), page_size)
     request = make_request(0, tokens, random_pages(rng, runner.num_pages, 1)[0])
     step = runner.prepare(ScheduledBatch([ScheduledSeq(request, 0, len(tokens), True)]))
     with torch.inference_mode(), forward_context(ForwardContext(step.attn)):
@@ -53,11 +48,11 @@ def test_prefill_every_row_matches(pair, page_size):
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 def test_chunked_prefill_then_decode(pair, page_size):
     """Prefill in uneven chunks over a cached prefix, then decode the rest token by token (teacher-forced)."""
-    name, hf = pair
+    spec, hf = pair
     rng = random.Random(100 + page_size)
     tokens = random_tokens(rng, SEQ_LEN)
     reference = hf_logits(hf, tokens)
-    runner, sampler = make_runner(make_loaded(name, hf), page_size)
+    runner, sampler = make_runner(make_loaded(spec, hf), page_size)
     prompt_len = 19
     request = make_request(0, tokens[:prompt_len], random_pages(rng, runner.num_pages, 1)[0])
     for start, end in [(0, 5), (5, 6), (6, prompt_len)]:
@@ -75,11 +70,11 @@ def test_chunked_prefill_then_decode(pair, page_size):
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 def test_mixed_batches(pair, page_size):
     """Decodes, fresh prefills and chunks continuing a prefix, of different lengths, share each step."""
-    name, hf = pair
+    spec, hf = pair
     rng = random.Random(200 + page_size)
     sequences = [random_tokens(rng, SEQ_LEN) for _ in range(4)]
     references = [hf_logits(hf, t) for t in sequences]
-    runner, sampler = make_runner(make_loaded(name, hf), page_size)
+    runner, sampler = make_runner(make_loaded(spec, hf), page_size)
     tables = random_pages(rng, runner.num_pages, 4)
     requests = [make_request(i, t, p) for i, (t, p) in enumerate(zip(sequences, tables))]
     # Per step: (request index, start, num_tokens), in batch order; decodes deliberately interleaved.
@@ -100,10 +95,10 @@ def test_mixed_batches(pair, page_size):
 
 
 def test_bfloat16_tracks_float32(pair):
-    name, hf = pair
+    spec, hf = pair
     rng = random.Random(7)
     tokens = random_tokens(rng, 12)
-    runner, sampler = make_runner(make_loaded(name, hf, dtype=torch.bfloat16), page_size=4)
+    runner, sampler = make_runner(make_loaded(spec, hf, dtype=torch.bfloat16), page_size=4)
     request = make_request(0, tokens, random_pages(rng, runner.num_pages, 1)[0])
     runner.execute(ScheduledBatch([ScheduledSeq(request, 0, len(tokens), True)]))
     reference = hf_logits(hf, tokens)[-1]

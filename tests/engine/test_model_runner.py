@@ -1,0 +1,135 @@
+"""ModelRunner: KV pool sizing, batch bookkeeping, and batched steps == each request computed alone."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from minisrv.config import EngineConfig
+from minisrv.engine.attention import kv_cache_bytes_per_page
+from minisrv.engine.model_runner import CPU_DEFAULT_KV_GIB, ModelRunner
+from minisrv.models.config import ModelConfig
+from minisrv.models.dummy import init_dummy_weights
+from minisrv.models.loader import LoadedModel, build_model
+from minisrv.sampling_params import SamplingParams
+from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
+from minisrv.scheduler.request import Request, SampleResult
+
+TINY = dict(architectures=["Qwen2ForCausalLM"], vocab_size=101, hidden_size=48, intermediate_size=80,
+            num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+            tie_word_embeddings=False, eos_token_id=3)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    model_config = ModelConfig.from_hf_dict(TINY)
+    model = build_model(model_config, 256, torch.float32, torch.device("cpu"))
+    init_dummy_weights(model, seed=5, std=0.2)   # larger than the default so argmax ties are impossible
+    return LoadedModel(model, model_config, tokenizer=None, eos_token_ids=[3], chat_template=None,
+                       max_model_len=256, name="tiny")
+
+
+class Greedy:
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+        self.logits = list(logits.clone())
+        return [SampleResult(int(t)) for t in logits.argmax(-1).tolist()]
+
+
+def new_request(rid: int, prompt: list[int], pages: list[int]) -> Request:
+    request = Request(rid=rid, prompt_ids=prompt, params=SamplingParams(temperature=0.0), seed=0)
+    request.pages = pages
+    return request
+
+
+def test_pool_size_from_each_setting(loaded):
+    per_page = kv_cache_bytes_per_page(loaded.model_config, 8, torch.float32)
+    assert ModelRunner(EngineConfig(page_size=8, num_pages=7), loaded, Greedy()).num_pages == 7
+    runner = ModelRunner(EngineConfig(page_size=8, kv_cache_memory=0.001), loaded, Greedy())
+    assert runner.num_pages == int(0.001 * 2**30 // per_page) and runner.bytes_per_page == per_page
+    assert runner.kv_caches[0].shape == (runner.num_pages, 8, 2, 2, 8)
+    # CPU default: every running request at full length, within the RAM budget.
+    runner = ModelRunner(EngineConfig(page_size=8, max_running_requests=3), loaded, Greedy())
+    assert runner.num_pages == min(3 * math.ceil(256 / 8), int(CPU_DEFAULT_KV_GIB * 2**30 // per_page))
+
+
+@pytest.mark.parametrize("config, field", [
+    (EngineConfig(page_size=0), "page_size"),
+    (EngineConfig(kv_cache_memory=1e-9), "kv_cache_memory"),
+    (EngineConfig(num_pages=0), "num_pages"),
+])
+def test_bad_pool_settings_name_the_field(loaded, config, field):
+    with pytest.raises(ValueError, match=field):
+        ModelRunner(config, loaded, Greedy())
+
+
+def test_default_sampler_is_the_engine_sampler(loaded):
+    runner = ModelRunner(EngineConfig(num_pages=8), loaded)
+    request = new_request(0, [5, 6, 7], [1])
+    [result] = runner.execute(ScheduledBatch([ScheduledSeq(request, 0, 3, True)]))
+    assert 0 <= result.token_id < TINY["vocab_size"]
+
+
+def test_results_follow_batch_order_and_sample_flags(loaded):
+    sampler = Greedy()
+    runner = ModelRunner(EngineConfig(page_size=4, num_pages=64), loaded, sampler)
+    rng = random.Random(0)
+    a, b, c = (new_request(i, [rng.randrange(101) for _ in range(n)], list(range(16 * i, 16 * i + 16)))
+               for i, n in enumerate([9, 12, 5]))
+    # Nothing sampled: no logits, no results.
+    assert runner.execute(ScheduledBatch([ScheduledSeq(a, 0, 8, False), ScheduledSeq(b, 0, 11, False)])) == []
+    batch = [ScheduledSeq(c, 0, 5, True), ScheduledSeq(a, 8, 1, True), ScheduledSeq(b, 11, 1, False)]
+    results = runner.execute(ScheduledBatch(batch))
+    assert len(results) == 2
+    alone = Greedy()
+    solo = ModelRunner(EngineConfig(page_size=4, num_pages=64), loaded, alone)
+    for position, seq in enumerate([s for s in batch if s.sample]):
+        fresh = new_request(9, seq.request.prompt_ids, list(range(16)))
+        solo.execute(ScheduledBatch([ScheduledSeq(fresh, 0, seq.start + seq.num_tokens, True)]))
+        torch.testing.assert_close(sampler.logits[position], alone.logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_staggered_batched_generation_equals_solo(loaded):
+    """Requests join at different steps with chunked prefills; every token matches running each alone."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(101) for _ in range(n)] for n in (7, 30, 3, 18)]
+    joins = [0, 1, 1, 4]           # step at which each request is admitted
+    chunk, steps = 8, 14
+
+    def generate(indices: list[int]) -> dict[int, list[int]]:
+        runner = ModelRunner(EngineConfig(page_size=4, num_pages=128), loaded, Greedy())
+        requests = {i: new_request(i, prompts[i], list(range(32 * i, 32 * i + 32))[::-1]) for i in indices}
+        for step in range(steps):
+            batch = []
+            for i, r in requests.items():
+                if step < joins[i]:
+                    continue
+                if r.num_computed < r.num_prompt_tokens:
+                    n = min(chunk, r.num_prompt_tokens - r.num_computed)
+                    batch.append(ScheduledSeq(r, r.num_computed, n, r.num_computed + n == r.num_prompt_tokens))
+                else:
+                    batch.append(ScheduledSeq(r, r.num_tokens - 1, 1, True))
+            results = iter(runner.execute(ScheduledBatch(batch)))
+            for seq in batch:
+                seq.request.num_computed = seq.start + seq.num_tokens
+                if seq.sample:
+                    seq.request.output_ids.append(next(results).token_id)
+        return {i: r.output_ids for i, r in requests.items()}
+
+    together = generate(list(range(len(prompts))))
+    for i in range(len(prompts)):
+        assert together[i] == generate([i])[i]
+        assert len(together[i]) > 0
+
+
+def test_inconsistent_batches_are_rejected(loaded):
+    runner = ModelRunner(EngineConfig(page_size=4, num_pages=16), loaded, Greedy())
+    request = new_request(0, list(range(10, 20)), [0, 1])
+    with pytest.raises(ValueError, match="pages cannot hold"):
+        runner.execute(ScheduledBatch([ScheduledSeq(request, 0, 10, True)]))
+    with pytest.raises(ValueError, match="not within"):
+        runner.execute(ScheduledBatch([ScheduledSeq(request, 8, 5, True)]))

@@ -1,0 +1,117 @@
+"""load_model: sharded HF directories, overrides, dummy presets, and errors that name the field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_tiny import hf_logits, make_hf_model, make_request, tiny_config
+
+from minisrv.config import EngineConfig
+from minisrv.engine.forward_context import ForwardContext, forward_context
+from minisrv.engine.model_runner import ModelRunner
+from minisrv.models.byte_tokenizer import build_byte_tokenizer
+from minisrv.models.loader import load_model
+from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
+
+
+def all_logits(loaded, tokens: list[int]) -> torch.Tensor:
+    runner = ModelRunner(EngineConfig(num_pages=16), loaded, sampler=lambda logits, reqs: [])
+    step = runner.prepare(ScheduledBatch([ScheduledSeq(make_request(0, tokens, [5, 2, 9]), 0, len(tokens), True)]))
+    with torch.inference_mode(), forward_context(ForwardContext(step.attn)):
+        return loaded.model.compute_logits(loaded.model(step.input_ids, step.positions))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A Qwen2 checkpoint (biases, tied embeddings) in several safetensors shards with an index."""
+    spec = tiny_config("qwen2")
+    hf = make_hf_model(spec, seed=11)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-qwen2"
+    hf.save_pretrained(path, max_shard_size="40KB")
+    build_byte_tokenizer().save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    return path, hf
+
+
+def test_sharded_hf_directory(hf_dir):
+    path, hf = hf_dir
+    assert len(list(path.glob("*.safetensors"))) > 2 and (path / "model.safetensors.index.json").is_file()
+    loaded = load_model(EngineConfig(model=str(path)))
+    assert (loaded.name, loaded.path, loaded.max_model_len) == ("tiny-qwen2", path, 128)
+    assert loaded.eos_token_ids == [2, 7]             # config.json's 2 united with generation_config's
+    assert loaded.chat_template == loaded.tokenizer.chat_template and "<|im_start|>" in loaded.chat_template
+    assert loaded.model_config.qkv_bias and loaded.model_config.tie_word_embeddings
+    tokens = [3, 14, 15, 92, 65, 35, 89, 79]
+    torch.testing.assert_close(all_logits(loaded, tokens), hf_logits(hf, tokens), atol=2e-5, rtol=2e-5)
+
+
+def test_overrides_max_len_dtype_and_template(hf_dir, tmp_path):
+    path, _ = hf_dir
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    loaded = load_model(EngineConfig(model=str(path), max_model_len=32, dtype="bfloat16", chat_template=str(template)))
+    assert loaded.max_model_len == 32 and loaded.model.rope.max_positions == 32
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.chat_template == "{{ messages[0]['content'] }}"
+    inline = load_model(EngineConfig(model=str(path), chat_template="{{ 'x' }}"))
+    assert inline.chat_template == "{{ 'x' }}"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(max_model_len=129), "max_model_len"),
+    (dict(max_model_len=0), "max_model_len"),
+    (dict(dtype="float64"), "dtype"),
+    (dict(dtype="float16", device="cpu"), "dtype"),
+    (dict(load_format="pt"), "load_format"),
+    (dict(chat_template="/no/such/template.jinja"), "chat_template"),
+])
+def test_bad_settings_name_the_field(hf_dir, overrides, field):
+    path, _ = hf_dir
+    with pytest.raises(ValueError, match=field):
+        load_model(EngineConfig(model=str(path), **overrides))
+
+
+def test_bad_checkpoints(hf_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    path, hf = hf_dir
+    with pytest.raises(ValueError, match="model: 'nowhere/at/all'"):
+        load_model(EngineConfig(model="nowhere/at/all"))
+    with pytest.raises(ValueError, match="load_format='dummy'"):
+        load_model(EngineConfig(model="qwen3-0.6b"))
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(EngineConfig(model=str(tmp_path)))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    build_byte_tokenizer().save_pretrained(broken)
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        load_model(EngineConfig(model=str(broken)))
+    state = {k: v.clone() for k, v in hf.state_dict().items()
+             if k not in ("model.layers.1.mlp.up_proj.weight", "lm_head.weight")}
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing model.layers.1.mlp.up_proj.weight"):
+        load_model(EngineConfig(model=str(broken)))
+    save_file({**state, "model.layers.1.mlp.up_proj.weight": torch.randn(96, 64),
+               "model.layers.0.mlp.extra.weight": torch.randn(2)}, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="mlp.extra.weight"):
+        load_model(EngineConfig(model=str(broken)))
+    save_file({**state, "model.layers.1.mlp.up_proj.weight": torch.randn(64, 64)}, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="shape \\(64, 64\\).*\\(96, 64\\)"):
+        load_model(EngineConfig(model=str(broken)))
+    config = json.loads((path / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="architectures"):
+        load_model(EngineConfig(model=str(broken)))
+
+
+def test_dummy_weights_from_an_hf_directory_are_seeded(hf_dir):
+    path, _ = hf_dir
+    first = load_model(EngineConfig(model=str(path), load_format="dummy", seed=1))
+    again = load_model(EngineConfig(model=str(path), load_format="dummy", seed=1))
+    other = load_model(EngineConfig(model=str(path), load_format="dummy", seed=2))
+    weights = [dict(m.model.named_parameters()) for m in (first, again, other)]
+    name = "layers.0.self_attn.qkv_proj.weight"
+    assert torch.equal(weights[0][name], weights[1][name]) and not torch.equal(weights[0][name], weights[2][name])
+    assert first.path is None and first.tokenizer.chat_template is not None
