@@ -168,10 +168,11 @@ class Scheduler:
     def _admit(self, req: Request, step: _Step) -> bool:
         cursor = None
         if self.prefix_cache is not None:
-            req.pages, cursor = self.prefix_cache.match(req.token_ids)
-        # At least the last token is computed, so that the step has logits to sample from; when the
-        # whole sequence is cached that rewrites identical K/V into the request's last (shared) page.
-        start = min(len(req.pages) * self.page_size, req.num_tokens - 1)
+            # The last token is always computed, so that the step has logits to sample from. Its page
+            # is never taken from the cache, even when the whole prompt is there: recomputing up to a
+            # page of tokens is cheaper than a request writing into a page that others are reading.
+            req.pages, cursor = self.prefix_cache.match(req.token_ids[:-1])
+        start = len(req.pages) * self.page_size
         num_tokens = min(req.num_tokens - start, step.budget)
         if not self._grow(req, start + num_tokens):
             self.pool.release(req.pages)

@@ -62,16 +62,25 @@ def test_prefix_hits_are_counted_and_output_pages_are_cached_for_the_next_turn()
     check_drained(sched)
 
 
-def test_a_fully_cached_prompt_recomputes_only_its_last_token():
+def test_a_fully_cached_prompt_recomputes_its_last_page_and_then_shares_it():
     rng = random.Random(12)
     sched = make_scheduler(num_pages=32, page_size=4)
     engine = FakeEngine(sched)
     prompt = tokens(rng, 12)
     a, b = request(1, prompt, max_tokens=3), request(2, prompt, max_tokens=5)
-    run = drive(engine, {0: [a], 6: [b]})
-    assert [seq for batch in run.batches for seq in batch if seq[0] == 2][0] == (2, 11, 1, True)
-    assert b.num_cached_tokens == 11
-    assert_matches_reference(run, [a, b])
+    drive(engine, {0: [a]})
+    cached_prompt_pages, _ = sched.prefix_cache.match(prompt)
+    sched.pool.release(cached_prompt_pages)
+    sched.add_request(b)
+    batch = sched.schedule()
+    assert [(s.start, s.num_tokens) for s in batch.seqs] == [(8, 4)] and b.num_cached_tokens == 8
+    recomputed_page = b.pages[2]
+    outputs = sched.postprocess(batch, engine.execute(batch))
+    # Its recomputed copy of the third page was swapped for the cached one and freed: one copy, shared.
+    assert b.pages[:3] == cached_prompt_pages and recomputed_page in sched.pool.free_pages()
+    run = drive(engine)
+    assert [o.new_token_ids[0] for o in outputs] + run.tokens(2) == reference_generate(
+        prompt, b.params, [], 4096, VOCAB)[0]
     check_drained(sched)
 
 
@@ -225,18 +234,17 @@ def test_lru_eviction_through_the_scheduler():
     rng = random.Random(19)
     sched = make_scheduler(num_pages=8, page_size=4)
     engine = FakeEngine(sched)
-    prompts = [tokens(rng, 8) for _ in range(3)]
-    for i in range(3):                                             # three cached 2-page prompts, finishing in order
+    prompts = [tokens(rng, 9) for _ in range(3)]
+    for i in range(3):                                             # three cached 2-page prefixes, finishing in order
         drive(engine, {0: [request(i, prompts[i], max_tokens=1)]})
     assert sched.pool.num_idle == 6 and sched.pool.num_free == 2
-    drive(engine, {0: [request(3, tokens(rng, 12), max_tokens=1)]})  # needs 3 pages: evicts prompt 0's leaf page
-    oldest, newest = request(4, prompts[0], max_tokens=1), request(5, prompts[2], max_tokens=1)
-    drive(engine, {0: [oldest]})                                    # needs 1 page more: evicts prompt 1's leaf
+    drive(engine, {0: [request(3, tokens(rng, 12), max_tokens=1)]})  # 3 pages: evicts prompt 0's second page
+    oldest = request(4, prompts[0], max_tokens=1)
+    drive(engine, {0: [oldest]})                                   # 2 pages more: evicts both of prompt 1's
+    newest, middle = request(5, prompts[2], max_tokens=1), request(6, prompts[1], max_tokens=1)
     drive(engine, {0: [newest]})
-    assert oldest.num_cached_tokens == 4 and newest.num_cached_tokens == 7
-    middle = request(6, prompts[1], max_tokens=1)
     drive(engine, {0: [middle]})
-    assert middle.num_cached_tokens == 4
+    assert (oldest.num_cached_tokens, newest.num_cached_tokens, middle.num_cached_tokens) == (4, 8, 0)
     check_drained(sched)
 
 
