@@ -132,7 +132,9 @@ async def collect(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta], num_
             result.text_parts.append(delta.text)
             result.token_ids += delta.token_ids
             if delta.logprobs is not None:
-                result.logprobs = (result.logprobs or []) + delta.logprobs
+                if result.logprobs is None:
+                    result.logprobs = []
+                result.logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:
                 result.finish_reason = delta.finish_reason
     ctx.timer.on_finish()
