@@ -1,11 +1,12 @@
 """Shared-memory rings between minisrv's processes, and the binary records they carry."""
 from __future__ import annotations
 
+from minisrv.ipc.aio import AsyncRingReader, write_async
 from minisrv.ipc.lifecycle import RingSet, RingSpecs
 from minisrv.ipc.reader import RingReader
 from minisrv.ipc.ring import PeerGone, RecordTooLarge, RingError, RingTimeout
 from minisrv.ipc.segment import RingSpec, Role, Wakeup
 from minisrv.ipc.writer import RingWriter
 
-__all__ = ["PeerGone", "RecordTooLarge", "RingError", "RingReader", "RingSet", "RingSpec", "RingSpecs",
-           "RingTimeout", "RingWriter", "Role", "Wakeup"]
+__all__ = ["AsyncRingReader", "PeerGone", "RecordTooLarge", "RingError", "RingReader", "RingSet", "RingSpec",
+           "RingSpecs", "RingTimeout", "RingWriter", "Role", "Wakeup", "write_async"]

@@ -8,9 +8,10 @@ handshake), waking every LIVENESS_INTERVAL_S to check that the producer still li
 from __future__ import annotations
 
 import time
+from collections import deque
 
-from minisrv.ipc.ring import (LIVENESS_INTERVAL_S, WRAP_MARKER, PeerGone, RingEndpoint, RingTimeout,
-                              peer_state)
+from minisrv.ipc.ring import (BATCH_BIT, BATCH_COUNT_SHIFT, LIVENESS_INTERVAL_S, PAYLOAD_MASK, WRAP_MARKER, PeerGone,
+                              RingEndpoint, RingTimeout, frame_bytes, peer_state)
 from minisrv.ipc.segment import CLOSED_BIT, HeaderLayout, RingSpec, Role, open_doorbell
 from minisrv.ipc.wakeup import SemaphoreDoorbell, process_alive
 
@@ -34,35 +35,27 @@ class RingReader(RingEndpoint):
         self._data_offset = self.segment.data_offset
         self._pos = self._header[self._read_word]
         self._seen_write = self._header[self._write_word]
-        self.segment.claim(self._fence)
+        self._pending: deque[bytes] = deque()   # the rest of a batch frame that try_read split up
+        self.segment.announce_attach(self._fence)
 
     def _available(self) -> bool:
-        if self._pos != self._seen_write:
+        if self._pending or self._pos != self._seen_write:
             return True
         # One aligned 8-byte load; a weakly ordered CPU needs an acquire fence after it.
         self._seen_write = self._header[self._write_word]
         return self._pos != self._seen_write
 
-    def _next_frame(self) -> tuple[int, int]:
-        """(data offset, length) of the next record, stepping over a wrap marker. Needs _available()."""
-        offset = self._pos & (self.capacity - 1)
-        length = self._frames[offset >> 3]
-        if length == WRAP_MARKER:
-            self._pos += self.capacity - offset
-            offset = 0
-            length = self._frames[0]
-        self._pos += 8 + ((length + 7) & ~7)
-        return offset + 8, length
-
     def try_read(self) -> bytes | None:
         """The next record, copied, or None when the ring is empty."""
+        if self._pending:
+            return self._pending.popleft()
         if not self._available():
             return None
-        start, length = self._next_frame()
-        start += self._data_offset
-        record = self._mmap[start : start + length]
+        records = self._collect(self._next_frame_end(), copy=True)
         self.release()
-        return record
+        if len(records) > 1:   # a batch frame: hand the rest out one by one
+            self._pending.extend(records[1:])
+        return records[0]
 
     def read(self, timeout: float | None = None) -> bytes:
         """The next record, copied, waiting up to `timeout` seconds (None: forever)."""
@@ -72,37 +65,64 @@ class RingReader(RingEndpoint):
             record = self.try_read()
         return record
 
+    def drain(self) -> list[bytes]:
+        """Copies of every available record, in order (maybe none), with one read-index publication."""
+        records = self._take_pending()
+        self._seen_write = end = self._header[self._write_word]   # all of them, not just those seen before
+        if end != self._pos:
+            records += self._collect(end, copy=True)
+            self.release()
+        return records
+
     def drain_views(self) -> list[memoryview]:
         """Zero-copy views of every available record, in order (maybe none). The producer cannot
         overwrite them until `release()`; a second call continues after the records already returned."""
-        self._seen_write = end = self._header[self._write_word]   # all of them, not just those seen before
-        if end == self._pos:
-            return []
-        views = []
-        pos, capacity = self._pos, self.capacity
-        frames, data = self._frames, self._data
-        while pos != end:
-            offset = pos & (capacity - 1)
-            length = frames[offset >> 3]
-            if length == WRAP_MARKER:
-                pos += capacity - offset
-                continue
-            views.append(data[offset + 8 : offset + 8 + length])
-            pos += 8 + ((length + 7) & ~7)
-        self._pos = pos
+        views = [memoryview(record) for record in self._take_pending()]
+        self._seen_write = end = self._header[self._write_word]
+        if end != self._pos:
+            views += self._collect(end, copy=False)
         return views
 
-    def drain(self) -> list[bytes]:
-        """Copies of every available record, in order (maybe none), with one read-index publication."""
-        self._seen_write = end = self._header[self._write_word]
-        if end == self._pos:
+    def _take_pending(self) -> list[bytes]:
+        if not self._pending:
             return []
-        records = []
-        mm, base = self._mmap, self._data_offset
-        while self._pos != end:
-            start, length = self._next_frame()
-            records.append(mm[base + start : base + start + length])
-        self.release()
+        records = list(self._pending)
+        self._pending.clear()
+        return records
+
+    def _next_frame_end(self) -> int:
+        pos = self._pos
+        offset = pos & (self.capacity - 1)
+        word = self._frames[offset >> 3]
+        if word == WRAP_MARKER:
+            pos += self.capacity - offset
+            word = self._frames[0]
+        return pos + frame_bytes(word & PAYLOAD_MASK)
+
+    def _collect(self, end: int, copy: bool) -> list:
+        """The records of every frame from the read position to `end`: bytes copies (slices of the mmap)
+        or memoryviews into the ring. Advances the read position but does not publish it."""
+        records: list = []
+        append, pos, capacity, frames = records.append, self._pos, self.capacity, self._frames
+        source, base = (self._mmap, self._data_offset + 8) if copy else (self._data, 8)
+        while pos != end:
+            offset = pos & (capacity - 1)
+            word = frames[offset >> 3]
+            if word == WRAP_MARKER:
+                pos += capacity - offset
+                continue
+            if word & BATCH_BIT:
+                payload = word & PAYLOAD_MASK
+                count = (word & ~BATCH_BIT) >> BATCH_COUNT_SHIFT
+                start = base + offset + ((4 * count + 7) & ~7)
+                for length in self._data[offset + 8 : offset + 8 + 4 * count].cast("I").tolist():
+                    append(source[start : start + length])
+                    start += length
+            else:
+                payload = word
+                append(source[base + offset : base + offset + word])
+            pos += 8 + ((payload + 7) & ~7)
+        self._pos = pos
         return records
 
     def release(self) -> None:

@@ -3,10 +3,15 @@
 A ring has one producer (RingWriter, minisrv/ipc/writer.py) and K readers (RingReader,
 minisrv/ipc/reader.py), each reader with its own read index; K=1 is the single-consumer ring.
 
-A record is framed in the data area as one u64 length word then the payload, padded so the next
-frame starts 8-byte aligned. A frame never straddles the end: when it does not fit before the end,
-the producer writes WRAP_MARKER in place of a length and the frame goes to offset 0. Records larger
-than half the capacity are refused, which guarantees an emptied ring always has room after a wrap.
+Frames, each starting 8-byte aligned in the data area, begin with one u64 word:
+  * a record: the word is its length, the payload follows (padded to 8);
+  * a batch (RingWriter.write_many): BATCH_BIT | count << 32 | payload bytes; the payload is the
+    count records' lengths (u32 each, padded to 8) then the records back to back. Building it takes
+    a few C-level calls (map, join) instead of Python work per record, which is what stream
+    throughput is made of; readers hand the records out one by one as usual;
+  * WRAP_MARKER: the next frame did not fit before the end and starts at offset 0.
+Frames larger than half the capacity are refused, which guarantees an emptied ring always has room
+after a wrap. Words are native-endian: a ring never leaves its host.
 
 Publication: the producer writes the frame (length word and payload), then stores the new write
 index with one aligned 8-byte store; a reader loads the write index, then reads the frames below
@@ -23,6 +28,9 @@ from minisrv.ipc.segment import CLOSED_BIT, RingSpec, Segment
 from minisrv.ipc.wakeup import FullFence, process_alive
 
 WRAP_MARKER = (1 << 64) - 1
+BATCH_BIT = 1 << 62
+BATCH_COUNT_SHIFT = 32
+PAYLOAD_MASK = (1 << 32) - 1     # frame payload bytes (capacities stop at 4 GiB, so this never overflows)
 LIVENESS_INTERVAL_S = 0.05   # how often a blocked wait checks that its peer still lives
 Buffer = bytes | bytearray | memoryview
 
@@ -52,8 +60,9 @@ def peer_state(pid_word: int) -> str:
     return f"pid {pid_word} is alive" if process_alive(pid_word) else f"pid {pid_word} is dead"
 
 
-def frame_bytes(length: int) -> int:
-    return 8 + ((length + 7) & ~7)
+def frame_bytes(payload: int) -> int:
+    """Bytes a frame of `payload` bytes takes: its word, the payload, the padding to 8."""
+    return 8 + ((payload + 7) & ~7)
 
 
 class RingEndpoint:

@@ -166,7 +166,7 @@ class Segment:
     def pid_word(self, role: Role, reader: int = 0) -> int:
         return HeaderLayout.PRODUCER_PID if role is Role.PRODUCER else self.layout.reader_pid(reader)
 
-    def claim(self, fence: FullFence) -> None:
+    def announce_attach(self, fence: FullFence) -> None:
         """Record this process in its pid slot; the last process to attach unlinks every name.
 
         Each attacher stores its pid, fences, then loads all slots, so of two that attach at once at
@@ -201,8 +201,8 @@ class Segment:
 
 def create_segment(name: str, capacity: int, num_readers: int, wakeup: Wakeup) -> None:
     """Create the segment (mode 0600) and its semaphores/FIFOs, and initialise the header."""
-    if capacity < 64 or capacity & (capacity - 1):
-        raise ValueError(f"ring capacity must be a power of two >= 64 bytes, got {capacity}")
+    if not 64 <= capacity <= 1 << 32 or capacity & (capacity - 1):
+        raise ValueError(f"ring capacity must be a power of two in [64 B, 4 GiB], got {capacity}")
     if not 1 <= num_readers <= MAX_READERS:
         raise ValueError(f"ring num_readers must be in [1, {MAX_READERS}], got {num_readers}")
     layout = HeaderLayout(num_readers)

@@ -1,17 +1,25 @@
-"""The producer end of a ring (framing and publication rules: minisrv/ipc/ring.py)."""
+"""The producer end of a ring (frame format and publication rules: minisrv/ipc/ring.py)."""
 from __future__ import annotations
 
 import time
+from array import array
+from bisect import bisect_right
 from collections.abc import Iterable
+from itertools import accumulate, repeat
+from operator import add
 
-from minisrv.ipc.ring import (LIVENESS_INTERVAL_S, WRAP_MARKER, Buffer, PeerGone, RecordTooLarge, RingTimeout,
-                              RingEndpoint, frame_bytes, peer_state)
+from minisrv.ipc.ring import (BATCH_BIT, BATCH_COUNT_SHIFT, LIVENESS_INTERVAL_S, WRAP_MARKER, Buffer, PeerGone,
+                              RecordTooLarge, RingEndpoint, RingTimeout, frame_bytes, peer_state)
 from minisrv.ipc.segment import CLOSED_BIT, RingSpec, Role, open_doorbell
 from minisrv.ipc.wakeup import SemaphoreDoorbell, process_alive
 
+# Slack for a batch's two paddings and its word, so a batch sized by raw bytes always fits one frame.
+BATCH_OVERHEAD = 24
+
 
 class RingWriter(RingEndpoint):
-    """The producer end. `try_write` never blocks; `write` waits for space; `write_many` publishes once."""
+    """The producer end. `try_write` never blocks; `write` waits for space; `write_many` streams batches.
+    Records are bytes-like objects with 1-byte items (bytes, bytearray, memoryview.cast("B"))."""
 
     def __init__(self, spec: RingSpec) -> None:
         if spec.role is not Role.PRODUCER:
@@ -27,66 +35,103 @@ class RingWriter(RingEndpoint):
         self._waiting_word = layout.producer_waiting
         self._pos = self._header[self._write_word]
         self._seen_read = min(self._header[w] for w in self._read_words)
-        self.segment.claim(self._fence)
+        self.segment.announce_attach(self._fence)
 
     def try_write(self, record: Buffer) -> bool:
         """Append one record and publish it; False (nothing written) when the ring lacks space."""
-        if not self._put(record):
+        length = len(record)
+        if length > self.max_record_bytes:
+            self._refuse(length)
+        offset = self._claim(frame_bytes(length))
+        if offset is None:
             return False
+        self._frames[offset >> 3] = length
+        self._data[offset + 8 : offset + 8 + length] = record
         self._publish()
         return True
 
     def write(self, record: Buffer, timeout: float | None = None) -> None:
         """Append one record, waiting up to `timeout` seconds (None: forever) for space."""
-        while not self._put(record):
+        while not self.try_write(record):
             self._wait_for_space(frame_bytes(len(record)), timeout)
-        self._publish()
 
     def write_many(self, records: Iterable[Buffer], timeout: float | None = None) -> None:
-        """Append records in order, publishing the write index once per batch that fits rather than per
-        record. `timeout` bounds each wait for space."""
-        pending = False
+        """Append records in order as batch frames (as many records per frame as half the capacity holds),
+        publishing the write index once per call, or before waiting for space. Stream mode: costs a few
+        C-level calls per batch rather than Python work per record. All or nothing on a too-large
+        record; `timeout` bounds each wait for space."""
+        records = records if isinstance(records, list) else list(records)
+        if not records:
+            return
+        lengths = list(map(len, records))
+        if max(lengths) > self.max_record_bytes:
+            self._refuse(max(lengths))
+        # Each record adds its bytes and a u32 length; cut the list where a batch would outgrow one frame.
+        ends = list(accumulate(map(add, lengths, repeat(4))))
+        budget = self._max_frame - BATCH_OVERHEAD
+        start = 0
         try:
-            for record in records:
-                while not self._put(record):
-                    if pending:
-                        self._publish()
-                        pending = False
-                    self._wait_for_space(frame_bytes(len(record)), timeout)
-                pending = True
-        finally:  # records accepted before a failure (too large, timeout) are still delivered
-            if pending:
-                self._publish()
+            while start < len(records):
+                stop = bisect_right(ends, (ends[start - 1] if start else 0) + budget)
+                if stop <= start + 1:
+                    stop = start + 1
+                    self._write_frame(records[start], None, timeout)
+                else:
+                    self._write_frame(b"".join(records[start:stop]), array("I", lengths[start:stop]), timeout)
+                start = stop
+        finally:
+            self._publish()
 
-    def _put(self, record: Buffer) -> bool:
-        """Copy a frame in without publishing it."""
-        length = len(record)
-        frame = 8 + ((length + 7) & ~7)
-        if frame > self._max_frame:
-            raise RecordTooLarge(self.describe(
-                f"record of {length} bytes exceeds the limit of {self.max_record_bytes} (half the capacity)",
-                "split it or give the ring a larger capacity"))
-        pos = self._pos
-        offset = pos & (self.capacity - 1)
+    def _write_frame(self, body: Buffer, table: array | None, timeout: float | None) -> None:
+        """Copy one record (table None) or one batch (its u32 length table, then `body`) in, unpublished."""
+        table_bytes = 0 if table is None else (4 * len(table) + 7) & ~7
+        payload = table_bytes + len(body)
+        frame = frame_bytes(payload)
+        offset = self._claim(frame)
+        while offset is None:
+            self._publish()                                  # let the readers drain what is there
+            self._wait_for_space(frame, timeout)
+            offset = self._claim(frame)
+        if table is None:
+            self._frames[offset >> 3] = payload
+        else:
+            self._frames[offset >> 3] = BATCH_BIT | len(table) << BATCH_COUNT_SHIFT | payload
+            self._data[offset + 8 : offset + 8 + 4 * len(table)] = memoryview(table).cast("B")
+        self._data[offset + 8 + table_bytes : offset + 8 + payload] = body
+
+    def _fits(self, frame: int) -> tuple[int, int] | None:
+        """(bytes to skip to the end of the data area, 0 if none; offset) where a frame of `frame`
+        bytes goes next, or None while the slowest reader leaves too little space."""
+        offset = self._pos & (self.capacity - 1)
         skip = self.capacity - offset if offset + frame > self.capacity else 0
-        end = pos + skip + frame
+        end = self._pos + skip + frame
         if end - self._seen_read > self.capacity:
             self._seen_read = min([self._header[w] for w in self._read_words])
             if end - self._seen_read > self.capacity:
-                return False
+                return None
+        return skip, 0 if skip else offset
+
+    def _refuse(self, length: int) -> None:
+        raise RecordTooLarge(self.describe(
+            f"record of {length} bytes exceeds the limit of {self.max_record_bytes} (half the capacity)",
+            "split it or give the ring a larger capacity"))
+
+    def _claim(self, frame: int) -> int | None:
+        """Take the space for a frame (marking a wrap if it needs one): its data offset, or None if full."""
+        place = self._fits(frame)
+        if place is None:
+            return None
+        skip, offset = place
         if skip:
-            self._frames[offset >> 3] = WRAP_MARKER
-            offset = 0
-        self._frames[offset >> 3] = length
-        self._data[offset + 8 : offset + 8 + length] = record
-        self._pos = end
-        return True
+            self._frames[(self._pos & (self.capacity - 1)) >> 3] = WRAP_MARKER
+        self._pos += skip + frame
+        return offset
 
     def _publish(self) -> None:
-        # Frames first, then this one 8-byte store (TSO; ARM needs `dmb ish` before it, see the docstring).
-        self._header[self._write_word] = self._pos
-        self._fence()
+        # Frames first, then this one 8-byte store (TSO; ARM needs `dmb ish` before it, see ring.py).
         header = self._header
+        header[self._write_word] = self._pos
+        self._fence()
         for reader, word in enumerate(self._sleeping_words):
             if header[word]:
                 # Clearing the flag here means a burst of writes rings a sleeper once, not per record.
@@ -94,36 +139,32 @@ class RingWriter(RingEndpoint):
                 self._doorbells[reader].ring()
 
     def _wait_for_space(self, frame: int, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        next_liveness_check = time.monotonic() + LIVENESS_INTERVAL_S
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        next_liveness_check = now + LIVENESS_INTERVAL_S
+        header = self._header
         while True:
-            self._header[self._waiting_word] = 1
+            header[self._waiting_word] = 1
             self._fence()
-            if self._has_space(frame):
-                self._header[self._waiting_word] = 0
+            if self._fits(frame) is not None:
+                header[self._waiting_word] = 0
                 return
             now = time.monotonic()
             if now >= next_liveness_check:
                 self.check_readers()
                 next_liveness_check = now + LIVENESS_INTERVAL_S
             if deadline is not None and now >= deadline:
-                self._header[self._waiting_word] = 0
+                header[self._waiting_word] = 0
                 raise RingTimeout(self.describe(
                     f"timed out after {timeout} s waiting for space (ring full)", self.readers_state()))
-            wait = LIVENESS_INTERVAL_S if deadline is None else min(LIVENESS_INTERVAL_S, deadline - now)
-            self._space.wait(max(wait, 0.0))
-
-    def _has_space(self, frame: int) -> bool:
-        self._seen_read = min([self._header[w] for w in self._read_words])
-        offset = self._pos & (self.capacity - 1)
-        skip = self.capacity - offset if offset + frame > self.capacity else 0
-        return self._pos + skip + frame - self._seen_read <= self.capacity
+            self._space.wait(LIVENESS_INTERVAL_S if deadline is None else min(LIVENESS_INTERVAL_S, deadline - now))
 
     def readers_state(self) -> str:
         words = [self._header[self._layout.reader_pid(r)] for r in range(self._layout.num_readers)]
         return "; ".join(f"reader {r} {peer_state(word)}" for r, word in enumerate(words))
 
     def check_readers(self) -> None:
+        """Raise PeerGone if a reader exited or closed its end (then the full ring would never drain)."""
         for reader in range(self._layout.num_readers):
             word = self._header[self._layout.reader_pid(reader)]
             if word and (word & CLOSED_BIT or not process_alive(word)):

@@ -55,9 +55,9 @@ def test_record_over_half_the_capacity_is_refused(make_ring) -> None:
     writer, (reader,) = make_ring(capacity=4096)
     with pytest.raises(RecordTooLarge, match=r"ring 't' .*2041 bytes exceeds the limit of 2040"):
         writer.try_write(bytes(2041))
-    with pytest.raises(RecordTooLarge):
+    with pytest.raises(RecordTooLarge, match="4000 bytes"):
         writer.write_many([b"ok", bytes(4000)])
-    assert reader.drain() == [b"ok"]
+    assert reader.drain() == []                   # write_many is all or nothing on a too-large record
 
 
 def test_full_ring_refuses_then_producer_waits_for_space(make_ring) -> None:
@@ -96,6 +96,46 @@ def test_write_many_publishes_every_record_in_order(make_ring) -> None:
     consumer = threading.Thread(target=lambda: [received.append(reader.read(timeout=5)) for _ in records])
     consumer.start()
     writer.write_many(records, timeout=5)
+    consumer.join(10)
+    assert received == records
+
+
+def test_batch_frames_wrap_at_every_offset_and_split_for_every_read_style(make_ring) -> None:
+    rng = random.Random(6)
+    writer, (reader,) = make_ring(capacity=512)
+    for offset in range(0, 512, 8):
+        for style in ("try_read", "drain", "views", "mixed"):
+            move_to_offset(writer, reader, offset)
+            batch = [rng.randbytes(rng.randrange(0, 30)) for _ in range(rng.randrange(2, 9))]
+            writer.write_many(batch)
+            if style == "try_read":
+                received = [reader.try_read() for _ in batch]
+            elif style == "drain":
+                received = reader.drain()
+            elif style == "views":
+                received = [bytes(v) for v in reader.drain_views()]
+                reader.release()
+            else:   # one record, then the rest of the batch through the other paths
+                received = [reader.try_read()] + [bytes(v) for v in reader.drain_views()]
+                reader.release()
+            assert received == batch
+            assert reader.try_read() is None and not reader.poll()
+
+
+def test_write_many_splits_a_stream_larger_than_the_ring(make_ring) -> None:
+    writer, (reader,) = make_ring(capacity=1024)
+    rng = random.Random(8)
+    records = [rng.randbytes(rng.choice([0, 5, 60, writer.max_record_bytes])) for _ in range(300)]
+    received: list[bytes] = []
+
+    def consume() -> None:
+        while len(received) < len(records):
+            reader.wait(timeout=10)
+            received.extend(reader.drain())
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    writer.write_many(iter(records), timeout=10)
     consumer.join(10)
     assert received == records
 

@@ -1,0 +1,464 @@
+"""Our shared-memory rings against ZeroMQ + msgpack (mini-sglang's transport) and multiprocessing.Queue.
+
+    python bench/ipc.py [--quick] [--json bench/results/ipc.json] [--plot bench/results/ipc.png]
+
+Two processes each time: this one (the client) and a spawned peer. Ping-pong: the client sends a
+64-byte record or an 8 KiB token-id array (2048 int32), the peer echoes it, the client times the round
+trip. Rows: `ring-block` (both ends block on their semaphore), `ring-poll` (both ends spin on the
+ring), `ring-asyncio` (the client awaits an AsyncRingReader on uvloop), `zmq-msgpack` (PUSH/PULL over
+ipc://, every message msgpack-packed, as mini-sglang does), `zmq-asyncio` (the client on zmq.asyncio
+under uvloop), `mp-queue` (multiprocessing.Queue). msgpack packs the payload as one bin object, the
+cheapest use of it, so the ZeroMQ rows are a best case (mini-sglang packs token ids as int lists).
+Stream: the peer sends 64-byte records one way as fast as it can; `ring-stream` (write_many: batch
+frames, one index publication per batch; the client drains copies, one bytes object per record)
+against `zmq-stream` (one message per record; ZeroMQ batches them on the wire itself).
+Wake-up study (the asyncio consumer's design decision, no ring involved): the peer wakes a uvloop
+client through `wake-thread` (a thread blocked on a POSIX semaphore calls call_soon_threadsafe),
+`wake-eventfd` (the loop watches an inherited eventfd) or `wake-fifo` (the loop watches a named FIFO).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing.reduction import DupFd
+
+import msgpack
+import numpy as np
+import posix_ipc
+import uvloop
+import zmq
+import zmq.asyncio
+
+from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
+from minisrv.ipc.aio import AsyncRingReader
+from minisrv.ipc.wakeup import FifoDoorbell
+
+SPAWN = multiprocessing.get_context("spawn")
+RING_CAPACITY = 1 << 20
+STREAM_RECORD_BYTES = 64
+STREAM_BATCH = 256
+
+
+@dataclass
+class Result:
+    transport: str
+    msg_bytes: int
+    p50_us: float | None
+    p90_us: float | None
+    p99_us: float | None
+    p999_us: float | None
+    rps: float
+
+
+def latency_result(transport: str, msg_bytes: int, round_trips_ns: list[int], elapsed_s: float) -> Result:
+    p50, p90, p99, p999 = np.percentile(np.array(round_trips_ns) / 1e3, [50, 90, 99, 99.9]).tolist()
+    return Result(transport, msg_bytes, p50, p90, p99, p999, len(round_trips_ns) / elapsed_s)
+
+
+def payloads() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [rng.bytes(64), rng.integers(0, 50_000, 2048, dtype=np.int32).tobytes()]
+
+
+# --- peers (run in the spawned process): echo `count` messages per payload size, or stream -----------
+
+def ring_echo(ping_spec, pong_spec, count: int, poll: bool) -> None:
+    gc.disable()
+    with RingReader(ping_spec) as reader, RingWriter(pong_spec) as writer:
+        for _ in range(count):
+            if poll:
+                while (record := reader.try_read()) is None:
+                    pass
+            else:
+                record = reader.read(timeout=60)
+            writer.write(record, timeout=60)
+
+
+def zmq_echo(ping_addr: str, pong_addr: str, count: int) -> None:
+    gc.disable()
+    context = zmq.Context()
+    pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    pull.connect(ping_addr)
+    push.connect(pong_addr)
+    for _ in range(count):
+        push.send(msgpack.packb(msgpack.unpackb(pull.recv())))
+    push.close(linger=1000)
+    context.term()
+
+
+def queue_echo(ping: multiprocessing.Queue, pong: multiprocessing.Queue, count: int) -> None:
+    gc.disable()
+    for _ in range(count):
+        pong.put(ping.get())
+
+
+def ring_stream_producer(spec, count: int) -> None:
+    gc.disable()
+    batch = [bytes(range(STREAM_RECORD_BYTES))] * STREAM_BATCH
+    with RingWriter(spec) as writer:
+        for sent in range(0, count, STREAM_BATCH):
+            writer.write_many(batch[: count - sent], timeout=60)
+
+
+def zmq_stream_producer(addr: str, count: int) -> None:
+    gc.disable()
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(addr)
+    record = bytes(range(STREAM_RECORD_BYTES))
+    for _ in range(count):
+        push.send(msgpack.packb(record))
+    push.close(linger=10_000)
+    context.term()
+
+
+def wake_peer(kind: str, ping_name: str, pong: object, count: int) -> None:
+    """Block on a semaphore; answer each post through the mechanism under study."""
+    gc.disable()
+    ping = posix_ipc.Semaphore(ping_name)
+    if kind == "thread":
+        answer = posix_ipc.Semaphore(pong).release
+    elif kind == "eventfd":
+        fd = pong.detach()
+        answer = lambda: os.write(fd, b"\1\0\0\0\0\0\0\0")  # noqa: E731
+    else:
+        answer = FifoDoorbell(pong).ring
+    for _ in range(count):
+        ping.acquire(60)
+        answer()
+
+
+# --- clients (run here) ------------------------------------------------------------------------------
+
+def start_peer(target, *args) -> multiprocessing.Process:
+    peer = SPAWN.Process(target=target, args=args, daemon=True)
+    peer.start()
+    return peer
+
+
+def timed_loop(round_trip, warmup: int, count: int) -> tuple[list[int], float]:
+    for _ in range(warmup):
+        round_trip()
+    samples = []
+    clock = time.perf_counter_ns
+    start = clock()
+    for _ in range(count):
+        t0 = clock()
+        round_trip()
+        samples.append(clock() - t0)
+    return samples, (clock() - start) / 1e9
+
+
+async def timed_loop_async(round_trip, warmup: int, count: int) -> tuple[list[int], float]:
+    for _ in range(warmup):
+        await round_trip()
+    samples = []
+    clock = time.perf_counter_ns
+    start = clock()
+    for _ in range(count):
+        t0 = clock()
+        await round_trip()
+        samples.append(clock() - t0)
+    return samples, (clock() - start) / 1e9
+
+
+def bench_ring(mode: str, messages: list[bytes], warmup: int, count: int) -> list[Result]:
+    with RingSet() as rings:
+        ping = rings.create("ping", RING_CAPACITY)
+        pong = rings.create("pong", RING_CAPACITY, wakeup=Wakeup.FIFO if mode == "asyncio" else Wakeup.SEMAPHORE)
+        peer = start_peer(ring_echo, ping.reader, pong.producer, len(messages) * (warmup + count), mode == "poll")
+        writer, reader = RingWriter(ping.producer), RingReader(pong.reader)
+        timings = []
+        if mode == "asyncio":
+            async def run_all() -> list[tuple[list[int], float]]:
+                consumer = AsyncRingReader(reader)
+                runs = []
+                for message in messages:
+                    async def round_trip() -> None:
+                        writer.write(message)        # never full in ping-pong: never blocks the loop
+                        await consumer.drain(timeout=60)
+                    runs.append(await timed_loop_async(round_trip, warmup, count))
+                consumer.close()
+                return runs
+            timings = uvloop.run(run_all())
+        for message in messages if mode != "asyncio" else ():
+            if mode == "poll":
+                def round_trip() -> None:
+                    writer.try_write(message)
+                    while reader.try_read() is None:
+                        pass
+            else:
+                def round_trip() -> None:
+                    writer.write(message)
+                    reader.read(timeout=60)
+            timings.append(timed_loop(round_trip, warmup, count))
+        peer.join(60)
+        writer.close()
+        reader.close()
+    return [latency_result(f"ring-{mode}", len(m), samples, elapsed) for m, (samples, elapsed) in zip(messages, timings)]
+
+
+def bench_zmq(use_asyncio: bool, messages: list[bytes], warmup: int, count: int) -> list[Result]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ping_addr, pong_addr = f"ipc://{tmp}/ping", f"ipc://{tmp}/pong"
+        context = zmq.asyncio.Context() if use_asyncio else zmq.Context()
+        push, pull = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+        push.bind(ping_addr)
+        pull.bind(pong_addr)
+        peer = start_peer(zmq_echo, ping_addr, pong_addr, len(messages) * (warmup + count))
+        if use_asyncio:
+            async def run_all() -> list[tuple[list[int], float]]:
+                runs = []
+                for message in messages:
+                    async def round_trip() -> None:
+                        await push.send(msgpack.packb(message))
+                        msgpack.unpackb(await pull.recv())
+                    runs.append(await timed_loop_async(round_trip, warmup, count))
+                return runs
+            timings = uvloop.run(run_all())
+        else:
+            timings = []
+            for message in messages:
+                def round_trip() -> None:
+                    push.send(msgpack.packb(message))
+                    msgpack.unpackb(pull.recv())
+                timings.append(timed_loop(round_trip, warmup, count))
+        peer.join(60)
+        push.close(linger=0)
+        pull.close(linger=0)
+        context.term()
+    name = "zmq-asyncio" if use_asyncio else "zmq-msgpack"
+    return [latency_result(name, len(m), samples, elapsed) for m, (samples, elapsed) in zip(messages, timings)]
+
+
+def bench_queue(messages: list[bytes], warmup: int, count: int) -> list[Result]:
+    ping, pong = SPAWN.Queue(), SPAWN.Queue()
+    peer = start_peer(queue_echo, ping, pong, len(messages) * (warmup + count))
+    results = []
+    for message in messages:
+        def round_trip() -> None:
+            ping.put(message)
+            pong.get()
+        samples, elapsed = timed_loop(round_trip, warmup, count)
+        results.append(latency_result("mp-queue", len(message), samples, elapsed))
+    peer.join(60)
+    return results
+
+
+def bench_ring_stream(count: int) -> Result:
+    with RingSet() as rings:
+        stream = rings.create("stream", RING_CAPACITY)
+        with RingReader(stream.reader) as reader:
+            peer = start_peer(ring_stream_producer, stream.producer, count)
+            reader.wait(timeout=60)
+            start, received = time.perf_counter(), 0
+            while received < count:
+                reader.wait(timeout=60)
+                received += len(reader.drain())
+            elapsed = time.perf_counter() - start
+            peer.join(60)
+    return Result("ring-stream", STREAM_RECORD_BYTES, None, None, None, None, received / elapsed)
+
+
+def bench_zmq_stream(count: int) -> Result:
+    with tempfile.TemporaryDirectory() as tmp:
+        addr = f"ipc://{tmp}/stream"
+        context = zmq.Context()
+        pull = context.socket(zmq.PULL)
+        pull.bind(addr)
+        peer = start_peer(zmq_stream_producer, addr, count)
+        msgpack.unpackb(pull.recv())
+        start, received = time.perf_counter(), 1
+        while received < count:
+            msgpack.unpackb(pull.recv())
+            received += 1
+        elapsed = time.perf_counter() - start
+        peer.join(60)
+        pull.close(linger=0)
+        context.term()
+    return Result("zmq-stream", STREAM_RECORD_BYTES, None, None, None, None, (received - 1) / elapsed)
+
+
+def bench_wake(kind: str, warmup: int, count: int) -> Result:
+    """Round trip: post the peer's semaphore, await the peer's answer on the loop."""
+    prefix = f"/minisrv-bench-{os.getpid()}-{kind}"
+    ping = posix_ipc.Semaphore(prefix + "-ping", posix_ipc.O_CREX, mode=0o600)
+    fifo_path = f"/dev/shm{prefix}.fifo"
+    try:
+        if kind == "thread":
+            pong = posix_ipc.Semaphore(prefix + "-pong", posix_ipc.O_CREX, mode=0o600)
+            peer_end: object = pong.name
+        elif kind == "eventfd":
+            event_fd = os.eventfd(0, os.EFD_NONBLOCK)
+            peer_end = DupFd(event_fd)           # inherited by the spawned peer
+        else:
+            doorbell = FifoDoorbell(fifo_path, create=True)
+            peer_end = fifo_path
+        peer = start_peer(wake_peer, kind, ping.name, peer_end, warmup + count)
+
+        async def run() -> tuple[list[int], float]:
+            loop = asyncio.get_running_loop()
+            answered: asyncio.Future | None = None
+
+            def on_answer() -> None:
+                if kind == "eventfd":
+                    os.read(event_fd, 8)
+                elif kind == "fifo":
+                    doorbell.clear()
+                if answered is not None and not answered.done():
+                    answered.set_result(None)
+
+            if kind == "thread":
+                def waiter() -> None:
+                    for _ in range(warmup + count):
+                        pong.acquire(60)
+                        loop.call_soon_threadsafe(on_answer)
+                threading.Thread(target=waiter, daemon=True).start()
+            else:
+                loop.add_reader(event_fd if kind == "eventfd" else doorbell.fileno(), on_answer)
+
+            async def round_trip() -> None:
+                nonlocal answered
+                answered = loop.create_future()
+                ping.release()
+                await answered
+            return await timed_loop_async(round_trip, warmup, count)
+
+        samples, elapsed = uvloop.run(run())
+        peer.join(60)
+        return latency_result(f"wake-{kind}", 0, samples, elapsed)
+    finally:
+        ping.unlink()
+        if kind == "thread":
+            pong.unlink()
+        elif kind == "fifo":
+            doorbell.close()
+            FifoDoorbell.unlink(fifo_path)
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+def machine() -> dict[str, object]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "pyzmq": zmq.__version__, "uvloop": uvloop.__version__,
+            "loadavg_at_start": os.getloadavg()}
+
+
+def ratio(results: list[Result], row: Result, peer: str, field: str) -> str:
+    base = next((r for r in results if r.transport == peer and r.msg_bytes == row.msg_bytes), None)
+    if base is None:
+        return ""
+    value = getattr(row, field) / getattr(base, field)
+    return f"{value:.3f}x {peer}"
+
+
+def table(results: list[Result]) -> str:
+    lines = [f"{'transport':14} {'bytes':>6} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'p99.9 us':>9} "
+             f"{'rps':>11}  ratio"]
+    for row in results:
+        if row.p50_us is None:
+            cells, ratios = " " * 39, ratio(results, row, "zmq-stream", "rps")
+        else:
+            cells = " ".join(f"{v:9.2f}" for v in (row.p50_us, row.p90_us, row.p99_us, row.p999_us))
+            ratios = ratio(results, row, "zmq-msgpack", "p50_us")
+            if row.transport == "ring-asyncio":
+                ratios += ", " + ratio(results, row, "zmq-asyncio", "p50_us")
+        if row.transport.startswith(("zmq", "wake")) or row.transport == "mp-queue":
+            ratios = "" if not row.transport.startswith("wake") else ratio(results, row, "wake-thread", "p50_us")
+        lines.append(f"{row.transport:14} {row.msg_bytes:6d} {cells} {row.rps:11.0f}  {ratios}")
+    return "\n".join(lines)
+
+
+def targets(results: list[Result]) -> str:
+    def get(transport: str, msg_bytes: int = 64) -> Result:
+        return next(r for r in results if r.transport == transport and r.msg_bytes == msg_bytes)
+    checks = [
+        ("ring-block p50 <= 0.5x zmq-msgpack (64 B)", get("ring-block").p50_us / get("zmq-msgpack").p50_us, 0.5),
+        ("ring-poll p50 <= 0.05x zmq-msgpack (64 B)", get("ring-poll").p50_us / get("zmq-msgpack").p50_us, 0.05),
+        ("ring-asyncio p50 <= 0.6x zmq-asyncio (64 B)", get("ring-asyncio").p50_us / get("zmq-asyncio").p50_us, 0.6),
+    ]
+    stream = get("ring-stream").rps / get("zmq-stream").rps
+    lines = [f"{'met' if value <= limit else 'MISSED':6} {name}: {value:.3f}x" for name, value, limit in checks]
+    lines.append(f"{'met' if stream >= 10 else 'MISSED':6} ring-stream >= 10x zmq-stream records/s: {stream:.1f}x")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pingpong = [r for r in results if r.p50_us is not None and not r.transport.startswith("wake")]
+    stream = [r for r in results if r.p50_us is None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 1]})
+    names = list(dict.fromkeys(r.transport for r in pingpong))
+    for offset, size in ((-0.2, 64), (0.2, 8192)):
+        rows = [next(r for r in pingpong if r.transport == n and r.msg_bytes == size) for n in names]
+        p50 = [r.p50_us for r in rows]
+        p99 = [r.p99_us - r.p50_us for r in rows]
+        left.bar([i + offset for i in range(len(names))], p50, 0.4, yerr=[[0] * len(rows), p99], capsize=3,
+                 label=f"{size} B (bar p50, whisker p99)")
+    left.set_xticks(range(len(names)), names, rotation=20)
+    left.set_yscale("log")
+    left.set_ylabel("round trip, us (log)")
+    left.legend()
+    left.set_title("ping-pong between two processes")
+    right.bar([r.transport for r in stream], [r.rps / 1e6 for r in stream], color=["tab:green", "tab:gray"])
+    right.set_ylabel("million records/s")
+    right.set_title(f"one-way stream, {STREAM_RECORD_BYTES} B records")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer round trips: under a minute")
+    parser.add_argument("--json", metavar="PATH", help="write results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG plot")
+    parser.add_argument("--only", metavar="NAMES", help="comma-separated subset of the rows, for profiling")
+    args = parser.parse_args()
+    warmup, count = (300, 3000) if args.quick else (2000, 20000)
+    stream_ring, stream_zmq = (500_000, 100_000) if args.quick else (4_000_000, 400_000)
+    info = machine()
+    messages = payloads()
+    gc.disable()   # on both sides: a collection in the middle of a round trip is noise, not transport
+    results: list[Result] = []
+    for name, run in [("ring-block", lambda: bench_ring("block", messages, warmup, count)),
+                      ("ring-poll", lambda: bench_ring("poll", messages, warmup, count)),
+                      ("ring-asyncio", lambda: bench_ring("asyncio", messages, warmup, count)),
+                      ("zmq-msgpack", lambda: bench_zmq(False, messages, warmup, count)),
+                      ("zmq-asyncio", lambda: bench_zmq(True, messages, warmup, count)),
+                      ("mp-queue", lambda: bench_queue(messages, warmup, count // 2)),
+                      ("ring-stream", lambda: [bench_ring_stream(stream_ring)]),
+                      ("zmq-stream", lambda: [bench_zmq_stream(stream_zmq)]),
+                      ("wake-*", lambda: [bench_wake(k, warmup, count) for k in ("thread", "eventfd", "fifo")])]:
+        if args.only and name not in args.only.split(","):
+            continue
+        print(f"running {name} ...", flush=True)
+        results += run()
+    info["loadavg_at_end"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"machine": info, "results": [asdict(r) for r in results]}, out, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    print(f"\n{info['cpu']}, {info['cores']} cores, load average {info['loadavg_at_start']} -> {info['loadavg_at_end']}")
+    if not args.only:
+        print(targets(results))
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
