@@ -13,7 +13,7 @@ from collections import deque
 from minisrv.ipc.ring import (BATCH_BIT, BATCH_COUNT_SHIFT, LIVENESS_INTERVAL_S, PAYLOAD_MASK, WRAP_MARKER, PeerGone,
                               RingEndpoint, RingTimeout, frame_bytes, peer_state)
 from minisrv.ipc.segment import CLOSED_BIT, HeaderLayout, RingSpec, Role, open_doorbell
-from minisrv.ipc.wakeup import SemaphoreDoorbell, process_alive
+from minisrv.ipc.wakeup import SemaphoreDoorbell, full_fence, process_alive
 
 
 class RingReader(RingEndpoint):
@@ -49,13 +49,23 @@ class RingReader(RingEndpoint):
         """The next record, copied, or None when the ring is empty."""
         if self._pending:
             return self._pending.popleft()
-        if not self._available():
-            return None
-        records = self._collect(self._next_frame_end(), copy=True)
+        pos = self._pos
+        if pos == self._seen_write:
+            self._seen_write = self._header[self._write_word]   # see _available
+            if pos == self._seen_write:
+                return None
+        offset = pos & (self.capacity - 1)
+        word = self._frames[offset >> 3]
+        if word < BATCH_BIT:   # the common case inline: one record (batches and wrap markers are >= BATCH_BIT)
+            start = self._data_offset + offset + 8
+            record = self._mmap[start : start + word]
+            self._pos = pos + 8 + ((word + 7) & ~7)
+        else:
+            records = self._collect(self._next_frame_end(), copy=True)
+            record = records[0]
+            self._pending.extend(records[1:])   # the rest of a batch, handed out one by one
         self.release()
-        if len(records) > 1:   # a batch frame: hand the rest out one by one
-            self._pending.extend(records[1:])
-        return records[0]
+        return record
 
     def read(self, timeout: float | None = None) -> bytes:
         """The next record, copied, waiting up to `timeout` seconds (None: forever)."""
@@ -128,7 +138,8 @@ class RingReader(RingEndpoint):
     def release(self) -> None:
         """Give the space of every record read so far back to the producer, waking it if it waits."""
         self._header[self._read_word] = self._pos
-        self._fence()
+        self._fence.acquire()   # full fence (wakeup.full_fence), inlined: this is the hot path
+        self._fence.release()
         if self._header[self._waiting_word]:
             self._header[self._waiting_word] = 0
             self._space.ring()
@@ -158,7 +169,7 @@ class RingReader(RingEndpoint):
         arrived meanwhile, do not sleep. False: sleep; the producer's next publication rings."""
         header = self._header
         header[self._sleeping_word] = 1
-        self._fence()
+        full_fence(self._fence)
         if self._available():
             header[self._sleeping_word] = 0
             return True

@@ -24,8 +24,10 @@ bounds it. The endpoints are not thread-safe: one thread per endpoint.
 """
 from __future__ import annotations
 
+import threading
+
 from minisrv.ipc.segment import CLOSED_BIT, RingSpec, Segment
-from minisrv.ipc.wakeup import FullFence, process_alive
+from minisrv.ipc.wakeup import process_alive
 
 WRAP_MARKER = (1 << 64) - 1
 BATCH_BIT = 1 << 62
@@ -78,7 +80,7 @@ class RingEndpoint:
         self._header = self.segment.header
         self._frames = self.segment.frames
         self._data = self.segment.data
-        self._fence = FullFence()
+        self._fence = threading.Lock()   # only ever used as a full fence: wakeup.full_fence
         self._layout = self.segment.layout
 
     @property

@@ -20,11 +20,12 @@ from __future__ import annotations
 import enum
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 
 import posix_ipc
 
-from minisrv.ipc.wakeup import Doorbell, FifoDoorbell, FullFence, SemaphoreDoorbell
+from minisrv.ipc.wakeup import Doorbell, FifoDoorbell, SemaphoreDoorbell, full_fence
 
 MAGIC = int.from_bytes(b"MSRVRING", "little")
 LAYOUT_VERSION = 1
@@ -166,7 +167,7 @@ class Segment:
     def pid_word(self, role: Role, reader: int = 0) -> int:
         return HeaderLayout.PRODUCER_PID if role is Role.PRODUCER else self.layout.reader_pid(reader)
 
-    def announce_attach(self, fence: FullFence) -> None:
+    def announce_attach(self, fence: threading.Lock) -> None:
         """Record this process in its pid slot; the last process to attach unlinks every name.
 
         Each attacher stores its pid, fences, then loads all slots, so of two that attach at once at
@@ -181,7 +182,7 @@ class Segment:
             raise RuntimeError(f"ring {spec.label!r}: {spec.role.value} {spec.reader} already attached by "
                                f"pid {self.header[slot]}")
         self.header[slot] = os.getpid()
-        fence()
+        full_fence(fence)
         slots = [HeaderLayout.PRODUCER_PID] + [self.layout.reader_pid(r) for r in range(self.num_readers)]
         if all(self.header[s] != 0 for s in slots):
             self.names.unlink_all(self.num_readers, self.wakeup)

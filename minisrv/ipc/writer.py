@@ -11,7 +11,7 @@ from operator import add
 from minisrv.ipc.ring import (BATCH_BIT, BATCH_COUNT_SHIFT, LIVENESS_INTERVAL_S, WRAP_MARKER, Buffer, PeerGone,
                               RecordTooLarge, RingEndpoint, RingTimeout, frame_bytes, peer_state)
 from minisrv.ipc.segment import CLOSED_BIT, RingSpec, Role, open_doorbell
-from minisrv.ipc.wakeup import SemaphoreDoorbell, process_alive
+from minisrv.ipc.wakeup import SemaphoreDoorbell, full_fence, process_alive
 
 # Slack for a batch's two paddings and its word, so a batch sized by raw bytes always fits one frame.
 BATCH_OVERHEAD = 24
@@ -30,7 +30,7 @@ class RingWriter(RingEndpoint):
         self._doorbells = [open_doorbell(names.doorbell(r, wakeup), wakeup) for r in readers]
         self._space = SemaphoreDoorbell(names.space)
         self._read_words = [layout.read_index(r) for r in readers]
-        self._sleeping_words = [layout.sleeping(r) for r in readers]
+        self._sleepers = [(layout.sleeping(r), self._doorbells[r]) for r in readers]   # (flag word, doorbell)
         self._write_word = layout.write_index
         self._waiting_word = layout.producer_waiting
         self._pos = self._header[self._write_word]
@@ -40,11 +40,18 @@ class RingWriter(RingEndpoint):
     def try_write(self, record: Buffer) -> bool:
         """Append one record and publish it; False (nothing written) when the ring lacks space."""
         length = len(record)
-        if length > self.max_record_bytes:
-            self._refuse(length)
-        offset = self._claim(frame_bytes(length))
-        if offset is None:
-            return False
+        frame = 8 + ((length + 7) & ~7)
+        pos, capacity = self._pos, self.capacity
+        offset = pos & (capacity - 1)
+        # The common case inline (a polled ping-pong is made of this): no wrap, space already known.
+        if offset + frame <= capacity and pos + frame - self._seen_read <= capacity and frame <= self._max_frame:
+            self._pos = pos + frame
+        else:
+            if length > self.max_record_bytes:
+                self._refuse(length)
+            offset = self._claim(frame)
+            if offset is None:
+                return False
         self._frames[offset >> 3] = length
         self._data[offset + 8 : offset + 8 + length] = record
         self._publish()
@@ -131,12 +138,13 @@ class RingWriter(RingEndpoint):
         # Frames first, then this one 8-byte store (TSO; ARM needs `dmb ish` before it, see ring.py).
         header = self._header
         header[self._write_word] = self._pos
-        self._fence()
-        for reader, word in enumerate(self._sleeping_words):
+        self._fence.acquire()   # full fence (wakeup.full_fence), inlined: this is the hot path
+        self._fence.release()
+        for word, doorbell in self._sleepers:
             if header[word]:
                 # Clearing the flag here means a burst of writes rings a sleeper once, not per record.
                 header[word] = 0
-                self._doorbells[reader].ring()
+                doorbell.ring()
 
     def _wait_for_space(self, frame: int, timeout: float | None) -> None:
         now = time.monotonic()
@@ -145,7 +153,7 @@ class RingWriter(RingEndpoint):
         header = self._header
         while True:
             header[self._waiting_word] = 1
-            self._fence()
+            full_fence(self._fence)
             if self._fits(frame) is not None:
                 header[self._waiting_word] = 0
                 return
