@@ -1,7 +1,6 @@
 """ModelRunner: owns the model, the KV page pool and the sampler; turns a ScheduledBatch into sampled tokens."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +11,7 @@ from minisrv.engine.attention import allocate_kv_cache, kv_cache_bytes_per_page
 from minisrv.engine.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
 from minisrv.models.loader import LoadedModel
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
+from minisrv.scheduler.kv_pages import pages_for_tokens
 from minisrv.scheduler.request import Request, SampleResult
 
 CPU_DEFAULT_KV_GIB = 2.0
@@ -71,7 +71,7 @@ class ModelRunner:
             field, pages = "gpu_memory_fraction", int(free * c.gpu_memory_fraction // per_page)
         else:
             # Enough for every running request at full length, but never more than a modest share of RAM.
-            wanted = c.max_running_requests * math.ceil(self.max_model_len / self.page_size)
+            wanted = c.max_running_requests * pages_for_tokens(self.max_model_len, self.page_size)
             field, pages = "kv_cache_memory", min(wanted, int(CPU_DEFAULT_KV_GIB * 2**30 // per_page))
         if pages < 1:
             raise ValueError(f"{field}: leaves room for {pages} KV pages of {per_page} bytes; need at least 1")
@@ -115,7 +115,7 @@ class ModelRunner:
             positions += range(seq.start, end)
             pages = seq.request.pages
             slots += [pages[p // ps] * ps + p % ps for p in range(seq.start, end)]
-            extend_tables.append(pages[: -(-end // ps)])
+            extend_tables.append(pages[: pages_for_tokens(end, ps)])
         attn = AttentionMetadata(slot_mapping=self._tensor(slots), num_decodes=len(decodes))
         if decodes:
             self._decode_metadata(attn, decodes)
@@ -135,7 +135,8 @@ class ModelRunner:
         ps = self.page_size
         seq_lens = [seq.start + 1 for seq in decodes]
         max_len = max(seq_lens)
-        attn.decode_page_table = self._tensor(_padded([s.request.pages[: -(-n // ps)] for s, n in zip(decodes, seq_lens)]))
+        tables = [seq.request.pages[: pages_for_tokens(n, ps)] for seq, n in zip(decodes, seq_lens)]
+        attn.decode_page_table = self._tensor(_padded(tables))
         attn.decode_seq_lens = self._tensor(seq_lens)
         attn.decode_max_seq_len = max_len
         if min(seq_lens) != max_len:
@@ -148,7 +149,8 @@ class ModelRunner:
             raise ValueError(f"request {seq.request.rid}: tokens [{seq.start}, {end}) are not within its "
                              f"{seq.request.num_tokens} tokens")
         if end > self.max_model_len:
-            raise ValueError(f"request {seq.request.rid}: position {end - 1} exceeds max_model_len {self.max_model_len}")
+            raise ValueError(f"request {seq.request.rid}: position {end - 1} is beyond max_model_len "
+                             f"{self.max_model_len}")
         if len(seq.request.pages) * self.page_size < end:
             raise ValueError(f"request {seq.request.rid}: {len(seq.request.pages)} pages cannot hold {end} tokens")
 

@@ -146,7 +146,8 @@ def _load_dummy(config: EngineConfig, dtype: torch.dtype, device: torch.device) 
     if path.is_dir():   # an HF directory's shapes and tokenizer, random weights
         from transformers import AutoTokenizer
 
-        hf_config, tokenizer, name = _read_json(path / "config.json", "model"), AutoTokenizer.from_pretrained(str(path)), path.name
+        hf_config, name = _read_json(path / "config.json", "model"), path.name
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     else:
         name = "smollm2-135m" if config.model == "embedded" else config.model
         hf_config, tokenizer = load_preset(name), build_byte_tokenizer()

@@ -84,7 +84,8 @@ class RecordingGreedySampler:
         return [SampleResult(int(t)) for t in logits.argmax(-1).tolist()]
 
 
-def make_runner(loaded: LoadedModel, page_size: int, num_pages: int = 192) -> tuple[ModelRunner, RecordingGreedySampler]:
+def make_runner(loaded: LoadedModel, page_size: int,
+                num_pages: int = 192) -> tuple[ModelRunner, RecordingGreedySampler]:
     sampler = RecordingGreedySampler()
     config = EngineConfig(page_size=page_size, num_pages=num_pages, max_model_len=loaded.max_model_len)
     return ModelRunner(config, loaded, sampler=sampler), sampler

@@ -40,7 +40,8 @@ def test_context_length_and_eos():
     assert config(architectures=["MistralForCausalLM"], sliding_window=1024).context_length == 1024
     assert config(architectures=["MistralForCausalLM"], sliding_window=None).context_length == 4096
     # Qwen configs carry a window size even when sliding windows are off.
-    assert config(architectures=["Qwen2ForCausalLM"], sliding_window=512, use_sliding_window=False).context_length == 4096
+    qwen2 = config(architectures=["Qwen2ForCausalLM"], sliding_window=512, use_sliding_window=False)
+    assert qwen2.context_length == 4096
     assert config(eos_token_id=[5, 6]).eos_token_ids == (5, 6) and config(eos_token_id=5).eos_token_ids == (5,)
     assert config().eos_token_ids == ()
 
