@@ -1,0 +1,255 @@
+"""Against a live `minisrv serve` of the embedded model (CPU, float32), through the official SDK and raw HTTP.
+
+One server for the whole module, started with an API key, so every request here also proves the key
+works and the 401 cases need no second server. Generation lengths stay short: CPU time is the budget.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import httpx
+import openai
+import pytest
+from live_server import LiveServer
+
+API_KEY = "test-key-" + "".join(random.Random(5).choice("abcdef0123456789") for _ in range(16))
+MAX_MODEL_LEN = 512
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+GREEDY = {"temperature": 0.0}
+IGNORE_EOS = {"ignore_eos": True}   # not an OpenAI field: the SDK sends it through extra_body
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LiveServer(["--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning"],
+                    env={"MINISRV_API_KEY": API_KEY}) as s:
+        yield s
+        assert httpx.get(f"{s.url}/health").status_code == 200, "the server stopped serving during the tests"
+
+
+@pytest.fixture(scope="module")
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(sdk) -> str:
+    return sdk.models.list().data[0].id
+
+
+def metrics(server) -> dict[str, float]:
+    samples = {}
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def post(server, path: str, body: bytes | dict, headers: dict | None = None) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server.url}{path}", content=content, timeout=120,
+                      headers={"Content-Type": "application/json", **AUTH, **(headers or {})})
+
+
+def chat_messages(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_greedy_streaming_equals_whole(sdk, model) -> None:
+    kwargs = dict(model=model, messages=chat_messages("Name three colors."), max_tokens=8, **GREEDY)
+    whole = sdk.chat.completions.create(**kwargs)
+    assert whole.id.startswith("chatcmpl-") and whole.object == "chat.completion" and whole.model == model
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    chunks = list(sdk.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [choice.finish_reason]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens > 5
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # The same prompt again: it finds its full pages in the prefix cache.
+    assert 0 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+    if choice.finish_reason == "length":
+        assert whole.usage.completion_tokens == 8
+
+
+def test_completions_prompt_forms_and_usage(sdk, model) -> None:
+    prompts = ["The capital of France is", "Once upon a time"]
+    one = sdk.completions.create(model=model, prompt=prompts[0], max_tokens=4, **GREEDY)
+    assert one.object == "text_completion" and one.id.startswith("cmpl-")
+    assert one.choices[0].finish_reason in ("stop", "length") and one.usage.completion_tokens <= 4
+    both = sdk.completions.create(model=model, prompt=prompts, max_tokens=4, **GREEDY)
+    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == one.choices[0].text
+    assert both.usage.prompt_tokens > one.usage.prompt_tokens
+    ids = sdk.completions.create(model=model, prompt=[[504, 3575, 282], [4649, 314]], max_tokens=1, **GREEDY)
+    assert ids.usage.prompt_tokens == 5 and len(ids.choices) == 2
+    echoed = sdk.completions.create(model=model, prompt=prompts[0], max_tokens=4, echo=True, **GREEDY)
+    assert echoed.choices[0].text == prompts[0] + one.choices[0].text
+
+
+def test_stop_string_spanning_tokens(sdk, model) -> None:
+    prompt = "Write the numbers from one to twenty in words:"
+    kwargs = dict(model=model, prompt=prompt, max_tokens=16, extra_body=IGNORE_EOS, **GREEDY)
+    base = sdk.completions.create(logprobs=0, **kwargs)
+    tokens = base.choices[0].logprobs.tokens
+    full = base.choices[0].text
+    # A stop string from the middle of one token into the next, first seen there: only text matching finds it.
+    stop, end = None, 0
+    for token, following in zip(tokens, tokens[1:]):
+        end += len(token)
+        if len(token) >= 2 and following and full.find(full[end - 1:end + 1]) == end - 1:
+            stop = full[end - 1:end + 1]
+            break
+    assert stop is not None, tokens
+    out = sdk.completions.create(stop=[stop], **kwargs)
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == full[: full.index(stop)] and stop not in out.choices[0].text
+    chunks = list(sdk.completions.create(stop=stop, stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_and_seeds(sdk, model) -> None:
+    kwargs = dict(model=model, messages=chat_messages("Tell me a word."), max_tokens=4, temperature=1.0,
+                  extra_body=IGNORE_EOS)
+    first = sdk.chat.completions.create(n=2, seed=1234, **kwargs)
+    again = sdk.chat.completions.create(n=2, seed=1234, **kwargs)
+    other = sdk.chat.completions.create(n=2, seed=99, **kwargs)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1] and first.usage.completion_tokens == 8
+    assert texts == [c.message.content for c in again.choices]     # a seed fixes every choice
+    assert texts[0] != texts[1]                                     # yet the choices are different samples
+    assert texts != [c.message.content for c in other.choices]
+
+
+def test_logprobs(sdk, model) -> None:
+    out = sdk.chat.completions.create(model=model, messages=chat_messages("Hi"), max_tokens=5, logprobs=True,
+                                      top_logprobs=3, **GREEDY)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        # Greedy picks the most likely token, so it heads its own alternatives.
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs), abs=1e-4)
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token or "\ufffd" in entry.token
+    comp = sdk.completions.create(model=model, prompt="Hello", max_tokens=4, logprobs=2, **GREEDY)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == comp.usage.completion_tokens
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+
+
+def test_generate_endpoint(server) -> None:
+    r = post(server, "/generate", {"text": "The capital of France is",
+                                   "sampling_params": {"max_new_tokens": 5, "temperature": 0}})
+    body = r.json()
+    assert r.status_code == 200 and body["meta_info"]["completion_tokens"] == len(body["output_ids"]) <= 5
+
+
+def test_32_concurrent_streams(server, model) -> None:
+    rng = random.Random(6)
+    prompts = [f"Count from {rng.randint(1, 50)}:" for _ in range(32)]
+
+    async def one(client: httpx.AsyncClient, prompt: str) -> tuple[str, dict]:
+        body = {"model": model, "prompt": prompt, "max_tokens": 6, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}, **GREEDY}
+        text, usage = "", None
+        async with client.stream("POST", "/v1/completions", json=body, headers=AUTH) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event["choices"]:
+                    text += event["choices"][0]["text"]
+                else:
+                    usage = event["usage"]
+        return text, usage
+
+    async def main() -> list[tuple[str, dict]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    results = asyncio.run(main())
+    assert all(usage["completion_tokens"] == 6 for _, usage in results)
+    assert all(text for text, _ in results)
+
+
+def test_disconnect_aborts_and_frees_pages(server, model) -> None:
+    body = {"model": model, "prompt": "Tell me a very long story.", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert metrics(server)["minisrv:num_requests_running"] >= 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = metrics(server)
+        if m["minisrv:num_requests_running"] == 0 and m["minisrv:kv_cache_usage_perc"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["minisrv:num_requests_running"] == 0 and m["minisrv:kv_cache_usage_perc"] == 0
+
+
+def test_metrics(server, sdk, model) -> None:
+    prompt = "A shared prefix that is long enough to fill at least one full page of the KV cache, twice over."
+    for _ in range(2):
+        sdk.completions.create(model=model, prompt=prompt, max_tokens=2)
+    m = metrics(server)
+    assert m["minisrv:prefix_cache_hits_total"] > 0 and m["minisrv:prefix_cache_queries_total"] >= \
+        m["minisrv:prefix_cache_hits_total"]
+    assert m["minisrv:prompt_tokens_total"] > 0 and m["minisrv:generation_tokens_total"] > 0
+    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+        assert m[f"minisrv:{hist}_count"] > 0
+    assert 0 <= m["minisrv:kv_cache_usage_perc"] <= 1 and m["minisrv:num_requests_waiting"] >= 0
+
+
+TOO_LONG = " ".join(["word"] * (MAX_MODEL_LEN + 10))
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/v1/chat/completions", b'{"messages": ', 400),                                     # invalid JSON
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xff"}]}', 400),   # invalid UTF-8
+    ("/v1/chat/completions", {"messages": "hello"}, 400),                              # wrong type
+    ("/v1/chat/completions", {"messages": []}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_k": -2}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 17}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "stream_options": {"include_usage": True}}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "no-such-model"}, 404),
+    ("/v1/completions", {"prompt": TOO_LONG, "max_tokens": 4}, 400),                  # longer than the context
+    ("/v1/completions", {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400),          # prompt + max_tokens too long
+    ("/v1/completions", {"prompt": [1, 2, 10_000_000]}, 400),                         # outside the vocabulary
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": TOO_LONG}], "stream": True}, 400),
+])
+def test_errors(server, path: str, body, status: int) -> None:
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_wrong_methods_paths_and_keys(server) -> None:
+    assert httpx.get(f"{server.url}/v1/chat/completions", headers=AUTH).status_code == 405
+    assert httpx.get(f"{server.url}/v1/nothing-here", headers=AUTH).status_code == 404
+    body = {"prompt": "hi", "max_tokens": 1}
+    assert post(server, "/v1/completions", body, headers={"Authorization": ""}).status_code == 401
+    assert post(server, "/v1/completions", body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
