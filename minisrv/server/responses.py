@@ -29,7 +29,7 @@ def _envelope(ctx: ResponseContext, obj: str, choices: list[dict], streaming: bo
 
 
 async def _sse(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta],
-               chunk_of: Callable[[ChoiceDelta], dict | None], usage_object: str) -> AsyncIterator[bytes]:
+               chunk_of: Callable[[ChoiceDelta], dict | None], usage_object: str | None) -> AsyncIterator[bytes]:
     try:
         async with aclosing(deltas):
             async for cd in deltas:
@@ -38,7 +38,7 @@ async def _sse(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta],
                 if chunk is not None:
                     yield sse_event(chunk)
         ctx.timer.on_finish()
-        if ctx.include_usage:
+        if ctx.include_usage and usage_object is not None:
             yield sse_event(dict(_envelope(ctx, usage_object, []), usage=ctx.usage()))
     except RequestError as exc:
         yield sse_event(error_body(exc.status, exc.message, exc.param))
@@ -138,4 +138,4 @@ def generate_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) ->
         return {"text": result.text, "output_ids": list(result.token_ids), "index": cd.choice,
                 "meta_info": _meta_info(ctx, d.finish_reason, d.prompt_tokens, d.cached_tokens, d.completion_tokens)}
 
-    return _sse(ctx, deltas, chunk_of, "generate")
+    return _sse(ctx, deltas, chunk_of, usage_object=None)   # usage is in every event's meta_info

@@ -2,22 +2,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from dataclasses import dataclass, field
 
 import httpx
 import uvloop
+from fake_engine_client import FakeEngineClient
+from live_server import free_port
 
 from minisrv.config import ServerConfig
 from minisrv.server.app import build_app, run_http
-from fake_engine_client import FakeEngineClient
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 import io
 
 from fake_engine_client import REPLY, FakeEngineClient
-from inprocess_server import InProcessServer, free_port
+from inprocess_server import InProcessServer
+from live_server import free_port
 
 from minisrv.config import ServerConfig
 from minisrv.server.chat import ChatSession, run_chat

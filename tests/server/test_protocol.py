@@ -56,8 +56,8 @@ def test_chat_fields_reach_sampling_params() -> None:
 
 
 def test_chat_messages_and_defaults() -> None:
-    inp = chat({"messages": [{"role": "system", "content": "be brief"},
-                             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    inp = chat({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": parts},
                              {"role": "assistant", "content": "c", "name": "bot"}]})
     assert inp.prompt == [("system", "be brief"), ("user", "a\nb"), ("assistant", "c")]
     # OpenAI's chat default: no limit but the context; the worker resolves it once it knows the prompt.

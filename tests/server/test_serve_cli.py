@@ -89,3 +89,14 @@ def test_help_documents_every_flag() -> None:
     chat = subprocess.run([sys.executable, "-m", "minisrv.cli", "chat", "--help"], capture_output=True, text=True,
                           check=True).stdout
     assert "--url" in chat and "/reset" in chat
+
+
+def test_serve_runs_the_launcher_with_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import minisrv.launch
+
+    seen = []
+    monkeypatch.setattr(minisrv.launch, "serve", lambda config: seen.append(config) or 3)
+    from minisrv.cli import main
+
+    assert main(["serve", "--port", "8123", "--num-tokenizers", "2"]) == 3
+    assert seen[0].port == 8123 and seen[0].num_tokenizers == 2
