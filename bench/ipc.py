@@ -78,9 +78,10 @@ def ring_echo(ping_spec, pong_spec, count: int, poll: bool) -> None:
             if poll:
                 while (record := reader.try_read()) is None:
                     pass
+                while not writer.try_write(record):   # never full in ping-pong
+                    pass
             else:
-                record = reader.read(timeout=60)
-            writer.write(record, timeout=60)
+                writer.write(reader.read(timeout=60), timeout=60)
 
 
 def zmq_echo(ping_addr: str, pong_addr: str, count: int) -> None:

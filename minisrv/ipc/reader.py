@@ -64,7 +64,14 @@ class RingReader(RingEndpoint):
             records = self._collect(self._next_frame_end(), copy=True)
             record = records[0]
             self._pending.extend(records[1:])   # the rest of a batch, handed out one by one
-        self.release()
+        # release(), inlined: a Python call is ~5% of a polled round trip
+        header = self._header
+        header[self._read_word] = self._pos
+        self._fence.acquire()
+        self._fence.release()
+        if header[self._waiting_word]:
+            header[self._waiting_word] = 0
+            self._space.ring()
         return record
 
     def read(self, timeout: float | None = None) -> bytes:

@@ -54,7 +54,15 @@ class RingWriter(RingEndpoint):
                 return False
         self._frames[offset >> 3] = length
         self._data[offset + 8 : offset + 8 + length] = record
-        self._publish()
+        # _publish(), inlined: a Python call is ~5% of a polled round trip
+        header = self._header
+        header[self._write_word] = self._pos
+        self._fence.acquire()
+        self._fence.release()
+        for word, doorbell in self._sleepers:
+            if header[word]:
+                header[word] = 0
+                doorbell.ring()
         return True
 
     def write(self, record: Buffer, timeout: float | None = None) -> None:
