@@ -1,6 +1,7 @@
 """Our shared-memory rings against ZeroMQ + msgpack (mini-sglang's transport) and multiprocessing.Queue.
 
     python bench/ipc.py [--quick] [--json bench/results/ipc.json] [--plot bench/results/ipc.png]
+    python bench/ipc.py --load bench/results/ipc.json       # re-print a saved run
 
 Two processes each time: this one (the client) and a spawned peer. Ping-pong: the client sends a
 64-byte record or an 8 KiB token-id array (2048 int32), the peer echoes it, the client times the round
@@ -351,7 +352,8 @@ def bench_wake(kind: str, warmup: int, count: int) -> Result:
 def machine() -> dict[str, object]:
     with open("/proc/cpuinfo") as cpuinfo:
         model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu": model, "cores": os.cpu_count(), "cores_allowed": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
             "python": platform.python_version(), "pyzmq": zmq.__version__, "uvloop": uvloop.__version__,
             "loadavg_at_start": os.getloadavg()}
 
@@ -428,7 +430,16 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="write results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG plot")
     parser.add_argument("--only", metavar="NAMES", help="comma-separated subset of the rows, for profiling")
+    parser.add_argument("--load", metavar="PATH", help="print (and --plot) a saved --json run instead of running")
     args = parser.parse_args()
+    if args.load:
+        with open(args.load) as saved:
+            run = json.load(saved)
+        results = [Result(**row) for row in run["results"]]
+        if args.plot:
+            plot(results, args.plot)
+        print(f"{run['machine']}\n{targets(results)}\n\n{table(results)}")
+        return
     warmup, count = (300, 3000) if args.quick else (2000, 20000)
     stream_ring, stream_zmq = (500_000, 100_000) if args.quick else (4_000_000, 400_000)
     info = machine()
@@ -454,7 +465,8 @@ def main() -> None:
             json.dump({"machine": info, "results": [asdict(r) for r in results]}, out, indent=1)
     if args.plot:
         plot(results, args.plot)
-    print(f"\n{info['cpu']}, {info['cores']} cores, load average {info['loadavg_at_start']} -> {info['loadavg_at_end']}")
+    print(f"\n{info['cpu']}, {info['cores_allowed']} of {info['cores']} cores, load average "
+          f"{info['loadavg_at_start']} -> {info['loadavg_at_end']}")
     if not args.only:
         print(targets(results))
     print()
