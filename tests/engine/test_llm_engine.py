@@ -1,0 +1,97 @@
+"""The whole engine on the embedded model: greedy output token-identical to transformers' generate."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minisrv.config import EngineConfig
+from minisrv.engine.llm_engine import LLMEngine
+from minisrv.llm import LLM
+from minisrv.sampling_params import SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "List three primary colors:",
+    "Translate to French: I like apples.",
+    "The quick brown fox",
+    "In 1969, the first humans landed on the Moon. The mission was called Apollo 11 and its crew "
+    "consisted of three astronauts. Their names were",
+    "Q: What is 12 times 12?\nA:",
+]
+MAX_TOKENS = 32
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(llm: LLM) -> list[list[int]]:
+    return [llm.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """transformers' own Llama on the very weights our loader converted, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(llm.engine.loaded.path, dtype=torch.float32).eval()
+    # Like our ignore_eos: generate past EOS without masking it (min_new_tokens would mask it).
+    hf.generation_config.eos_token_id = None
+    outs = []
+    with torch.inference_mode():
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS,
+                            do_sample=False, pad_token_id=0)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def _engine(llm: LLM, **overrides) -> LLM:
+    """An LLM on the already-loaded weights with other engine settings."""
+    clone = object.__new__(LLM)
+    clone.engine = LLMEngine(EngineConfig(**overrides), loaded=llm.engine.loaded)
+    clone.tokenizer = llm.tokenizer
+    clone._next_rid = 0
+    return clone
+
+
+def test_one_at_a_time(llm: LLM, prompt_ids: list[list[int]], reference: list[list[int]]) -> None:
+    for ids, ref in zip(prompt_ids, reference):
+        assert llm.generate([ids], GREEDY)[0].token_ids == ref
+
+
+def test_one_batch_of_mixed_lengths(llm: LLM, prompt_ids: list[list[int]], reference: list[list[int]]) -> None:
+    outs = _engine(llm).generate(prompt_ids, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_prefix_cache_hits(llm: LLM, prompt_ids: list[list[int]], reference: list[list[int]]) -> None:
+    engine = _engine(llm, page_size=4)
+    first = engine.generate(prompt_ids, GREEDY)
+    again = engine.generate(prompt_ids, GREEDY)
+    assert [o.token_ids for o in first] == reference
+    assert [o.token_ids for o in again] == reference
+    # Every prompt's full pages were cached by the first pass (the last token is always recomputed).
+    for ids, out in zip(prompt_ids, again):
+        assert out.num_cached_tokens == ((len(ids) - 1) // 4) * 4
+    assert engine.engine.stats().prefix_cache_hits > 0
+
+
+def test_tiny_token_budget_chunks_prefill(llm: LLM, prompt_ids: list[list[int]], reference: list[list[int]]) -> None:
+    outs = _engine(llm, max_num_batched_tokens=7, page_size=4).generate(prompt_ids, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+
+
+def test_tiny_kv_pool_preempts(llm: LLM, prompt_ids: list[list[int]], reference: list[list[int]]) -> None:
+    longest = max(len(ids) for ids in prompt_ids) + MAX_TOKENS
+    engine = _engine(llm, page_size=4, num_pages=(longest + 3) // 4 + 6, enable_prefix_cache=False)
+    outs = engine.generate(prompt_ids, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert engine.engine.scheduler.num_preemptions > 0
