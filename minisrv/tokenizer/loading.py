@@ -1,0 +1,33 @@
+"""The model's tokenizer without its weights, for the tokenizer workers and the detokenizer.
+
+Mirrors the sources of minisrv/models/loader.py `load_model` (which the scheduler runs, and which
+reports a bad --model precisely); only the tokenizer is built here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from minisrv.config import EngineConfig
+
+
+def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
+    path = Path(config.model).expanduser()
+    if config.load_format == "dummy":
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path))
+        from minisrv.models.byte_tokenizer import build_byte_tokenizer
+
+        return build_byte_tokenizer()
+    if config.model == "embedded":
+        from minisrv.models.embedded import embedded_model_dir
+
+        return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    if path.suffix == ".gguf":
+        from minisrv.models.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    raise ValueError(f"model: {config.model!r} is not 'embedded', a Hugging Face directory or a .gguf file")
