@@ -63,7 +63,8 @@ class StatusBlock:
         size = (WORKERS + 2 * spec.num_workers) * 8
         flags = posix_ipc.O_CREX if create else 0
         shm = posix_ipc.SharedMemory(spec.name, flags, mode=0o600, size=size if create else 0)
-        self._mmap = mmap.mmap(shm.fd, size)
+        mapped = shm.size   # attaching: the creator's size, checked below
+        self._mmap = mmap.mmap(shm.fd, mapped)
         shm.close_fd()
         self._words = memoryview(self._mmap).cast("Q")
         self._doubles = memoryview(self._mmap).cast("d")   # the same words, for the one f64 field
@@ -71,7 +72,8 @@ class StatusBlock:
         if create:
             self._words[1], self._words[2] = LAYOUT_VERSION, spec.num_workers
             self._words[0] = MAGIC
-        elif (self._words[0], self._words[1], self._words[2]) != (MAGIC, LAYOUT_VERSION, spec.num_workers):
+        elif mapped != size or (self._words[0], self._words[1], self._words[2]) != (MAGIC, LAYOUT_VERSION,
+                                                                                      spec.num_workers):
             raise ValueError(f"status block {spec.name}: header does not match this build "
                              f"(layout version {LAYOUT_VERSION}, {spec.num_workers} workers)")
 

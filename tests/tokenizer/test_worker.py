@@ -1,0 +1,104 @@
+"""The tokenizer worker's loop over real rings, in one process (the test plays api, scheduler, detokenizer)."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
+from minisrv.ipc.records import Abort, DetokRequest, Error, Generate, Kind, Shutdown, TextRequest, peek_kind
+from minisrv.sampling_params import SamplingParams
+from minisrv.status_block import ModelFacts, StatusBlock
+from minisrv.tokenizer.choices import choice_rid
+from minisrv.tokenizer.prompts import PromptTokenizer
+from minisrv.tokenizer.worker import TokenizerRings, TokenizerWorker
+from minisrv.worker_process import ParentWatch, WorkerInfo
+from tests.tokenizer.conftest import CHATML, random_text
+
+MAX_MODEL_LEN = 64
+
+
+@pytest.fixture
+def pipeline(hf_tokenizer):
+    """(api end of the request ring, worker, scheduler's reader, detokenizer's reader)."""
+    with RingSet() as rings:
+        requests = rings.create("req", 1 << 16)
+        generate = rings.create("gen", 1 << 16, wakeup=Wakeup.FIFO)
+        detok = rings.create("dreq", 1 << 16, wakeup=Wakeup.FIFO)
+        status = StatusBlock.create(f"{rings.prefix}-status", num_workers=1)
+        status.publish_model(ModelFacts("m", MAX_MODEL_LEN, 400))
+        info = WorkerInfo("tokenizer-0", 0, os.getppid(), status.spec, "info")
+        worker = TokenizerWorker(TokenizerRings(requests.reader, generate.producer, detok.producer),
+                                 PromptTokenizer(hf_tokenizer, CHATML), status, ParentWatch(info))
+        ends = RingWriter(requests.producer), RingReader(generate.reader), RingReader(detok.reader)
+        yield ends[0], worker, ends[1], ends[2]
+        for end in (*ends, worker):
+            end.close()
+        status.unlink()
+        status.close()
+
+
+def serve(api: RingWriter, worker: TokenizerWorker, *records: bytes) -> None:
+    for record in records:
+        api.write(record)
+    api.write(Shutdown().encode())
+    worker.run()   # returns at the SHUTDOWN
+
+
+def test_a_chat_request_becomes_detok_request_then_n_generates(pipeline, hf_tokenizer) -> None:
+    api, worker, scheduler, detokenizer = pipeline
+    rng = random.Random(4)
+    messages = [("user", random_text(rng, 15))]
+    params = SamplingParams(temperature=0.5, max_tokens=5, seed=rng.randrange(1 << 40))
+    serve(api, worker, TextRequest(7, params, messages=messages, n=3, stop=["x"]).encode())
+    expected_ids = PromptTokenizer(hf_tokenizer, CHATML).token_ids(messages, is_chat=True)
+    [detok_record, shutdown] = detokenizer.drain()
+    detok_req = DetokRequest.decode(detok_record)
+    assert (detok_req.rid, detok_req.n, detok_req.num_prompt_tokens, detok_req.stop) == (7, 3, len(expected_ids), ["x"])
+    assert peek_kind(shutdown) is Kind.SHUTDOWN
+    *generates, shutdown = scheduler.drain()
+    assert peek_kind(shutdown) is Kind.SHUTDOWN
+    decoded = [Generate.decode(g) for g in generates]
+    assert [g.rid for g in decoded] == [choice_rid(7, i) for i in range(3)]
+    assert all(g.prompt_ids.tolist() == expected_ids and g.params == params for g in decoded)
+
+
+def test_token_prompts_pass_through_and_echo_sends_them_to_the_detokenizer(pipeline) -> None:
+    api, worker, scheduler, detokenizer = pipeline
+    ids = np.array(random.Random(5).sample(range(400), 12), np.int32)
+    serve(api, worker, TextRequest(8, SamplingParams(), prompt_ids=ids, echo=True).encode())
+    detok_req = DetokRequest.decode(detokenizer.drain()[0])
+    assert detok_req.echo and detok_req.prompt_ids.tolist() == ids.tolist()
+    assert Generate.decode(scheduler.drain()[0]).prompt_ids.tolist() == ids.tolist()
+
+
+def test_aborts_follow_their_request_to_the_scheduler(pipeline) -> None:
+    api, worker, scheduler, _ = pipeline
+    serve(api, worker, TextRequest(9, SamplingParams(), text="hello", n=2).encode(),
+          Abort(choice_rid(9, 0)).encode(), Abort(choice_rid(9, 1)).encode())
+    kinds = [peek_kind(r) for r in scheduler.drain()]
+    assert kinds == [Kind.GENERATE, Kind.GENERATE, Kind.ABORT, Kind.ABORT, Kind.SHUTDOWN]
+
+
+def test_no_max_tokens_means_the_rest_of_the_context(pipeline, hf_tokenizer) -> None:
+    api, worker, scheduler, _ = pipeline
+    text = random_text(random.Random(6), 20)
+    params = SamplingParams(max_tokens=MAX_MODEL_LEN)
+    serve(api, worker, TextRequest(10, params, text=text, max_tokens_from_context=True).encode())
+    generate = Generate.decode(scheduler.drain()[0])
+    assert generate.params.max_tokens == MAX_MODEL_LEN - len(hf_tokenizer.encode(text))
+
+
+def test_prompt_errors_go_to_the_detokenizer_and_nothing_to_the_scheduler(pipeline) -> None:
+    api, worker, scheduler, detokenizer = pipeline
+    serve(api, worker,
+          TextRequest(11, SamplingParams(), messages=[("tool", "x")]).encode(),
+          TextRequest(12, SamplingParams(max_tokens=MAX_MODEL_LEN), text="a" * 300,
+                      max_tokens_from_context=True).encode())
+    errors = [Error.decode(r) for r in detokenizer.drain()[:-1]]
+    assert [(e.rid, e.status) for e in errors] == [(choice_rid(11, 0), 400), (choice_rid(12, 0), 400)]
+    assert "unknown role tool" in errors[0].message
+    assert f"the context length is {MAX_MODEL_LEN}" in errors[1].message
+    assert [peek_kind(r) for r in scheduler.drain()] == [Kind.SHUTDOWN]
