@@ -32,7 +32,7 @@ class RingReader(RingEndpoint):
         self._sleeping_word = layout.sleeping(spec.reader)
         self._waiting_word = layout.producer_waiting
         self._mmap = self.segment.mmap
-        self._data_offset = self.segment.data_offset
+        self._record_base = self.segment.data_offset + 8   # mmap index of a frame's payload, less its offset
         self._pos = self._header[self._read_word]
         self._seen_write = self._header[self._write_word]
         self._pending: deque[bytes] = deque()   # the rest of a batch frame that try_read split up
@@ -54,10 +54,10 @@ class RingReader(RingEndpoint):
             self._seen_write = self._header[self._write_word]   # see _available
             if pos == self._seen_write:
                 return None
-        offset = pos & (self.capacity - 1)
+        offset = pos & self._mask
         word = self._frames[offset >> 3]
         if word < BATCH_BIT:   # the common case inline: one record (batches and wrap markers are >= BATCH_BIT)
-            start = self._data_offset + offset + 8
+            start = self._record_base + offset
             record = self._mmap[start : start + word]
             self._pos = pos + 8 + ((word + 7) & ~7)
         else:
@@ -121,7 +121,7 @@ class RingReader(RingEndpoint):
         or memoryviews into the ring. Advances the read position but does not publish it."""
         records: list = []
         append, pos, capacity, frames = records.append, self._pos, self.capacity, self._frames
-        source, base = (self._mmap, self._data_offset + 8) if copy else (self._data, 8)
+        source, base = (self._mmap, self._record_base) if copy else (self._data, 8)
         while pos != end:
             offset = pos & (capacity - 1)
             word = frames[offset >> 3]

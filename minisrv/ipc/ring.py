@@ -74,6 +74,7 @@ class RingEndpoint:
         self.segment = Segment(spec)
         self.spec = spec
         self.capacity = spec.capacity
+        self._mask = spec.capacity - 1   # offset = index & mask (capacities are powers of two)
         self.max_record_bytes = spec.capacity // 2 - 8
         self._max_frame = spec.capacity // 2
         self._closed = False

@@ -42,7 +42,7 @@ class RingWriter(RingEndpoint):
         length = len(record)
         frame = 8 + ((length + 7) & ~7)
         pos, capacity = self._pos, self.capacity
-        offset = pos & (capacity - 1)
+        offset = pos & self._mask
         # The common case inline (a polled ping-pong is made of this): no wrap, space already known.
         if offset + frame <= capacity and pos + frame - self._seen_read <= capacity and frame <= self._max_frame:
             self._pos = pos + frame
