@@ -1,9 +1,9 @@
 """Rings from inside an asyncio event loop (the API server's uvloop loop), never blocking it.
 
 The reader's doorbell is a FIFO whose descriptor the loop watches, so a producer's ring wakes the
-loop directly. A reader thread blocking on a semaphore and posting into the loop measured several
-times slower (two wake-ups and a GIL hand-off per record instead of one; bench/ipc.py `wake-*`).
-Each wake-up drains every available record.
+loop directly. A reader thread blocking on a semaphore and posting into the loop measured twice as
+slow (two wake-ups and a GIL hand-off instead of one; numbers in minisrv/ipc/wakeup.py). Each
+wake-up drains every available record.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """How a waiting side of a ring sleeps and gets woken, and how it tells whether its peer still lives.
 
 A consumer that sleeps advertises it with a flag in the ring header, re-checks the ring, and only
-then blocks on its doorbell; the producer rings the doorbell only when it sees that flag. Between
+then blocks on its doorbell; the producer rings the doorbell only when it sees that flag (and a
+producer waiting for space does the same with a "waiting" flag and a semaphore). Between
 "store my flag" and "load the other side's index" each side needs a full (store-load) fence, or
 both could read stale values and the wake-up would be lost: x86-64 keeps stores in order (TSO) but
 lets a load pass an earlier store, and CPython has no fence primitive. `full_fence` gets one from an
@@ -11,12 +12,12 @@ x86-64 are full barriers, and the opaque C call is also a compiler barrier. It c
 On weakly ordered CPUs (ARM, POWER) those atomics are only acquire/release, so a real `dmb ish` /
 `sync` would be needed there.
 
-Doorbells: a POSIX semaphore for consumers that block in a thread (measured fastest there), and a
-named FIFO for consumers inside an event loop, which watches its file descriptor (bench/ipc.py
-`wake-*` rows: a reader thread posting into the loop costs several times more than an fd the
-loop polls directly). A FIFO rather than an eventfd because a FIFO has a name: it follows the
-same create / attach-by-name / unlink lifecycle as the segment, so no descriptor has to be
-inherited across `spawn`, and it wakes the loop as fast as an eventfd does.
+Doorbells: a POSIX semaphore for consumers that block in a thread, and a named FIFO for consumers
+inside an event loop, which watches its file descriptor. bench/ipc.py's wake-up rows (2 pinned Xeon
+cores, uvloop): a reader thread blocked on a semaphore that posts into the loop, 22 us round trip;
+an eventfd the loop watches, 10.4 us; a FIFO the loop watches, 10.8 us. The fd wins; a FIFO rather
+than an eventfd because a FIFO has a name: it follows the same create / attach-by-name / unlink
+lifecycle as the segment, so no descriptor has to be inherited across `spawn`.
 """
 from __future__ import annotations
 
