@@ -16,7 +16,7 @@ import pytest
 from live_server import LiveServer
 
 API_KEY = "test-key-" + "".join(random.Random(5).choice("abcdef0123456789") for _ in range(16))
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 256
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GREEDY = {"temperature": 0.0}
 IGNORE_EOS = {"ignore_eos": True}   # not an OpenAI field: the SDK sends it through extra_body
@@ -184,9 +184,10 @@ def test_32_concurrent_streams(server, model) -> None:
 
 
 def test_disconnect_aborts_and_frees_pages(server, model) -> None:
-    body = {"model": model, "prompt": "Tell me a very long story.", "max_tokens": 400, "ignore_eos": True,
-            "stream": True}
+    body = {"model": model, "prompt": "Tell me a very long story.", "max_tokens": MAX_MODEL_LEN - 16,
+            "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
@@ -253,3 +254,36 @@ def test_wrong_methods_paths_and_keys(server) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_edge_inputs_are_served_or_refused_never_5xx(server, model) -> None:
+    """Odd but well-formed requests reach the workers; each ends in a 200 or a 4xx and the server stays up."""
+    vocab = 49152   # SmolLM2's vocabulary
+    long_stop = "x" * 300
+    cases = [
+        ("/v1/chat/completions", {"messages": chat_messages("Hi!"), **GREEDY}),   # no max_tokens: up to the context
+        ("/v1/chat/completions", {"messages": chat_messages("你好 🙂 \u0000 ü"), "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "first"}], "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": ""}], "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": chat_messages("x"), "add_generation_prompt": False, "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "developer", "content": "d"}, {"role": "user", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": chat_messages("x"), "n": 16, "max_tokens": 1, "logprobs": True,
+                                  "top_logprobs": 20}),
+        ("/v1/chat/completions", {"messages": chat_messages("x"), "stop": [long_stop] + [str(i) for i in range(15)],
+                                  "max_tokens": 2}),
+        ("/v1/completions", {"prompt": [vocab - 1, 0, 1], "max_tokens": 1, "echo": True}),
+        ("/v1/completions", {"prompt": [vocab], "max_tokens": 1}),
+        ("/v1/completions", {"prompt": [1] * (MAX_MODEL_LEN - 1), "max_tokens": 1}),   # exactly fills the context
+        ("/v1/completions", {"prompt": "hi", "max_tokens": None, "min_tokens": MAX_MODEL_LEN}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "stop_token_ids": [0, vocab - 1],
+                             "min_tokens": 1, "seed": 2**63 - 1, "top_k": 0, "min_p": 1.0, "top_p": 1e-9}),
+        ("/generate", {"input_ids": [1] * (MAX_MODEL_LEN + 1)}),
+        ("/generate", {"text": "\U0010ffff" * 10, "sampling_params": {"max_new_tokens": 1}}),
+    ]
+    for path, body in cases:
+        r = post(server, path, body)
+        assert r.status_code == 200 or 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        if r.status_code != 200:
+            assert r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
