@@ -7,9 +7,11 @@ prefix) sequence by sequence, since their lengths differ widely and each is larg
 """
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minisrv.engine.forward_context import get_forward_context
 from minisrv.kernels import reference
@@ -20,6 +22,17 @@ def attention_backend(device: torch.device | str) -> ModuleType:
     """The module whose store_kv / decode_attention / extend_attention run on `device`."""
     # Only the PyTorch reference exists so far; it is correct on every device.
     return reference
+
+
+def sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA implementations the reference ops may use on `device`, as a context for the forward.
+
+    On CUDA, cuDNN's attention builds an execution plan for every new shape (~1 ms each) and decode shapes
+    change every step, so it is left out; flash / memory-efficient kernels need no per-shape setup.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def kv_cache_bytes_per_page(model_config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
@@ -74,7 +87,7 @@ class PagedAttention:
             decoded = ops.decode_attention(q[:num_decodes], cache, meta.decode_page_table,
                                            meta.decode_max_seq_len, meta.decode_kv_mask)
             if not meta.extends:
-                return decoded.view(num_tokens, self.num_heads * self.head_dim)
+                return decoded.reshape(num_tokens, self.num_heads * self.head_dim)
         out = q.new_empty(num_tokens, self.num_heads, self.head_dim)
         if num_decodes:
             out[:num_decodes] = decoded

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from minisrv.config import EngineConfig
-from minisrv.engine.attention import allocate_kv_cache, kv_cache_bytes_per_page
+from minisrv.engine.attention import allocate_kv_cache, kv_cache_bytes_per_page, sdpa_backends
 from minisrv.engine.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
 from minisrv.models.loader import LoadedModel
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
@@ -83,7 +83,7 @@ class ModelRunner:
         if not batch.seqs:
             return []
         step = self.prepare(batch)
-        with forward_context(ForwardContext(step.attn)):
+        with forward_context(ForwardContext(step.attn)), sdpa_backends(self.device):
             hidden = self.model(step.input_ids, step.positions)
         if not step.sample_requests:
             return []

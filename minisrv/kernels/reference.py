@@ -35,16 +35,14 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, page_table: torch.
     attend) or None when every sequence has max_seq_len tokens. Returns [B, num_heads, head_dim].
     """
     batch, num_heads, head_dim = q.shape
-    kv = gather_kv(kv_cache, page_table, max_seq_len)
-    k = kv[:, :, 0].transpose(1, 2)    # [B, kv_heads, L, head_dim]
-    v = kv[:, :, 1].transpose(1, 2)
+    k, v = gather_kv(kv_cache, page_table, max_seq_len).permute(2, 0, 3, 1, 4).unbind(0)   # [B, kv_heads, L, D]
     num_kv_heads = k.shape[1]
     # The query heads that share a KV head become SDPA's query-length axis: one decode token has no causal
     # structure, so they are just several queries against the same keys. On the CPU this is faster than
     # enable_gqa, which repeats K and V per query head.
     grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=kv_mask)
-    return out.view(batch, num_heads, head_dim)
+    return out.reshape(batch, num_heads, head_dim)   # a copy only where SDPA returns another layout (CUDA)
 
 
 def extend_attention(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor, pages: torch.Tensor,
