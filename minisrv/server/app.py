@@ -213,5 +213,9 @@ async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio
     hc.bind = [f"{host}:{config.port}"]
     hc.graceful_timeout = SHUTDOWN_GRACE_S
     hc.include_server_header = False
-    hc.loglevel = config.log_level.upper()
+    # Through our logging setup; its own "Running on" line would come before the workers are ready, and the
+    # launcher logs the URL once they are, so hypercorn speaks only of problems unless debugging.
+    http_log = logging.getLogger("minisrv.http")
+    http_log.setLevel(logging.DEBUG if config.log_level == "debug" else logging.WARNING)
+    hc.errorlog = http_log
     await hypercorn_serve(app, hc, shutdown_trigger=shutdown_event.wait)
