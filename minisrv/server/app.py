@@ -21,11 +21,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from minisrv.config import ServerConfig
-from minisrv.server import responses
+from minisrv.server import responses, sglang
 from minisrv.server.client import EngineClient, GenerateInput, RequestError
 from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from minisrv.server.metrics import ServerMetrics
-from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse_request
+from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext, choice_deltas, collect, to_json
 
 logger = logging.getLogger(__name__)
@@ -108,10 +108,10 @@ class OpenAIServer:
 
     async def generate(self, request: Request) -> Response:
         self._authorize(request)
-        req = parse_request(GenerateRequest, await read_body(request))
+        req = parse_request(sglang.GenerateRequest, await read_body(request))
         inp = req.to_generate_input(self.client.vocab_size)
         return await self._respond(request, self._context("gen", False), [inp], req.stream,
-                                   responses.generate_stream, responses.generate_result)
+                                   sglang.generate_stream, sglang.generate_result)
 
     # --- shared steps ----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""OpenAI (and SGLang `/generate`) request schemas, and their conversion to the engine's GenerateInput.
+"""OpenAI request schemas, and their conversion to the engine's GenerateInput (sglang.py has /generate's).
 
 Ranges of sampling values are defined once, in SamplingParams.validate(); the schemas here check
 types, shapes and the API-level limits (n, top_logprobs, stop strings), then SamplingParams checks
@@ -18,7 +18,6 @@ from minisrv.server.client import MAX_CHOICES, GenerateInput
 from minisrv.server.errors import APIError, from_validation_error
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
-GENERATE_DEFAULT_MAX_TOKENS = 128       # SGLang's default max_new_tokens for /generate
 TokenId = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
@@ -38,21 +37,23 @@ def _one_of(expected: str) -> WrapValidator:
 Stop = Annotated[str | list[str] | None, _one_of("a string or a list of strings")]
 
 
-class _Schema(BaseModel):
+class Schema(BaseModel):
+    """Base of every request schema."""
+
     # strict: "5" is not a number and 1 is not a bool, as in OpenAI's API; NaN/inf are not valid values.
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-class StreamOptions(_Schema):
+class StreamOptions(Schema):
     include_usage: bool = False
 
 
-class TextContentPart(_Schema):
+class TextContentPart(Schema):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Schema):
+class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[str | list[TextContentPart],
                        _one_of('a string or a list of {"type": "text", "text": ...} parts')]
@@ -62,7 +63,7 @@ class ChatMessage(_Schema):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
-class _SamplingFields(_Schema):
+class _SamplingFields(Schema):
     """Fields /v1/chat/completions and /v1/completions share; None means "the default"."""
 
     model: str | None = None
@@ -85,17 +86,12 @@ class _SamplingFields(_Schema):
 
     def check_api_limits(self, vocab_size: int) -> None:
         check_token_ids(self.stop_token_ids or [], vocab_size, "stop_token_ids")
-        if not 1 <= self.n <= MAX_CHOICES:
-            raise APIError(400, f"n must be in [1, {MAX_CHOICES}], got {self.n}", "n")
+        check_n(self.n, "n")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
-        if any(not s for s in self.stop_strings()):
-            raise APIError(400, "stop strings must not be empty", "stop")
 
     def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return stop_strings(self.stop, "stop")
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -120,6 +116,18 @@ def build_sampling_params(values: dict, renames: dict[str, str], prefix: str = "
         name = str(exc).split(" ", 1)[0]
         param = prefix + renames.get(name, name)
         raise APIError(400, str(exc).replace(name, param, 1), param, "invalid_value") from exc
+
+
+def check_n(n: int, param: str) -> None:
+    if not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"{param} must be in [1, {MAX_CHOICES}], got {n}", param)
+
+
+def stop_strings(stop: str | list[str] | None, param: str) -> list[str]:
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    if any(not s for s in stops):
+        raise APIError(400, f"{param}: stop strings must not be empty", param)
+    return stops
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
@@ -198,57 +206,7 @@ class CompletionRequest(_SamplingFields):
                 for p in prompts]
 
 
-class GenerateSamplingParams(_Schema):
-    """SGLang's `sampling_params` object, with its names (max_new_tokens, min_new_tokens)."""
-
-    max_new_tokens: int = GENERATE_DEFAULT_MAX_TOKENS
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: Stop = None
-    stop_token_ids: list[TokenId] | None = None
-    ignore_eos: bool = False
-    n: int = 1
-
-
-class GenerateRequest(_Schema):
-    """SGLang-style `POST /generate`: exactly one of `text` / `input_ids`."""
-
-    text: str | None = None
-    input_ids: TokenIds | None = None
-    sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
-    stream: bool = False
-
-    def to_generate_input(self, vocab_size: int) -> GenerateInput:
-        if (self.text is None) == (self.input_ids is None):
-            raise APIError(400, "give exactly one of text and input_ids", "text")
-        if self.text == "":
-            raise APIError(400, "text must not be empty", "text")
-        sp = self.sampling_params
-        check_token_ids(self.input_ids or [], vocab_size, "input_ids")
-        check_token_ids(sp.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
-        if not 1 <= sp.n <= MAX_CHOICES:
-            raise APIError(400, f"n must be in [1, {MAX_CHOICES}], got {sp.n}", "sampling_params.n")
-        stop = [] if sp.stop is None else [sp.stop] if isinstance(sp.stop, str) else list(sp.stop)
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must not be empty", "sampling_params.stop")
-        values = sp.model_dump(exclude={"max_new_tokens", "min_new_tokens", "stop", "n"})
-        values["stop_token_ids"] = values["stop_token_ids"] or []
-        params = build_sampling_params(
-            dict(values, max_tokens=sp.max_new_tokens, min_tokens=sp.min_new_tokens),
-            renames={"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}, prefix="sampling_params.",
-        )
-        prompt = self.text if self.text is not None else list(self.input_ids)
-        return GenerateInput(prompt=prompt, is_chat=False, params=params, n=sp.n, stop=stop)
-
-
-def parse_request(model: type[_Schema], body: bytes) -> _Schema:
+def parse_request(model: type[Schema], body: bytes) -> Schema:
     """Decode and validate a JSON body; every failure is a 400 APIError naming the field."""
     try:
         text = body.decode("utf-8")

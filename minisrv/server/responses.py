@@ -1,4 +1,4 @@
-"""The three response shapes: OpenAI chat completions, OpenAI completions, and SGLang's `/generate`.
+"""OpenAI's two response shapes, chat completions and completions (sglang.py has /generate's).
 
 Each endpoint has a whole-response builder (from collected ChoiceResults) and an SSE stream (one
 event per delta, an optional usage event, then `data: [DONE]`). An error after the stream has
@@ -28,8 +28,11 @@ def _envelope(ctx: ResponseContext, obj: str, choices: list[dict], streaming: bo
     return body
 
 
-async def _sse(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta],
-               chunk_of: Callable[[ChoiceDelta], dict | None], usage_object: str | None) -> AsyncIterator[bytes]:
+async def sse_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta],
+                     chunk_of: Callable[[ChoiceDelta], dict | None], usage_object: str | None
+                     ) -> AsyncIterator[bytes]:
+    """Events from `chunk_of` per delta (None: nothing worth sending), then a usage event with
+    `usage_object` as its object when asked for, then [DONE]."""
     try:
         async with aclosing(deltas):
             async for cd in deltas:
@@ -76,7 +79,7 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
                   "logprobs": chat_logprobs(d.logprobs) if d.logprobs else None, "finish_reason": d.finish_reason}
         return _envelope(ctx, CHAT_CHUNK, [choice], streaming=True)
 
-    return _sse(ctx, deltas, chunk_of, CHAT_CHUNK)
+    return sse_stream(ctx, deltas, chunk_of, CHAT_CHUNK)
 
 
 # --- /v1/completions --------------------------------------------------------------------------------
@@ -103,39 +106,4 @@ def completion_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) 
                   "finish_reason": d.finish_reason}
         return _envelope(ctx, COMPLETION, [choice], streaming=True)
 
-    return _sse(ctx, deltas, chunk_of, COMPLETION)
-
-
-# --- /generate (SGLang) -----------------------------------------------------------------------------
-
-def _meta_info(ctx: ResponseContext, finish_reason: str | None, prompt_tokens: int, cached_tokens: int,
-               completion_tokens: int) -> dict:
-    reason = None if finish_reason is None else {"type": finish_reason}
-    return {"id": ctx.id, "finish_reason": reason, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
-
-
-def generate_result(ctx: ResponseContext, results: list[ChoiceResult]) -> dict | list[dict]:
-    usage = ctx.usage()
-    cached = usage["prompt_tokens_details"]["cached_tokens"]
-    outs = [{"text": r.text, "output_ids": r.token_ids,
-             "meta_info": _meta_info(ctx, r.finish_reason, usage["prompt_tokens"], cached, len(r.token_ids))}
-            for r in results]
-    return outs[0] if len(outs) == 1 else outs
-
-
-def generate_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
-    # SGLang streams each choice's whole text so far, not the increment.
-    so_far: dict[int, ChoiceResult] = {}
-
-    def chunk_of(cd: ChoiceDelta) -> dict | None:
-        d = cd.delta
-        result = so_far.setdefault(cd.choice, ChoiceResult())
-        result.text_parts.append(d.text)
-        result.token_ids += d.token_ids
-        if not d.token_ids and d.finish_reason is None:
-            return None
-        return {"text": result.text, "output_ids": list(result.token_ids), "index": cd.choice,
-                "meta_info": _meta_info(ctx, d.finish_reason, d.prompt_tokens, d.cached_tokens, d.completion_tokens)}
-
-    return _sse(ctx, deltas, chunk_of, usage_object=None)   # usage is in every event's meta_info
+    return sse_stream(ctx, deltas, chunk_of, COMPLETION)

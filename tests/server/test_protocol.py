@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minisrv.server.errors import APIError
-from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse_request
+from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 
 MAX_LEN, VOCAB = 512, 1000
 
@@ -21,10 +21,6 @@ def chat(body: dict):
 def completions(body: dict):
     body = {"prompt": "hi", **body}
     return parse_request(CompletionRequest, json.dumps(body).encode()).to_generate_inputs(MAX_LEN, VOCAB)
-
-
-def generate(body: dict):
-    return parse_request(GenerateRequest, json.dumps(body).encode()).to_generate_input(VOCAB)
 
 
 def rejects(fn, body, param: str | None, status: int = 400) -> APIError:
@@ -79,21 +75,6 @@ def test_completion_prompt_forms() -> None:
     assert inp.echo and inp.params.max_tokens == 16 and not inp.is_chat
     assert completions({"max_tokens": None})[0].max_tokens_from_context
     assert completions({"logprobs": 3})[0].params.logprobs == 3
-
-
-def test_generate_request() -> None:
-    inp = generate({"text": "hi", "sampling_params": {"max_new_tokens": 9, "min_new_tokens": 2, "temperature": 0,
-                                                      "stop": "x", "n": 2}})
-    assert inp.prompt == "hi" and inp.params.max_tokens == 9 and inp.params.min_tokens == 2
-    assert inp.params.greedy and inp.stop == ["x"] and inp.n == 2
-    assert generate({"input_ids": [5, 6]}).prompt == [5, 6]
-    assert generate({"text": "hi"}).params.max_tokens == 128
-    rejects(generate, {"text": "a", "input_ids": [1]}, "text")
-    rejects(generate, {}, "text")
-    rejects(generate, {"text": "a", "sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens")
-    rejects(generate, {"text": "a", "sampling_params": {"top_p": 2.0}}, "sampling_params.top_p")
-    rejects(generate, {"text": "a", "sampling_params": {"bogus": 1}}, "sampling_params.bogus")
-    rejects(generate, {"input_ids": [VOCAB]}, "input_ids")
 
 
 @pytest.mark.parametrize("body, param", [

@@ -1,0 +1,95 @@
+"""SGLang's native `POST /generate`: its request schema and its response shapes.
+
+Request: exactly one of `text` / `input_ids`, a `sampling_params` object with SGLang's names
+(max_new_tokens, min_new_tokens, ...), and `stream`. Response: `{"text", "output_ids", "meta_info"}`
+per choice (a list when n > 1); a stream sends each choice's whole text so far in every event, as
+SGLang does, then `data: [DONE]`.
+"""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from pydantic import Field
+
+from minisrv.server.client import GenerateInput
+from minisrv.server.errors import APIError
+from minisrv.server.protocol import (Schema, Stop, TokenId, TokenIds, build_sampling_params, check_n,
+                                     check_token_ids, stop_strings)
+from minisrv.server.responses import sse_stream
+from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext
+
+DEFAULT_MAX_NEW_TOKENS = 128   # SGLang's default
+
+
+class GenerateSamplingParams(Schema):
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: Stop = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+
+
+class GenerateRequest(Schema):
+    text: str | None = None
+    input_ids: TokenIds | None = None
+    sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
+    stream: bool = False
+
+    def to_generate_input(self, vocab_size: int) -> GenerateInput:
+        if (self.text is None) == (self.input_ids is None):
+            raise APIError(400, "give exactly one of text and input_ids", "text")
+        if self.text == "":
+            raise APIError(400, "text must not be empty", "text")
+        sp = self.sampling_params
+        check_token_ids(self.input_ids or [], vocab_size, "input_ids")
+        check_token_ids(sp.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
+        check_n(sp.n, "sampling_params.n")
+        values = sp.model_dump(exclude={"max_new_tokens", "min_new_tokens", "stop", "n"})
+        values["stop_token_ids"] = values["stop_token_ids"] or []
+        params = build_sampling_params(
+            dict(values, max_tokens=sp.max_new_tokens, min_tokens=sp.min_new_tokens),
+            renames={"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}, prefix="sampling_params.",
+        )
+        prompt = self.text if self.text is not None else list(self.input_ids)
+        return GenerateInput(prompt=prompt, is_chat=False, params=params, n=sp.n,
+                             stop=stop_strings(sp.stop, "sampling_params.stop"))
+
+
+def _meta_info(ctx: ResponseContext, finish_reason: str | None, prompt_tokens: int, cached_tokens: int,
+               completion_tokens: int) -> dict:
+    return {"id": ctx.id, "finish_reason": None if finish_reason is None else {"type": finish_reason},
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
+
+
+def generate_result(ctx: ResponseContext, results: list[ChoiceResult]) -> dict | list[dict]:
+    usage = ctx.usage()
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    outs = [{"text": r.text, "output_ids": r.token_ids,
+             "meta_info": _meta_info(ctx, r.finish_reason, usage["prompt_tokens"], cached, len(r.token_ids))}
+            for r in results]
+    return outs[0] if len(outs) == 1 else outs
+
+
+def generate_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
+    so_far: dict[int, ChoiceResult] = {}
+
+    def chunk_of(cd: ChoiceDelta) -> dict | None:
+        d = cd.delta
+        result = so_far.setdefault(cd.choice, ChoiceResult())
+        result.text_parts.append(d.text)
+        result.token_ids += d.token_ids
+        if not d.token_ids and d.finish_reason is None:
+            return None
+        return {"text": result.text, "output_ids": list(result.token_ids), "index": cd.choice,
+                "meta_info": _meta_info(ctx, d.finish_reason, d.prompt_tokens, d.cached_tokens, d.completion_tokens)}
+
+    return sse_stream(ctx, deltas, chunk_of, usage_object=None)   # usage is in every event's meta_info

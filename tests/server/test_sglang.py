@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from minisrv.server.errors import APIError
+from minisrv.server.protocol import parse_request
+from minisrv.server.sglang import DEFAULT_MAX_NEW_TOKENS, GenerateRequest
+
+VOCAB = 1000
+
+
+def generate(body: dict):
+    return parse_request(GenerateRequest, json.dumps(body).encode()).to_generate_input(VOCAB)
+
+
+def test_sglang_names_reach_sampling_params() -> None:
+    rng = random.Random(7)
+    for _ in range(10):
+        max_new, n = rng.randint(1, 200), rng.randint(1, 16)
+        stop = [f"s{rng.randint(0, 9)}" for _ in range(rng.randint(1, 3))]
+        inp = generate({"text": "hi", "sampling_params": {"max_new_tokens": max_new, "min_new_tokens": max_new // 2,
+                                                          "temperature": 0, "stop": stop, "n": n}})
+        assert inp.prompt == "hi" and inp.params.max_tokens == max_new and inp.params.min_tokens == max_new // 2
+        assert inp.params.greedy and inp.stop == stop and inp.n == n and not inp.is_chat
+    ids = [rng.randrange(VOCAB) for _ in range(4)]
+    assert generate({"input_ids": ids}).prompt == ids
+    assert generate({"text": "hi", "sampling_params": {"stop": "x"}}).stop == ["x"]
+    assert generate({"text": "hi"}).params.max_tokens == DEFAULT_MAX_NEW_TOKENS
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"text": "a", "input_ids": [1]}, "text"),
+    ({}, "text"),
+    ({"text": ""}, "text"),
+    ({"input_ids": []}, "input_ids"),
+    ({"input_ids": [VOCAB]}, "input_ids"),
+    ({"text": "a", "sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
+    ({"text": "a", "sampling_params": {"min_new_tokens": 5, "max_new_tokens": 2}}, "sampling_params.min_new_tokens"),
+    ({"text": "a", "sampling_params": {"top_p": 2.0}}, "sampling_params.top_p"),
+    ({"text": "a", "sampling_params": {"n": 17}}, "sampling_params.n"),
+    ({"text": "a", "sampling_params": {"stop": ["", "x"]}}, "sampling_params.stop"),
+    ({"text": "a", "sampling_params": {"stop_token_ids": [VOCAB]}}, "sampling_params.stop_token_ids"),
+    ({"text": "a", "sampling_params": {"bogus": 1}}, "sampling_params.bogus"),
+    ({"text": "a", "return_logprob": True}, "return_logprob"),
+])
+def test_rejects(body: dict, param: str) -> None:
+    with pytest.raises(APIError) as exc:
+        generate(body)
+    assert exc.value.status == 400 and exc.value.param == param and param in exc.value.message
