@@ -42,21 +42,21 @@ class RingWriter(RingEndpoint):
         length = len(record)
         frame = 8 + ((length + 7) & ~7)
         pos, capacity = self._pos, self.capacity
-        offset = pos & self._mask
+        offset, end = pos & self._mask, pos + frame
         # The common case inline (a polled ping-pong is made of this): no wrap, space already known.
-        if offset + frame <= capacity and pos + frame - self._seen_read <= capacity and frame <= self._max_frame:
-            self._pos = pos + frame
-        else:
+        if not (offset + frame <= capacity and end - self._seen_read <= capacity and frame <= self._max_frame):
             if length > self.max_record_bytes:
                 self._refuse(length)
-            offset = self._claim(frame)
-            if offset is None:
+            place = self._claim(frame)
+            if place is None:
                 return False
+            offset, end = place
+        self._data[offset + 8 : offset + 8 + length] = record   # first: a failed copy leaves no trace
         self._frames[offset >> 3] = length
-        self._data[offset + 8 : offset + 8 + length] = record
+        self._pos = end
         # _publish(), inlined: a Python call is ~5% of a polled round trip
         header = self._header
-        header[self._write_word] = self._pos
+        header[self._write_word] = end
         self._fence.acquire()
         self._fence.release()
         for word, doorbell in self._sleepers:
@@ -73,8 +73,8 @@ class RingWriter(RingEndpoint):
     def write_many(self, records: Iterable[Buffer], timeout: float | None = None) -> None:
         """Append records in order as batch frames (as many records per frame as half the capacity holds),
         publishing the write index once per call, or before waiting for space. Stream mode: costs a few
-        C-level calls per batch rather than Python work per record. All or nothing on a too-large
-        record; `timeout` bounds each wait for space."""
+        C-level calls per batch rather than Python work per record. A too-large record fails the whole
+        call before anything is written; `timeout` bounds each wait for space."""
         records = records if isinstance(records, list) else list(records)
         if not records:
             return
@@ -92,7 +92,10 @@ class RingWriter(RingEndpoint):
                     stop = start + 1
                     self._write_frame(records[start], None, timeout)
                 else:
-                    self._write_frame(b"".join(records[start:stop]), array("I", lengths[start:stop]), timeout)
+                    body = b"".join(records[start:stop])
+                    if len(body) != sum(lengths[start:stop]):   # len() counted items, not bytes
+                        raise TypeError(f"ring {self.name!r}: records must be bytes-like with 1-byte items")
+                    self._write_frame(body, array("I", lengths[start:stop]), timeout)
                 start = stop
         finally:
             self._publish()
@@ -102,22 +105,24 @@ class RingWriter(RingEndpoint):
         table_bytes = 0 if table is None else (4 * len(table) + 7) & ~7
         payload = table_bytes + len(body)
         frame = frame_bytes(payload)
-        offset = self._claim(frame)
-        while offset is None:
+        place = self._claim(frame)
+        while place is None:
             self._publish()                                  # let the readers drain what is there
             self._wait_for_space(frame, timeout)
-            offset = self._claim(frame)
+            place = self._claim(frame)
+        offset, end = place
+        self._data[offset + 8 + table_bytes : offset + 8 + payload] = body   # first: a failed copy leaves no trace
         if table is None:
             self._frames[offset >> 3] = payload
         else:
             self._frames[offset >> 3] = BATCH_BIT | len(table) << BATCH_COUNT_SHIFT | payload
             self._data[offset + 8 : offset + 8 + 4 * len(table)] = memoryview(table).cast("B")
-        self._data[offset + 8 + table_bytes : offset + 8 + payload] = body
+        self._pos = end
 
     def _fits(self, frame: int) -> tuple[int, int] | None:
         """(bytes to skip to the end of the data area, 0 if none; offset) where a frame of `frame`
         bytes goes next, or None while the slowest reader leaves too little space."""
-        offset = self._pos & (self.capacity - 1)
+        offset = self._pos & self._mask
         skip = self.capacity - offset if offset + frame > self.capacity else 0
         end = self._pos + skip + frame
         if end - self._seen_read > self.capacity:
@@ -131,16 +136,16 @@ class RingWriter(RingEndpoint):
             f"record of {length} bytes exceeds the limit of {self.max_record_bytes} (half the capacity)",
             "split it or give the ring a larger capacity"))
 
-    def _claim(self, frame: int) -> int | None:
-        """Take the space for a frame (marking a wrap if it needs one): its data offset, or None if full."""
+    def _claim(self, frame: int) -> tuple[int, int] | None:
+        """(data offset, write index after it) for a frame of `frame` bytes, marking a wrap if it needs
+        one, or None while the ring is full. The caller copies the frame in, then commits the index."""
         place = self._fits(frame)
         if place is None:
             return None
         skip, offset = place
-        if skip:
-            self._frames[(self._pos & (self.capacity - 1)) >> 3] = WRAP_MARKER
-        self._pos += skip + frame
-        return offset
+        if skip:   # unpublished space: harmless if the copy that follows fails
+            self._frames[(self._pos & self._mask) >> 3] = WRAP_MARKER
+        return offset, self._pos + skip + frame
 
     def _publish(self) -> None:
         # Frames first, then this one 8-byte store (TSO; ARM needs `dmb ish` before it, see ring.py).

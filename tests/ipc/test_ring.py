@@ -207,3 +207,16 @@ def test_header_puts_every_hot_field_on_its_own_cache_line() -> None:
         assert len(set(lines)) == len(lines) and not set(lines) & static_lines
         assert all(word % 8 == 0 for word in hot)
         assert layout.header_bytes % 64 == 0 and layout.header_bytes >= (max(hot) + 1) * 8
+
+
+def test_a_record_that_cannot_be_copied_leaves_no_trace(make_ring) -> None:
+    writer, (reader,) = make_ring(capacity=256)
+    not_bytes = memoryview(bytearray(16)).cast("I")         # 4 items of 4 bytes: not a byte buffer
+    for offset in (0, 200):                                  # in place, and where it would have to wrap
+        move_to_offset(writer, reader, offset)
+        with pytest.raises((ValueError, TypeError)):
+            writer.try_write(not_bytes)
+        with pytest.raises((ValueError, TypeError)):
+            writer.write_many([b"a", not_bytes, b"b"])
+        writer.write_many([b"after"])
+        assert reader.drain() == [b"after"]
