@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import ByteLevel, DecodeStream
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 _BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SENTENCEPIECE_SPACE = "\u2581"
@@ -83,7 +82,11 @@ class TokenTexts:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._byte_level = isinstance(tokenizer.decoder, ByteLevel)
-        self._unicode_to_byte = {ch: b for b, ch in bytes_to_unicode().items()} if self._byte_level else {}
+        self._unicode_to_byte = {}
+        if self._byte_level:   # GPT-2's table of which printable character stands for which byte
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+            self._unicode_to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
         self._cache: dict[int, TokenText] = {}
 
     def __getitem__(self, token_id: int) -> TokenText:

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from minisrv.config import EngineConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer   # here, not at import: the launcher imports this module's users
+
     path = Path(config.model).expanduser()
     if config.load_format == "dummy":
         if path.is_dir():

@@ -1,0 +1,165 @@
+"""Lifecycle of a live `minisrv serve` (embedded model): signals, dead workers, a killed parent.
+
+Each test starts its own server, since each ends it. Checked every time: exit within 5 s, no process
+of the server left, nothing of the server left in /dev/shm.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.live_server import STARTUP_TIMEOUT_S, free_port
+
+EXIT_WITHIN_S = 5.0
+WORKERS = ("scheduler", "detokenizer", "tokenizer-0")
+
+
+class Server:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "minisrv.cli", "serve", "--port", str(self.port), "--max-model-len", "1024"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        self.statuses = self._wait_healthy()
+        self.workers = {name: int(pid) for name, pid in re.findall(r"(\S+) \(pid (\d+)\)", self.log())
+                        if name in WORKERS}
+        self.descendants = set(self.workers.values()) | _children(self.process.pid)
+
+    def _wait_healthy(self) -> list[int]:
+        statuses, deadline = [], time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"minisrv serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                statuses.append(httpx.get(f"{self.url}/health", timeout=2).status_code)
+                if statuses[-1] == 200:
+                    return statuses
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.process.kill()
+        raise RuntimeError(f"minisrv serve did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def wait_exit(self) -> int:
+        try:
+            return self.process.wait(EXIT_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"minisrv serve did not exit within {EXIT_WITHIN_S} s:\n{self.log()}")
+
+    def assert_nothing_left(self, within: float = 1.0) -> None:
+        deadline = time.monotonic() + within
+        while (alive := [p for p in self.descendants if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive == [], f"processes left behind: {alive}\n{self.log()}"
+        ours = [n for n in os.listdir("/dev/shm") if n.removeprefix("sem.").startswith(f"minisrv-{self.process.pid}-")]
+        assert ours == [], f"left in /dev/shm: {ours}"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pid in self.descendants:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def server():
+    started = Server()
+    yield started
+    started.close()
+
+
+LONG_REQUEST = {"prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: signal.Signals) -> None:
+    assert 503 in server.statuses or server.statuses == [200]   # 503 while the model loads
+    whole = {}
+    thread = threading.Thread(target=lambda: whole.update(
+        response=httpx.post(f"{server.url}/v1/completions", json=LONG_REQUEST, timeout=30)))
+    thread.start()
+    chunks, done = [], False
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**LONG_REQUEST, "stream": True},
+                      timeout=30) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for line in lines:   # both requests run once the stream has a few tokens
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                if len(chunks) == 3:
+                    break
+        signalled = time.monotonic()
+        server.process.send_signal(sig)
+        for line in lines:
+            done = done or line == "data: [DONE]"
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    assert server.wait_exit() == 0, server.log()
+    assert time.monotonic() - signalled < EXIT_WITHIN_S
+    assert done and chunks[-1]["choices"][0]["finish_reason"] == "abort", server.log()
+    thread.join(5)
+    assert whole["response"].status_code == 200
+    assert whole["response"].json()["choices"][0]["finish_reason"] == "abort"
+    assert f"received {sig.name}" in server.log()
+    server.assert_nothing_left()
+
+
+@pytest.mark.parametrize("victim", ["scheduler", "detokenizer"])
+def test_a_dead_worker_takes_the_server_down(server: Server, victim: str) -> None:
+    os.kill(server.workers[victim], signal.SIGKILL)
+    killed = time.monotonic()
+    code = server.wait_exit()
+    assert time.monotonic() - killed < EXIT_WITHIN_S
+    assert code != 0
+    assert re.search(rf"worker {victim} \(pid \d+\) died", server.log()), server.log()
+    server.assert_nothing_left()
+
+
+def test_workers_exit_when_the_parent_is_killed(server: Server) -> None:
+    server.process.kill()
+    server.process.wait()
+    server.assert_nothing_left(within=EXIT_WITHIN_S)
+
+
+def test_tp_size_without_gpus_is_a_clear_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "minisrv.cli", "serve", "--tp-size", "2", "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "--tp-size 2" in out.stderr and "tensor parallelism is not built yet" in out.stderr
+
