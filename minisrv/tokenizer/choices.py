@@ -20,3 +20,14 @@ def choice_rid(base: int, index: int) -> int:
 def split_rid(rid: int) -> tuple[int, int]:
     """(base id, choice index) of an engine request id."""
     return rid >> CHOICE_BITS, rid & (MAX_CHOICES - 1)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15   # 2**64 / golden ratio: spreads consecutive indices over all bits
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a seeded request: a seed fixes all n choices, yet they are different
+    samples (as in vLLM). Choice 0 keeps the request's seed, so n does not change the first choice."""
+    if seed is None or index == 0:
+        return seed
+    return (seed ^ (index * _GOLDEN)) & ((1 << 63) - 1)

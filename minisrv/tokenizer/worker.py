@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from minisrv.config import EngineConfig
 from minisrv.ipc import RingReader, RingSpec, RingTimeout, RingWriter
 from minisrv.ipc.records import DetokRequest, Error, Generate, Kind, Shutdown, TextRequest, peek_kind
 from minisrv.status_block import StatusBlock
-from minisrv.tokenizer.choices import choice_rid
+from minisrv.tokenizer.choices import choice_rid, choice_seed
 from minisrv.tokenizer.loading import load_tokenizer
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, resolve_chat_template
 from minisrv.worker_process import IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly, run_until_peers_leave, start_worker
@@ -81,7 +81,8 @@ class TokenizerWorker:
             prompt_ids if req.echo else ()).encode())
         # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
         self.to_scheduler.write_many(
-            Generate(choice_rid(req.rid, i), params, prompt_ids).encode() for i in range(req.n))
+            Generate(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)), prompt_ids).encode()
+            for i in range(req.n))
 
     def token_ids(self, req: TextRequest) -> list[int]:
         if req.messages is not None:

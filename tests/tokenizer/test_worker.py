@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -62,7 +63,11 @@ def test_a_chat_request_becomes_detok_request_then_n_generates(pipeline, hf_toke
     assert peek_kind(shutdown) is Kind.SHUTDOWN
     decoded = [Generate.decode(g) for g in generates]
     assert [g.rid for g in decoded] == [choice_rid(7, i) for i in range(3)]
-    assert all(g.prompt_ids.tolist() == expected_ids and g.params == params for g in decoded)
+    assert all(g.prompt_ids.tolist() == expected_ids for g in decoded)
+    # Same parameters, but each choice its own seed: a seed fixes the n samples, which still differ.
+    assert decoded[0].params == params
+    assert all(replace(g.params, seed=params.seed) == params for g in decoded)
+    assert len({g.params.seed for g in decoded}) == 3
 
 
 def test_token_prompts_pass_through_and_echo_sends_them_to_the_detokenizer(pipeline) -> None:
