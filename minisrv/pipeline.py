@@ -39,7 +39,9 @@ class RingCapacities:
     generate: int = 4 * MiB       # tokenizer -> scheduler: prompt ids
     detok_requests: int = 4 * MiB  # tokenizer -> detokenizer: prompt ids for echo
     tokens: int = 4 * MiB         # scheduler -> detokenizer: one step's rows
-    stops: int = 256 * 1024       # detokenizer -> scheduler: aborts
+    # detokenizer -> scheduler: aborts. The only ring against the flow (scheduler -> detokenizer), so the
+    # two could wait on each other only if this one filled: it holds ~10k aborts, far more than running requests.
+    stops: int = 256 * 1024
     text: int = 8 * MiB           # detokenizer -> api: one batch's text (echo can be a whole prompt)
 
 

@@ -89,6 +89,7 @@ class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)   # OutputDelta | RequestError
     finished: set[int] = field(default_factory=set)
     counts: tuple[int, int, int] = (0, 0, 0)    # last (prompt, cached, completion) tokens seen
+    sent: bool = False                          # the request reached its tokenizer ring
 
 
 class EngineClient:
@@ -142,10 +143,7 @@ class EngineClient:
         """Stop taking requests and finish every stream in flight with finish_reason "abort"."""
         self.ready = False
         for stream in self._streams.values():
-            prompt, cached, completion = stream.counts
-            for index in range(stream.n):
-                if index not in stream.finished:
-                    stream.queue.put_nowait(OutputDelta(index, "", [], None, "abort", prompt, cached, completion))
+            _finish_with_abort(stream)
 
     async def close(self) -> None:
         if self._dispatcher is not None:
@@ -173,6 +171,7 @@ class EngineClient:
         want_logprobs = inp.params.logprobs is not None
         try:
             await self._send(ring, record)
+            stream.sent = True
             while len(stream.finished) < stream.n:
                 delta = await stream.queue.get()
                 if isinstance(delta, RequestError):
@@ -187,12 +186,12 @@ class EngineClient:
             self._abort_choices(base, stream)
 
     async def abort(self, request_id: int) -> None:
-        """Abort a request by its id (the app normally just closes the generator instead)."""
+        """Abort a request by its id: its generator ends with finish_reason "abort" (the app normally just
+        closes the generator instead, which aborts it too)."""
         stream = self._streams.get(request_id)
         if stream is not None:
             self._abort_choices(request_id, stream)
-            stream.finished.update(range(stream.n))
-            stream.queue.put_nowait(RequestError(499, "the request was aborted"))
+            _finish_with_abort(stream)
 
     def stats(self) -> SchedulerStats:
         """The scheduler's latest published stats, read from shared memory (cheap: no syscall)."""
@@ -210,7 +209,7 @@ class EngineClient:
     def _abort_choices(self, base: int, stream: _Stream) -> None:
         """Tell the engine to drop the choices still running (on the request's own ring, so an abort
         can never overtake the request). A full ring is retried in the background."""
-        if self.dead_worker is not None:
+        if self.dead_worker is not None or not stream.sent:
             return
         writer = self._to_tokenizers[stream.ring]
         for index in range(stream.n):
@@ -262,6 +261,13 @@ class EngineClient:
                     index, delta_text, ids[token : token + count], entries or None,
                     FinishReason(finish).api_name, prompt, cached, completion))
             token += count
+
+
+def _finish_with_abort(stream: _Stream) -> None:
+    prompt, cached, completion = stream.counts
+    for index in range(stream.n):
+        if index not in stream.finished:
+            stream.queue.put_nowait(OutputDelta(index, "", [], None, "abort", prompt, cached, completion))
 
 
 def _as_text(raw: bytes) -> str:

@@ -199,3 +199,27 @@ def test_stats_come_from_the_status_block() -> None:
         StatusBlock(h.status.spec).publish_stats(stats)
         assert h.client.stats() == stats
     run(test)
+
+
+def test_abort_by_id_ends_the_stream_and_tells_the_engine() -> None:
+    async def test(h: Harness) -> None:
+        h.start()
+        gen = h.client.generate(GenerateInput("x", False, params(), n=2))
+        first = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0.05)
+        rid = TextRequest.decode(h.requests()[0][1]).rid
+        await h.client.abort(rid)
+        deltas = [await first] + [d async for d in gen]
+        assert sorted((d.index, d.finish_reason) for d in deltas) == [(0, "abort"), (1, "abort")]
+        assert sorted(Abort.decode(r).rid for _, r in h.requests()) == [choice_rid(rid, 0), choice_rid(rid, 1)]
+    run(test)
+
+
+def test_a_request_too_large_for_the_ring_is_refused_and_nothing_is_sent() -> None:
+    async def test(h: Harness) -> None:
+        h.start()
+        with pytest.raises(RequestError) as exc:
+            await anext(h.client.generate(GenerateInput("x" * 40000, False, params())))
+        assert exc.value.status == 413
+        assert h.requests() == []
+    run(test)
