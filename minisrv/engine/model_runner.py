@@ -50,6 +50,7 @@ class ModelRunner:
         self.page_size = config.page_size
         self.bytes_per_page = kv_cache_bytes_per_page(self.model_config, self.page_size, self.dtype)
         self.num_pages = self._num_pages()
+        self.model.pack_linears()
         self.kv_caches = allocate_kv_cache(self.model_config, self.num_pages, self.page_size, self.dtype, self.device)
         self.model.bind_kv_cache(self.kv_caches)
         if sampler is None:

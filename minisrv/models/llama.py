@@ -3,8 +3,8 @@
 The model takes a flat batch, forward(input_ids [T], positions [T]) -> hidden [T, hidden_size], with the
 step's attention metadata in the forward context. q/k/v and gate/up projections are fused into one matmul
 each at load time; q/k rows are stored in the interleaved RoPE layout (see minisrv/models/rope.py).
-Forward methods call F.linear on the weights rather than the submodules: on a 2-core CPU decode step the
-nn.Module call machinery is a measurable share of the time.
+Forward methods call submodules' `forward` directly rather than through nn.Module.__call__: on a 2-core
+CPU decode step the hook machinery is a measurable share of the time.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from minisrv.engine.attention import PagedAttention
 from minisrv.models.config import ModelConfig
+from minisrv.models.linear import Linear
 from minisrv.models.rope import RotaryEmbedding
 
 
@@ -36,8 +37,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size)
         # Qwen3's per-head q/k RMSNorm weights, one row per q head then per kv head, so the q and k heads
         # (adjacent in the qkv output) are normalized by a single call.
         self.qk_norm = (nn.Parameter(torch.empty(self.num_heads + self.num_kv_heads, self.head_dim))
@@ -46,7 +47,7 @@ class Attention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = self.qkv_proj.forward(x)
         num_tokens = qkv.shape[0]
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.qk_norm is not None:
@@ -54,20 +55,19 @@ class Attention(nn.Module):
         RotaryEmbedding.rotate_(qk, rotations)
         q = qk[:, : self.num_heads]
         kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
-        return F.linear(self.attn(q, kv), self.o_proj.weight)
+        return self.o_proj.forward(self.attn(q, kv))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_proj.weight)
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj.forward(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -102,10 +102,27 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = (self.embed_tokens if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.tie_weights()
         # Built with an explicit device so it is real even while the rest is constructed on "meta".
         self.rope = RotaryEmbedding(config, max_positions, device)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config says so.
+
+        Needed again after `to_empty()`: materializing from the meta device gives each module a new tensor.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def pack_linears(self) -> None:
+        """Switch every projection and the LM head to prepacked CPU weights (see minisrv/models/linear.py).
+
+        After this the model is for inference only: the plain projection weights are gone.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
 
     def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
         if len(kv_caches) != len(self.layers):
@@ -124,4 +141,4 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden_size] -> float32 logits [rows, vocab_size]."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head.forward(hidden).float()

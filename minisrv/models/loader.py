@@ -73,7 +73,9 @@ def build_model(model_config: ModelConfig, max_model_len: int, dtype: torch.dtyp
     """Allocate the model on `device` without initializing it (weights are about to be overwritten)."""
     with torch.device("meta"):
         model = CausalLM(model_config, max_model_len, device)
-    return model.to(dtype).to_empty(device=device).eval()
+    model = model.to(dtype).to_empty(device=device).eval()
+    model.tie_weights()
+    return model
 
 
 def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | None, tokenizer: Any,
