@@ -22,16 +22,16 @@ import pytest
 from tests.server.live_server import STARTUP_TIMEOUT_S, free_port
 
 EXIT_WITHIN_S = 5.0
-WORKERS = ("scheduler", "detokenizer", "tokenizer-0")
+WORKERS = ("scheduler", "detokenizer", "tokenizer-0", "tokenizer-1")
 
 
 class Server:
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "minisrv.cli", "serve", "--port", str(self.port), "--max-model-len", "1024"],
+            [sys.executable, "-m", "minisrv.cli", "serve", "--port", str(self.port), "--max-model-len", "1024", *args],
             stdout=self._log, stderr=subprocess.STDOUT)
         self.statuses = self._wait_healthy()
         self.workers = {name: int(pid) for name, pid in re.findall(r"(\S+) \(pid (\d+)\)", self.log())
@@ -98,8 +98,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def server():
-    started = Server()
+def server(request: pytest.FixtureRequest):
+    started = Server(*getattr(request, "param", ()))
     yield started
     started.close()
 
@@ -107,12 +107,21 @@ def server():
 LONG_REQUEST = {"prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "temperature": 0}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# The second server runs two tokenizer workers: the two requests take one each, and the scheduler and
+# the detokenizer wait on two input rings each.
+@pytest.mark.parametrize(("server", "sig"), [((), signal.SIGINT), (("--num-tokenizers", "2"), signal.SIGTERM)],
+                         indirect=["server"])
 def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: signal.Signals) -> None:
     assert 503 in server.statuses or server.statuses == [200]   # 503 while the model loads
-    whole = {}
-    thread = threading.Thread(target=lambda: whole.update(
-        response=httpx.post(f"{server.url}/v1/completions", json=LONG_REQUEST, timeout=30)))
+    whole: dict[str, object] = {}
+
+    def post_whole() -> None:
+        try:
+            whole["response"] = httpx.post(f"{server.url}/v1/completions", json=LONG_REQUEST, timeout=60)
+        except httpx.HTTPError as exc:
+            whole["response"] = exc
+
+    thread = threading.Thread(target=post_whole)
     thread.start()
     chunks, done = [], False
     with httpx.stream("POST", f"{server.url}/v1/completions", json={**LONG_REQUEST, "stream": True},
@@ -124,6 +133,9 @@ def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: 
                 chunks.append(json.loads(line[6:]))
                 if len(chunks) == 3:
                     break
+        running_both = time.monotonic() + 60
+        while _metric(server, "minisrv:num_requests_running") < 2 and time.monotonic() < running_both:
+            time.sleep(0.05)
         signalled = time.monotonic()
         server.process.send_signal(sig)
         for line in lines:
@@ -134,6 +146,7 @@ def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: 
     assert time.monotonic() - signalled < EXIT_WITHIN_S
     assert done and chunks[-1]["choices"][0]["finish_reason"] == "abort", server.log()
     thread.join(5)
+    assert isinstance(whole["response"], httpx.Response), whole
     assert whole["response"].status_code == 200
     assert whole["response"].json()["choices"][0]["finish_reason"] == "abort"
     assert f"received {sig.name}" in server.log()
@@ -163,3 +176,8 @@ def test_tp_size_without_gpus_is_a_clear_error() -> None:
     assert out.returncode != 0
     assert "--tp-size 2" in out.stderr and "tensor parallelism is not built yet" in out.stderr
 
+
+def _metric(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
