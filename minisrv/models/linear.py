@@ -32,21 +32,30 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None
+        self.single_row_weight: torch.Tensor | None = None   # [in, out], contiguous
 
     @torch.no_grad()
-    def pack(self) -> None:
+    def pack(self, single_row_copy: bool = False) -> None:
         """On the CPU, replace a large weight by its oneDNN-packed copy (an opaque tensor); idempotent.
 
         The plain weight is dropped from this module so the model does not hold both; a tied LM head's
-        weight lives on in the embedding, which owns it too.
+        weight lives on in the embedding, which owns it too. `single_row_copy` also keeps the weight
+        transposed for one-row inputs: MKL's matrix-vector product streams a [in, out] matrix at the memory
+        bandwidth, faster than any other form here (the 113 MB LM head of SmolLM2: 9 -> 5 ms per token),
+        worth a second copy for the LM head, which single-stream decoding runs with one row every step.
         """
-        if (self.packed is not None or self.weight.device.type != "cpu" or self.weight.numel() < PACK_MIN_ELEMENTS
+        weight = self.weight
+        if (self.packed is not None or weight.device.type != "cpu" or weight.numel() < PACK_MIN_ELEMENTS
                 or not onednn_packing_available()):
             return
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+        if single_row_copy and self.bias is None:
+            self.single_row_weight = weight.detach().t().contiguous()
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.single_row_weight is not None and x.shape[0] == 1:
+            return torch.mm(x, self.single_row_weight)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -122,7 +122,7 @@ class CausalLM(nn.Module):
         """
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack()
+                module.pack(single_row_copy=module is self.lm_head)
 
     def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
         if len(kv_caches) != len(self.layers):
