@@ -100,8 +100,10 @@ class Detokenizer:
         top_counts = step.top_counts.tolist()
         top_ids, top_logprobs = step.top_ids.tolist(), step.top_logprobs.tolist()
         top_start = 0
-        for row, (rid, token, reason, logprob) in enumerate(zip(
-                step.rids.tolist(), step.token_ids.tolist(), step.finish_reasons.tolist(), step.logprobs.tolist())):
+        counts = zip(step.prompt_tokens.tolist(), step.cached_tokens.tolist(), step.output_tokens.tolist())
+        for row, (rid, token, reason, logprob, (prompt, cached, output)) in enumerate(zip(
+                step.rids.tolist(), step.token_ids.tolist(), step.finish_reasons.tolist(), step.logprobs.tolist(),
+                counts)):
             tops = slice(top_start, top_start + top_counts[row])
             top_start = tops.stop
             stream = self.streams.get(rid)
@@ -120,9 +122,9 @@ class Detokenizer:
                 del self.streams[rid]
             out.rids.append(rid)
             out.finish_reasons.append(reason)
-            out.prompt_tokens.append(step.prompt_tokens[row])
-            out.cached_tokens.append(step.cached_tokens[row])
-            out.completion_tokens.append(step.output_tokens[row])
+            out.prompt_tokens.append(prompt)
+            out.cached_tokens.append(cached)
+            out.completion_tokens.append(output)
             out.texts.append(text)
             if token < 0:
                 out.num_tokens.append(0)
