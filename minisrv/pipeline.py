@@ -113,7 +113,8 @@ class Pipeline:
                 worker.process.join(max(0.0, deadline - time.monotonic()))
         for worker in self.workers:
             if worker.process.is_alive():
-                logger.warning("worker %s did not exit; killing it", worker.name)
+                if graceful:
+                    logger.warning("worker %s did not exit within %.1f s; killing it", worker.name, timeout)
                 worker.process.kill()
         for worker in self.workers:
             worker.process.join(1.0)

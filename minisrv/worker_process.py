@@ -15,6 +15,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
@@ -108,3 +110,13 @@ def exit_quickly() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@contextmanager
+def startup_errors() -> Iterator[None]:
+    """Bad settings found while loading (a missing --model, a broken --chat-template) end the worker with
+    the message alone, which names the flag, instead of a traceback."""
+    try:
+        yield
+    except ValueError as exc:
+        raise SystemExit(f"minisrv serve: error: {exc}") from None

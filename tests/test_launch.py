@@ -170,6 +170,18 @@ def test_workers_exit_when_the_parent_is_killed(server: Server) -> None:
     server.assert_nothing_left(within=EXIT_WITHIN_S)
 
 
+def test_a_bad_model_is_a_clear_error_and_leaves_nothing() -> None:
+    with tempfile.TemporaryDirectory() as empty:
+        process = subprocess.Popen([sys.executable, "-m", "minisrv.cli", "serve", "--model", empty,
+                                    "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+        out = process.communicate(timeout=STARTUP_TIMEOUT_S)[0]
+    assert process.returncode != 0
+    assert f"minisrv serve: error: model: {empty!r} has no config.json" in out
+    assert "Traceback" not in out
+    assert [n for n in os.listdir("/dev/shm") if n.removeprefix("sem.").startswith(f"minisrv-{process.pid}-")] == []
+
+
 def test_tp_size_without_gpus_is_a_clear_error() -> None:
     out = subprocess.run([sys.executable, "-m", "minisrv.cli", "serve", "--tp-size", "2", "--port", str(free_port())],
                          capture_output=True, text=True, timeout=120)

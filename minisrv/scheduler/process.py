@@ -20,7 +20,8 @@ from minisrv.ipc.records import Abort, Error, Generate, Kind, Tokens, peek_kind
 from minisrv.ipc.wait_any import check_fifo_readers, wait_any
 from minisrv.scheduler.request import FinishReason, RequestOutput
 from minisrv.status_block import ModelFacts, SchedulerStats
-from minisrv.worker_process import IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly, run_until_peers_leave, start_worker
+from minisrv.worker_process import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly,
+                                    run_until_peers_leave, start_worker, startup_errors)
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def main(info: WorkerInfo, config: EngineConfig, rings: SchedulerRings) -> None:
         process = SchedulerProcess(rings, watch)   # attach first: names are unlinked once all ends attach
         from minisrv.engine.llm_engine import LLMEngine   # torch and the model: only in this process
 
-        engine = LLMEngine(config)
+        with startup_errors():
+            engine = LLMEngine(config)
         loaded = engine.loaded
         process.engine, process.status = engine, status
         status.publish_model(ModelFacts(loaded.name, loaded.max_model_len, loaded.model_config.vocab_size))

@@ -22,7 +22,8 @@ from minisrv.scheduler.request import FinishReason
 from minisrv.tokenizer.choices import choice_rid
 from minisrv.tokenizer.incremental import IncrementalDetokenizer, TokenTexts
 from minisrv.tokenizer.loading import load_tokenizer
-from minisrv.worker_process import IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly, run_until_peers_leave, start_worker
+from minisrv.worker_process import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly,
+                                    run_until_peers_leave, start_worker, startup_errors)
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def main(info: WorkerInfo, config: EngineConfig, rings: DetokenizerRings) -> Non
     process = None
     try:
         process = DetokenizerProcess(rings, watch)   # attach first: names are unlinked once all ends attach
-        process.core = Detokenizer(load_tokenizer(config).backend_tokenizer)
+        with startup_errors():
+            process.core = Detokenizer(load_tokenizer(config).backend_tokenizer)
         status.mark_ready(info.slot, os.getpid())
         run_until_peers_leave(process.run)
     finally:

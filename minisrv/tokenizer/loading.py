@@ -16,23 +16,29 @@ if TYPE_CHECKING:
 
 
 def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer   # here, not at import: the launcher imports this module's users
-
     path = Path(config.model).expanduser()
     if config.load_format == "dummy":
         if path.is_dir():
-            return AutoTokenizer.from_pretrained(str(path))
+            return _from_hf_dir(path)
         from minisrv.models.byte_tokenizer import build_byte_tokenizer
 
         return build_byte_tokenizer()
     if config.model == "embedded":
         from minisrv.models.embedded import embedded_model_dir
 
-        return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+        return _from_hf_dir(embedded_model_dir())
     if path.suffix == ".gguf":
         from minisrv.models.gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(path)
     if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
+        return _from_hf_dir(path)
     raise ValueError(f"model: {config.model!r} is not 'embedded', a Hugging Face directory or a .gguf file")
+
+
+def _from_hf_dir(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer   # here, not at import: the launcher imports this module's users
+
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"model: {str(path)!r} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    return AutoTokenizer.from_pretrained(str(path))

@@ -18,7 +18,8 @@ from minisrv.status_block import StatusBlock
 from minisrv.tokenizer.choices import choice_rid, choice_seed
 from minisrv.tokenizer.loading import load_tokenizer
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, resolve_chat_template
-from minisrv.worker_process import IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly, run_until_peers_leave, start_worker
+from minisrv.worker_process import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly,
+                                    run_until_peers_leave, start_worker, startup_errors)
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +112,9 @@ def main(info: WorkerInfo, config: EngineConfig, rings: TokenizerRings) -> None:
     try:
         # Attach first: every ring's name is unlinked as soon as all its ends have attached.
         worker = TokenizerWorker(rings, None, status, watch)
-        tokenizer = load_tokenizer(config)
-        worker.prompts = PromptTokenizer(tokenizer, resolve_chat_template(config.chat_template, tokenizer))
+        with startup_errors():
+            tokenizer = load_tokenizer(config)
+            worker.prompts = PromptTokenizer(tokenizer, resolve_chat_template(config.chat_template, tokenizer))
         status.mark_ready(info.slot, os.getpid())
         run_until_peers_leave(worker.run)
     finally:
