@@ -76,7 +76,8 @@ async def run_pipeline(config: EngineConfig, stream_counts: list[int], tokens: i
     rows = []
     try:
         pipeline.start()
-        client.start(on_failure=lambda reason: print("pipeline failed:", reason))
+        stopping = False
+        client.start(on_failure=lambda reason: None if stopping else print("pipeline failed:", reason))
         while not pipeline.all_ready():
             await asyncio.sleep(0.05)
         pipeline.unlink()
@@ -94,6 +95,7 @@ async def run_pipeline(config: EngineConfig, stream_counts: list[int], tokens: i
             arrivals = await asyncio.gather(*(one(p, tokens) for p in prompts(streams, client.vocab_size)))
             rows.append(summarize("pipeline", streams, start, list(arrivals)))
     finally:
+        stopping = True
         client.end_streams()
         pipeline.stop(graceful=True, timeout=3.0)
         await client.close()

@@ -121,7 +121,8 @@ class Pipeline:
         self.unlink()
 
     def close(self) -> None:
-        """Close the API server's ring ends (after stop())."""
+        """Close the API server's ring ends and status block (after stop(), on the event loop)."""
         for ring in self.to_tokenizers:
             ring.close()
+        self.from_detokenizer.close()
         self.status.close()

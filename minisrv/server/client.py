@@ -146,12 +146,10 @@ class EngineClient:
             _finish_with_abort(stream)
 
     async def close(self) -> None:
+        """Stop consuming the text ring. The rings themselves belong to whoever created them."""
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        self._from_detokenizer.close()
-        for ring in self._to_tokenizers:
-            ring.close()
 
     # -- the app's side ---------------------------------------------------------------------------
     async def generate(self, inp: GenerateInput) -> AsyncIterator[OutputDelta]:

@@ -23,8 +23,9 @@ class Harness:
         requests = [rings.create(f"req{i}", 1 << 16) for i in range(num_tokenizers)]
         text = rings.create("text", 1 << 16, wakeup=Wakeup.FIFO)
         self.status = StatusBlock.create(f"{rings.prefix}-status", num_workers=1)
-        self.client = EngineClient([RingWriter(r.producer) for r in requests],
-                                   AsyncRingReader(RingReader(text.reader)), self.status, "served-name")
+        self.api_ends = [RingWriter(r.producer) for r in requests]
+        self.text_reader = AsyncRingReader(RingReader(text.reader))
+        self.client = EngineClient(self.api_ends, self.text_reader, self.status, "served-name")
         self.tokenizers = [RingReader(r.reader) for r in requests]
         self.detokenizer = RingWriter(text.producer)
         self.failures: list[str] = []
@@ -49,7 +50,7 @@ class Harness:
             token_texts=[b"\xe4\xbd" for _ in ids] + [b"x" for _ in ids] if logprobs else []).encode())
 
     def close(self) -> None:
-        for ring in (*self.tokenizers, self.detokenizer):
+        for ring in (*self.tokenizers, self.detokenizer, *self.api_ends, self.text_reader):
             ring.close()
         self.status.unlink()
         self.status.close()
