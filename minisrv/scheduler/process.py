@@ -13,15 +13,19 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from minisrv.config import EngineConfig
 from minisrv.ipc import RingReader, RingSpec, RingWriter
 from minisrv.ipc.records import Abort, Error, Generate, Kind, Tokens, peek_kind
 from minisrv.ipc.wait_any import check_fifo_readers, wait_any
 from minisrv.scheduler.request import FinishReason, RequestOutput
-from minisrv.status_block import ModelFacts, SchedulerStats
+from minisrv.status_block import ModelFacts, SchedulerStats, StatusBlock
 from minisrv.worker_process import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly,
                                     run_until_peers_leave, start_worker, startup_errors)
+
+if TYPE_CHECKING:
+    from minisrv.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,8 @@ def tokens_record(outputs: list[RequestOutput]) -> Tokens:
     rids, token_ids, finish, prompt, cached, output = [], [], [], [], [], []
     logprobs, top_counts, top_ids, top_logprobs = [], [], [], []
     for out in outputs:
-        new = list(zip(out.new_token_ids, out.new_samples)) or [(-1, None)]
+        samples = out.new_samples
+        new = [(t, samples[j] if j < len(samples) else None) for j, t in enumerate(out.new_token_ids)] or [(-1, None)]
         for j, (token, sample) in enumerate(new):
             last = j == len(new) - 1
             rids.append(out.rid)
@@ -67,8 +72,8 @@ class SchedulerProcess:
         self.inputs = [*self.from_tokenizers, self.from_detokenizer]
         check_fifo_readers(self.inputs)
         self.watch = watch
-        self.engine = None      # an LLMEngine (or anything with its interface), set before run()
-        self.status = None      # the StatusBlock the stats go to, set before run()
+        self.engine: LLMEngine | None = None    # (or anything with its interface) set before run()
+        self.status: StatusBlock | None = None  # where the stats go, set before run()
 
     def run(self) -> None:
         """Step the engine until a SHUTDOWN record arrives or the parent goes away."""
