@@ -16,8 +16,9 @@ import os
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from typing import Callable
 
-from minisrv.config import ServerConfig
+from minisrv.config import EngineConfig, ServerConfig
 from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
 from minisrv.ipc.aio import AsyncRingReader
 from minisrv.ipc.records import Shutdown
@@ -54,8 +55,10 @@ class Worker:
 class Pipeline:
     """Creates every ring and the status block in the API server process, then spawns the workers."""
 
-    def __init__(self, config: ServerConfig, capacities: RingCapacities = RingCapacities()) -> None:
+    def __init__(self, config: ServerConfig, capacities: RingCapacities = RingCapacities(),
+                 make_engine: Callable[[EngineConfig], object] = scheduler_process.load_engine) -> None:
         self.config = config
+        self.make_engine = make_engine   # picklable (a module-level function): it travels to the scheduler
         self.rings = RingSet()
         num_tok = config.num_tokenizers
         self.status = StatusBlock.create(f"{self.rings.prefix}-status", num_workers=num_tok + 2)
@@ -88,7 +91,8 @@ class Pipeline:
         level = self.config.log_level
         for slot, (name, target, rings) in enumerate(self._targets):
             info = WorkerInfo(name, slot, os.getpid(), self.status.spec, level)
-            process = spawn.Process(target=target, args=(info, self.config.engine, rings), name=f"minisrv-{name}")
+            args = (info, self.config.engine, rings) + ((self.make_engine,) if name == "scheduler" else ())
+            process = spawn.Process(target=target, args=args, name=f"minisrv-{name}")
             process.start()
             self.workers.append(Worker(name, process))
 

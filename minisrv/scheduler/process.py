@@ -13,7 +13,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from minisrv.config import EngineConfig
 from minisrv.ipc import RingReader, RingSpec, RingWriter
@@ -127,22 +127,27 @@ class SchedulerProcess:
             ring.close()
 
 
-def main(info: WorkerInfo, config: EngineConfig, rings: SchedulerRings) -> None:
-    """Entry point of the spawned scheduler (rank 0)."""
+def load_engine(config: EngineConfig) -> LLMEngine:
+    from minisrv.engine.llm_engine import LLMEngine   # torch and the model: only in this process
+
+    return LLMEngine(config)
+
+
+def main(info: WorkerInfo, config: EngineConfig, rings: SchedulerRings,
+         make_engine: Callable[[EngineConfig], LLMEngine] = load_engine) -> None:
+    """Entry point of the spawned scheduler (rank 0). `make_engine` may build anything with LLMEngine's
+    interface (and its `loaded` facts), e.g. a model-free engine to measure the pipeline alone."""
     status, watch = start_worker(info)
     process = None
     try:
         process = SchedulerProcess(rings, watch)   # attach first: names are unlinked once all ends attach
-        from minisrv.engine.llm_engine import LLMEngine   # torch and the model: only in this process
-
         with startup_errors():
-            engine = LLMEngine(config)
+            engine = make_engine(config)
         loaded = engine.loaded
         process.engine, process.status = engine, status
         status.publish_model(ModelFacts(loaded.name, loaded.max_model_len, loaded.model_config.vocab_size))
         status.mark_ready(info.slot, os.getpid())
-        logger.info("engine ready: %s, context %d, %d KV pages", loaded.name, loaded.max_model_len,
-                    engine.runner.num_pages)
+        logger.info("engine ready: %s, context length %d", loaded.name, loaded.max_model_len)
         run_until_peers_leave(process.run)
     finally:
         if process is not None:
