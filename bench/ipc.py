@@ -58,11 +58,12 @@ class Result:
     p99_us: float | None
     p999_us: float | None
     rps: float
+    samples: int = 0     # timed round trips (ping-pong) or records (stream)
 
 
 def latency_result(transport: str, msg_bytes: int, round_trips_ns: list[int], elapsed_s: float) -> Result:
     p50, p90, p99, p999 = np.percentile(np.array(round_trips_ns) / 1e3, [50, 90, 99, 99.9]).tolist()
-    return Result(transport, msg_bytes, p50, p90, p99, p999, len(round_trips_ns) / elapsed_s)
+    return Result(transport, msg_bytes, p50, p90, p99, p999, len(round_trips_ns) / elapsed_s, len(round_trips_ns))
 
 
 def payloads() -> list[bytes]:
@@ -70,37 +71,41 @@ def payloads() -> list[bytes]:
     return [rng.bytes(64), rng.integers(0, 50_000, 2048, dtype=np.int32).tobytes()]
 
 
-# --- peers (run in the spawned process): echo `count` messages per payload size, or stream -----------
+# --- peers (run in the spawned process): echo until STOP, or stream ----------------------------------
 
-def ring_echo(ping_spec, pong_spec, count: int, poll: bool) -> None:
+STOP = b""   # the client's last message: the echo peer exits without answering it
+
+
+def ring_echo(ping_spec, pong_spec, poll: bool) -> None:
     gc.disable()
     with RingReader(ping_spec) as reader, RingWriter(pong_spec) as writer:
-        for _ in range(count):
+        while True:
             if poll:
                 while (record := reader.try_read()) is None:
                     pass
-                while not writer.try_write(record):   # never full in ping-pong
-                    pass
             else:
-                writer.write(reader.read(timeout=60), timeout=60)
+                record = reader.read(timeout=60)
+            if record == STOP:
+                return
+            while not writer.try_write(record):   # never full in ping-pong
+                pass
 
 
-def zmq_echo(ping_addr: str, pong_addr: str, count: int) -> None:
+def zmq_echo(ping_addr: str, pong_addr: str) -> None:
     gc.disable()
     context = zmq.Context()
     pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     pull.connect(ping_addr)
     push.connect(pong_addr)
-    for _ in range(count):
-        push.send(msgpack.packb(msgpack.unpackb(pull.recv())))
-    push.close(linger=1000)
-    context.term()
+    while (message := msgpack.unpackb(pull.recv())) != STOP:
+        push.send(msgpack.packb(message))
+    context.destroy(linger=1000)
 
 
-def queue_echo(ping: multiprocessing.Queue, pong: multiprocessing.Queue, count: int) -> None:
+def queue_echo(ping: multiprocessing.Queue, pong: multiprocessing.Queue) -> None:
     gc.disable()
-    for _ in range(count):
-        pong.put(ping.get())
+    while (message := ping.get()) != STOP:
+        pong.put(message)
 
 
 def ring_stream_producer(spec, count: int) -> None:
@@ -119,8 +124,7 @@ def zmq_stream_producer(addr: str, count: int) -> None:
     record = bytes(range(STREAM_RECORD_BYTES))
     for _ in range(count):
         push.send(msgpack.packb(record))
-    push.close(linger=10_000)
-    context.term()
+    context.destroy(linger=10_000)
 
 
 def wake_peer(kind: str, ping_name: str, pong: object, count: int) -> None:
@@ -147,37 +151,52 @@ def start_peer(target, *args) -> multiprocessing.Process:
     return peer
 
 
-def timed_loop(round_trip, warmup: int, count: int) -> tuple[list[int], float]:
-    for _ in range(warmup):
+@dataclass
+class Plan:
+    warmup: int          # round trips before timing
+    count: int           # timed round trips per row and size...
+    budget_s: float | None   # ...unless this many seconds pass first (a contended machine can stall a poller)
+    stream_ring: int     # records in the stream rows
+    stream_zmq: int
+
+
+def timed_loop(round_trip, plan: Plan) -> tuple[list[int], float]:
+    for _ in range(plan.warmup):
         round_trip()
     samples = []
     clock = time.perf_counter_ns
     start = clock()
-    for _ in range(count):
+    deadline = start + int(plan.budget_s * 1e9) if plan.budget_s is not None else None
+    for _ in range(plan.count):
         t0 = clock()
         round_trip()
         samples.append(clock() - t0)
+        if deadline is not None and t0 > deadline:
+            break
     return samples, (clock() - start) / 1e9
 
 
-async def timed_loop_async(round_trip, warmup: int, count: int) -> tuple[list[int], float]:
-    for _ in range(warmup):
+async def timed_loop_async(round_trip, plan: Plan) -> tuple[list[int], float]:
+    for _ in range(plan.warmup):
         await round_trip()
     samples = []
     clock = time.perf_counter_ns
     start = clock()
-    for _ in range(count):
+    deadline = start + int(plan.budget_s * 1e9) if plan.budget_s is not None else None
+    for _ in range(plan.count):
         t0 = clock()
         await round_trip()
         samples.append(clock() - t0)
+        if deadline is not None and t0 > deadline:
+            break
     return samples, (clock() - start) / 1e9
 
 
-def bench_ring(mode: str, messages: list[bytes], warmup: int, count: int) -> list[Result]:
+def bench_ring(mode: str, messages: list[bytes], plan: Plan) -> list[Result]:
     with RingSet() as rings:
         ping = rings.create("ping", RING_CAPACITY)
         pong = rings.create("pong", RING_CAPACITY, wakeup=Wakeup.FIFO if mode == "asyncio" else Wakeup.SEMAPHORE)
-        peer = start_peer(ring_echo, ping.reader, pong.producer, len(messages) * (warmup + count), mode == "poll")
+        peer = start_peer(ring_echo, ping.reader, pong.producer, mode == "poll")
         writer, reader = RingWriter(ping.producer), RingReader(pong.reader)
         timings = []
         if mode == "asyncio":
@@ -188,7 +207,7 @@ def bench_ring(mode: str, messages: list[bytes], warmup: int, count: int) -> lis
                     async def round_trip() -> None:
                         writer.write(message)        # never full in ping-pong: never blocks the loop
                         await consumer.drain(timeout=60)
-                    runs.append(await timed_loop_async(round_trip, warmup, count))
+                    runs.append(await timed_loop_async(round_trip, plan))
                 consumer.close()
                 return runs
             timings = uvloop.run(run_all())
@@ -202,21 +221,22 @@ def bench_ring(mode: str, messages: list[bytes], warmup: int, count: int) -> lis
                 def round_trip() -> None:
                     writer.write(message)
                     reader.read(timeout=60)
-            timings.append(timed_loop(round_trip, warmup, count))
+            timings.append(timed_loop(round_trip, plan))
+        writer.write(STOP)
         peer.join(60)
         writer.close()
         reader.close()
     return [latency_result(f"ring-{mode}", len(m), samples, elapsed) for m, (samples, elapsed) in zip(messages, timings)]
 
 
-def bench_zmq(use_asyncio: bool, messages: list[bytes], warmup: int, count: int) -> list[Result]:
+def bench_zmq(use_asyncio: bool, messages: list[bytes], plan: Plan) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         ping_addr, pong_addr = f"ipc://{tmp}/ping", f"ipc://{tmp}/pong"
         context = zmq.asyncio.Context() if use_asyncio else zmq.Context()
         push, pull = context.socket(zmq.PUSH), context.socket(zmq.PULL)
         push.bind(ping_addr)
         pull.bind(pong_addr)
-        peer = start_peer(zmq_echo, ping_addr, pong_addr, len(messages) * (warmup + count))
+        peer = start_peer(zmq_echo, ping_addr, pong_addr)
         if use_asyncio:
             async def run_all() -> list[tuple[list[int], float]]:
                 runs = []
@@ -224,7 +244,8 @@ def bench_zmq(use_asyncio: bool, messages: list[bytes], warmup: int, count: int)
                     async def round_trip() -> None:
                         await push.send(msgpack.packb(message))
                         msgpack.unpackb(await pull.recv())
-                    runs.append(await timed_loop_async(round_trip, warmup, count))
+                    runs.append(await timed_loop_async(round_trip, plan))
+                await push.send(msgpack.packb(STOP))
                 return runs
             timings = uvloop.run(run_all())
         else:
@@ -233,7 +254,8 @@ def bench_zmq(use_asyncio: bool, messages: list[bytes], warmup: int, count: int)
                 def round_trip() -> None:
                     push.send(msgpack.packb(message))
                     msgpack.unpackb(pull.recv())
-                timings.append(timed_loop(round_trip, warmup, count))
+                timings.append(timed_loop(round_trip, plan))
+            push.send(msgpack.packb(STOP))
         peer.join(60)
         push.close(linger=0)
         pull.close(linger=0)
@@ -242,16 +264,17 @@ def bench_zmq(use_asyncio: bool, messages: list[bytes], warmup: int, count: int)
     return [latency_result(name, len(m), samples, elapsed) for m, (samples, elapsed) in zip(messages, timings)]
 
 
-def bench_queue(messages: list[bytes], warmup: int, count: int) -> list[Result]:
+def bench_queue(messages: list[bytes], plan: Plan) -> list[Result]:
     ping, pong = SPAWN.Queue(), SPAWN.Queue()
-    peer = start_peer(queue_echo, ping, pong, len(messages) * (warmup + count))
+    peer = start_peer(queue_echo, ping, pong)
     results = []
     for message in messages:
         def round_trip() -> None:
             ping.put(message)
             pong.get()
-        samples, elapsed = timed_loop(round_trip, warmup, count)
+        samples, elapsed = timed_loop(round_trip, plan)
         results.append(latency_result("mp-queue", len(message), samples, elapsed))
+    ping.put(STOP)
     peer.join(60)
     return results
 
@@ -268,7 +291,7 @@ def bench_ring_stream(count: int) -> Result:
                 received += len(reader.drain())
             elapsed = time.perf_counter() - start
             peer.join(60)
-    return Result("ring-stream", STREAM_RECORD_BYTES, None, None, None, None, received / elapsed)
+    return Result("ring-stream", STREAM_RECORD_BYTES, None, None, None, None, received / elapsed, received)
 
 
 def bench_zmq_stream(count: int) -> Result:
@@ -287,10 +310,10 @@ def bench_zmq_stream(count: int) -> Result:
         peer.join(60)
         pull.close(linger=0)
         context.term()
-    return Result("zmq-stream", STREAM_RECORD_BYTES, None, None, None, None, (received - 1) / elapsed)
+    return Result("zmq-stream", STREAM_RECORD_BYTES, None, None, None, None, (received - 1) / elapsed, received - 1)
 
 
-def bench_wake(kind: str, warmup: int, count: int) -> Result:
+def bench_wake(kind: str, plan: Plan) -> Result:
     """Round trip: post the peer's semaphore, await the peer's answer on the loop."""
     prefix = f"/minisrv-bench-{os.getpid()}-{kind}"
     ping = posix_ipc.Semaphore(prefix + "-ping", posix_ipc.O_CREX, mode=0o600)
@@ -305,7 +328,7 @@ def bench_wake(kind: str, warmup: int, count: int) -> Result:
         else:
             doorbell = FifoDoorbell(fifo_path, create=True)
             peer_end = fifo_path
-        peer = start_peer(wake_peer, kind, ping.name, peer_end, warmup + count)
+        peer = start_peer(wake_peer, kind, ping.name, peer_end, plan.warmup + plan.count)
 
         async def run() -> tuple[list[int], float]:
             loop = asyncio.get_running_loop()
@@ -321,7 +344,7 @@ def bench_wake(kind: str, warmup: int, count: int) -> Result:
 
             if kind == "thread":
                 def waiter() -> None:
-                    for _ in range(warmup + count):
+                    for _ in range(plan.warmup + plan.count):
                         pong.acquire(60)
                         loop.call_soon_threadsafe(on_answer)
                 threading.Thread(target=waiter, daemon=True).start()
@@ -333,7 +356,8 @@ def bench_wake(kind: str, warmup: int, count: int) -> Result:
                 answered = loop.create_future()
                 ping.release()
                 await answered
-            return await timed_loop_async(round_trip, warmup, count)
+            # Every round trip runs (no time budget): the peer answers exactly warmup + count posts.
+            return await timed_loop_async(round_trip, Plan(plan.warmup, plan.count, None, 0, 0))
 
         samples, elapsed = uvloop.run(run())
         peer.join(60)
@@ -368,7 +392,7 @@ def ratio(results: list[Result], row: Result, peer: str, field: str) -> str:
 
 def table(results: list[Result]) -> str:
     lines = [f"{'transport':14} {'bytes':>6} {'p50 us':>9} {'p90 us':>9} {'p99 us':>9} {'p99.9 us':>9} "
-             f"{'rps':>11}  ratio"]
+             f"{'rps':>11} {'samples':>8}  ratio"]
     for row in results:
         if row.p50_us is None:
             cells, ratios = " " * 39, ratio(results, row, "zmq-stream", "rps")
@@ -379,7 +403,7 @@ def table(results: list[Result]) -> str:
                 ratios += ", " + ratio(results, row, "zmq-asyncio", "p50_us")
         if row.transport.startswith(("zmq", "wake")) or row.transport == "mp-queue":
             ratios = "" if not row.transport.startswith("wake") else ratio(results, row, "wake-thread", "p50_us")
-        lines.append(f"{row.transport:14} {row.msg_bytes:6d} {cells} {row.rps:11.0f}  {ratios}")
+        lines.append(f"{row.transport:14} {row.msg_bytes:6d} {cells} {row.rps:11.0f} {row.samples:8d}  {ratios}")
     return "\n".join(lines)
 
 
@@ -440,25 +464,26 @@ def main() -> None:
             plot(results, args.plot)
         print(f"{run['machine']}\n{targets(results)}\n\n{table(results)}")
         return
-    warmup, count = (300, 3000) if args.quick else (2000, 20000)
-    stream_ring, stream_zmq = (500_000, 100_000) if args.quick else (4_000_000, 400_000)
+    plan = (Plan(300, 3000, 2.0, 500_000, 100_000) if args.quick
+            else Plan(2000, 20000, 30.0, 4_000_000, 400_000))
     info = machine()
     messages = payloads()
     gc.disable()   # on both sides: a collection in the middle of a round trip is noise, not transport
     results: list[Result] = []
-    for name, run in [("ring-block", lambda: bench_ring("block", messages, warmup, count)),
-                      ("ring-poll", lambda: bench_ring("poll", messages, warmup, count)),
-                      ("ring-asyncio", lambda: bench_ring("asyncio", messages, warmup, count)),
-                      ("zmq-msgpack", lambda: bench_zmq(False, messages, warmup, count)),
-                      ("zmq-asyncio", lambda: bench_zmq(True, messages, warmup, count)),
-                      ("mp-queue", lambda: bench_queue(messages, warmup, count // 2)),
-                      ("ring-stream", lambda: [bench_ring_stream(stream_ring)]),
-                      ("zmq-stream", lambda: [bench_zmq_stream(stream_zmq)]),
-                      ("wake-*", lambda: [bench_wake(k, warmup, count) for k in ("thread", "eventfd", "fifo")])]:
+    for name, run in [("ring-block", lambda: bench_ring("block", messages, plan)),
+                      ("ring-poll", lambda: bench_ring("poll", messages, plan)),
+                      ("ring-asyncio", lambda: bench_ring("asyncio", messages, plan)),
+                      ("zmq-msgpack", lambda: bench_zmq(False, messages, plan)),
+                      ("zmq-asyncio", lambda: bench_zmq(True, messages, plan)),
+                      ("mp-queue", lambda: bench_queue(messages, plan)),
+                      ("ring-stream", lambda: [bench_ring_stream(plan.stream_ring)]),
+                      ("zmq-stream", lambda: [bench_zmq_stream(plan.stream_zmq)]),
+                      ("wake-*", lambda: [bench_wake(k, plan) for k in ("thread", "eventfd", "fifo")])]:
         if args.only and name not in args.only.split(","):
             continue
-        print(f"running {name} ...", flush=True)
+        started = time.perf_counter()
         results += run()
+        print(f"{name:13} done in {time.perf_counter() - started:5.1f} s", flush=True)
     info["loadavg_at_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as out:
