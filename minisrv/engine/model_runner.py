@@ -1,6 +1,7 @@
 """ModelRunner: owns the model, the KV page pool and the sampler; turns a ScheduledBatch into sampled tokens."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,22 @@ from minisrv.scheduler.kv_pages import pages_for_tokens
 from minisrv.scheduler.request import Request, SampleResult
 
 CPU_DEFAULT_KV_GIB = 2.0
+
+
+def cpu_threads(config: EngineConfig) -> int:
+    """Intra-op threads for the CPU engine: EngineConfig.cpu_threads, else every core but one.
+
+    The core left over is for the server's other processes (API server, tokenizer, detokenizer) and
+    everything else on the host. An OpenMP parallel region waits at its barriers for every one of its
+    threads, so a thread preempted by another process stalls the whole matmul for a scheduler time slice:
+    on the 2-core dev VM with other work running, 2 threads made decode steps 5-10x slower than 1.
+    """
+    if config.cpu_threads is not None:
+        if config.cpu_threads < 1:
+            raise ValueError(f"cpu_threads: must be >= 1, got {config.cpu_threads}")
+        return config.cpu_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 @dataclass
@@ -47,6 +64,8 @@ class ModelRunner:
         self.max_model_len = loaded.max_model_len
         first_param = next(self.model.parameters())
         self.device, self.dtype = first_param.device, first_param.dtype
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(config))
         self.page_size = config.page_size
         self.bytes_per_page = kv_cache_bytes_per_page(self.model_config, self.page_size, self.dtype)
         self.num_pages = self._num_pages()

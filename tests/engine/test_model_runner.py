@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from minisrv.config import EngineConfig
 from minisrv.engine.attention import kv_cache_bytes_per_page
-from minisrv.engine.model_runner import CPU_DEFAULT_KV_GIB, ModelRunner
+from minisrv.engine.model_runner import CPU_DEFAULT_KV_GIB, ModelRunner, cpu_threads
 from minisrv.models.config import ModelConfig
 from minisrv.models.dummy import init_dummy_weights
 from minisrv.models.loader import LoadedModel, build_model
@@ -57,8 +58,20 @@ def test_pool_size_from_each_setting(loaded):
     assert runner.num_pages == min(3 * math.ceil(256 / 8), int(CPU_DEFAULT_KV_GIB * 2**30 // per_page))
 
 
+def test_cpu_threads(loaded):
+    before = torch.get_num_threads()
+    try:
+        ModelRunner(EngineConfig(num_pages=4, cpu_threads=1), loaded, Greedy())
+        assert torch.get_num_threads() == 1
+        assert cpu_threads(EngineConfig(cpu_threads=3)) == 3
+        assert 1 <= cpu_threads(EngineConfig()) == max(1, len(os.sched_getaffinity(0)) - 1)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("config, field", [
     (EngineConfig(page_size=0), "page_size"),
+    (EngineConfig(cpu_threads=0), "cpu_threads"),
     (EngineConfig(kv_cache_memory=1e-9), "kv_cache_memory"),
     (EngineConfig(num_pages=0), "num_pages"),
 ])
