@@ -1,0 +1,131 @@
+"""The whole engine on a GPU with the PyTorch path: a preset-sized model (smollm2-135m) in bfloat16.
+
+transformers' Llama with the same random weights is the oracle. Greedy tokens in bfloat16 can differ from
+the oracle's where two logits are within rounding of each other, so the check is teacher-forced: feed the
+oracle our whole output and require every token we chose to be the oracle's top choice up to a tolerance
+far below the logits' spread (std ~3). Every scheduling mode (one at a time, batched, prefix-cache hits,
+chunked prefill, preemption) must pass it. MINISRV_TEST_DEVICE=cpu runs it on the CPU (float32, exact).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from minisrv.config import EngineConfig
+from minisrv.engine.llm_engine import LLMEngine
+from minisrv.models.config import ModelConfig
+from minisrv.models.dummy import LOGIT_STD, load_preset
+from minisrv.models.loader import LoadedModel, build_model
+from minisrv.models.weights import load_weights
+from minisrv.sampling_params import SamplingParams
+from minisrv.scheduler.request import FinishReason
+
+DEVICE = os.environ.get("MINISRV_TEST_DEVICE", "cuda")
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+# bfloat16 keeps 8 mantissa bits: logits of magnitude ~10 round by ~0.04 and 30 layers compound it.
+TOLERANCE = 0.5 if DTYPE == torch.bfloat16 else 1e-3
+MAX_TOKENS = 32
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = load_preset("smollm2-135m")
+    hf_config = AutoConfig.for_model(spec.pop("model_type"), **{k: v for k, v in spec.items() if k != "torch_dtype"})
+    hf = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                std = LOGIT_STD / math.sqrt(hf_config.hidden_size) if "embed" in name else 0.02
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    return hf.to(device=DEVICE, dtype=DTYPE), load_preset("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def loaded(oracle) -> LoadedModel:
+    hf, spec = oracle
+    model_config = ModelConfig.from_hf_dict(spec)
+    model = build_model(model_config, 1024, DTYPE, torch.device(DEVICE))
+    load_weights(model, ((k, v.float().cpu()) for k, v in hf.state_dict().items()))
+    return LoadedModel(model=model, model_config=model_config, tokenizer=None, eos_token_ids=[2],
+                       chat_template=None, max_model_len=1024, name="smollm2-135m-random")
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(1)
+    return [[rng.randrange(3, 49152) for _ in range(rng.randint(5, 80))] for _ in range(8)]
+
+
+def generate(loaded: LoadedModel, prompts: list[list[int]], **engine_args) -> tuple[LLMEngine, list[list[int]]]:
+    engine = LLMEngine(EngineConfig(device=DEVICE, **engine_args), loaded=loaded)
+    return engine, run(engine, prompts)
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], first_rid: int = 0) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs: dict[int, list[int]] = {}
+    for rid, ids in enumerate(prompts, start=first_rid):
+        engine.add_request(rid, ids, params)
+        outputs[rid] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.rid] += out.new_token_ids
+            assert out.finish_reason in (FinishReason.NONE, FinishReason.LENGTH)
+    return [outputs[rid] for rid in sorted(outputs)]
+
+
+def assert_oracle_agrees(oracle, prompts: list[list[int]], outputs: list[list[int]]) -> None:
+    hf, _ = oracle
+    worst = 0.0
+    with torch.inference_mode():
+        for ids, out in zip(prompts, outputs):
+            assert len(out) == MAX_TOKENS
+            logits = hf(torch.tensor([ids + out], device=DEVICE)).logits[0, len(ids) - 1 : -1].float()
+            chosen = logits.gather(1, torch.tensor(out, device=DEVICE)[:, None])[:, 0]
+            deficit = (logits.max(dim=1).values - chosen).max().item()
+            worst = max(worst, deficit)
+    print(f"largest logit deficit of a chosen token vs the oracle's best: {worst:.4f} (tolerance {TOLERANCE})")
+    assert worst <= TOLERANCE
+
+
+def test_one_at_a_time(oracle, loaded, prompts) -> None:
+    outs = [generate(loaded, [ids])[1][0] for ids in prompts]
+    assert_oracle_agrees(oracle, prompts, outs)
+
+
+def test_one_batch(oracle, loaded, prompts) -> None:
+    assert_oracle_agrees(oracle, prompts, generate(loaded, prompts)[1])
+
+
+def test_prefix_cache_hits(oracle, loaded, prompts) -> None:
+    shared = [random.Random(2).randrange(3, 49152) for _ in range(40)]
+    with_prefix = [shared + ids for ids in prompts]  # two full 16-token pages shared by all
+    engine, first = generate(loaded, with_prefix[:1])
+    rest = run(engine, with_prefix[1:], first_rid=1)
+    assert engine.stats().prefix_cache_hits >= 32 * (len(prompts) - 1)
+    assert_oracle_agrees(oracle, with_prefix, first + rest)
+
+
+def test_chunked_prefill(oracle, loaded, prompts) -> None:
+    assert_oracle_agrees(oracle, prompts, generate(loaded, prompts, max_num_batched_tokens=13, page_size=4)[1])
+
+
+def test_preemption(oracle, loaded, prompts) -> None:
+    longest = max(len(ids) for ids in prompts) + MAX_TOKENS
+    engine, outs = generate(loaded, prompts, page_size=4, num_pages=(longest + 3) // 4 + 6, enable_prefix_cache=False)
+    assert engine.scheduler.num_preemptions > 0
+    assert_oracle_agrees(oracle, prompts, outs)
