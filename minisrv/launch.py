@@ -53,11 +53,6 @@ def serve(config: ServerConfig) -> int:
     except ValueError as exc:
         print(f"minisrv serve: error: {exc}", file=sys.stderr)
         return 2
-    if config.engine.model == "embedded" and config.engine.load_format != "dummy":
-        # Fetch and convert once here, rather than in several workers at the same time.
-        from minisrv.models.embedded import embedded_model_dir
-
-        embedded_model_dir()
     import uvloop
 
     return uvloop.run(_serve(config))

@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from typing import Callable
 
@@ -44,6 +44,17 @@ class RingCapacities:
     # two could wait on each other only if this one filled: it holds ~10k aborts, far more than running requests.
     stops: int = 256 * 1024
     text: int = 8 * MiB           # detokenizer -> api: one batch's text (echo can be a whole prompt)
+
+
+def tokenizer_source(config: EngineConfig) -> EngineConfig:
+    """The config the tokenizer workers and the detokenizer load from. The embedded model is fetched and
+    converted here, once, rather than by several workers at the same time; they then read its directory
+    (the scheduler keeps "embedded", whose name the server reports)."""
+    if config.model != "embedded" or config.load_format == "dummy":
+        return config
+    from minisrv.models.embedded import embedded_model_dir
+
+    return replace(config, model=str(embedded_model_dir()))
 
 
 @dataclass
@@ -89,9 +100,13 @@ class Pipeline:
         """Spawn every worker (a fresh interpreter each: no inherited locks, threads or CUDA state)."""
         spawn = multiprocessing.get_context("spawn")
         level = self.config.log_level
+        engine_config, tokenizer_config = self.config.engine, tokenizer_source(self.config.engine)
         for slot, (name, target, rings) in enumerate(self._targets):
             info = WorkerInfo(name, slot, os.getpid(), self.status.spec, level)
-            args = (info, self.config.engine, rings) + ((self.make_engine,) if name == "scheduler" else ())
+            if name == "scheduler":
+                args = (info, engine_config, rings, self.make_engine)
+            else:
+                args = (info, tokenizer_config, rings)
             process = spawn.Process(target=target, args=args, name=f"minisrv-{name}")
             process.start()
             self.workers.append(Worker(name, process))

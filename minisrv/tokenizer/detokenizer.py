@@ -21,7 +21,7 @@ from minisrv.ipc.wait_any import check_fifo_readers, wait_any
 from minisrv.scheduler.request import FinishReason
 from minisrv.tokenizer.choices import choice_rid
 from minisrv.tokenizer.incremental import IncrementalDetokenizer, TokenTexts
-from minisrv.tokenizer.loading import load_tokenizer
+from minisrv.tokenizer.loading import load_fast_tokenizer
 from minisrv.worker_process import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly,
                                     run_until_peers_leave, start_worker, startup_errors)
 
@@ -213,7 +213,7 @@ def main(info: WorkerInfo, config: EngineConfig, rings: DetokenizerRings) -> Non
     try:
         process = DetokenizerProcess(rings, watch)   # attach first: names are unlinked once all ends attach
         with startup_errors():
-            process.core = Detokenizer(load_tokenizer(config).backend_tokenizer)
+            process.core = Detokenizer(load_fast_tokenizer(config))
         status.mark_ready(info.slot, os.getpid())
         run_until_peers_leave(process.run)
     finally:

@@ -84,7 +84,7 @@ class TokenTexts:
         self._byte_level = isinstance(tokenizer.decoder, ByteLevel)
         self._unicode_to_byte = {}
         if self._byte_level:   # GPT-2's table of which printable character stands for which byte
-            from transformers.convert_slow_tokenizer import bytes_to_unicode
+            from gguf.vocab import bytes_to_unicode   # the same table as transformers', without importing it
 
             self._unicode_to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
         self._cache: dict[int, TokenText] = {}
