@@ -125,7 +125,8 @@ class Scheduler:
                 self._schedule_running(req, step)
         # Memory is short when someone was just preempted: admitting more would only thrash.
         while (self.waiting and step.budget > 0 and not step.preempted
-               and len(self.running) < self.max_running and self._admit(self.waiting[0], step)):
+               and len(self.running) < self.max_running
+               and not self._prefix_being_computed(self.waiting[0], step) and self._admit(self.waiting[0], step)):
             pass
         return ScheduledBatch(step.seqs)
 
@@ -190,6 +191,19 @@ class Scheduler:
                 self.prefix_cache_hits += start
         self._add_seq(req, start, num_tokens, step)
         return True
+
+    def _prefix_being_computed(self, req: Request, step: _Step) -> bool:
+        """Whether a prefill in this step computes req's first prompt page (not cached yet).
+
+        Then req waits: after the step those pages are in the prefix cache and req attaches them instead of
+        computing a copy. This is how the n choices of one request (n GENERATE records with one prompt,
+        arriving together) and concurrent requests with one system prompt share their prompt's KV pages.
+        """
+        if self.prefix_cache is None or req.num_prompt_tokens <= self.page_size:
+            return False
+        first_page = req.prompt_ids[:self.page_size]
+        return any(seq.start < self.page_size <= seq.request.num_prompt_tokens
+                   and seq.request.prompt_ids[:self.page_size] == first_page for seq in step.seqs)
 
     def _add_seq(self, req: Request, start: int, num_tokens: int, step: _Step) -> None:
         req.num_computed = start + num_tokens

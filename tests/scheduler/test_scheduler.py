@@ -254,3 +254,19 @@ def test_postprocess_rejects_a_wrong_number_of_results():
     batch = sched.schedule()
     with pytest.raises(ValueError, match="got 2 sample results for a batch with 1 sampling sequences"):
         sched.postprocess(batch, [SampleResult(1), SampleResult(2)])
+
+
+def test_requests_arriving_together_with_one_prompt_share_its_pages():
+    """n>1 choices arrive as n requests with the same prompt: the later ones wait one step and hit."""
+    rng = random.Random(12)
+    sched = make_scheduler(num_pages=64, page_size=4)
+    engine = FakeEngine(sched)
+    prompt = tokens(rng, 10)
+    choices = [request(rid, prompt, max_tokens=5) for rid in (1, 2, 3)]
+    other = request(4, tokens(rng, 6), max_tokens=5)
+    run = drive(engine, {0: choices + [other]})
+    assert run.batches[0] == [(1, 0, 10, True)]                     # the others wait for its pages
+    assert [c.num_cached_tokens for c in choices] == [0, 8, 8]
+    assert other.num_cached_tokens == 0
+    assert_matches_reference(run, choices + [other])
+    check_drained(sched)
