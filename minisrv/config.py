@@ -25,7 +25,7 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     chat_template: str | None = None       # a Jinja template string or a path to one
     seed: int = 0                          # seeds dummy weights and unseeded requests' seed draw
-    cpu_threads: int | None = None         # CPU device: PyTorch intra-op threads; None: all cores but one
+    cpu_threads: int | None = None         # CPU device: PyTorch intra-op threads; None: every core
 
     def resolved_device(self) -> str:
         if self.device != "auto":

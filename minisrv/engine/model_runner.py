@@ -19,19 +19,18 @@ CPU_DEFAULT_KV_GIB = 2.0
 
 
 def cpu_threads(config: EngineConfig) -> int:
-    """Intra-op threads for the CPU engine: EngineConfig.cpu_threads, else every core but one.
+    """Intra-op threads for the CPU engine: EngineConfig.cpu_threads, else every core we may run on.
 
-    The core left over is for the server's other processes (API server, tokenizer, detokenizer) and
-    everything else on the host. An OpenMP parallel region waits at its barriers for every one of its
-    threads, so a thread preempted by another process stalls the whole matmul for a scheduler time slice:
-    on the 2-core dev VM with other work running, 2 threads made decode steps 5-10x slower than 1.
+    Lower it when other busy processes share the cores: an OpenMP parallel region waits at its barriers
+    for every one of its threads, so a thread preempted by another process stalls the whole matmul for a
+    scheduler time slice (on a 2-core VM with other heavy jobs running, 2 threads made decode steps 5-10x
+    slower than 1). On a quiet 2-core VM, 2 threads decode 1.35x faster than 1 (bench/offline.py).
     """
     if config.cpu_threads is not None:
         if config.cpu_threads < 1:
             raise ValueError(f"cpu_threads: must be >= 1, got {config.cpu_threads}")
         return config.cpu_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
