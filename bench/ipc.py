@@ -5,8 +5,10 @@
 
 Two processes each time: this one (the client) and a spawned peer. Ping-pong: the client sends a
 64-byte record or an 8 KiB token-id array (2048 int32), the peer echoes it, the client times the round
-trip. Rows: `ring-block` (both ends block on their semaphore), `ring-poll` (both ends spin on the
-ring), `ring-asyncio` (the client awaits an AsyncRingReader on uvloop), `zmq-msgpack` (PUSH/PULL over
+trip. Rows: `ring-block` (both ends use the blocking `read()`: it polls for SPIN_BEFORE_SLEEP_S,
+then sleeps on its semaphore), `ring-sleep` (the same with no spinning: every message is a
+semaphore wake-up), `ring-poll` (both ends spin on the ring), `ring-asyncio` (the client awaits an
+AsyncRingReader on uvloop, which never spins: the loop has other work), `zmq-msgpack` (PUSH/PULL over
 ipc://, every message msgpack-packed, as mini-sglang does), `zmq-asyncio` (the client on zmq.asyncio
 under uvloop), `mp-queue` (multiprocessing.Queue). msgpack packs the payload as one bin object, the
 cheapest use of it, so the ZeroMQ rows are a best case (mini-sglang packs token ids as int lists).
@@ -41,6 +43,7 @@ import zmq.asyncio
 
 from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
 from minisrv.ipc.aio import AsyncRingReader
+from minisrv.ipc.ring import SPIN_BEFORE_SLEEP_S
 from minisrv.ipc.wakeup import FifoDoorbell
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -76,15 +79,16 @@ def payloads() -> list[bytes]:
 STOP = b""   # the client's last message: the echo peer exits without answering it
 
 
-def ring_echo(ping_spec, pong_spec, poll: bool) -> None:
+def ring_echo(ping_spec, pong_spec, mode: str) -> None:
     gc.disable()
+    spin_s = 0.0 if mode == "sleep" else SPIN_BEFORE_SLEEP_S
     with RingReader(ping_spec) as reader, RingWriter(pong_spec) as writer:
         while True:
-            if poll:
+            if mode == "poll":
                 while (record := reader.try_read()) is None:
                     pass
             else:
-                record = reader.read(timeout=60)
+                record = reader.read(timeout=60, spin_s=spin_s)
             if record == STOP:
                 return
             while not writer.try_write(record):   # never full in ping-pong
@@ -196,7 +200,7 @@ def bench_ring(mode: str, messages: list[bytes], plan: Plan) -> list[Result]:
     with RingSet() as rings:
         ping = rings.create("ping", RING_CAPACITY)
         pong = rings.create("pong", RING_CAPACITY, wakeup=Wakeup.FIFO if mode == "asyncio" else Wakeup.SEMAPHORE)
-        peer = start_peer(ring_echo, ping.reader, pong.producer, mode == "poll")
+        peer = start_peer(ring_echo, ping.reader, pong.producer, mode)
         writer, reader = RingWriter(ping.producer), RingReader(pong.reader)
         timings = []
         if mode == "asyncio":
@@ -218,9 +222,11 @@ def bench_ring(mode: str, messages: list[bytes], plan: Plan) -> list[Result]:
                     while reader.try_read() is None:
                         pass
             else:
+                spin_s = 0.0 if mode == "sleep" else SPIN_BEFORE_SLEEP_S
+
                 def round_trip() -> None:
                     writer.write(message)
-                    reader.read(timeout=60)
+                    reader.read(timeout=60, spin_s=spin_s)
             timings.append(timed_loop(round_trip, plan))
         writer.write(STOP)
         peer.join(60)
@@ -471,6 +477,7 @@ def main() -> None:
     gc.disable()   # on both sides: a collection in the middle of a round trip is noise, not transport
     results: list[Result] = []
     for name, run in [("ring-block", lambda: bench_ring("block", messages, plan)),
+                      ("ring-sleep", lambda: bench_ring("sleep", messages, plan)),
                       ("ring-poll", lambda: bench_ring("poll", messages, plan)),
                       ("ring-asyncio", lambda: bench_ring("asyncio", messages, plan)),
                       ("zmq-msgpack", lambda: bench_zmq(False, messages, plan)),

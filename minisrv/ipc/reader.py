@@ -1,17 +1,18 @@
 """A reader end of a ring (framing and publication rules: minisrv/ipc/ring.py).
 
 Polling (`try_read`, `drain`, `drain_views`) touches only shared memory: no system call when the
-ring is empty, so the scheduler can poll between steps for free. Blocking (`read`, `wait`) sleeps
-on the reader's doorbell after advertising it in the header (minisrv/ipc/wakeup.py explains the
-handshake), waking every LIVENESS_INTERVAL_S to check that the producer still lives.
+ring is empty, so the scheduler can poll between steps for free. Blocking (`read`, `wait`) polls
+for SPIN_BEFORE_SLEEP_S, then sleeps on the reader's doorbell after advertising it in the header
+(minisrv/ipc/wakeup.py explains the handshake), waking every LIVENESS_INTERVAL_S to check that the
+producer still lives.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 
-from minisrv.ipc.ring import (BATCH_BIT, BATCH_COUNT_SHIFT, LIVENESS_INTERVAL_S, PAYLOAD_MASK, WRAP_MARKER, PeerGone,
-                              RingEndpoint, RingTimeout, frame_bytes, peer_state)
+from minisrv.ipc.ring import (BATCH_BIT, BATCH_COUNT_SHIFT, LIVENESS_INTERVAL_S, PAYLOAD_MASK, SPIN_BEFORE_SLEEP_S,
+                              WRAP_MARKER, PeerGone, RingEndpoint, RingTimeout, frame_bytes, peer_state)
 from minisrv.ipc.segment import CLOSED_BIT, HeaderLayout, RingSpec, Role, open_doorbell
 from minisrv.ipc.wakeup import SemaphoreDoorbell, full_fence, process_alive
 
@@ -74,11 +75,11 @@ class RingReader(RingEndpoint):
             self._space.ring()
         return record
 
-    def read(self, timeout: float | None = None) -> bytes:
-        """The next record, copied, waiting up to `timeout` seconds (None: forever)."""
+    def read(self, timeout: float | None = None, spin_s: float = SPIN_BEFORE_SLEEP_S) -> bytes:
+        """The next record, copied, waiting up to `timeout` seconds (None: forever); see `wait`."""
         record = self.try_read()
         while record is None:
-            self.wait(timeout)
+            self.wait(timeout, spin_s)
             record = self.try_read()
         return record
 
@@ -151,11 +152,16 @@ class RingReader(RingEndpoint):
             self._header[self._waiting_word] = 0
             self._space.ring()
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until a record is available. Raises RingTimeout, or PeerGone once the ring is empty
-        and the producer has exited or closed its end."""
+    def wait(self, timeout: float | None = None, spin_s: float = SPIN_BEFORE_SLEEP_S) -> None:
+        """Block until a record is available: poll for `spin_s` seconds, then sleep on the doorbell.
+        Raises RingTimeout, or PeerGone once the ring is empty and the producer has exited or closed its end."""
         if self._available():
             return
+        if spin_s > 0:
+            spin_end = time.perf_counter() + spin_s
+            while time.perf_counter() < spin_end:
+                if self._available():
+                    return
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.prepare_to_sleep():
             now = time.monotonic()
