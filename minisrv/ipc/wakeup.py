@@ -13,11 +13,12 @@ On weakly ordered CPUs (ARM, POWER) those atomics are only acquire/release, so a
 `sync` would be needed there.
 
 Doorbells: a POSIX semaphore for consumers that block in a thread, and a named FIFO for consumers
-inside an event loop, which watches its file descriptor. bench/ipc.py's wake-up rows (2 pinned Xeon
-cores, uvloop): a reader thread blocked on a semaphore that posts into the loop, 22 us round trip;
-an eventfd the loop watches, 10.4 us; a FIFO the loop watches, 10.8 us. The fd wins; a FIFO rather
-than an eventfd because a FIFO has a name: it follows the same create / attach-by-name / unlink
-lifecycle as the segment, so no descriptor has to be inherited across `spawn`.
+inside an event loop, which watches its file descriptor. bench/ipc.py's wake-up rows, p50 round
+trip into a uvloop loop (2 pinned Xeon cores / the idle 2-vCPU dev VM): a reader thread blocked on
+a semaphore that posts into the loop, 22 / 57 us; an eventfd the loop watches, 10.4 / 49 us; a FIFO
+the loop watches, 10.8 / 50 us. The fd wins; a FIFO rather than an eventfd because a FIFO has a
+name: it follows the same create / attach-by-name / unlink lifecycle as the segment, so no
+descriptor has to be inherited across `spawn`.
 """
 from __future__ import annotations
 
