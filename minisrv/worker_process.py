@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Protocol, TypeVar
 
 from tqdm import tqdm
 
@@ -120,3 +120,31 @@ def startup_errors() -> Iterator[None]:
         yield
     except ValueError as exc:
         raise SystemExit(f"minisrv serve: error: {exc}") from None
+
+
+class Worker(Protocol):
+    def run(self) -> None: ...
+    def close(self) -> None: ...
+
+
+W = TypeVar("W", bound=Worker)
+
+
+def serve_worker(info: WorkerInfo, attach: Callable[[StatusBlock, ParentWatch], W],
+                 set_up: Callable[[W, StatusBlock], None]) -> NoReturn:
+    """The life of every spawned worker. Its ring ends attach first, before the slow set-up (loading a
+    tokenizer or a model), because every ring's name is unlinked as soon as all its ends have attached;
+    then it reports ready, runs until shutdown or a neighbour leaves, closes its ends and exits."""
+    status, watch = start_worker(info)
+    worker = None
+    try:
+        worker = attach(status, watch)
+        with startup_errors():
+            set_up(worker, status)
+        status.mark_ready(info.slot, os.getpid())
+        run_until_peers_leave(worker.run)
+    finally:
+        if worker is not None:
+            worker.close()
+        status.close()
+    exit_quickly()

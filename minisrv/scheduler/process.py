@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -21,8 +20,7 @@ from minisrv.ipc.records import Abort, Error, Generate, Kind, Tokens, peek_kind
 from minisrv.ipc.wait_any import check_fifo_readers, wait_any
 from minisrv.scheduler.request import FinishReason, RequestOutput
 from minisrv.status_block import ModelFacts, SchedulerStats, StatusBlock
-from minisrv.worker_process import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly,
-                                    run_until_peers_leave, start_worker, startup_errors)
+from minisrv.worker_process import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 
 if TYPE_CHECKING:
     from minisrv.engine.llm_engine import LLMEngine
@@ -137,20 +135,12 @@ def main(info: WorkerInfo, config: EngineConfig, rings: SchedulerRings,
          make_engine: Callable[[EngineConfig], LLMEngine] = load_engine) -> None:
     """Entry point of the spawned scheduler (rank 0). `make_engine` may build anything with LLMEngine's
     interface (and its `loaded` facts), e.g. a model-free engine to measure the pipeline alone."""
-    status, watch = start_worker(info)
-    process = None
-    try:
-        process = SchedulerProcess(rings, watch)   # attach first: names are unlinked once all ends attach
-        with startup_errors():
-            engine = make_engine(config)
+
+    def set_up(process: SchedulerProcess, status: StatusBlock) -> None:
+        engine = make_engine(config)
         loaded = engine.loaded
         process.engine, process.status = engine, status
         status.publish_model(ModelFacts(loaded.name, loaded.max_model_len, loaded.model_config.vocab_size))
-        status.mark_ready(info.slot, os.getpid())
         logger.info("engine ready: %s, context length %d", loaded.name, loaded.max_model_len)
-        run_until_peers_leave(process.run)
-    finally:
-        if process is not None:
-            process.close()
-        status.close()
-    exit_quickly()
+
+    serve_worker(info, lambda status, watch: SchedulerProcess(rings, watch), set_up)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
@@ -19,11 +18,11 @@ from minisrv.ipc import RingReader, RingSpec, RingWriter
 from minisrv.ipc.records import Abort, DetokRequest, Error, Kind, Text, Tokens, peek_kind
 from minisrv.ipc.wait_any import check_fifo_readers, wait_any
 from minisrv.scheduler.request import FinishReason
+from minisrv.status_block import StatusBlock
 from minisrv.tokenizer.choices import choice_rid
 from minisrv.tokenizer.incremental import IncrementalDetokenizer, TokenTexts
 from minisrv.tokenizer.loading import load_fast_tokenizer
-from minisrv.worker_process import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly,
-                                    run_until_peers_leave, start_worker, startup_errors)
+from minisrv.worker_process import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 
 logger = logging.getLogger(__name__)
 
@@ -208,16 +207,8 @@ class DetokenizerProcess:
 
 def main(info: WorkerInfo, config: EngineConfig, rings: DetokenizerRings) -> None:
     """Entry point of the spawned detokenizer."""
-    status, watch = start_worker(info)
-    process = None
-    try:
-        process = DetokenizerProcess(rings, watch)   # attach first: names are unlinked once all ends attach
-        with startup_errors():
-            process.core = Detokenizer(load_fast_tokenizer(config))
-        status.mark_ready(info.slot, os.getpid())
-        run_until_peers_leave(process.run)
-    finally:
-        if process is not None:
-            process.close()
-        status.close()
-    exit_quickly()
+
+    def set_up(process: DetokenizerProcess, status: StatusBlock) -> None:
+        process.core = Detokenizer(load_fast_tokenizer(config))
+
+    serve_worker(info, lambda status, watch: DetokenizerProcess(rings, watch), set_up)

@@ -8,7 +8,6 @@ after that request's GENERATE records and can never overtake them.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 
 from minisrv.config import EngineConfig
@@ -18,8 +17,7 @@ from minisrv.status_block import StatusBlock
 from minisrv.tokenizer.choices import choice_rid, choice_seed
 from minisrv.tokenizer.loading import load_tokenizer
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, resolve_chat_template
-from minisrv.worker_process import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly,
-                                    run_until_peers_leave, start_worker, startup_errors)
+from minisrv.worker_process import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 
 logger = logging.getLogger(__name__)
 
@@ -107,18 +105,9 @@ class TokenizerWorker:
 
 def main(info: WorkerInfo, config: EngineConfig, rings: TokenizerRings) -> None:
     """Entry point of a spawned tokenizer worker."""
-    status, watch = start_worker(info)
-    worker = None
-    try:
-        # Attach first: every ring's name is unlinked as soon as all its ends have attached.
-        worker = TokenizerWorker(rings, None, status, watch)
-        with startup_errors():
-            tokenizer = load_tokenizer(config)
-            worker.prompts = PromptTokenizer(tokenizer, resolve_chat_template(config.chat_template, tokenizer))
-        status.mark_ready(info.slot, os.getpid())
-        run_until_peers_leave(worker.run)
-    finally:
-        if worker is not None:
-            worker.close()
-        status.close()
-    exit_quickly()
+
+    def set_up(worker: TokenizerWorker, status: StatusBlock) -> None:
+        tokenizer = load_tokenizer(config)
+        worker.prompts = PromptTokenizer(tokenizer, resolve_chat_template(config.chat_template, tokenizer))
+
+    serve_worker(info, lambda status, watch: TokenizerWorker(rings, None, status, watch), set_up)
