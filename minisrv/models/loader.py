@@ -19,6 +19,7 @@ from minisrv.config import EngineConfig
 from minisrv.models.config import ModelConfig, as_id_list
 from minisrv.models.llama import CausalLM
 from minisrv.models.weights import load_weights
+from minisrv.tokenizer.prompts import resolve_chat_template
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOAD_FORMATS = ("auto", "dummy")
@@ -92,7 +93,7 @@ def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor
     eos = sorted({*model_config.eos_token_ids, *extra_eos})
     if not eos and tokenizer.eos_token_id is not None:
         eos = [tokenizer.eos_token_id]
-    return LoadedModel(model, model_config, tokenizer, eos, _chat_template(config, tokenizer), max_model_len, name,
+    return LoadedModel(model, model_config, tokenizer, eos, resolve_chat_template(config.chat_template, tokenizer), max_model_len, name,
                        path)
 
 
@@ -104,18 +105,6 @@ def _max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
         raise ValueError(f"max_model_len: must be in [1, {limit}] (the model's context length), "
                          f"got {config.max_model_len}")
     return config.max_model_len
-
-
-def _chat_template(config: EngineConfig, tokenizer: Any) -> str | None:
-    if config.chat_template is None:
-        return getattr(tokenizer, "chat_template", None)
-    path = Path(config.chat_template).expanduser()
-    looks_like_path = "{" not in config.chat_template and len(config.chat_template) < 4096
-    if looks_like_path:
-        if not path.is_file():
-            raise ValueError(f"chat_template: {config.chat_template!r} is neither a Jinja template nor a file")
-        return path.read_text()
-    return config.chat_template
 
 
 def _load_hf_dir(path: Path, config: EngineConfig, dtype: torch.dtype, device: torch.device,

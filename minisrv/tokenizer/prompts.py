@@ -23,7 +23,7 @@ def resolve_chat_template(option: str | None, tokenizer: PreTrainedTokenizerBase
         return path.read_text(encoding="utf-8")
     if "{{" in option or "{%" in option:
         return option
-    raise ValueError(f"--chat-template: {option!r} is neither a file nor a Jinja template")
+    raise ValueError(f"--chat-template (chat_template): {option!r} is neither a file nor a Jinja template")
 
 
 class PromptTokenizer:
