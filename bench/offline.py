@@ -97,7 +97,7 @@ def main() -> None:
     many_out = [rng.randint(args.min_output_len, args.max_output_len) for _ in many]
 
     rows = [
-        run_hf(llm.engine.loaded.path, single[0], args.single_output_len, args.repeats),
+        run_hf(llm.source.path, single[0], args.single_output_len, args.repeats),
         run_ours(llm, single, [args.single_output_len], "minisrv-1", args.repeats),
         run_ours(llm, many, many_out, f"minisrv-{args.num_seqs}", args.repeats),
     ]

@@ -23,8 +23,11 @@ from functools import partial
 from types import SimpleNamespace
 
 from minisrv.config import EngineConfig, ServerConfig
+from minisrv.models.source import ModelSource, resolve_source
 from minisrv.sampling_params import SamplingParams
-from minisrv.scheduler.request import FinishReason, RequestOutput, SampleResult
+from minisrv.scheduler.request import RequestOutput, SampleResult
+from minisrv.wire.records import PromptRequest
+from minisrv.wire.terms import FinishReason, SchedulerStats
 
 PROMPT_LEN = 32
 
@@ -43,7 +46,7 @@ class NullEngine:
 
     TOKEN = 905   # " world" in the embedded model's vocabulary
 
-    def __init__(self, config: EngineConfig, step_s: float = 0.0) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, step_s: float = 0.0) -> None:
         self.step_s = step_s   # stands in for the model's time per step
         self.loaded = SimpleNamespace(name="null", max_model_len=config.max_model_len or 8192,
                                       model_config=SimpleNamespace(vocab_size=49152))
@@ -71,9 +74,8 @@ class NullEngine:
                 del self.requests[rid]
         return outputs
 
-    def stats(self) -> SimpleNamespace:
-        return SimpleNamespace(num_running=len(self.requests), num_waiting=0, kv_cache_usage=0.0,
-                               prefix_cache_queries=0, prefix_cache_hits=0)
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(num_running=len(self.requests))
 
 
 def prompts(n: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -95,7 +97,7 @@ def summarize(name: str, streams: int, start: float, arrivals: list[list[float]]
 def run_engine(config: EngineConfig, streams: int, tokens: int) -> Row:
     from minisrv.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, resolve_source(config))
     vocab = engine.loaded.model_config.vocab_size
     for rid, prompt in enumerate(prompts(4, vocab, seed=1)):   # warm-up
         engine.add_request(rid, prompt, params(4))
@@ -113,11 +115,11 @@ def run_engine(config: EngineConfig, streams: int, tokens: int) -> Row:
 
 async def run_pipeline(config: EngineConfig, stream_counts: list[int], tokens: int, null: bool,
                        null_step_s: float = 0.0) -> list[Row]:
-    from minisrv.pipeline import Pipeline
-    from minisrv.scheduler.process import load_engine
-    from minisrv.server.client import EngineClient, GenerateInput
+    from minisrv.runtime.pipeline import Pipeline
+    from minisrv.runtime.engine_client import EngineClient
+    from minisrv.runtime.scheduler_process import load_engine
 
-    pipeline = Pipeline(ServerConfig(engine=config, log_level="warning"),
+    pipeline = Pipeline(ServerConfig(engine=config, log_level="warning"), resolve_source(config),
                         make_engine=partial(NullEngine, step_s=null_step_s) if null else load_engine)
     client = EngineClient(pipeline.to_tokenizers, pipeline.from_detokenizer, pipeline.status)
     rows = []
@@ -132,7 +134,7 @@ async def run_pipeline(config: EngineConfig, stream_counts: list[int], tokens: i
 
         async def one(prompt: list[int], n_tokens: int) -> list[float]:
             arrivals = []
-            async for delta in client.generate(GenerateInput(prompt, False, params(n_tokens))):
+            async for delta in client.stream(PromptRequest(prompt_ids=prompt, params=params(n_tokens))):
                 arrivals += [time.perf_counter()] * len(delta.token_ids)
             return arrivals
 

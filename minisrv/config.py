@@ -1,31 +1,88 @@
-"""Engine and server configuration: one dataclass each, shared by the CLI, the offline API and workers."""
+"""Engine and server settings: one dataclass each, every field declared once with its flag and help.
+
+Each field's metadata (see `setting`) is the single declaration of that setting: the dataclass
+validates itself from it, and `minisrv serve` builds its flags from it (minisrv/cli.py). A flag is the
+field's name in dashes; `flags` adds the names vLLM and SGLang users know for the same setting.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from minisrv.fields import Range, validate_fields
 
 DEFAULT_MODEL = "embedded"  # SmolLM2-135M-Instruct, fetched and converted on first use
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def setting(default: Any, help: str, *, group: str, flags: tuple[str, ...] = (), range: Range | None = None,
+            choices: tuple[str, ...] | None = None, negative_flags: tuple[str, ...] = (),
+            env: str | None = None, secret: bool = False) -> Any:
+    """A config field. `negative_flags` set a boolean to False; `env` is read when the flag is not given;
+    a `secret` value is never shown in --help."""
+    return field(default=default, metadata=dict(help=help, group=group, flags=flags, range=range, choices=choices,
+                                                negative_flags=negative_flags, env=env, secret=secret))
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _name_the_flag(f: Any) -> str:
+    return f" ({flag_name(f.name)})"
 
 
 @dataclass
 class EngineConfig:
     """Everything the engine (model, KV cache, scheduler, sampler) needs; picklable for spawn."""
 
-    model: str = DEFAULT_MODEL          # "embedded", a HF directory, a .gguf file, or a preset name
-    load_format: str = "auto"           # "auto" | "dummy" (random weights for a preset config)
-    device: str = "auto"                # "auto" | "cpu" | "cuda"
-    dtype: str = "auto"                 # "auto" | "float32" | "bfloat16" | "float16"
-    tp_size: int = 1
-    page_size: int = 16
-    kv_cache_memory: float | None = None   # GiB for the KV pool; None: a default (CPU) or a fraction (CUDA)
-    num_pages: int | None = None           # explicit pool size in pages; wins over kv_cache_memory
-    gpu_memory_fraction: float = 0.85      # share of free GPU memory for the KV pool when not given
-    max_num_batched_tokens: int = 2048     # per-step token budget (prefill chunks + decode tokens)
-    max_running_requests: int = 256
-    max_model_len: int | None = None       # None: the model's context length
-    enable_prefix_cache: bool = True
-    chat_template: str | None = None       # a Jinja template string or a path to one
-    seed: int = 0                          # seeds dummy weights and unseeded requests' seed draw
-    cpu_threads: int | None = None         # CPU device: PyTorch intra-op threads; None: every core
+    model: str = setting(
+        DEFAULT_MODEL, group="model", flags=("--model-path",),
+        help="'embedded' (SmolLM2-135M-Instruct, fetched on first use), a Hugging Face model directory, "
+             "a .gguf file, or a preset name with --load-format dummy")
+    load_format: str = setting(
+        "auto", group="model", choices=("auto", "dummy"),
+        help="'dummy': random weights for a preset config (benchmarks without weights)")
+    dtype: str = setting(
+        "auto", group="model", choices=("auto", "float32", "bfloat16", "float16"),
+        help="weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    max_model_len: int | None = setting(
+        None, group="model", flags=("--context-length",), range=Range(1),
+        help="context length: prompt plus output tokens (default: the model's)")
+    seed: int = setting(
+        0, group="model", range=Range(0, 2**63 - 1),
+        help="seeds dummy weights and the seeds drawn for requests that give none")
+    device: str = setting(
+        "auto", group="engine", choices=("auto", "cpu", "cuda"), help="auto: cuda when a GPU is visible, else cpu")
+    tp_size: int = setting(
+        1, group="engine", flags=("--tensor-parallel-size",), range=Range(1),
+        help="tensor-parallel ranks (one scheduler process per GPU)")
+    max_running_requests: int = setting(
+        256, group="engine", flags=("--max-num-seqs",), range=Range(1),
+        help="most requests in the running batch at once")
+    max_num_batched_tokens: int = setting(
+        2048, group="engine", flags=("--chunked-prefill-size",), range=Range(1),
+        help="per-step token budget (prefill chunks plus decode tokens)")
+    page_size: int = setting(
+        16, group="engine", flags=("--block-size",), range=Range(1, 1024), help="tokens per KV cache page")
+    kv_cache_memory: float | None = setting(
+        None, group="engine", range=Range(0, low_open=True),
+        help="GiB for the KV cache (default: a fixed size on CPU, --gpu-memory-utilization of free memory on CUDA)")
+    num_pages: int | None = setting(
+        None, group="engine", flags=("--num-gpu-blocks-override",), range=Range(1),
+        help="KV cache size in pages; wins over --kv-cache-memory")
+    gpu_memory_utilization: float = setting(
+        0.85, group="engine", flags=("--mem-fraction-static",), range=Range(0, 1, low_open=True),
+        help="share of free GPU memory for the KV cache")
+    enable_prefix_caching: bool = setting(
+        True, group="engine", negative_flags=("--disable-prefix-cache", "--disable-radix-cache"),
+        help="reuse the KV cache of shared prompt prefixes")
+    cpu_threads: int | None = setting(
+        None, group="engine", range=Range(1),
+        help="PyTorch intra-op threads of the CPU engine (default: every core it may run on)")
+
+    def __post_init__(self) -> None:
+        validate_fields(self, _name_the_flag)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -40,12 +97,26 @@ class EngineConfig:
         return "bfloat16" if self.resolved_device() == "cuda" else "float32"
 
 
+API_KEY_ENV = "MINISRV_API_KEY"
+
+
 @dataclass
 class ServerConfig:
+    """`minisrv serve`'s settings beyond the engine's."""
+
     engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str | None = None   # None: derived from the model path
-    num_tokenizers: int = 1
-    api_key: str | None = None
-    log_level: str = "info"
+    served_model_name: str | None = setting(
+        None, group="model", help="the model name clients send and responses report (default: from --model)")
+    chat_template: str | None = setting(
+        None, group="model", help="a Jinja chat template, or a file holding one (default: the model's)")
+    host: str = setting("127.0.0.1", group="server", help="address to bind (use 0.0.0.0 to accept remote clients)")
+    port: int = setting(8000, group="server", range=Range(1, 65535), help="TCP port")
+    num_tokenizers: int = setting(
+        1, group="server", flags=("--tokenizer-worker-num",), range=Range(1, 64), help="tokenizer worker processes")
+    api_key: str | None = setting(
+        None, group="server", env=API_KEY_ENV, secret=True,
+        help=f"require 'Authorization: Bearer KEY' on /v1 and /generate (also ${API_KEY_ENV})")
+    log_level: str = setting("info", group="server", choices=LOG_LEVELS, help="logging level")
+
+    def __post_init__(self) -> None:
+        validate_fields(self, _name_the_flag)

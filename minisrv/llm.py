@@ -8,8 +8,11 @@ from tqdm import tqdm
 
 from minisrv.config import DEFAULT_MODEL, EngineConfig
 from minisrv.engine.llm_engine import LLMEngine
+from minisrv.models.source import resolve_source
 from minisrv.sampling_params import SamplingParams
-from minisrv.scheduler.request import FinishReason, SampleResult
+from minisrv.scheduler.request import SampleResult
+from minisrv.tokenizer.loading import load_tokenizer
+from minisrv.wire.terms import FinishReason
 
 Prompt = str | Sequence[int]
 
@@ -28,8 +31,10 @@ class LLM:
     """`LLM()` serves the embedded default model; keyword arguments are EngineConfig fields."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
-        self.tokenizer = self.engine.tokenizer
+        config = EngineConfig(model=model, **engine_args)
+        self.source = resolve_source(config)
+        self.engine = LLMEngine(config, self.source)
+        self.tokenizer = load_tokenizer(self.source)
         self._next_rid = 0
 
     def generate(

@@ -1,9 +1,33 @@
-"""Per-request sampling parameters, shared by the offline API, the server and the engine."""
+"""Per-request sampling parameters: the one table that every list of sampling options derives from.
+
+Each field's metadata (`option`) gives its range, its code in records, and its names in the APIs.
+From it come SamplingParams' validation, the SAMPLING part of the PROMPT_REQUEST and ENGINE_REQUEST
+records (minisrv/wire/records.py), and the sampling fields of the OpenAI schemas
+(minisrv/server/protocol.py) and of SGLang's /generate (minisrv/server/sglang.py). Adding an option
+here puts it in all of them; the engine's sampler is then the one other place to change.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from minisrv.fields import Range, validate_fields
 
 MAX_TOP_LOGPROBS = 20
+Api = Literal["openai", "sglang"]
+
+
+def option(default: Any, wire: str, range: Range | None = None, *, openai: bool = True,
+           sglang: str | None = "") -> Any:
+    """A sampling option. `wire`: its struct code in records ("d", "i", "I", "Q", "B", "?"), or "ids" for a
+    list of token ids. `openai`: whether the OpenAI endpoints take it under its own name (False where each
+    endpoint declares it itself, its name or default differing). `sglang`: its name in /generate's
+    sampling_params, "" for the same name, None where SGLang has no such option."""
+    metadata = dict(wire=wire, range=range, openai=openai, sglang=sglang)
+    if default is list:
+        return field(default_factory=list, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -13,46 +37,43 @@ class SamplingParams:
     temperature 0 means greedy. top_k -1 (or 0) disables top-k; top_p 1.0 and min_p 0.0 disable theirs.
     seed None means the engine draws one at admission: every request samples from noise that is a pure
     function of (seed, output position), so a seeded request gives the same tokens whatever else runs.
-    logprobs None returns no logprobs; an int n returns the chosen token's logprob and the top n.
+    max_tokens None generates up to the context length. logprobs None returns no logprobs; an int n
+    returns the chosen token's logprob and the top n.
     """
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int = 16
-    min_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
+    temperature: float = option(1.0, "d", Range(0.0))
+    top_p: float = option(1.0, "d", Range(0.0, 1.0, low_open=True))
+    top_k: int = option(-1, "i", Range(-1, 2**31 - 1))
+    min_p: float = option(0.0, "d", Range(0.0, 1.0))
+    repetition_penalty: float = option(1.0, "d", Range(0.0, 2.0, low_open=True))
+    presence_penalty: float = option(0.0, "d", Range(-2.0, 2.0))
+    frequency_penalty: float = option(0.0, "d", Range(-2.0, 2.0))
+    seed: int | None = option(None, "Q", Range(0, 2**63 - 1))
+    max_tokens: int | None = option(16, "I", Range(1, 2**32 - 1), openai=False, sglang="max_new_tokens")
+    min_tokens: int = option(0, "I", Range(0, 2**32 - 1), sglang="min_new_tokens")
+    stop_token_ids: list[int] = option(list, "ids")
+    ignore_eos: bool = option(False, "?")
+    logprobs: int | None = option(None, "B", Range(0, MAX_TOP_LOGPROBS), openai=False, sglang=None)
 
     def __post_init__(self) -> None:
         self.validate()
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range field."""
-        checks = [
-            (self.temperature >= 0.0, "temperature", "must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
-            (self.top_k >= -1, "top_k", "must be -1 (disabled) or >= 0"),
-            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
-            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
-            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
-            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
-             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
-            (self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        validate_fields(self)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+
+
+OPTIONS: tuple[dataclasses.Field, ...] = dataclasses.fields(SamplingParams)
+
+
+def api_names(api: Api) -> dict[str, str]:
+    """{the option's name in `api`: its SamplingParams field} for every option `api` takes as it is."""
+    names = {}
+    for f in OPTIONS:
+        if api == "openai" and f.metadata["openai"]:
+            names[f.name] = f.name
+        elif api == "sglang" and f.metadata["sglang"] is not None:
+            names[f.metadata["sglang"] or f.name] = f.name
+    return names

@@ -2,29 +2,22 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from minisrv.config import EngineConfig
 from minisrv.engine.model_runner import ModelRunner
 from minisrv.models.loader import LoadedModel, load_model
+from minisrv.models.source import ModelSource
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import Request, RequestOutput
 from minisrv.scheduler.scheduler import Scheduler
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float        # pages held by requests / all pages; evictable cached pages count as free
-    prefix_cache_queries: int    # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int       # of those, tokens found
+from minisrv.wire.terms import SchedulerStats
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None,
+                 loaded: LoadedModel | None = None) -> None:
         self.config = config
-        self.loaded = loaded if loaded is not None else load_model(config)
+        self.loaded = loaded if loaded is not None else load_model(config, source)
         self.runner = ModelRunner(config, self.loaded)
         self.scheduler = Scheduler(
             config,
@@ -35,14 +28,6 @@ class LLMEngine:
         )
         # Unseeded requests still get a concrete seed, so every draw is a function of (seed, position).
         self._seed_source = random.Random(config.seed)
-
-    @property
-    def tokenizer(self):
-        return self.loaded.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.loaded.max_model_len
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ValueError (with a message fit for a client) when it is invalid."""
@@ -60,6 +45,5 @@ class LLMEngine:
         results = self.runner.execute(batch) if batch else []
         return self.scheduler.postprocess(batch, results)
 
-    def stats(self) -> EngineStats:
-        s = self.scheduler
-        return EngineStats(s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries, s.prefix_cache_hits)
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from minisrv.config import EngineConfig
-from minisrv.engine.attention import allocate_kv_cache, kv_cache_bytes_per_page, sdpa_backends
-from minisrv.engine.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
+from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
+from minisrv.layers.attention import sdpa_backends
+from minisrv.layers.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
 from minisrv.models.loader import LoadedModel
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.kv_pages import pages_for_tokens
@@ -27,8 +28,6 @@ def cpu_threads(config: EngineConfig) -> int:
     slower than 1). On a quiet 2-core VM, 2 threads decode 1.35x faster than 1 (bench/offline.py).
     """
     if config.cpu_threads is not None:
-        if config.cpu_threads < 1:
-            raise ValueError(f"cpu_threads: must be >= 1, got {config.cpu_threads}")
         return config.cpu_threads
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -55,8 +54,6 @@ def _token_slice(request: Request, start: int, count: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, sampler: Any | None = None) -> None:
-        if config.page_size < 1:
-            raise ValueError(f"page_size: must be >= 1, got {config.page_size}")
         self.config = config
         self.model = loaded.model
         self.model_config = loaded.model_config
@@ -84,10 +81,8 @@ class ModelRunner:
         elif c.kv_cache_memory is not None:
             field, pages = "kv_cache_memory", int(c.kv_cache_memory * 2**30 // per_page)
         elif self.device.type == "cuda":
-            if not 0.0 < c.gpu_memory_fraction <= 1.0:
-                raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {c.gpu_memory_fraction}")
             free, _ = torch.cuda.mem_get_info(self.device)   # after the weights, which are already loaded
-            field, pages = "gpu_memory_fraction", int(free * c.gpu_memory_fraction // per_page)
+            field, pages = "gpu_memory_utilization", int(free * c.gpu_memory_utilization // per_page)
         else:
             # Enough for every running request at full length, but never more than a modest share of RAM.
             wanted = c.max_running_requests * pages_for_tokens(self.max_model_len, self.page_size)

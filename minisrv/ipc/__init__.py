@@ -1,4 +1,4 @@
-"""Shared-memory rings between minisrv's processes, and the binary records they carry."""
+"""Shared-memory rings between minisrv's processes (the records they carry: minisrv/wire/)."""
 from __future__ import annotations
 
 from minisrv.ipc.aio import AsyncRingReader, write_async

@@ -1,12 +1,13 @@
 """ModelConfig: the shape of a Llama-family model, built from a Hugging Face config.json dict."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from minisrv.layers.rope import ROPE_TYPES, RopeConfig
 
 # What differs between the architectures we run; everything else is the shared Llama block.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -20,18 +21,12 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool                            # Qwen2 always; Llama/Qwen3 when attention_bias is set
     qk_norm: bool                             # Qwen3: RMSNorm over each q/k head before RoPE
-    rope_type: str = "default"
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0         # llama3 only
-    rope_high_freq_factor: float = 4.0        # llama3 only
-    rope_original_max_position: int = 8192    # llama3 only
+    rope: RopeConfig = field(default_factory=RopeConfig)
     sliding_window: int | None = None         # only ever a cap on the context length (see context_length)
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     @property
@@ -72,7 +67,7 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         if head_dim % 2:
             raise ValueError(f"head_dim: RoPE needs an even head_dim, got {head_dim}")
-        rope = _rope_fields(hf)
+        rope = _rope_config(hf)
         sliding_window = hf.get("sliding_window")
         if arch.startswith("Qwen") and not hf.get("use_sliding_window", False):
             sliding_window = None   # Qwen configs carry a window size even when it is switched off
@@ -92,9 +87,8 @@ class ModelConfig:
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=sliding_window,
-            bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(as_id_list(eos)),
-            **rope,
+            rope=rope,
         )
 
 
@@ -105,7 +99,7 @@ def as_id_list(value: int | list[int] | None) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
-def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+def _rope_config(hf: dict[str, Any]) -> RopeConfig:
     # transformers 5 writes `rope_parameters` (theta inside); published checkpoints mostly carry the
     # older top-level `rope_theta` + `rope_scaling`. Accept both.
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -113,16 +107,16 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_scaling: rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
-    fields: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+    fields: dict[str, Any] = {"theta": float(theta), "type": rope_type}
     if rope_type in ("linear", "llama3"):
         if "factor" not in params:
             raise ValueError(f"rope_scaling: rope_type {rope_type!r} needs a 'factor'")
-        fields["rope_factor"] = float(params["factor"])
+        fields["factor"] = float(params["factor"])
     if rope_type == "llama3":
         try:
-            fields["rope_low_freq_factor"] = float(params["low_freq_factor"])
-            fields["rope_high_freq_factor"] = float(params["high_freq_factor"])
-            fields["rope_original_max_position"] = int(params["original_max_position_embeddings"])
+            fields["low_freq_factor"] = float(params["low_freq_factor"])
+            fields["high_freq_factor"] = float(params["high_freq_factor"])
+            fields["original_max_position"] = int(params["original_max_position_embeddings"])
         except KeyError as e:
             raise ValueError(f"rope_scaling: llama3 rope needs {e.args[0]!r}") from None
-    return fields
+    return RopeConfig(**fields)

@@ -1,7 +1,9 @@
 """Dummy weights: named preset configs (published config.json contents) with seeded random weights.
 
 For benchmarks on machines that have no checkpoint (and possibly no network): the model has the real
-shapes, so speed and memory are the real ones, while the text is noise.
+shapes, so speed and memory are the real ones, while the text is noise. A preset has no tokenizer files, so
+it is served with a byte-level vocabulary declared here (built by minisrv/tokenizer/byte_tokenizer.py):
+ids 0-255 are the bytes, then the special tokens, and generation ends at <|im_end|> or <|endoftext|>.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_INIT_STD = 0.02
 LOGIT_STD = 3.0
 _VOCAB_MATRICES = ("embed_tokens.weight", "lm_head.weight")
+
+NUM_BYTE_TOKENS = 256
+BYTE_VOCAB_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")   # ids 256, 257, 258
+BYTE_VOCAB_EOS_IDS = [NUM_BYTE_TOKENS + BYTE_VOCAB_SPECIALS.index(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 
 def preset_names() -> list[str]:

@@ -2,7 +2,7 @@
 
 The model takes a flat batch, forward(input_ids [T], positions [T]) -> hidden [T, hidden_size], with the
 step's attention metadata in the forward context. q/k/v and gate/up projections are fused into one matmul
-each at load time; q/k rows are stored in the interleaved RoPE layout (see minisrv/models/rope.py).
+each at load time; q/k rows are stored in the interleaved RoPE layout (see minisrv/layers/rope.py).
 Forward methods call submodules' `forward` directly rather than through nn.Module.__call__: on a 2-core
 CPU decode step the hook machinery is a measurable share of the time.
 """
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisrv.engine.attention import PagedAttention
+from minisrv.layers.attention import PagedAttention
+from minisrv.layers.linear import Linear
+from minisrv.layers.rope import RotaryEmbedding
 from minisrv.models.config import ModelConfig
-from minisrv.models.linear import Linear
-from minisrv.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -105,7 +105,7 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
         # Built with an explicit device so it is real even while the rest is constructed on "meta".
-        self.rope = RotaryEmbedding(config, max_positions, device)
+        self.rope = RotaryEmbedding(config.rope, config.head_dim, max_positions, device)
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so.
@@ -116,7 +116,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def pack_linears(self) -> None:
-        """Switch every projection and the LM head to prepacked CPU weights (see minisrv/models/linear.py).
+        """Switch every projection and the LM head to prepacked CPU weights (see minisrv/layers/linear.py).
 
         After this the model is for inference only: the plain projection weights are gone.
         """

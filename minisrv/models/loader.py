@@ -1,8 +1,6 @@
-"""One entry point, `load_model(EngineConfig) -> LoadedModel`, for every source of weights.
+"""One entry point, `load_model(EngineConfig) -> LoadedModel`, for every source of weights (models/source.py).
 
-Sources: "embedded" (SmolLM2-135M-Instruct, converted once into a cached HF directory), a Hugging Face
-directory (config.json, *.safetensors, tokenizer files), a .gguf file, or with load_format="dummy" a preset
-name (or an HF directory's config) with random weights and, for presets, an offline byte-level tokenizer.
+The loader reads weights and shapes only; tokenizers are the tokenizer side's (minisrv/tokenizer/loading.py).
 """
 from __future__ import annotations
 
@@ -18,56 +16,48 @@ from tqdm import tqdm
 from minisrv.config import EngineConfig
 from minisrv.models.config import ModelConfig, as_id_list
 from minisrv.models.llama import CausalLM
+from minisrv.models.source import ModelSource, resolve_source
 from minisrv.models.weights import load_weights
-from minisrv.tokenizer.prompts import resolve_chat_template
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass
 class LoadedModel:
     model: CausalLM
     model_config: ModelConfig
-    tokenizer: Any                  # a transformers PreTrainedTokenizerFast
     eos_token_ids: list[int]
-    chat_template: str | None
     max_model_len: int
     name: str                       # what the server reports as the model id
-    path: Path | None = None        # the HF directory or GGUF file the weights came from; None for dummy
 
 
 def resolve_dtype(config: EngineConfig) -> torch.dtype:
     name = config.resolved_dtype()
-    if name not in DTYPES:
-        raise ValueError(f"dtype: {name!r} is not one of auto, {', '.join(DTYPES)}")
     if name == "float16" and config.resolved_device() == "cpu":
         raise ValueError("dtype: float16 is only supported on CUDA; use float32 or bfloat16 on the CPU")
     return DTYPES[name]
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
-    if config.load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format: {config.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+def load_model(config: EngineConfig, source: ModelSource | None = None) -> LoadedModel:
+    """The model `config` names (resolved here unless the caller resolved it already), on its device."""
+    source = source or resolve_source(config)
     dtype, device = resolve_dtype(config), torch.device(config.resolved_device())
-    if config.load_format == "dummy":
-        return _load_dummy(config, dtype, device)
-    source = config.model
-    if source == "embedded":
-        from minisrv.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
+    if source.format == "preset":
+        from minisrv.models.dummy import BYTE_VOCAB_EOS_IDS, load_preset
 
-        return _load_hf_dir(embedded_model_dir(), config, dtype, device, name=EMBEDDED_MODEL_NAME)
-    path = Path(source).expanduser()
-    if path.suffix == ".gguf":
-        return _load_gguf(path, config, dtype, device)
-    if path.is_dir():
-        return _load_hf_dir(path, config, dtype, device, name=path.name)
-    from minisrv.models.dummy import preset_names
+        # The byte-level vocabulary's end-of-turn ids replace the preset's, which index a vocabulary we lack.
+        hf_config = {**load_preset(source.name), "eos_token_id": BYTE_VOCAB_EOS_IDS}
+        return _finish(ModelConfig.from_hf_dict(hf_config), None, config, dtype, device, source.name)
+    if source.format == "gguf":
+        from minisrv.models.gguf import GGUFCheckpoint
 
-    if source in preset_names():
-        raise ValueError(f"model: {source!r} is a preset config without weights; pass load_format='dummy' "
-                         "(--load-format dummy) for random weights")
-    raise ValueError(f"model: {source!r} is not 'embedded', a Hugging Face directory, a .gguf file or a preset")
+        checkpoint = GGUFCheckpoint(source.path)
+        weights = tqdm(checkpoint.tensors(), total=len(checkpoint), desc="Loading GGUF", unit="tensor")
+        return _finish(ModelConfig.from_hf_dict(checkpoint.hf_config), weights, config, dtype, device, source.name)
+    path = source.path
+    model_config = ModelConfig.from_hf_dict(_read_json(path / "config.json", "model"))
+    weights = None if source.dummy else _safetensors_weights(path, _safetensors_files(path))
+    return _finish(model_config, weights, config, dtype, device, source.name, _extra_eos_ids(path, model_config))
 
 
 def build_model(model_config: ModelConfig, max_model_len: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
@@ -79,9 +69,8 @@ def build_model(model_config: ModelConfig, max_model_len: int, dtype: torch.dtyp
     return model
 
 
-def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | None, tokenizer: Any,
-            config: EngineConfig, dtype: torch.dtype, device: torch.device, name: str,
-            extra_eos: Iterable[int] = (), path: Path | None = None) -> LoadedModel:
+def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | None, config: EngineConfig,
+            dtype: torch.dtype, device: torch.device, name: str, extra_eos: Iterable[int] = ()) -> LoadedModel:
     max_model_len = _max_model_len(config, model_config)
     model = build_model(model_config, max_model_len, dtype, device)
     if weights is None:
@@ -91,10 +80,7 @@ def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor
     else:
         load_weights(model, weights)
     eos = sorted({*model_config.eos_token_ids, *extra_eos})
-    if not eos and tokenizer.eos_token_id is not None:
-        eos = [tokenizer.eos_token_id]
-    return LoadedModel(model, model_config, tokenizer, eos, resolve_chat_template(config.chat_template, tokenizer), max_model_len, name,
-                       path)
+    return LoadedModel(model, model_config, eos, max_model_len, name)
 
 
 def _max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
@@ -107,44 +93,22 @@ def _max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
     return config.max_model_len
 
 
-def _load_hf_dir(path: Path, config: EngineConfig, dtype: torch.dtype, device: torch.device,
-                 name: str) -> LoadedModel:
-    from transformers import AutoTokenizer
-
-    model_config = ModelConfig.from_hf_dict(_read_json(path / "config.json", "model"))
+def _extra_eos_ids(path: Path, model_config: ModelConfig) -> list[int]:
+    """End-of-sequence ids beyond config.json's: generation_config.json's (what HF generate() stops on, often
+    more than config.json lists); where neither names one, the tokenizer's eos_token, looked up in tokenizer.json."""
     generation = path / "generation_config.json"
-    # generation_config.json is what HF generate() stops on; it often lists more ids than config.json.
-    extra_eos = as_id_list(json.loads(generation.read_text()).get("eos_token_id")) if generation.is_file() else []
-    weights = _safetensors_weights(path, _safetensors_files(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return _finish(model_config, weights, tokenizer, config, dtype, device, name, extra_eos, path)
-
-
-def _load_gguf(path: Path, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    from minisrv.models.gguf import GGUFCheckpoint, load_gguf_tokenizer
-
-    checkpoint = GGUFCheckpoint(path)
-    model_config = ModelConfig.from_hf_dict(checkpoint.hf_config)
-    weights = tqdm(checkpoint.tensors(), total=len(checkpoint), desc="Loading GGUF", unit="tensor")
-    return _finish(model_config, weights, load_gguf_tokenizer(path), config, dtype, device, path.stem, path=path)
-
-
-def _load_dummy(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    from minisrv.models.byte_tokenizer import build_byte_tokenizer
-    from minisrv.models.dummy import load_preset
-
-    path = Path(config.model).expanduser()
-    if path.is_dir():   # an HF directory's shapes and tokenizer, random weights
-        from transformers import AutoTokenizer
-
-        hf_config, name = _read_json(path / "config.json", "model"), path.name
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    else:
-        name = "smollm2-135m" if config.model == "embedded" else config.model
-        hf_config, tokenizer = load_preset(name), build_byte_tokenizer()
-        # The byte tokenizer's own end-of-turn ids replace the preset's, which index a vocabulary we lack.
-        hf_config = {**hf_config, "eos_token_id": tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
-    return _finish(ModelConfig.from_hf_dict(hf_config), None, tokenizer, config, dtype, device, name)
+    found = as_id_list(json.loads(generation.read_text()).get("eos_token_id")) if generation.is_file() else []
+    if found or model_config.eos_token_ids:
+        return found
+    tokenizer_config, tokenizer_json = path / "tokenizer_config.json", path / "tokenizer.json"
+    if not (tokenizer_config.is_file() and tokenizer_json.is_file()):
+        return []
+    eos = json.loads(tokenizer_config.read_text()).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    vocab = json.loads(tokenizer_json.read_text())
+    ids = dict((vocab.get("model") or {}).get("vocab") or {})
+    ids.update({t["content"]: t["id"] for t in vocab.get("added_tokens", [])})
+    return [ids[eos]] if isinstance(eos, str) and isinstance(ids.get(eos), int) else []
 
 
 def _read_json(path: Path, field: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 
 from minisrv.models.config import ModelConfig
 from minisrv.models.llama import CausalLM
-from minisrv.models.rope import interleave_rope_rows
+from minisrv.layers.rope import interleave_rope_rows
 
 # Tensors some checkpoints carry that hold nothing we need (rotary tables are recomputed).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -20,10 +20,6 @@ class ScheduledSeq:
     num_tokens: int
     sample: bool
 
-    @property
-    def is_decode(self) -> bool:
-        return self.num_tokens == 1 and self.start == self.request.num_tokens - 1
-
 
 @dataclass
 class ScheduledBatch:

@@ -5,19 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 from minisrv.sampling_params import SamplingParams
-
-
-class FinishReason(enum.IntEnum):
-    """Codes travel in TOKENS/TEXT records; names are what the OpenAI API reports."""
-
-    NONE = 0
-    STOP = 1     # EOS, a stop token id, or a stop string
-    LENGTH = 2   # max_tokens or the context length
-    ABORT = 3    # client went away, server shutting down, or preempted beyond recovery
-
-    @property
-    def api_name(self) -> str | None:
-        return None if self is FinishReason.NONE else self.name.lower()
+from minisrv.wire.terms import FinishReason
 
 
 class RequestStatus(enum.Enum):
@@ -37,6 +25,7 @@ class Request:
     num_computed: int = 0                       # leading tokens whose K/V sit in `pages`
     pages: list[int] = field(default_factory=list)   # page table: KV page ids, in order
     num_cached_tokens: int = 0                  # prompt tokens served by the prefix cache (first admission)
+    max_tokens: int = 0                         # params.max_tokens, or the room the context leaves (add_request)
     finish_reason: FinishReason = FinishReason.NONE
 
     @property
@@ -68,7 +57,7 @@ class SampleResult:
 
 @dataclass
 class RequestOutput:
-    """One step's news about one request, as the scheduler process turns it into a TOKENS row."""
+    """One step's news about one request, as the scheduler process turns it into STEP_TOKENS rows."""
 
     rid: int
     new_token_ids: list[int]

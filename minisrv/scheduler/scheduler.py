@@ -20,7 +20,8 @@ from minisrv.config import EngineConfig
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.kv_pages import PagePool, pages_for_tokens
 from minisrv.scheduler.prefix_cache import CacheNode, PrefixCache
-from minisrv.scheduler.request import FinishReason, Request, RequestOutput, RequestStatus, SampleResult
+from minisrv.scheduler.request import Request, RequestOutput, RequestStatus, SampleResult
+from minisrv.wire.terms import FinishReason, SchedulerStats
 
 
 @dataclass
@@ -35,13 +36,11 @@ class _Step:
 class Scheduler:
     def __init__(self, config: EngineConfig, num_pages: int, eos_token_ids: list[int], max_model_len: int,
                  vocab_size: int) -> None:
-        for name, value in [("max_num_batched_tokens", config.max_num_batched_tokens),
-                            ("max_running_requests", config.max_running_requests),
-                            ("max_model_len", max_model_len), ("vocab_size", vocab_size)]:
+        for name, value in [("max_model_len", max_model_len), ("vocab_size", vocab_size)]:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.pool = PagePool(num_pages, config.page_size)
-        self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_cache else None
+        self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
         self.page_size = config.page_size
         self.token_budget = config.max_num_batched_tokens
         # Capped by the budget so that every running request can decode in every step.
@@ -60,18 +59,10 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- stats for metrics
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """Pages held by requests / all pages; idle cached pages are evictable, so they count as free."""
-        return self.pool.num_in_use / self.pool.num_pages
+    def stats(self) -> SchedulerStats:
+        # Idle cached pages are evictable, so they count as free.
+        return SchedulerStats(len(self.running), len(self.waiting), self.pool.num_in_use / self.pool.num_pages,
+                              self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -90,15 +81,22 @@ class Scheduler:
             if bad is not None:
                 raise ValueError(f"request {rid}: {field_name} token id {ids[bad]} at position {bad} is "
                                  f"outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"request {rid}: the prompt has {len(prompt)} tokens and max_tokens is "
-                             f"{params.max_tokens}, but the context length is {self.max_model_len}; "
-                             "shorten the prompt or lower max_tokens")
+        if params.max_tokens is None:   # up to the context length
+            if len(prompt) >= self.max_model_len:
+                raise ValueError(f"request {rid}: the prompt has {len(prompt)} tokens, which leaves no room to "
+                                 f"generate: the context length is {self.max_model_len}")
+            req.max_tokens = self.max_model_len - len(prompt)
+        else:
+            req.max_tokens = params.max_tokens
+            if len(prompt) + req.max_tokens > self.max_model_len:
+                raise ValueError(f"request {rid}: the prompt has {len(prompt)} tokens and max_tokens is "
+                                 f"{req.max_tokens}, but the context length is {self.max_model_len}; "
+                                 "shorten the prompt or lower max_tokens")
         # The last output token is never fed back, so its K/V never needs a slot.
-        pages_needed = pages_for_tokens(len(prompt) + params.max_tokens - 1, self.page_size)
+        pages_needed = pages_for_tokens(len(prompt) + req.max_tokens - 1, self.page_size)
         if pages_needed > self.pool.num_pages:
             raise ValueError(f"request {rid}: the prompt has {len(prompt)} tokens and max_tokens is "
-                             f"{params.max_tokens}, which needs {pages_needed} KV pages of {self.page_size} "
+                             f"{req.max_tokens}, which needs {pages_needed} KV pages of {self.page_size} "
                              f"tokens, but the KV cache holds only {self.pool.num_pages} pages; lower "
                              "max_tokens or give the KV cache more memory")
         self._requests[rid] = req
@@ -196,7 +194,7 @@ class Scheduler:
         """Whether a prefill in this step computes req's first prompt page (not cached yet).
 
         Then req waits: after the step those pages are in the prefix cache and req attaches them instead of
-        computing a copy. This is how the n choices of one request (n GENERATE records with one prompt,
+        computing a copy. This is how the n choices of one request (n TOKENIZED_REQUEST records with one prompt,
         arriving together) and concurrent requests with one system prompt share their prompt's KV pages.
         """
         if self.prefix_cache is None or req.num_prompt_tokens <= self.page_size:
@@ -252,7 +250,7 @@ class Scheduler:
         if num_output >= params.min_tokens and (
                 (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids):
             return FinishReason.STOP
-        if num_output >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_output >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return FinishReason.NONE
 

@@ -1,6 +1,6 @@
 """The API server's HTTP side: OpenAI routes, SGLang's /generate, /health, /models, /metrics.
 
-`build_app(client, config)` makes the Starlette app around an EngineClient; `run_http(app, config,
+`build_app(engine, config)` makes the Starlette app around an EngineHandle; `run_http(app, config,
 shutdown_event)` serves it with hypercorn on the running event loop (the launcher runs that loop
 with uvloop, so the rings' asyncio consumer and the HTTP connections share one loop).
 """
@@ -22,11 +22,12 @@ from starlette.routing import Route
 
 from minisrv.config import ServerConfig
 from minisrv.server import responses, sglang
-from minisrv.server.client import EngineClient, GenerateInput, RequestError
+from minisrv.server.engine_handle import EngineHandle, RequestError
 from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from minisrv.server.metrics import ServerMetrics
 from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext, choice_deltas, collect, to_json
+from minisrv.wire.records import PromptRequest
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +48,13 @@ def json_response(obj: object, status: int = 200) -> Response:
     return Response(to_json(obj), status_code=status, media_type="application/json")
 
 
-class OpenAIServer:
-    """The routes' state: the engine client, the metrics, and the API key."""
+class ApiRoutes:
+    """The HTTP routes and their state: the engine handle, the metrics, and the API key."""
 
-    def __init__(self, client: EngineClient, config: ServerConfig) -> None:
-        self.client = client
+    def __init__(self, engine: EngineHandle, config: ServerConfig) -> None:
+        self.engine = engine
         self.config = config
-        self.metrics = ServerMetrics(client.stats)
+        self.metrics = ServerMetrics(engine.stats)
         self.started = int(time.time())
         self._api_key = config.api_key.encode() if config.api_key else None
 
@@ -65,15 +66,15 @@ class OpenAIServer:
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/generate", self.generate, methods=["POST"]),
+            Route("/generate", self.sglang_generate, methods=["POST"]),
         ]
 
     # --- routes ----------------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        if self.client.dead_worker is not None:
-            raise APIError(503, f"worker {self.client.dead_worker} died; the server is going down")
-        if not self.client.ready:
+        if self.engine.dead_worker is not None:
+            raise APIError(503, f"worker {self.engine.dead_worker} died; the server is going down")
+        if not self.engine.ready:
             raise APIError(503, "the server is starting or shutting down")
         return json_response({"status": "ok"})
 
@@ -93,24 +94,25 @@ class OpenAIServer:
         self._authorize(request)
         req = parse_request(ChatCompletionRequest, await read_body(request))
         self._check_model(req.model)
-        inp = req.to_generate_input(self.client.max_model_len, self.client.vocab_size)
+        prompt = req.to_prompt_request(self.engine.vocab_size)
         ctx = self._context("chatcmpl", req.include_usage())
-        return await self._respond(request, ctx, [inp], req.stream, responses.chat_stream, responses.chat_completion)
+        return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
+                                   responses.chat_completion)
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
         req = parse_request(CompletionRequest, await read_body(request))
         self._check_model(req.model)
-        inputs = req.to_generate_inputs(self.client.max_model_len, self.client.vocab_size)
+        prompts = req.to_prompt_requests(self.engine.vocab_size)
         ctx = self._context("cmpl", req.include_usage())
-        return await self._respond(request, ctx, inputs, req.stream, responses.completion_stream,
+        return await self._respond(request, ctx, prompts, req.stream, responses.completion_stream,
                                    responses.completion)
 
-    async def generate(self, request: Request) -> Response:
+    async def sglang_generate(self, request: Request) -> Response:
         self._authorize(request)
-        req = parse_request(sglang.GenerateRequest, await read_body(request))
-        inp = req.to_generate_input(self.client.vocab_size)
-        return await self._respond(request, self._context("gen", False), [inp], req.stream,
+        req = parse_request(sglang.SGLangGenerateRequest, await read_body(request))
+        prompt = req.to_prompt_request(self.engine.vocab_size)
+        return await self._respond(request, self._context("gen", False), [prompt], req.stream,
                                    sglang.generate_stream, sglang.generate_result)
 
     # --- shared steps ----------------------------------------------------------------------------------
@@ -126,26 +128,24 @@ class OpenAIServer:
                            code="invalid_api_key")
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.client.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.client.model_name}'",
+        if model is not None and model != self.engine.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.engine.model_name}'",
                            "model", "model_not_found")
 
     def _model_card(self) -> dict:
-        return {"id": self.client.model_name, "object": "model", "created": self.started, "owned_by": "minisrv",
-                "root": self.config.engine.model, "max_model_len": self.client.max_model_len}
+        return {"id": self.engine.model_name, "object": "model", "created": self.started, "owned_by": "minisrv",
+                "root": self.config.engine.model, "max_model_len": self.engine.max_model_len}
 
     def _context(self, id_prefix: str, include_usage: bool) -> ResponseContext:
-        return ResponseContext.new(id_prefix, self.client.model_name, self.metrics.timer(), include_usage)
+        return ResponseContext.new(id_prefix, self.engine.model_name, self.metrics.timer(), include_usage)
 
-    async def _respond(self, request: Request, ctx: ResponseContext, inputs: list[GenerateInput], stream: bool,
+    async def _respond(self, request: Request, ctx: ResponseContext, prompts: list[PromptRequest], stream: bool,
                        streamer: Streamer, builder: Builder) -> Response:
-        if self.client.dead_worker is not None or not self.client.ready:
-            raise APIError(503, "the server is not ready (starting, shutting down, or a worker died)")
-        n = inputs[0].n
-        deltas = choice_deltas([self.client.generate(inp) for inp in inputs], n)
+        n = prompts[0].n
+        deltas = choice_deltas([self.engine.stream(prompt) for prompt in prompts], n)
         try:
             if not stream:
-                results = await until_disconnect(request, collect(ctx, deltas, n * len(inputs)))
+                results = await until_disconnect(request, collect(ctx, deltas, n * len(prompts)))
                 return json_response(builder(ctx, results))
             # The first delta comes before the 200: a refused request (400 too long, 503) gets its status.
             first = await until_disconnect(request, anext(deltas))
@@ -195,14 +195,13 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return work_task.result()
 
 
-def build_app(client: EngineClient, config: ServerConfig) -> Starlette:
-    server = OpenAIServer(client, config)
+def build_app(engine: EngineHandle, config: ServerConfig) -> Starlette:
+    routes = ApiRoutes(engine, config)
     app = Starlette(
-        routes=server.routes(),
+        routes=routes.routes(),
         exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception,
                             Exception: handle_unexpected},
     )
-    app.state.server = server
     return app
 
 

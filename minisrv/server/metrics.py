@@ -2,7 +2,7 @@
 
 Names follow vLLM's (`vllm:num_requests_running` -> `minisrv:num_requests_running`) so existing
 dashboards need only the prefix changed. Scheduler-side values are not pushed here: each scrape reads
-the stats block that scheduler rank 0 publishes after every step (EngineClient.stats()).
+the scheduler's stats, as it last published them (EngineHandle.stats()).
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from minisrv.server.client import OutputDelta, SchedulerStats
+from minisrv.server.engine_handle import OutputDelta
+from minisrv.wire.terms import SchedulerStats
 
 # Bucket edges in seconds, as vLLM's, so latency panels line up between the two servers.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -39,6 +40,8 @@ class _SchedulerCollector:
                                   "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
         yield CounterMetricFamily("minisrv:prefix_cache_hits",
                                   "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield CounterMetricFamily("minisrv:num_preemptions",
+                                  "Running requests preempted to wait for KV pages.", s.num_preemptions)
 
 
 class ServerMetrics:
@@ -83,7 +86,7 @@ class RequestTimer:
         m = self._metrics
         if prompt not in self._prompts_counted:
             self._prompts_counted.add(prompt)
-            m.prompt_tokens.inc(delta.prompt_tokens)
+            m.prompt_tokens.inc(delta.num_prompt_tokens)
         if delta.token_ids:
             now = time.perf_counter()
             if not self._first_token_seen:

@@ -1,21 +1,24 @@
-"""OpenAI request schemas, and their conversion to the engine's GenerateInput (sglang.py has /generate's).
+"""OpenAI request schemas, and their conversion to PROMPT_REQUEST records (sglang.py has /generate's).
 
-Ranges of sampling values are defined once, in SamplingParams.validate(); the schemas here check
-types, shapes and the API-level limits (n, top_logprobs, stop strings), then SamplingParams checks
-the values and its error is reported under the request's own field name. Unknown fields are
-rejected (extra="forbid") except `user`, which OpenAI clients send for abuse tracking and which
-this server explicitly ignores.
+The sampling options a schema takes under their own names are generated from SamplingParams'
+table (minisrv/sampling_params.py), so a new option reaches every endpoint without an edit here.
+Their ranges are checked once, by SamplingParams; its error is reported under the request's own
+field name. The schemas check types, shapes and the API-level limits (n, top_logprobs, stop
+strings). Unknown fields are rejected (extra="forbid") except `user`, which OpenAI clients send for
+abuse tracking and which this server explicitly ignores.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, create_model
 from pydantic_core import PydanticCustomError
 
-from minisrv.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
-from minisrv.server.client import MAX_CHOICES, GenerateInput
+from minisrv.sampling_params import MAX_TOP_LOGPROBS, OPTIONS, Api, SamplingParams, api_names
 from minisrv.server.errors import APIError, from_validation_error
+from minisrv.wire.records import PromptRequest
+from minisrv.wire.terms import MAX_CHOICES
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
 TokenId = Annotated[int, Field(ge=0)]
@@ -44,78 +47,33 @@ class Schema(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-class StreamOptions(Schema):
-    include_usage: bool = False
+def sampling_schema(api: Api, name: str) -> type[Schema]:
+    """A schema of the sampling options `api` takes under their own names, each optional (None: the default)."""
+    hints = typing.get_type_hints(SamplingParams)
+    wire = {f.name: f.metadata["wire"] for f in OPTIONS}
+    fields: dict[str, Any] = {}
+    for api_name, option in api_names(api).items():
+        hint = list[TokenId] if wire[option] == "ids" else hints[option]
+        fields[api_name] = (hint | None, None)
+    return create_model(name, __base__=Schema, **fields)
 
 
-class TextContentPart(Schema):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(Schema):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str | list[TextContentPart],
-                       _one_of('a string or a list of {"type": "text", "text": ...} parts')]
-    name: str | None = None     # accepted and ignored: chat templates have no place for it
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-
-
-class _SamplingFields(Schema):
-    """Fields /v1/chat/completions and /v1/completions share; None means "the default"."""
-
-    model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: Stop = None
-    stop_token_ids: list[TokenId] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None     # explicitly ignored
-
-    def check_api_limits(self, vocab_size: int) -> None:
-        check_token_ids(self.stop_token_ids or [], vocab_size, "stop_token_ids")
-        check_n(self.n, "n")
-        if self.stream_options is not None and not self.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
-
-    def stop_strings(self) -> list[str]:
-        return stop_strings(self.stop, "stop")
-
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
-    def sampling_params(self, max_tokens: int, logprobs: int | None, renames: dict[str, str]) -> SamplingParams:
-        """Build (and so validate) SamplingParams; `renames` maps its fields to this request's names."""
-        values = dict(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed,
-            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-        )
-        given = {k: v for k, v in values.items() if v is not None}
-        return build_sampling_params(dict(given, max_tokens=max_tokens, logprobs=logprobs), renames)
-
-
-def build_sampling_params(values: dict, renames: dict[str, str], prefix: str = "") -> SamplingParams:
+def build_sampling_params(request: BaseModel, api: Api, extra: dict[str, Any] | None = None,
+                          renames: dict[str, str] | None = None, prefix: str = "") -> SamplingParams:
+    """SamplingParams from the options `request` gave (plus `extra`, the ones the endpoint declares itself).
+    An out-of-range value is a 400 naming the request's own field: `renames` maps option names to the
+    endpoint's where they differ, `prefix` is where the options sit in the body."""
+    names = api_names(api)
+    values = {option: getattr(request, name) for name, option in names.items() if getattr(request, name) is not None}
+    values.update(extra or {})
     try:
         return SamplingParams(**values)
     except ValueError as exc:
         # SamplingParams names the field first in its message ("top_p must be in (0, 1], got 0.0").
-        name = str(exc).split(" ", 1)[0]
-        param = prefix + renames.get(name, name)
-        raise APIError(400, str(exc).replace(name, param, 1), param, "invalid_value") from exc
+        option = str(exc).split(" ", 1)[0]
+        own = {option: name for name, option in names.items()} | (renames or {})
+        param = prefix + own.get(option, option)
+        raise APIError(400, str(exc).replace(option, param, 1), param, "invalid_value") from exc
 
 
 def check_n(n: int, param: str) -> None:
@@ -138,7 +96,46 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
                        "invalid_value")
 
 
-class ChatCompletionRequest(_SamplingFields):
+class StreamOptions(Schema):
+    include_usage: bool = False
+
+
+class TextContentPart(Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Schema):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str | list[TextContentPart],
+                       _one_of('a string or a list of {"type": "text", "text": ...} parts')]
+    name: str | None = None     # accepted and ignored: chat templates have no place for it
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
+    """What /v1/chat/completions and /v1/completions share beyond the sampling options."""
+
+    model: str | None = None
+    stop: Stop = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None     # explicitly ignored
+
+    def check_api_limits(self, vocab_size: int) -> None:
+        check_token_ids(self.stop_token_ids or [], vocab_size, "stop_token_ids")
+        check_n(self.n, "n")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_OpenAIFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -146,7 +143,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True     # vLLM's extension: False continues the last message instead
 
-    def to_generate_input(self, max_model_len: int, vocab_size: int) -> GenerateInput:
+    def to_prompt_request(self, vocab_size: int) -> PromptRequest:
         self.check_api_limits(vocab_size)
         if not self.messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
@@ -157,20 +154,16 @@ class ChatCompletionRequest(_SamplingFields):
                 raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
                                "top_logprobs")
         limit_name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        # No limit given: OpenAI's chat default, up to the context length (max_tokens None).
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        params = self.sampling_params(
-            max_tokens=max_model_len if limit is None else limit,
-            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
-            renames={"max_tokens": limit_name, "logprobs": "top_logprobs"},
-        )
-        return GenerateInput(
-            prompt=[(m.role, m.text()) for m in self.messages], is_chat=True, params=params, n=self.n,
-            stop=self.stop_strings(), add_generation_prompt=self.add_generation_prompt,
-            max_tokens_from_context=limit is None,
-        )
+        params = build_sampling_params(
+            self, "openai", extra=dict(max_tokens=limit, logprobs=(self.top_logprobs or 0) if self.logprobs else None),
+            renames={"max_tokens": limit_name, "logprobs": "top_logprobs"})
+        return PromptRequest(messages=[(m.role, m.text()) for m in self.messages], params=params, n=self.n,
+                             stop=stop_strings(self.stop, "stop"), add_generation_prompt=self.add_generation_prompt)
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_OpenAIFields):
     prompt: Annotated[str | list[str] | TokenIds | list[TokenIds],
                       _one_of("a string, a list of strings, a list of token ids (integers >= 0) "
                               "or a list of such lists")]
@@ -185,7 +178,7 @@ class CompletionRequest(_SamplingFields):
             return [p]
         return list(p)
 
-    def to_generate_inputs(self, max_model_len: int, vocab_size: int) -> list[GenerateInput]:
+    def to_prompt_requests(self, vocab_size: int) -> list[PromptRequest]:
         self.check_api_limits(vocab_size)
         prompts = self.prompts()
         if not prompts:
@@ -197,13 +190,10 @@ class CompletionRequest(_SamplingFields):
                 check_token_ids(p, vocab_size, "prompt")
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", "echo")
-        params = self.sampling_params(
-            max_tokens=max_model_len if self.max_tokens is None else self.max_tokens,
-            logprobs=self.logprobs, renames={},
-        )
-        return [GenerateInput(prompt=p, is_chat=False, params=params, n=self.n, stop=self.stop_strings(),
-                              echo=self.echo, max_tokens_from_context=self.max_tokens is None)
-                for p in prompts]
+        params = build_sampling_params(self, "openai", extra=dict(max_tokens=self.max_tokens, logprobs=self.logprobs))
+        stop = stop_strings(self.stop, "stop")
+        return [PromptRequest(text=p, params=params, n=self.n, stop=stop, echo=self.echo) if isinstance(p, str) else
+                PromptRequest(prompt_ids=p, params=params, n=self.n, stop=stop, echo=self.echo) for p in prompts]
 
 
 def parse_request(model: type[Schema], body: bytes) -> Schema:

@@ -10,7 +10,7 @@ import logging
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
-from minisrv.server.client import RequestError
+from minisrv.server.engine_handle import RequestError
 from minisrv.server.errors import error_body
 from minisrv.server.streams import (SSE_DONE, ChoiceDelta, ChoiceResult, ResponseContext, chat_logprobs,
                                     completion_logprobs, sse_event)

@@ -11,40 +11,30 @@ from typing import AsyncIterator
 
 from pydantic import Field
 
-from minisrv.server.client import GenerateInput
 from minisrv.server.errors import APIError
-from minisrv.server.protocol import (Schema, Stop, TokenId, TokenIds, build_sampling_params, check_n,
-                                     check_token_ids, stop_strings)
+from minisrv.server.protocol import (Schema, Stop, TokenIds, build_sampling_params, check_n, check_token_ids,
+                                     sampling_schema, stop_strings)
 from minisrv.server.responses import sse_stream
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext
+from minisrv.wire.records import PromptRequest
 
 DEFAULT_MAX_NEW_TOKENS = 128   # SGLang's default
 
 
-class GenerateSamplingParams(Schema):
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
+class SGLangSamplingParams(sampling_schema("sglang", "_SGLangSampling")):
+    """/generate's `sampling_params`: the sampling options under SGLang's names, plus its request-level ones."""
+
     stop: Stop = None
-    stop_token_ids: list[TokenId] | None = None
-    ignore_eos: bool = False
     n: int = 1
 
 
-class GenerateRequest(Schema):
+class SGLangGenerateRequest(Schema):
     text: str | None = None
     input_ids: TokenIds | None = None
-    sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
+    sampling_params: SGLangSamplingParams = Field(default_factory=SGLangSamplingParams)
     stream: bool = False
 
-    def to_generate_input(self, vocab_size: int) -> GenerateInput:
+    def to_prompt_request(self, vocab_size: int) -> PromptRequest:
         if (self.text is None) == (self.input_ids is None):
             raise APIError(400, "give exactly one of text and input_ids", "text")
         if self.text == "":
@@ -53,21 +43,19 @@ class GenerateRequest(Schema):
         check_token_ids(self.input_ids or [], vocab_size, "input_ids")
         check_token_ids(sp.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
         check_n(sp.n, "sampling_params.n")
-        values = sp.model_dump(exclude={"max_new_tokens", "min_new_tokens", "stop", "n"})
-        values["stop_token_ids"] = values["stop_token_ids"] or []
-        params = build_sampling_params(
-            dict(values, max_tokens=sp.max_new_tokens, min_tokens=sp.min_new_tokens),
-            renames={"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}, prefix="sampling_params.",
-        )
-        prompt = self.text if self.text is not None else list(self.input_ids)
-        return GenerateInput(prompt=prompt, is_chat=False, params=params, n=sp.n,
-                             stop=stop_strings(sp.stop, "sampling_params.stop"))
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if sp.max_new_tokens is None else sp.max_new_tokens
+        params = build_sampling_params(sp, "sglang", extra=dict(max_tokens=max_new_tokens), prefix="sampling_params.")
+        stop = stop_strings(sp.stop, "sampling_params.stop")
+        if self.text is not None:
+            return PromptRequest(text=self.text, params=params, n=sp.n, stop=stop)
+        return PromptRequest(prompt_ids=list(self.input_ids), params=params, n=sp.n, stop=stop)
 
 
-def _meta_info(ctx: ResponseContext, finish_reason: str | None, prompt_tokens: int, cached_tokens: int,
-               completion_tokens: int) -> dict:
+def _meta_info(ctx: ResponseContext, finish_reason: str | None, num_prompt_tokens: int, num_cached_tokens: int,
+               num_output_tokens: int) -> dict:
     return {"id": ctx.id, "finish_reason": None if finish_reason is None else {"type": finish_reason},
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
+            "prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
+            "cached_tokens": num_cached_tokens}
 
 
 def generate_result(ctx: ResponseContext, results: list[ChoiceResult]) -> dict | list[dict]:
@@ -90,6 +78,7 @@ def generate_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) ->
         if not d.token_ids and d.finish_reason is None:
             return None
         return {"text": result.text, "output_ids": list(result.token_ids), "index": cd.choice,
-                "meta_info": _meta_info(ctx, d.finish_reason, d.prompt_tokens, d.cached_tokens, d.completion_tokens)}
+                "meta_info": _meta_info(ctx, d.finish_reason, d.num_prompt_tokens, d.num_cached_tokens,
+                                            d.num_output_tokens)}
 
     return sse_stream(ctx, deltas, chunk_of, usage_object=None)   # usage is in every event's meta_info

@@ -15,7 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, NamedTuple
 
-from minisrv.server.client import OutputDelta, TokenLogprob
+from minisrv.server.engine_handle import OutputDelta, TokenLogprob
 from minisrv.server.metrics import RequestTimer
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -96,16 +96,15 @@ class ResponseContext:
         """Prompt tokens count once per prompt however many choices it has; the counts are cumulative."""
         prompt_tokens: dict[int, int] = {}
         cached_tokens: dict[int, int] = {}
-        completion_tokens = 0
+        output_tokens = 0
         for cd in self._choices.values():
-            prompt_tokens[cd.prompt] = cd.delta.prompt_tokens
+            prompt_tokens[cd.prompt] = cd.delta.num_prompt_tokens
             # The prompt's choices share its pages; what was cached before the request came is the least.
-            cached_tokens[cd.prompt] = min(cached_tokens.get(cd.prompt, cd.delta.cached_tokens),
-                                           cd.delta.cached_tokens)
-            completion_tokens += cd.delta.completion_tokens
+            cached_tokens[cd.prompt] = min(cached_tokens.get(cd.prompt, cd.delta.num_cached_tokens),
+                                           cd.delta.num_cached_tokens)
+            output_tokens += cd.delta.num_output_tokens
         prompt = sum(prompt_tokens.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                "total_tokens": prompt + completion_tokens,
+        return {"prompt_tokens": prompt, "completion_tokens": output_tokens, "total_tokens": prompt + output_tokens,
                 "prompt_tokens_details": {"cached_tokens": sum(cached_tokens.values())}}
 
 

@@ -1,9 +1,9 @@
-"""The model's tokenizer without its weights, for the tokenizer workers and the detokenizer.
+"""The model's tokenizer without its weights, for the tokenizer workers, the detokenizer and the offline API.
 
-Mirrors the sources of minisrv/models/loader.py `load_model` (which the scheduler runs, and which
-reports a bad --model precisely); only the tokenizer is built here. The detokenizer needs only the
-`tokenizers` library's Tokenizer: read straight from tokenizer.json it costs 0.25 s and 76 MB, against
-3.7 s and 395 MB through transformers (which imports torch), measured on the embedded model.
+The source is resolved once, by minisrv/models/source.py, for the engine and this side alike. The
+detokenizer needs only the `tokenizers` library's Tokenizer: read straight from tokenizer.json it costs
+0.25 s and 76 MB, against 3.7 s and 395 MB through transformers (which imports torch), measured on the
+embedded model.
 """
 from __future__ import annotations
 
@@ -12,39 +12,29 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
-from minisrv.config import EngineConfig
+from minisrv.models.source import ModelSource
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def load_fast_tokenizer(config: EngineConfig) -> Tokenizer:
+def load_fast_tokenizer(source: ModelSource) -> Tokenizer:
     """The `tokenizers` Tokenizer alone (decoding needs no chat template), without transformers when it can."""
-    json_file = Path(config.model).expanduser() / "tokenizer.json"
-    if config.load_format != "dummy" and json_file.is_file():
-        return Tokenizer.from_file(str(json_file))
-    return load_tokenizer(config).backend_tokenizer
+    if source.format == "hf" and (source.path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(source.path / "tokenizer.json"))
+    return load_tokenizer(source).backend_tokenizer
 
 
-def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
-    path = Path(config.model).expanduser()
-    if config.load_format == "dummy":
-        if path.is_dir():
-            return _from_hf_dir(path)
-        from minisrv.models.byte_tokenizer import build_byte_tokenizer
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    if source.format == "preset":
+        from minisrv.tokenizer.byte_tokenizer import build_byte_tokenizer
 
         return build_byte_tokenizer()
-    if config.model == "embedded":
-        from minisrv.models.embedded import embedded_model_dir
-
-        return _from_hf_dir(embedded_model_dir())
-    if path.suffix == ".gguf":
+    if source.format == "gguf":
         from minisrv.models.gguf import load_gguf_tokenizer
 
-        return load_gguf_tokenizer(path)
-    if path.is_dir():
-        return _from_hf_dir(path)
-    raise ValueError(f"model: {config.model!r} is not 'embedded', a Hugging Face directory or a .gguf file")
+        return load_gguf_tokenizer(source.path)
+    return _from_hf_dir(source.path)
 
 
 def _from_hf_dir(path: Path) -> PreTrainedTokenizerBase:

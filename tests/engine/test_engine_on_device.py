@@ -22,7 +22,7 @@ from minisrv.models.dummy import LOGIT_STD, load_preset
 from minisrv.models.loader import LoadedModel, build_model
 from minisrv.models.weights import load_weights
 from minisrv.sampling_params import SamplingParams
-from minisrv.scheduler.request import FinishReason
+from minisrv.wire.terms import FinishReason
 
 DEVICE = os.environ.get("MINISRV_TEST_DEVICE", "cuda")
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -60,8 +60,8 @@ def loaded(oracle) -> LoadedModel:
     model_config = ModelConfig.from_hf_dict(spec)
     model = build_model(model_config, 1024, DTYPE, torch.device(DEVICE))
     load_weights(model, ((k, v.float().cpu()) for k, v in hf.state_dict().items()))
-    return LoadedModel(model=model, model_config=model_config, tokenizer=None, eos_token_ids=[2],
-                       chat_template=None, max_model_len=1024, name="smollm2-135m-random")
+    return LoadedModel(model=model, model_config=model_config, eos_token_ids=[2],
+                       max_model_len=1024, name="smollm2-135m-random")
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,6 @@ def test_chunked_prefill(oracle, loaded, prompts) -> None:
 
 def test_preemption(oracle, loaded, prompts) -> None:
     longest = max(len(ids) for ids in prompts) + MAX_TOKENS
-    engine, outs = generate(loaded, prompts, page_size=4, num_pages=(longest + 3) // 4 + 6, enable_prefix_cache=False)
+    engine, outs = generate(loaded, prompts, page_size=4, num_pages=(longest + 3) // 4 + 6, enable_prefix_caching=False)
     assert engine.scheduler.num_preemptions > 0
     assert_oracle_agrees(oracle, prompts, outs)

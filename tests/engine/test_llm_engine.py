@@ -39,7 +39,7 @@ def reference(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
     """transformers' own Llama on the very weights our loader converted, one prompt at a time."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(llm.engine.loaded.path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(llm.source.path, dtype=torch.float32).eval()
     # Like our ignore_eos: generate past EOS without masking it (min_new_tokens would mask it).
     hf.generation_config.eos_token_id = None
     outs = []
@@ -91,7 +91,7 @@ def test_tiny_token_budget_chunks_prefill(llm: LLM, prompt_ids: list[list[int]],
 
 def test_tiny_kv_pool_preempts(llm: LLM, prompt_ids: list[list[int]], reference: list[list[int]]) -> None:
     longest = max(len(ids) for ids in prompt_ids) + MAX_TOKENS
-    engine = _engine(llm, page_size=4, num_pages=(longest + 3) // 4 + 6, enable_prefix_cache=False)
+    engine = _engine(llm, page_size=4, num_pages=(longest + 3) // 4 + 6, enable_prefix_caching=False)
     outs = engine.generate(prompt_ids, GREEDY)
     assert [o.token_ids for o in outs] == reference
     assert engine.engine.scheduler.num_preemptions > 0

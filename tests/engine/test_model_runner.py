@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minisrv.config import EngineConfig
-from minisrv.engine.attention import kv_cache_bytes_per_page
+from minisrv.engine.kv_cache import kv_cache_bytes_per_page
 from minisrv.engine.model_runner import CPU_DEFAULT_KV_GIB, ModelRunner, cpu_threads
 from minisrv.models.config import ModelConfig
 from minisrv.models.dummy import init_dummy_weights
@@ -28,7 +28,7 @@ def loaded() -> LoadedModel:
     model_config = ModelConfig.from_hf_dict(TINY)
     model = build_model(model_config, 256, torch.float32, torch.device("cpu"))
     init_dummy_weights(model, seed=5, std=0.2)   # larger than the default so argmax ties are impossible
-    return LoadedModel(model, model_config, tokenizer=None, eos_token_ids=[3], chat_template=None,
+    return LoadedModel(model, model_config, eos_token_ids=[3],
                        max_model_len=256, name="tiny")
 
 
@@ -69,15 +69,15 @@ def test_cpu_threads(loaded):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("config, field", [
-    (EngineConfig(page_size=0), "page_size"),
-    (EngineConfig(cpu_threads=0), "cpu_threads"),
-    (EngineConfig(kv_cache_memory=1e-9), "kv_cache_memory"),
-    (EngineConfig(num_pages=0), "num_pages"),
+@pytest.mark.parametrize("settings, field", [
+    (dict(page_size=0), "page_size"),
+    (dict(cpu_threads=0), "cpu_threads"),
+    (dict(kv_cache_memory=1e-9), "kv_cache_memory"),
+    (dict(num_pages=0), "num_pages"),
 ])
-def test_bad_pool_settings_name_the_field(loaded, config, field):
+def test_bad_pool_settings_name_the_field(loaded, settings, field):
     with pytest.raises(ValueError, match=field):
-        ModelRunner(config, loaded, Greedy())
+        ModelRunner(EngineConfig(**settings), loaded, Greedy())
 
 
 def test_default_sampler_is_the_engine_sampler(loaded):

@@ -63,8 +63,8 @@ def make_our_model(spec: dict[str, Any], hf_model, dtype: torch.dtype = torch.fl
 
 def make_loaded(spec: dict[str, Any], hf_model, dtype: torch.dtype = torch.float32) -> LoadedModel:
     model = make_our_model(spec, hf_model, dtype)
-    return LoadedModel(model=model, model_config=model.config, tokenizer=None, eos_token_ids=[2],
-                       chat_template=None, max_model_len=128, name="tiny")
+    return LoadedModel(model=model, model_config=model.config, eos_token_ids=[2],
+                       max_model_len=128, name="tiny")
 
 
 def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:

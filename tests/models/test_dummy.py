@@ -6,10 +6,11 @@ import torch
 
 from minisrv.config import EngineConfig
 from minisrv.engine.model_runner import ModelRunner
-from minisrv.models.byte_tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, build_byte_tokenizer
 from minisrv.models.config import ModelConfig
-from minisrv.models.dummy import load_preset, preset_names
+from minisrv.models.dummy import BYTE_VOCAB_SPECIALS, load_preset, preset_names
 from minisrv.models.loader import load_model
+from minisrv.models.source import resolve_source
+from minisrv.tokenizer.loading import load_tokenizer
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.request import Request, SampleResult
@@ -23,7 +24,7 @@ EXPECTED = {"smollm2-135m": ("LlamaForCausalLM", 30, 576), "qwen2.5-0.5b": ("Qwe
 def test_every_preset_parses(name):
     config = ModelConfig.from_hf_dict(load_preset(name))
     assert (config.architecture, config.num_layers, config.hidden_size) == EXPECTED[name]
-    assert config.vocab_size > len(SPECIAL_TOKENS) + 256   # the byte tokenizer's ids all exist
+    assert config.vocab_size > len(BYTE_VOCAB_SPECIALS) + 256   # the byte tokenizer's ids all exist
     assert set(preset_names()) == set(EXPECTED)
 
 
@@ -33,9 +34,10 @@ def test_unknown_preset_lists_the_presets():
 
 
 def test_smollm2_dummy_runs_offline_with_spread_logits():
-    loaded = load_model(EngineConfig(model="smollm2-135m", load_format="dummy", seed=3, max_model_len=256))
+    config = EngineConfig(model="smollm2-135m", load_format="dummy", seed=3, max_model_len=256)
+    loaded = load_model(config)
     assert loaded.name == "smollm2-135m" and loaded.max_model_len == 256
-    tokenizer = loaded.tokenizer
+    tokenizer = load_tokenizer(resolve_source(config))
     assert loaded.eos_token_ids == sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     captured = []
 
@@ -54,15 +56,3 @@ def test_smollm2_dummy_runs_offline_with_spread_logits():
     assert logits.shape == (49152,) and torch.isfinite(logits).all()
     top = logits.softmax(-1).max()
     assert 1.5 < logits.std() < 6 and 100 / 49152 < top < 0.5      # neither flat nor one-hot
-
-
-def test_byte_tokenizer_round_trips_any_text():
-    tokenizer = build_byte_tokenizer()
-    text = "héllo wörld 🎉\n\t<|im_start|>x"
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    assert ids[:2] == [ord("h"), 0xC3] and tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
-    assert tokenizer.decode(ids) == text
-    assert len(tokenizer) == 259 and tokenizer.chat_template == CHATML_TEMPLATE
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                             add_generation_prompt=True)
-    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

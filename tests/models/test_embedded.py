@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import subprocess
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hf_tiny import GGUF_EOS, GGUF_VOCAB, hf_logits, make_hf_model, make_request, tiny_config, write_tiny_gguf
 
 from minisrv.config import EngineConfig
-from minisrv.engine.forward_context import ForwardContext, forward_context
 from minisrv.engine.model_runner import ModelRunner
+from minisrv.layers.forward_context import ForwardContext, forward_context
 from minisrv.models import embedded
 from minisrv.models.loader import load_model
+from minisrv.models.source import resolve_source
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.request import SampleResult
+from minisrv.tokenizer.loading import load_tokenizer
+from minisrv.tokenizer.prompts import resolve_chat_template
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Water boils at a temperature of"]
 
@@ -51,8 +55,10 @@ def test_concurrent_conversions_leave_one_complete_directory(tmp_path):
         t.join()
     assert errors == []
     assert sorted(p.name for p in target.parent.iterdir()) == ["converted"]    # no temp dirs left behind
-    loaded = load_model(EngineConfig(model=str(target)))
-    assert loaded.eos_token_ids == [GGUF_EOS] and loaded.tokenizer.decode(loaded.tokenizer.encode("to")) == "to"
+    config = EngineConfig(model=str(target))
+    loaded = load_model(config)
+    tokenizer = load_tokenizer(resolve_source(config))
+    assert loaded.eos_token_ids == [GGUF_EOS] and tokenizer.decode(tokenizer.encode("to")) == "to"
     tokens = [5, 77, 256, 3, 41]
     runner = ModelRunner(EngineConfig(num_pages=4), loaded, sampler=lambda logits, reqs: [])
     step = runner.prepare(ScheduledBatch([ScheduledSeq(make_request(0, tokens, [2]), 0, len(tokens), True)]))
@@ -75,31 +81,33 @@ def test_unreachable_registry_without_cache_is_a_clear_error(monkeypatch, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return load_model(EngineConfig())     # fetches and converts on a fresh machine, then reads the cache
+def ours() -> SimpleNamespace:
+    source = resolve_source(EngineConfig())   # fetches and converts on a fresh machine, then reads the cache
+    return SimpleNamespace(source=source, loaded=load_model(EngineConfig(), source), tokenizer=load_tokenizer(source))
 
 
 @pytest.fixture(scope="module")
 def theirs(ours):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(ours.path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(ours.source.path), dtype=torch.float32).eval()
 
 
 def test_embedded_identity(ours):
-    assert ours.name == "SmolLM2-135M-Instruct" and ours.path.parent == embedded.cache_root()
-    assert ours.eos_token_ids == [2] and ours.max_model_len == 8192
-    assert "<|im_start|>" in ours.chat_template and ours.model_config.tie_word_embeddings
+    loaded = ours.loaded
+    assert loaded.name == "SmolLM2-135M-Instruct" and ours.source.path.parent == embedded.cache_root()
+    assert loaded.eos_token_ids == [2] and loaded.max_model_len == 8192
+    assert "<|im_start|>" in resolve_chat_template(None, ours.tokenizer) and loaded.model_config.tie_word_embeddings
 
 
 def test_embedded_logits_match_transformers(ours, theirs):
-    runner = ModelRunner(EngineConfig(num_pages=16), ours, sampler=lambda logits, reqs: [])
+    runner = ModelRunner(EngineConfig(num_pages=16), ours.loaded, sampler=lambda logits, reqs: [])
     for i, prompt in enumerate(PROMPTS):
         tokens = ours.tokenizer.encode(prompt, add_special_tokens=False)
         request = make_request(i, tokens, [7 - i, 11, 3 + i])
         step = runner.prepare(ScheduledBatch([ScheduledSeq(request, 0, len(tokens), True)]))
         with torch.inference_mode(), forward_context(ForwardContext(step.attn)):
-            logits = ours.model.compute_logits(ours.model(step.input_ids, step.positions))
+            logits = ours.loaded.model.compute_logits(ours.loaded.model(step.input_ids, step.positions))
         torch.testing.assert_close(logits, hf_logits(theirs, tokens), atol=2e-4, rtol=1e-4)
 
 
@@ -107,7 +115,7 @@ def test_embedded_greedy_text_equals_transformers(ours, theirs):
     """Also the check on the GGUF q/k un-permutation: wrong rows would not say Paris."""
     tokens = ours.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     runner = ModelRunner(EngineConfig(num_pages=8, page_size=4),
-                         ours, sampler=lambda logits, reqs: [SampleResult(int(t)) for t in logits.argmax(-1)])
+                         ours.loaded, sampler=lambda logits, reqs: [SampleResult(int(t)) for t in logits.argmax(-1)])
     request = make_request(0, tokens, [5, 1, 6, 0, 2, 7])
     [first] = runner.execute(ScheduledBatch([ScheduledSeq(request, 0, len(tokens), True)]))
     request.output_ids.append(first.token_id)

@@ -9,14 +9,17 @@ import torch
 from hf_tiny import GGUF_EOS, GGUF_VOCAB, hf_logits, make_hf_model, tiny_config, write_tiny_gguf
 
 from minisrv.config import EngineConfig
-from minisrv.engine.forward_context import ForwardContext, forward_context
 from minisrv.engine.model_runner import ModelRunner
+from minisrv.layers.forward_context import ForwardContext, forward_context
 from minisrv.models.config import ModelConfig
 from minisrv.models.gguf import GGUFCheckpoint, hf_tensor_name
 from minisrv.models.loader import load_model
+from minisrv.models.source import resolve_source
+from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.request import Request
-from minisrv.sampling_params import SamplingParams
+from minisrv.tokenizer.loading import load_tokenizer
+from minisrv.tokenizer.prompts import resolve_chat_template
 
 
 def gguf_spec(name: str) -> dict:
@@ -60,12 +63,15 @@ def test_load_model_from_gguf_file(tmp_path):
     hf = make_hf_model(spec, seed=5)
     path = tmp_path / "tiny-llama.gguf"
     write_tiny_gguf(path, spec, hf)
-    loaded = load_model(EngineConfig(model=str(path), max_model_len=64))
-    assert (loaded.name, loaded.path, loaded.max_model_len) == ("tiny-llama", path, 64)
+    config = EngineConfig(model=str(path), max_model_len=64)
+    source = resolve_source(config)
+    loaded = load_model(config, source)
+    assert (loaded.name, source.path, loaded.max_model_len) == ("tiny-llama", path, 64)
     assert loaded.eos_token_ids == [GGUF_EOS]
-    assert "<|im_start|>" in loaded.chat_template
-    tokens = loaded.tokenizer.encode("héllo to", add_special_tokens=False)
-    assert loaded.tokenizer.decode(tokens) == "héllo to" and 256 in tokens   # the merge "Ġt" applied
+    tokenizer = load_tokenizer(source)
+    assert "<|im_start|>" in resolve_chat_template(None, tokenizer)
+    tokens = tokenizer.encode("héllo to", add_special_tokens=False)
+    assert tokenizer.decode(tokens) == "héllo to" and 256 in tokens   # the merge "Ġt" applied
     runner = ModelRunner(EngineConfig(num_pages=8), loaded, sampler=lambda logits, reqs: [])
     request = Request(0, tokens, SamplingParams(temperature=0.0), seed=0)
     request.pages = [3, 1]

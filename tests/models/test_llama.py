@@ -7,7 +7,7 @@ import pytest
 import torch
 from hf_tiny import TINY_CONFIGS, hf_logits, make_hf_model, make_loaded, make_request, make_runner, tiny_config
 
-from minisrv.engine.forward_context import ForwardContext, forward_context
+from minisrv.layers.forward_context import ForwardContext, forward_context
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 
 ATOL = RTOL = 2e-5   # float32; observed differences are ~1e-6
@@ -62,7 +62,7 @@ def test_chunked_prefill_then_decode(pair, page_size):
     for pos in range(prompt_len, SEQ_LEN):
         request.output_ids.append(tokens[pos])   # the "sampled" token is the reference's next one
         seq = ScheduledSeq(request, pos, 1, True)
-        assert seq.is_decode
+        assert seq.num_tokens == 1 and seq.start == request.num_tokens - 1   # a decode step
         runner.execute(ScheduledBatch([seq]))
         torch.testing.assert_close(sampler.rows[0], reference[pos], atol=ATOL, rtol=RTOL)
 

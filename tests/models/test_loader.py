@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from hf_tiny import hf_logits, make_hf_model, make_request, tiny_config
 
 from minisrv.config import EngineConfig
-from minisrv.engine.forward_context import ForwardContext, forward_context
 from minisrv.engine.model_runner import ModelRunner
-from minisrv.models.byte_tokenizer import build_byte_tokenizer
+from minisrv.layers.forward_context import ForwardContext, forward_context
 from minisrv.models.loader import load_model
+from minisrv.models.source import resolve_source
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
+from minisrv.tokenizer.byte_tokenizer import build_byte_tokenizer
+from minisrv.tokenizer.loading import load_tokenizer
+from minisrv.tokenizer.prompts import resolve_chat_template
 
 
 def all_logits(loaded, tokens: list[int]) -> torch.Tensor:
@@ -37,25 +41,36 @@ def hf_dir(tmp_path_factory):
 def test_sharded_hf_directory(hf_dir):
     path, hf = hf_dir
     assert len(list(path.glob("*.safetensors"))) > 2 and (path / "model.safetensors.index.json").is_file()
-    loaded = load_model(EngineConfig(model=str(path)))
-    assert (loaded.name, loaded.path, loaded.max_model_len) == ("tiny-qwen2", path, 128)
+    config = EngineConfig(model=str(path))
+    source = resolve_source(config)
+    loaded = load_model(config, source)
+    assert (loaded.name, source.path, loaded.max_model_len) == ("tiny-qwen2", path, 128)
     assert loaded.eos_token_ids == [2, 7]             # config.json's 2 united with generation_config's
-    assert loaded.chat_template == loaded.tokenizer.chat_template and "<|im_start|>" in loaded.chat_template
+    tokenizer = load_tokenizer(source)
+    assert resolve_chat_template(None, tokenizer) == tokenizer.chat_template
+    assert "<|im_start|>" in tokenizer.chat_template
     assert loaded.model_config.qkv_bias and loaded.model_config.tie_word_embeddings
     tokens = [3, 14, 15, 92, 65, 35, 89, 79]
     torch.testing.assert_close(all_logits(loaded, tokens), hf_logits(hf, tokens), atol=2e-5, rtol=2e-5)
 
 
-def test_overrides_max_len_dtype_and_template(hf_dir, tmp_path):
+def test_overrides_max_len_and_dtype(hf_dir):
     path, _ = hf_dir
-    template = tmp_path / "t.jinja"
-    template.write_text("{{ messages[0]['content'] }}")
-    loaded = load_model(EngineConfig(model=str(path), max_model_len=32, dtype="bfloat16", chat_template=str(template)))
+    loaded = load_model(EngineConfig(model=str(path), max_model_len=32, dtype="bfloat16"))
     assert loaded.max_model_len == 32 and loaded.model.rope.max_positions == 32
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
-    assert loaded.chat_template == "{{ messages[0]['content'] }}"
-    inline = load_model(EngineConfig(model=str(path), chat_template="{{ 'x' }}"))
-    assert inline.chat_template == "{{ 'x' }}"
+
+
+def test_eos_from_the_tokenizer_files_when_the_configs_name_none(hf_dir, tmp_path):
+    path, _ = hf_dir
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare)
+    (bare / "generation_config.json").unlink()
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "eos_token_id": None}))
+    eos = build_byte_tokenizer().eos_token   # <|im_end|>, which the saved tokenizer_config.json names
+    assert load_model(EngineConfig(model=str(bare))).eos_token_ids == [load_tokenizer(resolve_source(
+        EngineConfig(model=str(bare)))).convert_tokens_to_ids(eos)]
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -64,7 +79,6 @@ def test_overrides_max_len_dtype_and_template(hf_dir, tmp_path):
     (dict(dtype="float64"), "dtype"),
     (dict(dtype="float16", device="cpu"), "dtype"),
     (dict(load_format="pt"), "load_format"),
-    (dict(chat_template="/no/such/template.jinja"), "chat_template"),
 ])
 def test_bad_settings_name_the_field(hf_dir, overrides, field):
     path, _ = hf_dir
@@ -114,4 +128,5 @@ def test_dummy_weights_from_an_hf_directory_are_seeded(hf_dir):
     weights = [dict(m.model.named_parameters()) for m in (first, again, other)]
     name = "layers.0.self_attn.qkv_proj.weight"
     assert torch.equal(weights[0][name], weights[1][name]) and not torch.equal(weights[0][name], weights[2][name])
-    assert first.path is None and first.tokenizer.chat_template is not None
+    source = resolve_source(EngineConfig(model=str(path), load_format="dummy"))
+    assert source.dummy and load_tokenizer(source).chat_template is not None

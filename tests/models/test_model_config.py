@@ -31,9 +31,9 @@ def test_rope_spellings():
     modern = config(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 8192})
-    assert legacy == modern and legacy.rope_type == "llama3" and legacy.rope_theta == 500000.0
-    assert config(rope_scaling={"type": "linear", "factor": 2.0}).rope_factor == 2.0
-    assert config(rope_scaling=None).rope_type == "default" and config().rope_theta == 10000.0
+    assert legacy == modern and legacy.rope.type == "llama3" and legacy.rope.theta == 500000.0
+    assert config(rope_scaling={"type": "linear", "factor": 2.0}).rope.factor == 2.0
+    assert config(rope_scaling=None).rope.type == "default" and config().rope.theta == 10000.0
 
 
 def test_context_length_and_eos():

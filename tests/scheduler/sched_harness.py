@@ -141,14 +141,14 @@ def check_drained(sched: Scheduler) -> None:
     pool = sched.pool
     assert pool.num_in_use == 0 and pool.num_free + pool.num_idle == pool.num_pages
     assert all(pool.ref_count(p) == 0 for p in range(pool.num_pages))
-    assert sched.kv_cache_usage == 0.0
+    assert sched.stats().kv_cache_usage == 0.0
 
 
 def make_scheduler(*, num_pages: int, page_size: int = 4, budget: int = 64, max_running: int = 16,
                    prefix_cache: bool = True, eos: tuple[int, ...] = (), max_model_len: int = 4096,
                    vocab_size: int = 50) -> Scheduler:
     config = EngineConfig(page_size=page_size, max_num_batched_tokens=budget, max_running_requests=max_running,
-                          enable_prefix_cache=prefix_cache)
+                          enable_prefix_caching=prefix_cache)
     return Scheduler(config, num_pages=num_pages, eos_token_ids=list(eos), max_model_len=max_model_len,
                      vocab_size=vocab_size)
 

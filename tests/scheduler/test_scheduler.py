@@ -148,16 +148,30 @@ def test_validation_errors_name_the_problem():
         sched.add_request(request(1, [1], max_tokens=2, stop_token_ids=[77]))
     with pytest.raises(ValueError, match="prompt has 30 tokens and max_tokens is 11, but the context length is 40"):
         sched.add_request(request(1, [1] * 30, max_tokens=11))
+    with pytest.raises(ValueError, match="the prompt has 40 tokens, which leaves no room to generate: the context "
+                                         "length is 40"):
+        sched.add_request(request(1, [1] * 40, max_tokens=None))
     # 10 + 8 tokens need 17 K/V slots: 5 pages of 4, but the pool has 4 (16 slots).
     with pytest.raises(ValueError, match="needs 5 KV pages of 4 tokens, but the KV cache holds only 4 pages"):
         sched.add_request(request(1, [1] * 10, max_tokens=8))
     sched.add_request(request(1, [2] * 10, max_tokens=7))          # 16 slots: fits exactly
     with pytest.raises(ValueError, match="request id 1 is already queued or running"):
         sched.add_request(request(1, [2], max_tokens=1))
-    assert sched.num_waiting == 1
+    assert sched.stats().num_waiting == 1
     with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1, got 0"):
         Scheduler(EngineConfig(max_num_batched_tokens=0), num_pages=4, eos_token_ids=[], max_model_len=8,
                   vocab_size=8)
+
+
+def test_no_max_tokens_generates_up_to_the_context_length():
+    rng = random.Random(21)
+    sched = make_scheduler(num_pages=64, max_model_len=48)
+    prompt = tokens(rng, 19)
+    req = request(1, prompt, max_tokens=None, ignore_eos=True)
+    run = drive(FakeEngine(sched), {0: [req]})
+    assert req.max_tokens == 48 - 19
+    assert len(run.tokens(1)) == 48 - 19 and run.finish_reason(1) is FinishReason.LENGTH
+    check_drained(sched)
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
@@ -181,16 +195,16 @@ def test_abort_frees_pages_at_once_whether_waiting_running_or_in_flight():
     sched.add_request(a)
     sched.add_request(b)
     sched.postprocess(batch := sched.schedule(), engine.execute(batch))
-    assert a.status is RequestStatus.RUNNING and b.status is RequestStatus.WAITING and sched.kv_cache_usage > 0
+    assert a.status is RequestStatus.RUNNING and b.status is RequestStatus.WAITING and sched.stats().kv_cache_usage > 0
 
     out = sched.abort(2)
     assert out.finish_reason is FinishReason.ABORT and out.new_token_ids == [] and b.finished
-    assert sched.num_waiting == 0 and sched.abort(2) is None and sched.abort(99) is None
+    assert sched.stats().num_waiting == 0 and sched.abort(2) is None and sched.abort(99) is None
 
     batch = sched.schedule()
     results = engine.execute(batch)
     out = sched.abort(1)                                           # between schedule and postprocess
-    assert out.num_output_tokens == 1 and sched.kv_cache_usage == 0.0 and not a.pages
+    assert out.num_output_tokens == 1 and sched.stats().kv_cache_usage == 0.0 and not a.pages
     assert sched.postprocess(batch, results) == []                 # the in-flight result is dropped
     check_drained(sched)
 

@@ -1,8 +1,8 @@
-"""An in-process stand-in for the ring-backed EngineClient, so the HTTP layer is tested on its own.
+"""An in-process EngineHandle standing in for the ring-backed EngineClient, so the HTTP layer is tested alone.
 
 Its "model" is a pure function of the prompt (and of the seed when sampling): each output token is
 one character of a reply text, so the expected text, token count and finish reason of any request
-are computable in the test. It honours n, stop strings, max_tokens (and max_tokens_from_context),
+are computable in the test. It honours n, stop strings, max_tokens (None: up to the context length),
 the context length, logprobs and echo, and it records which requests were aborted.
 """
 from __future__ import annotations
@@ -11,29 +11,31 @@ import asyncio
 import itertools
 from typing import AsyncIterator
 
-from minisrv.server.client import GenerateInput, OutputDelta, RequestError, SchedulerStats, TokenLogprob
+from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
+from minisrv.wire.records import PromptRequest
+from minisrv.wire.terms import SchedulerStats
 
 REPLY = "Hello, world! 你好 🙂 The quick brown fox jumps over the lazy dog."
 MAX_MODEL_LEN = 256
 VOCAB_SIZE = 0x20000   # every character above is its own token (token id = code point)
 
 
-def render_prompt(inp: GenerateInput) -> str:
-    if inp.is_chat:
-        return "".join(f"<{role}>{content}\n" for role, content in inp.prompt)
-    if isinstance(inp.prompt, str):
-        return inp.prompt
-    return "".join(chr(t) for t in inp.prompt)
+def render_prompt(inp: PromptRequest) -> str:
+    if inp.messages is not None:
+        return "".join(f"<{role}>{content}\n" for role, content in inp.messages)
+    if inp.text is not None:
+        return inp.text
+    return "".join(chr(t) for t in inp.prompt_ids)
 
 
-def reply_for(inp: GenerateInput, choice: int) -> str:
+def reply_for(inp: PromptRequest, choice: int) -> str:
     """The text a choice generates before its "EOS": the reply, rotated by a seed-derived amount."""
     p = inp.params
-    shift = 0 if p.greedy else ((p.seed if p.seed is not None else 7) * 31 + choice * 17) % len(REPLY)
+    shift = 0 if p.temperature == 0.0 else ((p.seed if p.seed is not None else 7) * 31 + choice * 17) % len(REPLY)
     return REPLY[shift:] + REPLY[:shift]
 
 
-def expected_text(inp: GenerateInput, choice: int, max_tokens: int) -> tuple[str, str]:
+def expected_text(inp: PromptRequest, choice: int, max_tokens: int) -> tuple[str, str]:
     """A choice's whole output text and finish reason."""
     text, reason = reply_for(inp, choice), "stop"
     hits = [i for i in (text.find(s) for s in inp.stop) if i >= 0]
@@ -52,7 +54,7 @@ class FakeEngineClient:
         self.max_model_len = MAX_MODEL_LEN
         self.vocab_size = VOCAB_SIZE
         self.step_delay = step_delay
-        self.inputs: list[GenerateInput] = []
+        self.inputs: list[PromptRequest] = []
         self.running: set[int] = set()
         self.aborted: list[int] = []
         self._ids = itertools.count()
@@ -61,17 +63,14 @@ class FakeEngineClient:
         return SchedulerStats(num_running=len(self.running), num_waiting=0, kv_cache_usage=len(self.running) / 100,
                               prefix_cache_queries=7, prefix_cache_hits=3)
 
-    async def abort(self, request_id: int) -> None:
-        self.running.discard(request_id)
-
-    async def generate(self, inp: GenerateInput) -> AsyncIterator[OutputDelta]:
+    async def stream(self, inp: PromptRequest) -> AsyncIterator[OutputDelta]:
         if not self.ready:
             raise RequestError(503, "not ready")
         prompt = render_prompt(inp)
         if any(ord(c) >= VOCAB_SIZE for c in prompt):
             raise RequestError(400, "token id outside the vocabulary", "prompt")
         params = inp.params
-        max_tokens = MAX_MODEL_LEN - len(prompt) if inp.max_tokens_from_context else params.max_tokens
+        max_tokens = MAX_MODEL_LEN - len(prompt) if params.max_tokens is None else params.max_tokens
         if len(prompt) + max_tokens > MAX_MODEL_LEN:
             raise RequestError(400, f"prompt has {len(prompt)} tokens and max_tokens is {max_tokens}, "
                                     f"but the context length is {MAX_MODEL_LEN}", "prompt")
@@ -93,8 +92,8 @@ class FakeEngineClient:
                     yield OutputDelta(
                         index=c, text=echo + char, token_ids=[ord(char or " ")],
                         logprobs=self._logprobs(char or " ", params.logprobs),
-                        finish_reason=reason if last else None, prompt_tokens=len(prompt),
-                        cached_tokens=len(prompt) // 2 if c else 0, completion_tokens=step + 1,
+                        finish_reason=reason if last else None, num_prompt_tokens=len(prompt),
+                        num_cached_tokens=len(prompt) // 2 if c else 0, num_output_tokens=step + 1,
                     )
             finished = True
         finally:
@@ -103,7 +102,7 @@ class FakeEngineClient:
                 self.aborted.append(rid)
 
     @staticmethod
-    def _choice_output(inp: GenerateInput, choice: int, max_tokens: int) -> tuple[list[str], str]:
+    def _choice_output(inp: PromptRequest, choice: int, max_tokens: int) -> tuple[list[str], str]:
         """One character per step; a stop string at the very start still costs one (textless) token."""
         text, reason = expected_text(inp, choice, max_tokens)
         return (list(text) or [""]), reason

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import httpx
 import uvloop
-from fake_engine_client import FakeEngineClient
-from live_server import free_port
+from tests.server.fake_engine_client import FakeEngineClient
+from tests.server.live_server import free_port
 
 from minisrv.config import ServerConfig
 from minisrv.server.app import build_app, run_http

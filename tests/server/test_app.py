@@ -8,8 +8,8 @@ import time
 import httpx
 import openai
 import pytest
-from fake_engine_client import MAX_MODEL_LEN, REPLY, VOCAB_SIZE, FakeEngineClient
-from inprocess_server import InProcessServer
+from tests.server.fake_engine_client import MAX_MODEL_LEN, REPLY, VOCAB_SIZE, FakeEngineClient
+from tests.server.inprocess_server import InProcessServer
 
 from minisrv.config import ServerConfig
 from minisrv.server.app import MAX_BODY_BYTES
@@ -81,7 +81,7 @@ def test_chat_whole_response(server, sdk) -> None:
     assert server.client.inputs[-1].params.max_tokens == 200
     # Without max_tokens the app asks for "up to the context length".
     sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    assert server.client.inputs[-1].max_tokens_from_context
+    assert server.client.inputs[-1].params.max_tokens is None
 
 
 def test_chat_streaming_matches_whole(sdk) -> None:

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from live_server import LiveServer
+from tests.server.live_server import LiveServer
 
 API_KEY = "test-key-" + "".join(random.Random(5).choice("abcdef0123456789") for _ in range(16))
 MAX_MODEL_LEN = 256

@@ -9,18 +9,23 @@ from hypothesis import strategies as st
 
 from minisrv.server.errors import APIError
 from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from minisrv.wire.records import PromptRequest
 
-MAX_LEN, VOCAB = 512, 1000
+VOCAB = 1000
 
 
-def chat(body: dict):
+def chat(body: dict) -> PromptRequest:
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
-    return parse_request(ChatCompletionRequest, json.dumps(body).encode()).to_generate_input(MAX_LEN, VOCAB)
+    return parse_request(ChatCompletionRequest, json.dumps(body).encode()).to_prompt_request(VOCAB)
 
 
-def completions(body: dict):
+def completions(body: dict) -> list[PromptRequest]:
     body = {"prompt": "hi", **body}
-    return parse_request(CompletionRequest, json.dumps(body).encode()).to_generate_inputs(MAX_LEN, VOCAB)
+    return parse_request(CompletionRequest, json.dumps(body).encode()).to_prompt_requests(VOCAB)
+
+
+def prompt_of(request: PromptRequest) -> str | list[int]:
+    return request.text if request.text is not None else request.prompt_ids
 
 
 def rejects(fn, body, param: str | None, status: int = 400) -> APIError:
@@ -47,7 +52,7 @@ def test_chat_fields_reach_sampling_params() -> None:
         inp = chat(dict(values, n=n, stop=stop, logprobs=True, top_logprobs=rng.randint(0, 20)))
         for key, value in values.items():
             assert getattr(inp.params, key) == value, key
-        assert inp.n == n and inp.stop == stop and inp.is_chat and not inp.max_tokens_from_context
+        assert inp.n == n and inp.stop == stop and inp.messages is not None
         assert inp.params.logprobs is not None
 
 
@@ -55,9 +60,9 @@ def test_chat_messages_and_defaults() -> None:
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     inp = chat({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": parts},
                              {"role": "assistant", "content": "c", "name": "bot"}]})
-    assert inp.prompt == [("system", "be brief"), ("user", "a\nb"), ("assistant", "c")]
-    # OpenAI's chat default: no limit but the context; the worker resolves it once it knows the prompt.
-    assert inp.max_tokens_from_context and inp.params.max_tokens == MAX_LEN
+    assert inp.messages == [("system", "be brief"), ("user", "a\nb"), ("assistant", "c")]
+    # OpenAI's chat default: no limit but the context; the scheduler resolves it once it knows the prompt.
+    assert inp.params.max_tokens is None
     assert inp.params.temperature == 1.0 and inp.params.logprobs is None and inp.stop == []
     assert chat({"max_completion_tokens": 7, "max_tokens": 3}).params.max_tokens == 7
     assert chat({"stop": "x"}).stop == ["x"]
@@ -67,13 +72,13 @@ def test_chat_messages_and_defaults() -> None:
 def test_completion_prompt_forms() -> None:
     rng = random.Random(2)
     ids = [rng.randrange(VOCAB) for _ in range(5)]
-    assert [i.prompt for i in completions({"prompt": "abc"})] == ["abc"]
-    assert [i.prompt for i in completions({"prompt": ["a", "b"]})] == ["a", "b"]
-    assert [i.prompt for i in completions({"prompt": ids})] == [ids]
-    assert [i.prompt for i in completions({"prompt": [ids, ids[:2]]})] == [ids, ids[:2]]
+    assert [prompt_of(i) for i in completions({"prompt": "abc"})] == ["abc"]
+    assert [prompt_of(i) for i in completions({"prompt": ["a", "b"]})] == ["a", "b"]
+    assert [prompt_of(i) for i in completions({"prompt": ids})] == [ids]
+    assert [prompt_of(i) for i in completions({"prompt": [ids, ids[:2]]})] == [ids, ids[:2]]
     inp = completions({"echo": True})[0]
-    assert inp.echo and inp.params.max_tokens == 16 and not inp.is_chat
-    assert completions({"max_tokens": None})[0].max_tokens_from_context
+    assert inp.echo and inp.params.max_tokens == 16 and inp.messages is None
+    assert completions({"max_tokens": None})[0].params.max_tokens is None
     assert completions({"logprobs": 3})[0].params.logprobs == 3
 
 
@@ -156,10 +161,10 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                                         "echo", "top_k", "min_tokens", "stop_token_ids", "unknown"]),
                        json_values, max_size=6))
 def test_any_json_is_accepted_or_a_400(body: dict) -> None:
-    """Whatever a client sends, parsing and conversion end in a GenerateInput or a 400: never anything else."""
+    """Whatever a client sends, parsing and conversion end in PROMPT_REQUEST records or a 400: never anything else."""
     raw = json.dumps(body).encode()
-    for schema, convert in ((ChatCompletionRequest, lambda r: r.to_generate_input(MAX_LEN, VOCAB)),
-                            (CompletionRequest, lambda r: r.to_generate_inputs(MAX_LEN, VOCAB))):
+    for schema, convert in ((ChatCompletionRequest, lambda r: [r.to_prompt_request(VOCAB)]),
+                            (CompletionRequest, lambda r: r.to_prompt_requests(VOCAB))):
         try:
             convert(parse_request(schema, raw))
         except APIError as exc:

@@ -7,13 +7,14 @@ import pytest
 
 from minisrv.server.errors import APIError
 from minisrv.server.protocol import parse_request
-from minisrv.server.sglang import DEFAULT_MAX_NEW_TOKENS, GenerateRequest
+from minisrv.server.sglang import DEFAULT_MAX_NEW_TOKENS, SGLangGenerateRequest
+from minisrv.wire.records import PromptRequest
 
 VOCAB = 1000
 
 
-def generate(body: dict):
-    return parse_request(GenerateRequest, json.dumps(body).encode()).to_generate_input(VOCAB)
+def generate(body: dict) -> PromptRequest:
+    return parse_request(SGLangGenerateRequest, json.dumps(body).encode()).to_prompt_request(VOCAB)
 
 
 def test_sglang_names_reach_sampling_params() -> None:
@@ -23,10 +24,10 @@ def test_sglang_names_reach_sampling_params() -> None:
         stop = [f"s{rng.randint(0, 9)}" for _ in range(rng.randint(1, 3))]
         inp = generate({"text": "hi", "sampling_params": {"max_new_tokens": max_new, "min_new_tokens": max_new // 2,
                                                           "temperature": 0, "stop": stop, "n": n}})
-        assert inp.prompt == "hi" and inp.params.max_tokens == max_new and inp.params.min_tokens == max_new // 2
-        assert inp.params.greedy and inp.stop == stop and inp.n == n and not inp.is_chat
+        assert inp.text == "hi" and inp.params.max_tokens == max_new and inp.params.min_tokens == max_new // 2
+        assert inp.params.temperature == 0.0 and inp.stop == stop and inp.n == n and inp.messages is None
     ids = [rng.randrange(VOCAB) for _ in range(4)]
-    assert generate({"input_ids": ids}).prompt == ids
+    assert generate({"input_ids": ids}).prompt_ids == ids
     assert generate({"text": "hi", "sampling_params": {"stop": "x"}}).stop == ["x"]
     assert generate({"text": "hi"}).params.max_tokens == DEFAULT_MAX_NEW_TOKENS
 

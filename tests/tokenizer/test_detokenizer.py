@@ -1,4 +1,4 @@
-"""The detokenizer's per-choice state machine, fed TOKENS records as the scheduler would send them."""
+"""The detokenizer's per-choice state machine, fed STEP_TOKENS records as the scheduler would send them."""
 from __future__ import annotations
 
 import math
@@ -7,44 +7,43 @@ import random
 import numpy as np
 from tokenizers import Tokenizer
 
-from minisrv.ipc.records import DetokRequest, Text, Tokens
-from minisrv.scheduler.request import FinishReason
-from minisrv.tokenizer.choices import choice_rid
-from minisrv.tokenizer.detokenizer import Detokenizer, TextBatch
-from tests.tokenizer.conftest import random_text
+from minisrv.tokenizer.detokenizer import Detokenizer
+from minisrv.wire.records import DetokenizeRequest, StepTokens, TextDeltas
+from minisrv.wire.terms import FinishReason, choice_rid
+from tests.conftest import random_text
 
 
 def step(rows: list[tuple[int, int, int]], prompt: int = 7, logprobs: dict[int, tuple[float, list[int]]] | None = None,
-         ) -> Tokens:
+         ) -> StepTokens:
     """rows: (rid, token id, finish); logprobs: rid -> (logprob, alternative ids)."""
     logprobs = logprobs or {}
     lps = [logprobs[r][0] if r in logprobs else math.nan for r, _, _ in rows]
     tops = [logprobs[r][1] if r in logprobs else [] for r, _, _ in rows]
-    return Tokens(
+    return StepTokens(
         rids=[r for r, _, _ in rows], token_ids=[t for _, t, _ in rows], finish_reasons=[f for _, _, f in rows],
-        prompt_tokens=[prompt] * len(rows), cached_tokens=[3] * len(rows), output_tokens=[1] * len(rows),
+        num_prompt_tokens=[prompt] * len(rows), num_cached_tokens=[3] * len(rows), num_output_tokens=[1] * len(rows),
         logprobs=lps, top_counts=[len(t) for t in tops], top_ids=[i for t in tops for i in t],
         top_logprobs=[-1.5 - k for t in tops for k in range(len(t))])
 
 
-def run(detok: Detokenizer, steps: list[Tokens]) -> tuple[list[Text], list[int]]:
+def run(detok: Detokenizer, steps: list[StepTokens]) -> tuple[list[TextDeltas], list[int]]:
     texts, stopped = [], []
     for tokens in steps:
-        batch = TextBatch()
-        stopped += detok.process(Tokens.decode(tokens.encode()), batch)
-        if batch:
-            texts.append(Text.decode(batch.encode()))
+        batch = TextDeltas()
+        stopped += detok.process(StepTokens.decode(tokens.encode()), batch)
+        if batch.rids:
+            texts.append(TextDeltas.decode(batch.encode()))
     return texts, stopped
 
 
-def joined(texts: list[Text], rid: int) -> str:
+def joined(texts: list[TextDeltas], rid: int) -> str:
     return "".join(t for text in texts for r, t in zip(text.rids.tolist(), text.texts) if r == rid)
 
 
 def test_choices_stream_independently_to_their_finish(byte_level_tokenizer: Tokenizer) -> None:
     rng = random.Random(2)
     detok = Detokenizer(byte_level_tokenizer)
-    detok.add_request(DetokRequest(rid=9, num_prompt_tokens=7, n=2))
+    detok.add_request(DetokenizeRequest(rid=9, n=2))
     outputs = [byte_level_tokenizer.encode(random_text(rng, 25)).ids for _ in range(2)]
     rids = [choice_rid(9, 0), choice_rid(9, 1)]
     steps = []
@@ -69,7 +68,7 @@ def test_choices_stream_independently_to_their_finish(byte_level_tokenizer: Toke
 def test_stop_string_finishes_the_choice_and_asks_for_an_abort(byte_level_tokenizer: Tokenizer) -> None:
     tok = byte_level_tokenizer
     detok = Detokenizer(tok)
-    detok.add_request(DetokRequest(rid=4, num_prompt_tokens=7, n=1, stop=["xyz", "你好"]))
+    detok.add_request(DetokenizeRequest(rid=4, n=1, stop=["xyz", "你好"]))
     rid = choice_rid(4, 0)
     ids = tok.encode("abc 你好 def").ids
     texts, stopped = run(detok, [step([(rid, t, FinishReason.NONE)]) for t in ids])
@@ -84,7 +83,7 @@ def test_stop_string_finishes_the_choice_and_asks_for_an_abort(byte_level_tokeni
 def test_a_stop_string_on_the_last_token_needs_no_abort(byte_level_tokenizer: Tokenizer) -> None:
     tok = byte_level_tokenizer
     detok = Detokenizer(tok)
-    detok.add_request(DetokRequest(rid=5, num_prompt_tokens=2, stop=["end"]))
+    detok.add_request(DetokenizeRequest(rid=5, stop=["end"]))
     ids = tok.encode("the end").ids
     rows = [step([(choice_rid(5, 0), t, FinishReason.LENGTH if i == len(ids) - 1 else FinishReason.NONE)])
             for i, t in enumerate(ids)]
@@ -97,7 +96,7 @@ def test_echo_prefixes_the_prompt_text(byte_level_tokenizer: Tokenizer) -> None:
     tok = byte_level_tokenizer
     detok = Detokenizer(tok)
     prompt = tok.encode("prompt 🚀 text").ids
-    detok.add_request(DetokRequest(rid=1, num_prompt_tokens=len(prompt), n=2, echo=True,
+    detok.add_request(DetokenizeRequest(rid=1, n=2, echo=True,
                                    prompt_ids=np.array(prompt, np.int32)))
     reply = tok.encode(" reply").ids
     steps = [step([(choice_rid(1, c), t, FinishReason.STOP if i == len(reply) - 1 else FinishReason.NONE)
@@ -110,31 +109,30 @@ def test_echo_prefixes_the_prompt_text(byte_level_tokenizer: Tokenizer) -> None:
 def test_logprob_rows_carry_token_bytes_and_others_do_not(byte_level_tokenizer: Tokenizer) -> None:
     tok = byte_level_tokenizer
     detok = Detokenizer(tok)
-    detok.add_request(DetokRequest(rid=2, num_prompt_tokens=3, n=2))
+    detok.add_request(DetokenizeRequest(rid=2, n=2))
     with_lp, without = choice_rid(2, 0), choice_rid(2, 1)
     ids = tok.encode("龍!").ids            # a character split over byte tokens
     texts, _ = run(detok, [step([(with_lp, t, 0), (without, t, 0)], logprobs={with_lp: (-0.25, [t, ids[-1]])})
                            for t in ids])
     for text in texts:
-        n = len(text.token_ids)
-        assert len(text.token_texts) == n + len(text.top_ids)
+        assert len(text.token_bytes) == len(text.token_ids) and len(text.top_bytes) == len(text.top_ids)
         lps = text.token_logprobs.tolist()
         assert math.isnan(lps[1]) and lps[0] == -0.25
-        assert text.token_texts[1] == b""
-    raw = b"".join(text.token_texts[0] for text in texts)
+        assert text.token_bytes[1] == b""
+    raw = b"".join(text.token_bytes[0] for text in texts)
     assert raw.decode() == "龍!"
 
 
 def test_rows_without_logprobs_send_no_token_bytes(byte_level_tokenizer: Tokenizer) -> None:
     detok = Detokenizer(byte_level_tokenizer)
-    detok.add_request(DetokRequest(rid=3, num_prompt_tokens=3))
+    detok.add_request(DetokenizeRequest(rid=3))
     texts, _ = run(detok, [step([(choice_rid(3, 0), t, 0)]) for t in byte_level_tokenizer.encode("hi there").ids])
-    assert all(text.token_texts == [] for text in texts)
+    assert all(set(text.token_bytes) <= {b""} and text.top_bytes == [] for text in texts)
 
 
 def test_unknown_and_dropped_requests_are_ignored(byte_level_tokenizer: Tokenizer) -> None:
     detok = Detokenizer(byte_level_tokenizer)
-    detok.add_request(DetokRequest(rid=6, num_prompt_tokens=3, n=2))
+    detok.add_request(DetokenizeRequest(rid=6, n=2))
     detok.drop(choice_rid(6, 1))   # the scheduler refused this choice (ERROR)
     texts, _ = run(detok, [step([(choice_rid(6, 1), 40, 0), (choice_rid(77, 0), 41, 0), (choice_rid(6, 0), 42, 0)])])
     assert texts[0].rids.tolist() == [choice_rid(6, 0)]

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from minisrv.tokenizer.incremental import IncrementalDetokenizer, TokenTexts
-from tests.tokenizer.conftest import random_text
+from tests.conftest import random_text
 
 TOKENIZERS = ["byte_level_tokenizer", "byte_fallback_tokenizer"]
 

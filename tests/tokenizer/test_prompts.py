@@ -5,7 +5,7 @@ import random
 import pytest
 
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, resolve_chat_template
-from tests.tokenizer.conftest import CHATML, random_text
+from tests.conftest import CHATML, random_text
 
 
 def test_chat_is_rendered_with_the_template_and_tokenized(hf_tokenizer) -> None:

@@ -1,0 +1,54 @@
+"""Where a model comes from: the one resolver of --model for the engine and the tokenizer side.
+
+"embedded" (SmolLM2-135M-Instruct, converted once into a cached HF directory), a Hugging Face directory
+(config.json, *.safetensors, tokenizer files), a .gguf file, or with load_format "dummy" a preset name (or
+an HF directory's config) with random weights. The launcher resolves once and hands the result to every
+worker, so the embedded model is fetched by one process, and every process reads the same files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from minisrv.config import EngineConfig
+
+DUMMY_EMBEDDED_PRESET = "smollm2-135m"   # `--model embedded --load-format dummy`: the embedded model's shapes
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved --model. `format`: "hf" (a Hugging Face directory), "gguf" (a file) or "preset" (a named
+    config; its vocabulary is the byte-level one of minisrv/models/dummy.py)."""
+
+    format: Literal["hf", "gguf", "preset"]
+    name: str                   # the model id the server reports; a preset's name
+    path: Path | None = None    # the directory or file; None for a preset
+    dummy: bool = False         # random weights instead of the checkpoint's
+
+
+def resolve_source(config: EngineConfig) -> ModelSource:
+    """Resolve `config.model`; ValueError naming the field when it is none of the accepted kinds."""
+    model, path = config.model, Path(config.model).expanduser()
+    if config.load_format == "dummy":
+        if path.is_dir():   # an HF directory's shapes and tokenizer, random weights
+            return ModelSource("hf", path.name, path, dummy=True)
+        from minisrv.models.dummy import load_preset
+
+        name = DUMMY_EMBEDDED_PRESET if model == "embedded" else model
+        load_preset(name)   # raises, listing the presets, when it is not one
+        return ModelSource("preset", name, dummy=True)
+    if model == "embedded":
+        from minisrv.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
+
+        return ModelSource("hf", EMBEDDED_MODEL_NAME, embedded_model_dir())
+    if path.suffix == ".gguf":
+        return ModelSource("gguf", path.stem, path)
+    if path.is_dir():
+        return ModelSource("hf", path.name, path)
+    from minisrv.models.dummy import preset_names
+
+    if model in preset_names():
+        raise ValueError(f"model: {model!r} is a preset config without weights; pass load_format='dummy' "
+                         "(--load-format dummy) for random weights")
+    raise ValueError(f"model: {model!r} is not 'embedded', a Hugging Face directory, a .gguf file or a preset")

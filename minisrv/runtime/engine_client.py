@@ -1,0 +1,205 @@
+"""The API server's EngineHandle over the rings: submit requests, stream their text deltas back.
+
+This is the API server process's side of the pipeline (tokenizer workers -> scheduler -> detokenizer):
+PROMPT_REQUEST records out, one per request, round-robin over the tokenizer rings; TEXT_DELTAS and
+ERROR records in from the detokenizer, fanned out to each request's queue by its id.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable
+
+from minisrv.ipc import PeerGone, RecordTooLarge, RingError, RingWriter
+from minisrv.ipc.aio import AsyncRingReader, write_async
+from minisrv.runtime.status_block import ModelFacts, StatusBlock
+from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
+from minisrv.wire.records import Abort, Error, Kind, PromptRequest, TextDeltas, peek_kind
+from minisrv.wire.terms import FinishReason, SchedulerStats, choice_rid, split_rid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    """One request in flight: its choices' deltas arrive on `queue`, fanned in from TEXT_DELTAS rows."""
+
+    n: int
+    ring: int                                   # the tokenizer ring it went to; its aborts follow it
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)   # OutputDelta | RequestError
+    finished: set[int] = field(default_factory=set)
+    counts: tuple[int, int, int] = (0, 0, 0)    # last (prompt, cached, output) token counts seen
+    sent: bool = False                          # the request reached its tokenizer ring
+
+
+class EngineClient:
+    """The EngineHandle (minisrv/server/engine_handle.py) of `minisrv serve`, owned by the API server
+    process; every method runs on its event loop. `dead_worker` names a worker that died ("scheduler",
+    "detokenizer", "tokenizer-0"...)."""
+
+    def __init__(self, to_tokenizers: list[RingWriter], from_detokenizer: AsyncRingReader, status: StatusBlock,
+                 served_model_name: str | None = None) -> None:
+        self.ready = False
+        self.dead_worker: str | None = None
+        self.model_name = served_model_name or ""
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self._served_model_name = served_model_name
+        self._to_tokenizers = to_tokenizers
+        self._from_detokenizer = from_detokenizer
+        self._status = status
+        self._streams: dict[int, _Stream] = {}
+        self._base_ids = itertools.count(1)
+        self._rings = itertools.cycle(range(len(to_tokenizers)))
+        self._background: set[asyncio.Task] = set()
+        self._dispatcher: asyncio.Task | None = None
+
+    # -- lifecycle (the launcher calls these) ----------------------------------------------------
+    def start(self, on_failure: Callable[[str], None]) -> None:
+        """Start consuming the detokenizer's ring on the running loop; `on_failure(reason)` if that stops."""
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+        def done(task: asyncio.Task) -> None:
+            if not task.cancelled():
+                on_failure(f"the text ring consumer stopped: {task.exception() or 'the detokenizer closed it'}")
+
+        self._dispatcher.add_done_callback(done)
+
+    def mark_ready(self, facts: ModelFacts) -> None:
+        self.model_name = self._served_model_name or facts.name
+        self.max_model_len = facts.max_model_len
+        self.vocab_size = facts.vocab_size
+        self.ready = True
+
+    def worker_died(self, name: str) -> None:
+        if self.dead_worker is None:
+            self.dead_worker = name
+        self.end_streams()
+
+    def end_streams(self) -> None:
+        """Stop taking requests and finish every stream in flight with finish_reason "abort"."""
+        self.ready = False
+        for stream in self._streams.values():
+            _finish_with_abort(stream)
+
+    async def close(self) -> None:
+        """Stop consuming the text ring. The rings themselves belong to whoever created them."""
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+
+    # -- the app's side ---------------------------------------------------------------------------
+    async def stream(self, request: PromptRequest) -> AsyncIterator[OutputDelta]:
+        """EngineHandle.stream: closing or cancelling the generator aborts the request, and the scheduler
+        frees its KV pages within a step."""
+        if self.dead_worker is not None or not self.ready:
+            raise RequestError(503, "the server is not ready (starting, shutting down, or a worker died)")
+        base, ring = next(self._base_ids), next(self._rings)
+        record = _encode(replace(request, rid=base))
+        stream = self._streams[base] = _Stream(request.n, ring)
+        want_logprobs = request.params.logprobs is not None
+        try:
+            await self._send(ring, record)
+            stream.sent = True
+            while len(stream.finished) < stream.n:
+                delta = await stream.queue.get()
+                if isinstance(delta, RequestError):
+                    raise delta
+                if delta.finish_reason is not None:
+                    stream.finished.add(delta.index)
+                if want_logprobs and delta.logprobs is None:
+                    delta.logprobs = []
+                yield delta
+        finally:
+            del self._streams[base]
+            self._abort_choices(base, stream)
+
+    def stats(self) -> SchedulerStats:
+        """The scheduler's latest published stats, read from shared memory (cheap: no syscall)."""
+        return self._status.stats()
+
+    # -- rings ------------------------------------------------------------------------------------
+    async def _send(self, ring: int, record: bytes | bytearray) -> None:
+        try:
+            await write_async(self._to_tokenizers[ring], record)
+        except RecordTooLarge as exc:
+            raise RequestError(413, f"the request is too large to pass to the tokenizer ({exc})", "prompt") from None
+        except RingError as exc:
+            raise RequestError(503, f"the tokenizer worker is not taking requests: {exc}") from None
+
+    def _abort_choices(self, base: int, stream: _Stream) -> None:
+        """Tell the engine to drop the choices still running (on the request's own ring, so an abort
+        can never overtake the request). A full ring is retried in the background."""
+        if self.dead_worker is not None or not stream.sent:
+            return
+        writer = self._to_tokenizers[stream.ring]
+        for index in range(stream.n):
+            if index in stream.finished:
+                continue
+            record = Abort(choice_rid(base, index)).encode()
+            if not writer.try_write(record):
+                task = asyncio.get_running_loop().create_task(write_async(writer, record, timeout=5.0))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _dispatch(self) -> None:
+        try:
+            while True:
+                for record in await self._from_detokenizer.drain():
+                    kind = peek_kind(record)
+                    if kind is Kind.TEXT_DELTAS:
+                        self._deliver(TextDeltas.decode(record))
+                    elif kind is Kind.ERROR:
+                        error = Error.decode(record)
+                        stream = self._streams.get(split_rid(error.rid)[0])
+                        if stream is not None:
+                            stream.queue.put_nowait(RequestError(error.status, error.message))
+        except PeerGone:
+            logger.debug("the detokenizer's ring closed")
+
+    def _deliver(self, deltas: TextDeltas) -> None:
+        ids, logprobs, raw = deltas.token_ids.tolist(), deltas.token_logprobs.tolist(), deltas.token_bytes
+        top_counts, top_ids = deltas.top_counts.tolist(), deltas.top_ids.tolist()
+        top_logprobs, top_raw = deltas.top_logprobs.tolist(), deltas.top_bytes
+        token, top = 0, 0
+        rows = zip(deltas.rids.tolist(), deltas.finish_reasons.tolist(), deltas.num_prompt_tokens.tolist(),
+                   deltas.num_cached_tokens.tolist(), deltas.num_output_tokens.tolist(), deltas.texts,
+                   deltas.num_tokens.tolist())
+        for rid, finish, prompt, cached, output, delta_text, count in rows:
+            entries = []
+            for t in range(token, token + count):
+                alts = range(top, top + top_counts[t])
+                top = alts.stop
+                if not math.isnan(logprobs[t]):
+                    entries.append(TokenLogprob(
+                        _as_text(raw[t]), ids[t], logprobs[t], raw[t],
+                        [TokenLogprob(_as_text(top_raw[a]), top_ids[a], top_logprobs[a], top_raw[a]) for a in alts]))
+            base, index = split_rid(rid)
+            stream = self._streams.get(base)
+            if stream is not None:
+                stream.counts = (prompt, cached, output)
+                stream.queue.put_nowait(OutputDelta(
+                    index, delta_text, ids[token : token + count], entries or None,
+                    FinishReason(finish).api_name, prompt, cached, output))
+            token += count
+
+
+def _finish_with_abort(stream: _Stream) -> None:
+    prompt, cached, output = stream.counts
+    for index in range(stream.n):
+        if index not in stream.finished:
+            stream.queue.put_nowait(OutputDelta(index, "", [], None, "abort", prompt, cached, output))
+
+
+def _as_text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _encode(request: PromptRequest) -> bytearray:
+    try:
+        return request.encode()
+    except ValueError as exc:   # a value the schemas let through that a record cannot carry
+        raise RequestError(400, str(exc), "messages" if request.messages is not None else "prompt") from None

@@ -1,0 +1,169 @@
+"""`minisrv serve`: start the worker pipeline, serve HTTP on uvloop, watch the workers, shut down cleanly.
+
+The API server is this (parent) process. It serves HTTP at once (so /health can say 503 while the
+model loads), reports ready once every worker has, and stops:
+- on SIGINT/SIGTERM: in-flight streams end with finish_reason "abort", workers get SHUTDOWN, exit 0;
+- when a worker dies: a message naming it, the other workers are killed, exit 1.
+The rings' and the status block's names are unlinked as soon as every process has attached, so no
+way of exiting (`kill -9` included) leaves anything in /dev/shm.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from minisrv.config import ServerConfig
+
+if TYPE_CHECKING:
+    from minisrv.models.source import ModelSource
+    from minisrv.runtime.pipeline import Pipeline, WorkerProcess
+
+logger = logging.getLogger("minisrv")
+
+READY_POLL_S = 0.02
+HTTP_SHUTDOWN_S = 2.5     # in-flight responses get this long to send their last chunk
+WORKER_EXIT_S = 1.5       # then the workers this long to leave on their own: all is over within 5 s
+CULPRIT_WAIT_S = 1.0      # after a failure, how long to wait for the worker that caused it to be reaped
+
+
+def check_config(config: ServerConfig) -> None:
+    """Refuse what cannot run before starting anything; messages name the flag."""
+    engine = config.engine
+    if engine.tp_size > 1:
+        import torch
+
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if found < engine.tp_size:
+            raise ValueError(f"--tp-size {engine.tp_size}: needs {engine.tp_size} CUDA devices, found {found} "
+                             "(tensor parallelism is not built yet either: use --tp-size 1)")
+        raise ValueError(f"--tp-size {engine.tp_size}: tensor parallelism is not built yet; use --tp-size 1")
+
+
+def serve(config: ServerConfig) -> int:
+    """Run the server until a signal or a worker's death; the process exit code."""
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s api-server %(levelname)s %(message)s")
+    try:
+        check_config(config)
+        from minisrv.models.source import resolve_source
+
+        # Once, here: the embedded model is fetched by this process, not by several workers at a time.
+        source = resolve_source(config.engine)
+    except ValueError as exc:
+        print(f"minisrv serve: error: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    return uvloop.run(_serve(config, source))
+
+
+async def _serve(config: ServerConfig, source: ModelSource) -> int:
+    from minisrv.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline(config, source)
+    try:
+        return await Supervisor(config, pipeline).run()
+    finally:
+        pipeline.unlink()   # idempotent; covers an exception before the workers were even started
+
+
+class Supervisor:
+    """The API server process's event loop: HTTP, the client over the rings, and watching the workers."""
+
+    def __init__(self, config: ServerConfig, pipeline: Pipeline) -> None:
+        from minisrv.runtime.engine_client import EngineClient
+
+        self.config = config
+        self.pipeline = pipeline
+        self.client = EngineClient(pipeline.to_tokenizers, pipeline.from_detokenizer, pipeline.status,
+                                   config.served_model_name)
+        self.loop = asyncio.get_running_loop()
+        self.shutdown = asyncio.Event()
+        self.exit_code = 0
+        self.stopping = False
+        self._failing: asyncio.Task | None = None
+
+    async def run(self) -> int:
+        from minisrv.server.app import build_app, run_http
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self.stop, f"received {signal.Signals(sig).name}", 0)
+        try:
+            self.pipeline.start()
+            logger.info("workers: %s", ", ".join(f"{w.name} (pid {w.process.pid})" for w in self.pipeline.workers))
+            for worker in self.pipeline.workers:
+                self.loop.add_reader(worker.process.sentinel, self.on_worker_exit, worker)
+            self.client.start(on_failure=self.fail)
+            http = self.loop.create_task(run_http(build_app(self.client, self.config), self.config, self.shutdown))
+            http.add_done_callback(self.on_http_done)
+            await self.until_ready()
+            await self.shutdown.wait()
+            try:
+                await asyncio.wait_for(asyncio.shield(http), HTTP_SHUTDOWN_S)
+            except (asyncio.TimeoutError, Exception):   # noqa: BLE001 - a failure was reported by on_http_done
+                http.cancel()
+        finally:
+            self.stopping = True
+            for worker in self.pipeline.workers:
+                self.loop.remove_reader(worker.process.sentinel)
+            self.pipeline.stop(graceful=self.exit_code == 0, timeout=WORKER_EXIT_S)
+            await self.client.close()
+            self.pipeline.close()
+        return self.exit_code
+
+    async def until_ready(self) -> None:
+        started = time.monotonic()
+        while not self.pipeline.all_ready():
+            if self.shutdown.is_set():
+                return
+            await asyncio.sleep(READY_POLL_S)
+        self.pipeline.unlink()   # every process has attached by now (workers attach before loading anything)
+        self.client.mark_ready(self.pipeline.status.model())
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        logger.info("serving %s at http://%s:%d (ready in %.1f s)", self.client.model_name, host, self.config.port,
+                    time.monotonic() - started)
+
+    def stop(self, reason: str, exit_code: int) -> None:
+        """End every stream in flight (finish_reason "abort") and let the HTTP server close."""
+        if self.stopping or (self._failing is not None and exit_code == 0):   # a failure outranks a signal
+            return
+        self.stopping = True
+        self.exit_code = exit_code
+        logger.log(logging.ERROR if exit_code else logging.INFO, "%s; shutting down", reason)
+        self.client.end_streams()
+        self.shutdown.set()
+
+    def fail(self, reason: str) -> None:
+        """Something broke: stop serving now, then exit non-zero naming the worker that died."""
+        if self.stopping or self._failing is not None:
+            return
+        self.client.end_streams()
+        self._failing = self.loop.create_task(self._stop_naming_the_culprit(reason))
+
+    async def _stop_naming_the_culprit(self, reason: str) -> None:
+        # Neighbours notice a death through their rings and leave (exit code 0), sometimes before the
+        # dead process can even be reaped (a killed process with gigabytes mapped takes a while to go):
+        # wait a little for a worker that exited with an error, the better explanation.
+        deadline = time.monotonic() + CULPRIT_WAIT_S
+        while time.monotonic() < deadline and not any(w.process.exitcode for w in self.pipeline.workers):
+            await asyncio.sleep(READY_POLL_S)
+        exited = [w for w in self.pipeline.workers if w.process.exitcode is not None]
+        if exited:
+            culprit = min(exited, key=lambda w: w.process.exitcode == 0)
+            self.client.worker_died(culprit.name)
+            reason = (f"worker {culprit.name} (pid {culprit.process.pid}) died with exit code "
+                      f"{culprit.process.exitcode}")
+        self.stop(reason, 1)
+
+    def on_worker_exit(self, worker: WorkerProcess) -> None:
+        self.loop.remove_reader(worker.process.sentinel)
+        if not self.stopping:
+            self.fail(f"worker {worker.name} (pid {worker.process.pid}) exited")
+
+    def on_http_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:   # e.g. the port is taken
+            self.fail(f"the HTTP server failed: {task.exception()}")

@@ -1,0 +1,146 @@
+"""The scheduler process: the engine loop between the tokenizer rings and the detokenizer.
+
+Between steps it polls its input rings (TOKENIZED_REQUEST / ABORT from the tokenizer workers, ABORT
+from the detokenizer for stop strings): shared-memory loads only, no system call when nothing is
+there. With no work left it sleeps on the rings' doorbells. Each step's news goes out as one
+STEP_TOKENS record, and the engine's stats go to the status block for /metrics. A request the engine
+refuses (ValueError: too long for the context, token ids outside the vocabulary...) comes back as an
+ERROR record.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from minisrv.config import EngineConfig
+from minisrv.ipc import RingReader, RingSpec, RingWriter
+from minisrv.ipc.wait_any import check_fifo_readers, wait_any
+from minisrv.models.source import ModelSource
+from minisrv.runtime.status_block import ModelFacts, StatusBlock
+from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
+from minisrv.scheduler.request import RequestOutput
+from minisrv.wire.records import Abort, Error, Kind, StepTokens, TokenizedRequest, peek_kind
+from minisrv.wire.terms import FinishReason
+
+if TYPE_CHECKING:
+    from minisrv.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+# The engine names requests by their internal id in its messages; the client never sees those ids.
+_INTERNAL_RID = re.compile(r"^request \d+: ")
+
+
+@dataclass(frozen=True)
+class SchedulerRings:
+    from_tokenizers: tuple[RingSpec, ...]   # TOKENIZED_REQUEST, ABORT, SHUTDOWN (one ring per tokenizer worker)
+    from_detokenizer: RingSpec              # ABORT (stop strings)
+    to_detokenizer: RingSpec                # STEP_TOKENS, ERROR
+
+
+def step_tokens(outputs: list[RequestOutput]) -> StepTokens:
+    """One STEP_TOKENS record for a step: a row per new token, or one row with token -1 for a bare finish."""
+    record = StepTokens()
+    for out in outputs:
+        samples = out.new_samples
+        new = [(t, samples[j] if j < len(samples) else None) for j, t in enumerate(out.new_token_ids)] or [(-1, None)]
+        for j, (token, sample) in enumerate(new):
+            record.rids.append(out.rid)
+            record.token_ids.append(token)
+            record.finish_reasons.append(out.finish_reason if j == len(new) - 1 else FinishReason.NONE)
+            record.num_prompt_tokens.append(out.num_prompt_tokens)
+            record.num_cached_tokens.append(out.num_cached_tokens)
+            record.num_output_tokens.append(out.num_output_tokens - (len(new) - 1 - j) if token >= 0
+                                            else out.num_output_tokens)
+            has_logprob = sample is not None and sample.logprob is not None
+            record.logprobs.append(sample.logprob if has_logprob else math.nan)
+            record.top_counts.append(len(sample.top_ids) if has_logprob else 0)
+            if has_logprob:
+                record.top_ids += sample.top_ids
+                record.top_logprobs += sample.top_logprobs
+    return record
+
+
+class SchedulerLoop:
+    def __init__(self, rings: SchedulerRings, watch: ParentWatch) -> None:
+        self.from_tokenizers = [RingReader(spec) for spec in rings.from_tokenizers]
+        self.from_detokenizer = RingReader(rings.from_detokenizer)
+        self.to_detokenizer = RingWriter(rings.to_detokenizer)
+        self.inputs = [*self.from_tokenizers, self.from_detokenizer]
+        check_fifo_readers(self.inputs)
+        self.watch = watch
+        self.engine: LLMEngine | None = None    # (or anything with its interface) set before run()
+        self.status: StatusBlock | None = None  # where the stats go, set before run()
+
+    def run(self) -> None:
+        """Step the engine until a SHUTDOWN record arrives or the parent goes away."""
+        engine = self.engine
+        published = None
+        while True:
+            outputs: list[RequestOutput] = []
+            if not self.poll_inputs(outputs):
+                return
+            if engine.has_unfinished():
+                outputs += engine.step()
+            # Stats first: a client that sees its request finish then sees its pages freed in /metrics.
+            stats = engine.stats()
+            if stats != published:
+                self.status.publish_stats(stats)
+                published = stats
+            if outputs:
+                self.to_detokenizer.write(step_tokens(outputs).encode())
+            self.watch.check()
+            if not engine.has_unfinished():
+                wait_any(self.inputs, IDLE_WAIT_S)
+
+    def poll_inputs(self, outputs: list[RequestOutput]) -> bool:
+        """Apply every pending TOKENIZED_REQUEST and ABORT; False once a SHUTDOWN arrived."""
+        for ring in self.inputs:
+            for record in ring.drain():
+                kind = peek_kind(record)
+                if kind is Kind.TOKENIZED_REQUEST:
+                    self.add(TokenizedRequest.decode(record))
+                elif kind is Kind.ABORT:
+                    out = self.engine.abort(Abort.decode(record).rid)
+                    if out is not None:
+                        outputs.append(out)
+                elif kind is Kind.SHUTDOWN:
+                    return False
+                else:
+                    logger.error("unexpected %s record on ring %s; ignored", kind.name, ring.name)
+        return True
+
+    def add(self, req: TokenizedRequest) -> None:
+        try:
+            self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params)
+        except ValueError as exc:
+            message = _INTERNAL_RID.sub("", str(exc))
+            self.to_detokenizer.write(Error(req.rid, 400, message).encode())
+
+    def close(self) -> None:
+        for ring in (*self.inputs, self.to_detokenizer):
+            ring.close()
+
+
+def load_engine(config: EngineConfig, source: ModelSource) -> LLMEngine:
+    from minisrv.engine.llm_engine import LLMEngine   # torch and the model: only in this process
+
+    return LLMEngine(config, source)
+
+
+def main(info: WorkerInfo, config: EngineConfig, source: ModelSource, rings: SchedulerRings,
+         make_engine: Callable[[EngineConfig, ModelSource], LLMEngine] = load_engine) -> None:
+    """Entry point of the spawned scheduler. `make_engine` may build anything with LLMEngine's interface
+    (and its `loaded` facts), e.g. a model-free engine to measure the pipeline alone."""
+
+    def set_up(loop: SchedulerLoop, status: StatusBlock) -> None:
+        engine = make_engine(config, source)
+        loaded = engine.loaded
+        loop.engine, loop.status = engine, status
+        status.publish_model(ModelFacts(loaded.name, loaded.max_model_len, loaded.model_config.vocab_size))
+        logger.info("engine ready: %s, context length %d", loaded.name, loaded.max_model_len)
+
+    serve_worker(info, lambda status, watch: SchedulerLoop(rings, watch), set_up)

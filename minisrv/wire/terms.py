@@ -1,0 +1,62 @@
+"""Terms every process shares: finish reasons, the request-id scheme, the scheduler's published stats.
+
+Request ids: the API server numbers requests (the base id); the tokenizer worker turns a request with n
+choices into n TOKENIZED_REQUEST records whose ids carry the choice index in their low bits, so the
+scheduler sees independent requests (sharing prompt pages through the prefix cache) and every row
+coming back tells the API server which request and which choice it belongs to without a lookup table.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FinishReason(enum.IntEnum):
+    """Codes travel in STEP_TOKENS and TEXT_DELTAS records; names are what the OpenAI API reports."""
+
+    NONE = 0
+    STOP = 1     # EOS, a stop token id, or a stop string
+    LENGTH = 2   # max_tokens or the context length
+    ABORT = 3    # client went away, server shutting down
+
+    @property
+    def api_name(self) -> str | None:
+        return None if self is FinishReason.NONE else self.name.lower()
+
+
+CHOICE_BITS = 4
+MAX_CHOICES = 1 << CHOICE_BITS   # n is in [1, MAX_CHOICES]
+
+
+def choice_rid(base: int, index: int) -> int:
+    """The engine request id of choice `index` of request `base`."""
+    return base << CHOICE_BITS | index
+
+
+def split_rid(rid: int) -> tuple[int, int]:
+    """(base id, choice index) of an engine request id."""
+    return rid >> CHOICE_BITS, rid & (MAX_CHOICES - 1)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15   # 2**64 / golden ratio: spreads consecutive indices over all bits
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a seeded request: a seed fixes all n choices, yet they are different
+    samples (as in vLLM). Choice 0 keeps the request's seed, so n does not change the first choice."""
+    if seed is None or index == 0:
+        return seed
+    return (seed ^ (index * _GOLDEN)) & ((1 << 63) - 1)
+
+
+@dataclass
+class SchedulerStats:
+    """The scheduler's gauges and counters, published after every step (the status block carries them to
+    /metrics). Fields are ints or floats; the status block's layout follows this declaration."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0      # 0..1: pages held by requests / all pages (idle cached pages count as free)
+    prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0       # of those, tokens found (cumulative)
+    num_preemptions: int = 0         # running requests sent back to wait for pages (cumulative)

@@ -1,0 +1,123 @@
+"""Paged attention (kernels/reference.py through engine/attention.py) against a naive dense implementation."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from minisrv.layers.attention import PagedAttention
+from minisrv.layers.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
+from minisrv.kernels import reference
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 6, 2, 16
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos: int) -> torch.Tensor:
+    """q: [n, H, D] at positions first_pos.., k/v: [L, KV, D] for positions 0..L-1; loops, no SDPA."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for i in range(q.shape[0]):
+        visible = first_pos + i + 1
+        for h in range(q.shape[1]):
+            kh, vh = k[:visible, h // group], v[:visible, h // group]
+            weights = torch.softmax(kh @ q[i, h] / math.sqrt(q.shape[2]), dim=0)
+            out[i, h] = weights @ vh
+    return out
+
+
+class PagedSequences:
+    """Random sequences with K/V written into shuffled pages of a random cache."""
+
+    def __init__(self, lengths: list[int], page_size: int, seed: int) -> None:
+        rng = random.Random(seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.page_size = page_size
+        need = [-(-n // page_size) for n in lengths]
+        pool = list(range(sum(need) + 3))
+        rng.shuffle(pool)
+        self.cache = torch.randn(len(pool), page_size, 2, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        self.kv = [torch.randn(n, 2, NUM_KV_HEADS, HEAD_DIM, generator=gen) for n in lengths]
+        self.pages = []
+        for n, count in zip(lengths, need):
+            self.pages.append([pool.pop() for _ in range(count)])
+        for kv, pages in zip(self.kv, self.pages):
+            reference.store_kv(self.cache, kv, self.slots(pages, 0, len(kv)))
+
+    def slots(self, pages: list[int], start: int, end: int) -> torch.Tensor:
+        ps = self.page_size
+        return torch.tensor([pages[p // ps] * ps + p % ps for p in range(start, end)])
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_store_kv_places_each_token_in_its_slot(page_size):
+    seqs = PagedSequences([7, 20], page_size, seed=page_size)
+    for kv, pages in zip(seqs.kv, seqs.pages):
+        for pos in range(len(kv)):
+            assert torch.equal(seqs.cache[pages[pos // page_size], pos % page_size], kv[pos])
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_decode_attention_matches_naive(page_size):
+    lengths = [1, 9, 33, 16]
+    seqs = PagedSequences(lengths, page_size, seed=10 + page_size)
+    q = torch.randn(len(lengths), NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    width = max(len(p) for p in seqs.pages)
+    table = torch.tensor([p + [0] * (width - len(p)) for p in seqs.pages])
+    lens = torch.tensor(lengths)
+    mask = (torch.arange(max(lengths)) < lens[:, None]).view(len(lengths), 1, 1, -1)
+    out = reference.decode_attention(q, seqs.cache, table, max(lengths), mask)
+    for b, kv in enumerate(seqs.kv):
+        expected = naive_attention(q[b:b + 1], kv[:, 0], kv[:, 1], first_pos=len(kv) - 1)
+        torch.testing.assert_close(out[b:b + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context_len", [0, 5, 16])
+def test_extend_attention_over_cached_prefix(context_len):
+    page_size, n = 4, 11
+    seqs = PagedSequences([context_len + n], page_size, seed=context_len)
+    kv, pages = seqs.kv[0], torch.tensor(seqs.pages[0])
+    q = torch.randn(n, NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(2))
+    out = reference.extend_attention(q, kv[context_len:], seqs.cache, pages, context_len)
+    expected = naive_attention(q, kv[:, 0], kv[:, 1], first_pos=context_len)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_attention_layer_mixed_step():
+    """Stores the step's new K/V through the slot mapping, then attends: 2 decodes then 2 extends."""
+    page_size = 4
+    totals = [13, 6, 9, 20]           # tokens per sequence after this step
+    new = [1, 1, 9, 7]                # new tokens this step (decode, decode, fresh prefill, chunk on a prefix)
+    seqs = PagedSequences(totals, page_size, seed=3)
+    layer = PagedAttention(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
+    cache = seqs.cache.clone()
+    for kv, pages, t, n in zip(seqs.kv, seqs.pages, totals, new):   # wipe what this step must write
+        cache.view(-1, 2, NUM_KV_HEADS, HEAD_DIM)[seqs.slots(pages, t - n, t)] = float("nan")
+    layer.bind(cache)
+    q = torch.randn(sum(new), NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(4))
+    kv_new = torch.cat([kv[t - n:] for kv, t, n in zip(seqs.kv, totals, new)])
+    slots = torch.cat([seqs.slots(p, t - n, t) for p, t, n in zip(seqs.pages, totals, new)])
+    table = torch.tensor([p + [0] * (max(map(len, seqs.pages[:2])) - len(p)) for p in seqs.pages[:2]])
+    extends = [ExtendSeq(2, 9, 0, torch.tensor(seqs.pages[2])), ExtendSeq(11, 7, 13, torch.tensor(seqs.pages[3]))]
+    mask = (torch.arange(13) < torch.tensor([13, 6])[:, None]).view(2, 1, 1, 13)
+    meta = AttentionMetadata(slot_mapping=slots, num_decodes=2, decode_page_table=table,
+                             decode_seq_lens=torch.tensor([13, 6]), decode_max_seq_len=13, decode_kv_mask=mask,
+                             extends=extends)
+    with forward_context(ForwardContext(meta)):
+        out = layer(q, kv_new).view(-1, NUM_HEADS, HEAD_DIM)
+    assert torch.equal(cache, seqs.cache)    # every NaN was overwritten with the right K/V
+    row = 0
+    for kv, t, n in zip(seqs.kv, totals, new):
+        expected = naive_attention(q[row:row + n], kv[:, 0], kv[:, 1], first_pos=t - n)
+        torch.testing.assert_close(out[row:row + n], expected, atol=1e-5, rtol=1e-5)
+        row += n
+
+
+def test_binding_checks_the_pool_shape_and_running_needs_a_forward_context():
+    layer = PagedAttention(6, 2, 8)
+    with pytest.raises(ValueError, match="kv_cache"):
+        layer.bind(torch.zeros(5, 4, 2, 3, 8))
+    with pytest.raises(RuntimeError, match="no forward context"):
+        layer.bind(torch.zeros(5, 4, 2, 2, 8))
+        layer(torch.randn(1, 6, 8), torch.randn(1, 2, 2, 8))

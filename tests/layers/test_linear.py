@@ -1,0 +1,51 @@
+"""Linear: the oneDNN-packed CPU path computes what F.linear computes, for any batch size and dtype."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minisrv.layers.linear import PACK_MIN_ELEMENTS, Linear, onednn_packing_available
+
+pytestmark = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packing")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_matches_f_linear(dtype, tol, bias):
+    gen = torch.Generator().manual_seed(0)
+    out = PACK_MIN_ELEMENTS // 96 + 1
+    layer = Linear(96, out, bias=bias).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out, 96, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(out, generator=gen))
+    weight = layer.weight.detach().clone()
+    bias_value = layer.bias.detach().clone() if bias else None
+    layer.pack()
+    assert layer.weight is None and layer.packed is not None
+    layer.pack()   # idempotent
+    for rows in (1, 3, 16, 41):
+        x = torch.randn(rows, 96, generator=gen).to(dtype)
+        expected = F.linear(x.float(), weight.float(), None if bias_value is None else bias_value.float())
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == (rows, out)
+        torch.testing.assert_close(got.float(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+
+
+def test_tied_head_keeps_the_embedding_weight():
+    vocab = PACK_MIN_ELEMENTS // 16
+    embedding = torch.nn.Embedding(vocab, 16)
+    head = Linear(16, vocab)
+    head.weight = embedding.weight
+    x = torch.randn(2, 16)
+    expected = F.linear(x, embedding.weight).detach()
+    head.pack()
+    assert head.packed is not None and embedding.weight.shape == (vocab, 16)   # the embedding keeps its weight
+    torch.testing.assert_close(head(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_small_weights_stay_plain():
+    layer = Linear(8, 8)
+    layer.pack()
+    assert layer.packed is None and layer.weight is not None

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import stat
+
+import pytest
+
+from minisrv.runtime.status_block import ModelFacts, SchedulerStats, StatusBlock
+
+
+@pytest.fixture
+def block():
+    created = StatusBlock.create(f"/minisrv-test-{os.getpid()}-{secrets.token_hex(4)}-status", num_workers=3)
+    yield created
+    created.unlink()
+    created.close()
+
+
+def shm_path(block: StatusBlock) -> str:
+    return "/dev/shm" + block.spec.name
+
+
+def test_segment_is_private_to_the_user(block: StatusBlock) -> None:
+    assert stat.S_IMODE(os.stat(shm_path(block)).st_mode) == 0o600
+
+
+def test_last_worker_to_attach_unlinks_the_name(block: StatusBlock) -> None:
+    workers = [StatusBlock(block.spec) for _ in range(3)]
+    for slot, worker in enumerate(workers):
+        assert os.path.exists(shm_path(block))
+        worker.attach_worker(slot, 1000 + slot)
+    assert not os.path.exists(shm_path(block))
+    workers[0].mark_ready(0, 1000)   # mappings outlive the name
+    assert block.ready_slots() == [True, False, False]
+    for worker in workers:
+        worker.close()
+
+
+def test_readiness_per_slot(block: StatusBlock) -> None:
+    worker = StatusBlock(block.spec)
+    assert block.ready_slots() == [False, False, False]
+    for slot in (2, 0, 1):
+        worker.mark_ready(slot, 4242)
+    assert block.ready_slots() == [True, True, True]
+    worker.close()
+
+
+def test_model_facts_and_stats_round_trip(block: StatusBlock) -> None:
+    scheduler = StatusBlock(block.spec)
+    facts = ModelFacts("SmolLM2-135M-Instruct 模型", max_model_len=8192, vocab_size=49152)
+    scheduler.publish_model(facts)
+    assert block.model() == facts
+    rng = random.Random(11)
+    for _ in range(50):
+        stats = SchedulerStats(rng.randrange(300), rng.randrange(300), rng.random(), rng.randrange(1 << 40),
+                               rng.randrange(1 << 40))
+        scheduler.publish_stats(stats)
+        assert block.stats() == stats
+    scheduler.close()
+
+
+def test_a_block_of_another_shape_is_refused(block: StatusBlock) -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        StatusBlock(type(block.spec)(block.spec.name, num_workers=5))
