@@ -77,6 +77,10 @@ class EngineConfig:
     enable_prefix_caching: bool = setting(
         True, group="engine", negative_flags=("--disable-prefix-cache", "--disable-radix-cache"),
         help="reuse the KV cache of shared prompt prefixes")
+    kernel_backend: str = setting(
+        "auto", group="engine", choices=("auto", "cuda", "torch"),
+        help="ops for norms, RoPE, attention and sampling: the CUDA kernels of csrc/ (needs CuPy) or PyTorch's; "
+             "auto: cuda on a CUDA device where CuPy is installed")
     cpu_threads: int | None = setting(
         None, group="engine", range=Range(1),
         help="PyTorch intra-op threads of the CPU engine (default: every core it may run on)")

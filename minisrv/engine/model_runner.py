@@ -9,6 +9,7 @@ import torch
 
 from minisrv.config import EngineConfig
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
+from minisrv.kernels import select_ops
 from minisrv.layers.attention import sdpa_backends
 from minisrv.layers.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
 from minisrv.models.loader import LoadedModel
@@ -68,10 +69,14 @@ class ModelRunner:
         self.model.pack_linears()
         self.kv_caches = allocate_kv_cache(self.model_config, self.num_pages, self.page_size, self.dtype, self.device)
         self.model.bind_kv_cache(self.kv_caches)
+        self.ops = select_ops(config.kernel_backend, self.device)
+        self.model.use_ops(self.ops)
         if sampler is None:
-            from minisrv.engine.sampling import Sampler
+            from minisrv.engine.sampling import FusedSampler, Sampler
 
-            sampler = Sampler(self.model_config.vocab_size, loaded.eos_token_ids, self.device)
+            vocab_size, eos = self.model_config.vocab_size, loaded.eos_token_ids
+            sampler = (FusedSampler(vocab_size, eos, self.device, self.ops) if self.ops.NAME == "cuda"
+                       else Sampler(vocab_size, eos, self.device))
         self.sampler = sampler
 
     def _num_pages(self) -> int:

@@ -8,6 +8,11 @@ Per step, for rows with mixed parameters:
      from Philox keyed by (seed, output position) (philox.py).
 Logprobs come from log_softmax of the RAW logits (vLLM V1's default "raw_logprobs"), so greedy and
 sampled rows report the model's own distribution; rows that ask for none pay nothing.
+NaN logits count as -inf, and a row whose largest logit is not finite is sampled greedily: all -inf gives
+token 0, +inf the first +inf, so no row can produce an out-of-range id.
+
+`Sampler` is the PyTorch implementation (the CPU path and the oracle); `FusedSampler` runs the same
+semantics on the CUDA kernels of csrc/sampling.cu, one launch for every row's token (and one for logprobs).
 
 Why inverse transform and not an exponential race (argmax(p / E)): it needs one random number per row
 instead of one per vocabulary entry, which is what makes the CPU path cheap, and a CUDA kernel can do
@@ -46,18 +51,26 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.device = torch.device(device)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+    def check(self, logits: torch.Tensor, requests: list[Request]) -> None:
         if logits.dim() != 2 or logits.shape[0] != len(requests) or logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits must be [len(requests)={len(requests)}, >= vocab_size={self.vocab_size}], "
                              f"got {tuple(logits.shape)}")
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+        self.check(logits, requests)
         if not requests:
             return []
         # A padded vocabulary's tail is not part of the model's distribution: drop it before anything else.
         raw_logits = logits[:, : self.vocab_size].to(self.device, torch.float32)
         adjusted = apply_logit_adjustments(raw_logits, requests, self.eos_token_ids)
+        if bool(adjusted.isnan().any()):
+            adjusted = torch.where(adjusted.isnan(), -math.inf, adjusted)
+        finite_max = torch.isfinite(adjusted.amax(dim=-1)).tolist()
 
-        greedy_rows = [i for i, r in enumerate(requests) if r.params.temperature < GREEDY_TEMPERATURE]
-        random_rows = [i for i, r in enumerate(requests) if r.params.temperature >= GREEDY_TEMPERATURE]
+        greedy_rows = [i for i, r in enumerate(requests) if r.params.temperature < GREEDY_TEMPERATURE
+                       or not finite_max[i]]
+        random_rows = [i for i, r in enumerate(requests) if r.params.temperature >= GREEDY_TEMPERATURE
+                       and finite_max[i]]
         if not random_rows:
             token_ids = adjusted.argmax(dim=-1)
         elif not greedy_rows:
@@ -119,6 +132,7 @@ class Sampler:
 
     def _results(self, raw_logits: torch.Tensor, token_ids: torch.Tensor,
                  requests: list[Request]) -> list[SampleResult]:
+        """One SampleResult per row, with logprobs (of the raw logits) for the rows that ask for them."""
         ids = token_ids.tolist()
         results = [SampleResult(token_id=t) for t in ids]
         logprob_rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
@@ -138,6 +152,43 @@ class Sampler:
             if n:
                 result.top_ids = top_ids_list[j][:n]
                 result.top_logprobs = top_values_list[j][:n]
+        return results
+
+
+class FusedSampler(Sampler):
+    """Sampler's semantics on the CUDA kernels: min_tokens bans and penalties with the same PyTorch ops on the
+    device, then one kernel launch picks every row's token and, when some row asks, one more computes
+    logprobs. Per-row parameters travel in two small tensors."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device | str, ops) -> None:
+        super().__init__(vocab_size, eos_token_ids, device)
+        self.ops = ops   # minisrv.kernels.cuda
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+        self.check(logits, requests)
+        if not requests:
+            return []
+        raw_logits = logits.to(self.device, torch.float32)   # the kernels read only the first vocab_size columns
+        adjusted = apply_logit_adjustments(raw_logits[:, : self.vocab_size], requests, self.eos_token_ids)
+        floats = torch.tensor([[r.params.temperature for r in requests], [r.params.top_p for r in requests],
+                               [r.params.min_p for r in requests]], dtype=torch.float32)
+        ints = torch.tensor([[r.params.top_k for r in requests], [r.seed for r in requests],
+                             [len(r.output_ids) for r in requests]], dtype=torch.int64)
+        floats, ints = floats.to(self.device, non_blocking=True), ints.to(self.device, non_blocking=True)
+        token_ids = self.ops.sample(adjusted, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2],
+                                    self.vocab_size)
+        results = [SampleResult(token_id=t) for t in token_ids.tolist()]
+        tops = [-1 if r.params.logprobs is None else r.params.logprobs for r in requests]
+        if max(tops) < 0:
+            return results
+        num_top = torch.tensor(tops, dtype=torch.int32).to(self.device, non_blocking=True)
+        chosen, top_ids, top_values = self.ops.logprobs(raw_logits, token_ids, num_top, max(tops), self.vocab_size)
+        chosen, top_ids, top_values = chosen.tolist(), top_ids.tolist(), top_values.tolist()
+        for row, n in enumerate(tops):
+            if n >= 0:
+                result = results[row]
+                result.logprob = chosen[row]
+                result.top_ids, result.top_logprobs = top_ids[row][:n], top_values[row][:n]
         return results
 
 

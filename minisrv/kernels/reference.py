@@ -1,14 +1,74 @@
-"""PyTorch reference ops for the paged KV cache: the CPU path, and the oracle for the CUDA kernels.
+"""PyTorch reference ops: the CPU path, and the oracle for the CUDA kernels (minisrv/kernels/cuda.py).
+
+Both modules offer the same functions with the same signatures; the model's layers call whichever the
+model runner bound (minisrv/kernels/__init__.py chooses).
 
 KV cache layout, one tensor per layer: [num_pages, page_size, 2, num_kv_heads, head_dim], where [..., 0, :, :]
 holds K and [..., 1, :, :] V. Token t of a sequence lives in page page_table[t // page_size] at offset
 t % page_size; its slot is page * page_size + offset. K and V of a token sit side by side because they are
 side by side in the fused qkv projection's output, so a step's new K/V go in with one indexed copy.
+
+A qkv row is [q heads | k heads | v heads]; q and k are in the interleaved RoPE layout (pairs (2i, 2i + 1),
+minisrv/layers/rope.py), so a rotation is one complex multiply.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from minisrv.kernels.attention_metadata import AttentionMetadata
+
+NAME = "torch"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), the sum written into residual's memory."""
+    residual.add_(x)
+    return F.rms_norm(residual, weight.shape, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] on the last dimension -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_inputs(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """What rope_store_kv needs of a step's positions, computed once per forward: the rotations [T, 1, D/2]."""
+    return table.index_select(0, positions).unsqueeze(1)
+
+
+def rotate_(qk: torch.Tensor, rotations: torch.Tensor) -> None:
+    """Rotate q/k heads in place. qk: [T, heads, head_dim] in interleaved layout, last dim contiguous."""
+    if qk.dtype == torch.float32:
+        torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rotations)
+        return
+    # There is no complex bfloat16: rotate in float32 and write back (transformers rotates in the model's
+    # dtype, so bfloat16 results differ from it by bfloat16 rounding, in our favour).
+    wide = qk.float()
+    torch.view_as_complex(wide.unflatten(-1, (-1, 2))).mul_(rotations)
+    qk.copy_(wide)
+
+
+def rope_store_kv(qkv: torch.Tensor, rope: torch.Tensor, qk_norm: torch.Tensor | None, eps: float,
+                  kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q/k RMSNorm (when qk_norm, [num_heads + num_kv_heads, head_dim], is given), RoPE on
+    q and k in place, then the step's K/V into the cache. Returns q [T, H, D] and kv [T, 2, H_kv, D] (views)."""
+    num_tokens = qkv.shape[0]
+    q_size = num_heads * head_dim
+    qk = qkv[:, : q_size + num_kv_heads * head_dim].view(num_tokens, num_heads + num_kv_heads, head_dim)
+    if qk_norm is not None:
+        torch.mul(F.rms_norm(qk, (head_dim,), eps=eps), qk_norm, out=qk)
+    rotate_(qk, rope)
+    kv = qkv[:, q_size:].view(num_tokens, 2, num_kv_heads, head_dim)
+    store_kv(kv_cache, kv, slot_mapping)
+    return qk[:, :num_heads], kv
 
 
 def store_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -25,6 +85,26 @@ def gather_kv(kv_cache: torch.Tensor, page_table: torch.Tensor, length: int) -> 
     page_size = kv_cache.shape[1]
     pages = kv_cache.index_select(0, page_table.reshape(-1))
     return pages.view(batch, max_pages * page_size, *kv_cache.shape[2:])[:, :length]
+
+
+def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    num_heads: int, head_dim: int) -> torch.Tensor:
+    """A step's attention, its K/V already stored: decode rows (the first meta.num_decodes) for all sequences at
+    once, extend rows (prefills, chunks continuing a cached prefix) sequence by sequence, since their lengths
+    differ widely and each is large enough to amortize a call. Returns [T, num_heads * head_dim]."""
+    num_decodes, num_tokens = meta.num_decodes, q.shape[0]
+    if num_decodes:
+        decoded = decode_attention(q[:num_decodes], kv_cache, meta.decode_page_table, meta.decode_max_seq_len,
+                                   meta.decode_kv_mask)
+        if not meta.extends:
+            return decoded.reshape(num_tokens, num_heads * head_dim)
+    out = q.new_empty(num_tokens, num_heads, head_dim)
+    if num_decodes:
+        out[:num_decodes] = decoded
+    for seq in meta.extends:
+        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+        out[rows] = extend_attention(q[rows], kv[rows], kv_cache, seq.pages, seq.context_len)
+    return out.view(num_tokens, num_heads * head_dim)
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, page_table: torch.Tensor, max_seq_len: int,

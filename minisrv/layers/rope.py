@@ -62,7 +62,8 @@ def interleave_rope_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """A table of unit complex numbers e^{i * pos * freq}, [max_positions, head_dim / 2] complex64.
+    """A table of unit complex numbers e^{i * pos * freq}, [max_positions, head_dim / 2] complex64; the kernels
+    apply it (minisrv/kernels/: `rope_inputs`, `rope_store_kv`).
 
     Not an nn.Module: the table is derived data, never a weight, and must survive the meta-device
     construction of the model (it is built with an explicit device).
@@ -74,19 +75,3 @@ class RotaryEmbedding:
             angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
             self.table = torch.complex(torch.cos(angles), torch.sin(angles))
         self.max_positions = max_positions
-
-    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
-        """Rotations for a step's tokens, [T, 1, head_dim / 2]: looked up once per forward, used by every layer."""
-        return self.table.index_select(0, positions).unsqueeze(1)
-
-    @staticmethod
-    def rotate_(qk: torch.Tensor, rotations: torch.Tensor) -> None:
-        """Rotate q/k heads in place. qk: [T, heads, head_dim] in interleaved layout, last dim contiguous."""
-        if qk.dtype == torch.float32:
-            torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rotations)
-            return
-        # There is no complex bfloat16: rotate in float32 and write back (transformers rotates in the
-        # model's dtype, so bfloat16 results differ from it by bfloat16 rounding, in our favour).
-        wide = qk.float()
-        torch.view_as_complex(wide.unflatten(-1, (-1, 2))).mul_(rotations)
-        qk.copy_(wide)

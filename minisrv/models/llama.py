@@ -8,28 +8,18 @@ CPU decode step the hook machinery is a measurable share of the time.
 """
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisrv.kernels import reference
 from minisrv.layers.attention import PagedAttention
 from minisrv.layers.linear import Linear
+from minisrv.layers.norm import RMSNorm
 from minisrv.layers.rope import RotaryEmbedding
 from minisrv.models.config import ModelConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without residual: norm(x). With: (norm(x + residual), x + residual), the sum reusing residual's memory."""
-        if residual is None:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        residual.add_(x)
-        return F.rms_norm(residual, self.weight.shape, self.weight, self.eps), residual
 
 
 class Attention(nn.Module):
@@ -46,28 +36,20 @@ class Attention(nn.Module):
         self.eps = config.rms_norm_eps
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: object) -> torch.Tensor:
         qkv = self.qkv_proj.forward(x)
-        num_tokens = qkv.shape[0]
-        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        if self.qk_norm is not None:
-            torch.mul(F.rms_norm(qk, (self.head_dim,), eps=self.eps), self.qk_norm, out=qk)
-        RotaryEmbedding.rotate_(qk, rotations)
-        q = qk[:, : self.num_heads]
-        kv = qkv[:, self.q_size:].view(num_tokens, 2, self.num_kv_heads, self.head_dim)
-        return self.o_proj.forward(self.attn(q, kv))
+        return self.o_proj.forward(self.attn(qkv, rope, self.qk_norm, self.eps))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.ops: ModuleType = reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj.forward(F.silu(gate) * up)
+        return self.down_proj.forward(self.ops.silu_and_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -78,13 +60,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rotations: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: object):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.forward(hidden, residual)
-        hidden = self.self_attn.forward(hidden, rotations)
+        hidden = self.self_attn.forward(hidden, rope)
         hidden, residual = self.post_attention_layernorm.forward(hidden, residual)
         return self.mlp.forward(hidden), residual
 
@@ -106,6 +88,7 @@ class CausalLM(nn.Module):
         self.tie_weights()
         # Built with an explicit device so it is real even while the rest is constructed on "meta".
         self.rope = RotaryEmbedding(config.rope, config.head_dim, max_positions, device)
+        self.ops: ModuleType = reference
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so.
@@ -130,12 +113,21 @@ class CausalLM(nn.Module):
         for layer, cache in zip(self.layers, kv_caches):
             layer.self_attn.attn.bind(cache)
 
+    def use_ops(self, ops: ModuleType) -> None:
+        """Run norms, activations, RoPE and attention with `ops` (a kernels module: minisrv/kernels/)."""
+        self.ops = ops
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP)):
+                module.ops = ops
+            elif isinstance(module, Attention):
+                module.attn.ops = ops
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        rotations = self.rope.lookup(positions)
+        rope = self.ops.rope_inputs(self.rope.table, positions)
         hidden = F.embedding(input_ids, self.embed_tokens.weight)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer.forward(hidden, residual, rotations)
+            hidden, residual = layer.forward(hidden, residual, rope)
         hidden, _ = self.norm.forward(hidden, residual)
         return hidden
 

@@ -1,4 +1,4 @@
-"""Paged attention (kernels/reference.py through engine/attention.py) against a naive dense implementation."""
+"""Paged attention (kernels/reference.py through layers/attention.py) against a naive dense implementation."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
+from minisrv.kernels import reference
 from minisrv.layers.attention import PagedAttention
 from minisrv.layers.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
-from minisrv.kernels import reference
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 6, 2, 16
 
@@ -104,8 +104,12 @@ def test_paged_attention_layer_mixed_step():
     meta = AttentionMetadata(slot_mapping=slots, num_decodes=2, decode_page_table=table,
                              decode_seq_lens=torch.tensor([13, 6]), decode_max_seq_len=13, decode_kv_mask=mask,
                              extends=extends)
+    # The layer takes the qkv projection's output; an identity rotation leaves q and k as they are.
+    qkv = torch.cat([q.flatten(1), kv_new.flatten(1)], dim=1)
+    identity = torch.ones(64, HEAD_DIM // 2, dtype=torch.complex64)
+    rope = reference.rope_inputs(identity, torch.arange(sum(new)))
     with forward_context(ForwardContext(meta)):
-        out = layer(q, kv_new).view(-1, NUM_HEADS, HEAD_DIM)
+        out = layer(qkv, rope, None, 1e-6).view(-1, NUM_HEADS, HEAD_DIM)
     assert torch.equal(cache, seqs.cache)    # every NaN was overwritten with the right K/V
     row = 0
     for kv, t, n in zip(seqs.kv, totals, new):
@@ -120,4 +124,4 @@ def test_binding_checks_the_pool_shape_and_running_needs_a_forward_context():
         layer.bind(torch.zeros(5, 4, 2, 3, 8))
     with pytest.raises(RuntimeError, match="no forward context"):
         layer.bind(torch.zeros(5, 4, 2, 2, 8))
-        layer(torch.randn(1, 6, 8), torch.randn(1, 2, 2, 8))
+        layer(torch.randn(1, 10 * 8), None, None, 1e-6)

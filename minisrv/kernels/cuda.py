@@ -1,0 +1,292 @@
+"""The CUDA kernels of csrc/, compiled at run time with NVRTC through CuPy and launched on PyTorch's stream.
+
+Every function has the signature of its PyTorch reference in minisrv/kernels/reference.py, which is its
+oracle in the tests. A source is compiled for the device's architecture once per process and template
+instantiation, through CuPy's on-disk cache, so a second start compiles nothing. Launches take raw data
+pointers and explicitly typed scalars; every per-step value a kernel reads is a device tensor and launch
+shapes depend only on tensor shapes and fixed limits, so launches can be captured in a CUDA graph.
+Shapes the kernels do not cover (head sizes other than 64 and 128, more than 16 query heads per kv head,
+float32 attention) run the reference.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from minisrv.kernels import reference
+from minisrv.kernels.attention_metadata import AttentionMetadata, ExtendSeq
+
+NAME = "cuda"
+# minisrv/_csrc is a link to the repository's csrc/ (a wheel carries the files themselves).
+CSRC = Path(__file__).resolve().parents[1] / "_csrc"
+TYPE_NAMES = {torch.bfloat16: "bf16_t", torch.float16: "f16_t", torch.float32: "float"}
+ATTENTION_HEAD_DIMS = (64, 128)
+MAX_GROUP = 16                # query heads per kv head: the rows of one tensor-core tile
+DECODE_SPLIT = 256            # csrc/decode_attention.cu SPLIT
+DECODE_MERGE_THREADS = 512    # csrc/decode_attention.cu MERGE_THREADS
+EXTEND_ROWS = 64              # csrc/extend_attention.cu ROWS
+# A fresh prefill (no cached prefix) at least this long runs PyTorch's flash SDPA on its own K/V: on an H200
+# (bench/kernels.py) SDPA takes 17 us to the extend kernel's 18 at 256 tokens and 164 to 327 at 2048. Shorter
+# ones stay in the step's one extend launch with the chunks on a cached prefix, where the kernel is 6x faster.
+SDPA_FRESH_PREFILL_MIN = 256
+SAMPLE_THREADS = 1024         # csrc/sampling.cu SAMPLE_THREADS
+
+
+def unsupported() -> str | None:
+    """Why these kernels cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed (install minisrv[cuda12] or minisrv[cuda13])"
+    return None
+
+
+@functools.cache
+def _source(file: str) -> str:
+    """A source with its csrc/ headers inlined (each once), so CuPy's cache key, the source text, covers them."""
+    seen: set[str] = set()
+
+    def inline(match: re.Match) -> str:
+        header = match.group(1)
+        if header in seen:
+            return ""
+        seen.add(header)
+        return re.sub(r'#include "(\w+\.cuh)"', inline, (CSRC / header).read_text())
+
+    return re.sub(r'#include "(\w+\.cuh)"', inline, (CSRC / file).read_text())
+
+
+@functools.cache
+def _kernel(file: str, name: str) -> int:
+    """The CUfunction of template instantiation `name` of `file`, compiled (or read from CuPy's cache) and loaded."""
+    import cupy
+
+    module = cupy.RawModule(code=_source(file), options=("--std=c++17",), name_expressions=(name,))
+    return module.get_function(name).kernel.ptr
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    """libcuda's cuLaunchKernel: a launch through it costs a few microseconds, through CuPy's Python-level
+    argument handling about 40 (measured on an H200), which would dominate the small kernels."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    lib.cuLaunchKernel.restype = ctypes.c_int
+    return lib
+
+
+def _launch(file: str, name: str, grid: tuple[int, ...], block: tuple[int, ...], *args: ctypes._SimpleCData) -> None:
+    """Launch a kernel on PyTorch's current stream; `args` are ctypes values matching the kernel's parameters."""
+    gx, gy, gz = (*grid, 1, 1)[:3]
+    bx, by, bz = (*block, 1, 1)[:3]
+    params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+    err = _driver().cuLaunchKernel(_kernel(file, name), gx, gy, gz, bx, by, bz, 0,
+                                   torch.cuda.current_stream().cuda_stream, params, None)
+    if err != 0:
+        raise RuntimeError(f"launching {name} ({file}) failed with CUDA driver error {err}")
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_uint64:
+    return ctypes.c_uint64(0 if t is None else t.data_ptr())
+
+
+def _i64(x: int) -> ctypes.c_int64:
+    return ctypes.c_int64(x)
+
+
+def _i32(x: int) -> ctypes.c_int32:
+    return ctypes.c_int32(x)
+
+
+def _f32(x: float) -> ctypes.c_float:
+    return ctypes.c_float(x)
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x as [rows, last] with a contiguous last dimension, and its row stride."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return flat, flat.stride(0)
+
+
+# --- norms and activation --------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    rows, stride = _rows(x)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    _launch("norm.cu", f"rms_norm<{TYPE_NAMES[x.dtype]}>", (rows.shape[0],), (256,), _ptr(out), _ptr(rows),
+            _ptr(weight), _i32(rows.shape[1]), _i64(out.stride(0)), _i64(stride), _f32(eps))
+    return out.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, stride = _rows(x)
+    res, res_stride = _rows(residual)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    _launch("norm.cu", f"add_rms_norm<{TYPE_NAMES[x.dtype]}>", (rows.shape[0],), (256,), _ptr(out), _ptr(res),
+            _ptr(rows), _ptr(weight), _i32(rows.shape[1]), _i64(out.stride(0)), _i64(res_stride), _i64(stride),
+            _f32(eps))
+    if res.data_ptr() != residual.data_ptr():
+        residual.copy_(res.view(residual.shape))
+    return out.view(x.shape), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    rows, stride = _rows(x)
+    inter = rows.shape[1] // 2
+    out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
+    per_block = 256 * (16 // x.element_size())
+    _launch("norm.cu", f"silu_and_mul<{TYPE_NAMES[x.dtype]}>", (rows.shape[0], -(-inter // per_block)), (256,),
+            _ptr(out), _ptr(rows), _i32(inter), _i64(out.stride(0)), _i64(stride))
+    return out.view(*x.shape[:-1], inter)
+
+
+# --- RoPE and the KV store -------------------------------------------------------------------------------
+
+def rope_inputs(table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel reads the rotation table itself: (cos, sin) pairs [max_positions, D/2, 2], and the positions."""
+    return torch.view_as_real(table), positions
+
+
+def rope_store_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], qk_norm: torch.Tensor | None,
+                  eps: float, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    table, positions = rope
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    num_tokens = qkv.shape[0]
+    if num_tokens:
+        _launch("rope_kv.cu", f"rope_store_kv<{TYPE_NAMES[qkv.dtype]}>", (num_tokens,), (256,), _ptr(qkv),
+                _i64(qkv.stride(0)), _ptr(positions), _ptr(table), _ptr(qk_norm), _f32(eps), _ptr(kv_cache),
+                _ptr(slot_mapping), _i32(num_heads), _i32(num_kv_heads), _i32(head_dim))
+    q_size = num_heads * head_dim
+    q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+    return q, qkv[:, q_size:].view(num_tokens, 2, num_kv_heads, head_dim)
+
+
+# --- attention ---------------------------------------------------------------------------------------------
+
+def attention_supported(q: torch.Tensor, kv_cache: torch.Tensor, num_heads: int) -> bool:
+    group = num_heads // kv_cache.shape[3]
+    return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in ATTENTION_HEAD_DIMS
+            and 1 <= group <= MAX_GROUP)
+
+
+def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    num_heads: int, head_dim: int) -> torch.Tensor:
+    if not attention_supported(q, kv_cache, num_heads):
+        return reference.paged_attention(q, kv, kv_cache, meta, num_heads, head_dim)
+    num_tokens, num_decodes = q.shape[0], meta.num_decodes
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_decodes:
+        max_splits = max(1, -(-meta.decode_max_seq_len // DECODE_SPLIT))
+        decode_attention(out[:num_decodes], q[:num_decodes], kv_cache, meta.decode_page_table,
+                         meta.decode_seq_lens, max_splits)
+    by_sdpa = [seq for seq in meta.extends if _fresh_prefill_by_sdpa(seq)]
+    if len(by_sdpa) < len(meta.extends):
+        extend_attention(out[num_decodes:], q[num_decodes:], kv_cache, meta)
+    for seq in by_sdpa:
+        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+        out[rows] = reference.extend_attention(q[rows], kv[rows], kv_cache, seq.pages, 0)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def _fresh_prefill_by_sdpa(seq: ExtendSeq) -> bool:
+    return seq.context_len == 0 and seq.query_len >= SDPA_FRESH_PREFILL_MIN
+
+
+def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, page_table: torch.Tensor,
+                     seq_lens: torch.Tensor, max_splits: int) -> None:
+    """out, q: [B, num_heads, D]; seq_lens [B] int64 (0 for a padding row). `max_splits` bounds the splits of
+    DECODE_SPLIT positions any sequence needs; a larger value changes nothing but the launch size."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    part_out = torch.empty(batch, num_heads, max_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, max_splits, dtype=torch.float32, device=q.device)
+    dtype = TYPE_NAMES[q.dtype]
+    _launch("decode_attention.cu", f"paged_decode_split<{dtype}, {head_dim}>", (max_splits, num_kv_heads, batch),
+            (32,), _ptr(out), _i64(out.stride(0)), _ptr(part_out), _ptr(part_lse), _ptr(q), _i64(q.stride(0)),
+            _ptr(kv_cache), _ptr(page_table), _i64(page_table.stride(0)), _ptr(seq_lens), _i32(kv_cache.shape[1]),
+            _i32(num_kv_heads), _i32(group), _i32(max_splits), _f32(math.log2(math.e) / math.sqrt(head_dim)))
+    if max_splits > 1:   # sequences of one split are final already
+        _launch("decode_attention.cu", f"paged_decode_merge<{dtype}, {head_dim}>", (num_heads, batch),
+                (DECODE_MERGE_THREADS,),
+                _ptr(out), _i64(out.stride(0)), _ptr(part_out), _ptr(part_lse), _ptr(seq_lens), _i32(max_splits))
+
+
+def _extend_tiles(meta: AttentionMetadata, group: int, every_sequence: bool, device: torch.device
+                  ) -> tuple[torch.Tensor, ...]:
+    """(tile_seq, tile_token, query_start, seq_lens) int32 for the extend kernel, once per step."""
+    key = f"extend_tiles/{group}/{every_sequence}"
+    if key not in meta.derived:
+        tokens_per_tile = EXTEND_ROWS // group
+        tile_seq, tile_token = [], []
+        for s, seq in enumerate(meta.extends):
+            if not every_sequence and _fresh_prefill_by_sdpa(seq):
+                continue
+            for token in range(0, seq.query_len, tokens_per_tile):
+                tile_seq.append(s)
+                tile_token.append(token)
+        tiles = torch.tensor([tile_seq, tile_token], dtype=torch.int32).to(device, non_blocking=True)
+        meta.derived[key] = (tiles[0], tiles[1], meta.extend_query_start_loc, meta.extend_seq_lens)
+    return meta.derived[key]
+
+
+def extend_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                     every_sequence: bool = False) -> None:
+    """out, q: the extend rows [n, num_heads, D], sequence after sequence as meta.extends lists them. Fresh
+    prefills of SDPA_FRESH_PREFILL_MIN tokens or more are left to paged_attention's SDPA call unless
+    `every_sequence` (the benchmark's comparison)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    tile_seq, tile_token, query_start, seq_lens = _extend_tiles(meta, group, every_sequence, q.device)
+    if tile_seq.shape[0] == 0:
+        return
+    scale_log2 = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)
+    _launch("extend_attention.cu", f"paged_extend<{TYPE_NAMES[q.dtype]}, {head_dim}>",
+            (tile_seq.shape[0], num_kv_heads), (128,), _ptr(out), _i64(out.stride(0)), _ptr(q), _i64(q.stride(0)),
+            _ptr(kv_cache), _ptr(meta.extend_page_table), _i64(meta.extend_page_table.stride(0)), _ptr(tile_seq),
+            _ptr(tile_token), _ptr(query_start), _ptr(seq_lens), _i32(kv_cache.shape[1]), _i32(num_kv_heads),
+            _i32(group), _f32(scale_log2))
+
+
+# --- sampling ----------------------------------------------------------------------------------------------
+
+def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+           min_ps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token ids [rows] int64 from float32 logits [rows, >= vocab_size]; per-row parameters as device tensors:
+    temperatures f32 (< 1e-5: greedy), top_ks i32 (<= 0: off), top_ps f32, min_ps f32, seeds u64 (as int64),
+    positions i64 (the output index the token will have)."""
+    rows = logits.shape[0]
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows:
+        _launch("sampling.cu", "sample_tokens", (rows,), (SAMPLE_THREADS,), _ptr(tokens), _ptr(logits),
+                _i64(logits.stride(0)), _i32(vocab_size), _ptr(temperatures), _ptr(top_ks), _ptr(top_ps),
+                _ptr(min_ps), _ptr(seeds), _ptr(positions))
+    return tokens
+
+
+def logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_top: torch.Tensor, max_top: int, vocab_size: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From raw float32 logits: (chosen token's logprob [rows], top ids [rows, max_top] int32, their logprobs)
+    for rows with num_top (i32) >= 0; other rows' entries are left unwritten."""
+    rows = logits.shape[0]
+    chosen = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    top_ids = torch.empty(rows, max(max_top, 1), dtype=torch.int32, device=logits.device)
+    top_values = torch.empty(rows, max(max_top, 1), dtype=torch.float32, device=logits.device)
+    if rows:
+        _launch("sampling.cu", "token_logprobs", (rows,), (SAMPLE_THREADS,), _ptr(chosen), _ptr(top_ids),
+                _ptr(top_values), _i32(top_ids.shape[1]), _ptr(logits), _i64(logits.stride(0)), _i32(vocab_size),
+                _ptr(tokens), _ptr(num_top))
+    return chosen, top_ids, top_values
