@@ -120,6 +120,14 @@ class ServerConfig:
     api_key: str | None = setting(
         None, group="server", env=API_KEY_ENV, secret=True,
         help=f"require 'Authorization: Bearer KEY' on /v1 and /generate (also ${API_KEY_ENV})")
+    stream_interval: int = setting(
+        1, group="server", range=Range(1, 1024),
+        help="tokens per streamed chunk after the first, which is sent at once (as vLLM's and SGLang's): larger "
+             "values cost less per token and make streams burstier")
+    sse_timestamps: bool = setting(
+        False, group="server",
+        help="precede each streamed chunk with an SSE comment ': emitted NS', the monotonic clock in ns when the "
+             "scheduler produced its first token (for latency measurements on the same host; clients ignore it)")
     log_level: str = setting("info", group="server", choices=LOG_LEVELS, help="logging level")
 
     def __post_init__(self) -> None:

@@ -38,11 +38,16 @@ class RingSpecs:
         return self.readers[0]
 
 
+def instance_prefix() -> str:
+    """A fresh `/minisrv-<pid>-<random>` for the shared-memory names of one server instance."""
+    return f"/minisrv-{os.getpid()}-{secrets.token_hex(8)}"
+
+
 class RingSet:
     """Every ring of one server instance, so they can be unlinked together."""
 
     def __init__(self) -> None:
-        self.prefix = f"/minisrv-{os.getpid()}-{secrets.token_hex(8)}"
+        self.prefix = instance_prefix()
         self._created: list[tuple[RingNames, int, Wakeup]] = []
 
     def create(self, ring: str, capacity: int, num_readers: int = 1,

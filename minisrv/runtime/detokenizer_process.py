@@ -8,32 +8,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minisrv.ipc import RingReader, RingSpec, RingWriter
-from minisrv.ipc.wait_any import check_fifo_readers, wait_any
 from minisrv.models.source import ModelSource
+from minisrv.runtime.channels import ChannelSpec, wait_any
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 from minisrv.tokenizer.detokenizer import Detokenizer
 from minisrv.tokenizer.loading import load_fast_tokenizer
-from minisrv.wire.records import Abort, DetokenizeRequest, Error, Kind, StepTokens, TextDeltas, peek_kind
+from minisrv.wire.records import Abort, DetokenizeRequest, Error, Shutdown, StepTokens, TextDeltas
 
 
 @dataclass(frozen=True)
-class DetokenizerRings:
-    from_tokenizers: tuple[RingSpec, ...]   # DETOKENIZE_REQUEST, ERROR, SHUTDOWN (one ring per tokenizer worker)
-    from_scheduler: RingSpec                # STEP_TOKENS, ERROR
-    to_api: RingSpec                        # TEXT_DELTAS, ERROR
-    to_scheduler: RingSpec                  # ABORT when a stop string matched
+class DetokenizerChannels:
+    from_tokenizers: tuple[ChannelSpec, ...]   # DETOKENIZE_REQUEST, ERROR, SHUTDOWN (one per tokenizer worker)
+    from_scheduler: ChannelSpec                # STEP_TOKENS, ERROR
+    to_api: ChannelSpec                        # TEXT_DELTAS, ERROR
+    to_scheduler: ChannelSpec                  # ABORT when a stop string matched
 
 
 class DetokenizerLoop:
-    def __init__(self, rings: DetokenizerRings, watch: ParentWatch) -> None:
-        self.from_tokenizers = [RingReader(spec) for spec in rings.from_tokenizers]
-        self.from_scheduler = RingReader(rings.from_scheduler)
-        self.to_api = RingWriter(rings.to_api)
-        self.to_scheduler = RingWriter(rings.to_scheduler)
+    def __init__(self, channels: DetokenizerChannels, watch: ParentWatch) -> None:
+        self.from_tokenizers = [spec.open() for spec in channels.from_tokenizers]
+        self.from_scheduler = channels.from_scheduler.open()
+        self.to_api = channels.to_api.open()
+        self.to_scheduler = channels.to_scheduler.open()
         self.inputs = [*self.from_tokenizers, self.from_scheduler]
-        check_fifo_readers(self.inputs)
         self.watch = watch
         self.core: Detokenizer | None = None   # set once the tokenizer is loaded, before run()
 
@@ -44,56 +42,54 @@ class DetokenizerLoop:
                 return
             batch, stopped = TextDeltas(), []
             for record in self.from_scheduler.drain():
-                kind = peek_kind(record)
-                if kind is Kind.STEP_TOKENS:
+                if isinstance(record, StepTokens):
                     # A choice's DETOKENIZE_REQUEST was published before its TOKENIZED_REQUEST, hence before
-                    # its tokens: draining the tokenizer rings now guarantees every row's choice is known.
+                    # its tokens: draining the tokenizer channels now guarantees every row's choice is known.
                     if not self.drain_tokenizers():
                         return
-                    stopped += self.core.process(StepTokens.decode(record), batch)
-                elif kind is Kind.ERROR:
+                    stopped += self.core.process(record, batch)
+                elif isinstance(record, Error):
                     self.flush(batch)
                     batch = TextDeltas()
                     self.forward_error(record)
-                elif kind is Kind.SHUTDOWN:
+                elif isinstance(record, Shutdown):
                     return
             self.flush(batch)
             if stopped:
-                self.to_scheduler.write_many(Abort(rid).encode() for rid in stopped)
+                self.to_scheduler.send_many(Abort(rid) for rid in stopped)
             if not batch.rids and not stopped:
                 self.watch.check()
                 wait_any(self.inputs, IDLE_WAIT_S)
 
     def drain_tokenizers(self) -> bool:
         """Take in new requests and tokenizer errors; False once a SHUTDOWN arrived."""
-        for ring in self.from_tokenizers:
-            for record in ring.drain():
-                kind = peek_kind(record)
-                if kind is Kind.DETOKENIZE_REQUEST:
-                    self.core.add_request(DetokenizeRequest.decode(record))
-                elif kind is Kind.ERROR:
+        for channel in self.from_tokenizers:
+            for record in channel.drain():
+                if isinstance(record, DetokenizeRequest):
+                    self.core.add_request(record)
+                elif isinstance(record, Error):
                     self.forward_error(record)
-                elif kind is Kind.SHUTDOWN:
+                elif isinstance(record, Shutdown):
                     return False
         return True
 
-    def forward_error(self, record: bytes) -> None:
-        self.core.drop(Error.decode(record).rid)
-        self.to_api.write(record)
+    def forward_error(self, error: Error) -> None:
+        self.core.drop(error.rid)
+        self.to_api.send(error)
 
     def flush(self, batch: TextDeltas) -> None:
         if batch.rids:
-            self.to_api.write(batch.encode())
+            self.to_api.send(batch)
 
     def close(self) -> None:
-        for ring in (*self.inputs, self.to_api, self.to_scheduler):
-            ring.close()
+        for channel in (*self.inputs, self.to_api, self.to_scheduler):
+            channel.close()
 
 
-def main(info: WorkerInfo, source: ModelSource, rings: DetokenizerRings) -> None:
+def main(info: WorkerInfo, source: ModelSource, channels: DetokenizerChannels, stream_interval: int = 1) -> None:
     """Entry point of the spawned detokenizer."""
 
     def set_up(loop: DetokenizerLoop, status: StatusBlock) -> None:
-        loop.core = Detokenizer(load_fast_tokenizer(source))
+        loop.core = Detokenizer(load_fast_tokenizer(source), stream_interval)
 
-    serve_worker(info, lambda status, watch: DetokenizerLoop(rings, watch), set_up)
+    serve_worker(info, lambda status, watch: DetokenizerLoop(channels, watch), set_up)

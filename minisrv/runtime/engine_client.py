@@ -1,7 +1,7 @@
 """The API server's EngineHandle over the rings: submit requests, stream their text deltas back.
 
 This is the API server process's side of the pipeline (tokenizer workers -> scheduler -> detokenizer):
-PROMPT_REQUEST records out, one per request, round-robin over the tokenizer rings; TEXT_DELTAS and
+PROMPT_REQUEST records out, one per request, round-robin over the tokenizer channels; TEXT_DELTAS and
 ERROR records in from the detokenizer, fanned out to each request's queue by its id.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
-from minisrv.ipc import PeerGone, RecordTooLarge, RingError, RingWriter
-from minisrv.ipc.aio import AsyncRingReader, write_async
+from minisrv.ipc import PeerGone, RecordTooLarge, RingError
+from minisrv.runtime.channels import AsyncRecordReader, RecordWriter
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
-from minisrv.wire.records import Abort, Error, Kind, PromptRequest, TextDeltas, peek_kind
-from minisrv.wire.terms import FinishReason, SchedulerStats, choice_rid, split_rid
+from minisrv.wire.records import Abort, Error, PromptRequest, TextDeltas
+from minisrv.wire.terms import FINISH_API_NAMES, SchedulerStats, choice_rid, split_rid
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +28,11 @@ class _Stream:
     """One request in flight: its choices' deltas arrive on `queue`, fanned in from TEXT_DELTAS rows."""
 
     n: int
-    ring: int                                   # the tokenizer ring it went to; its aborts follow it
+    channel: int                                # the tokenizer channel it went to; its aborts follow it
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)   # OutputDelta | RequestError
     finished: set[int] = field(default_factory=set)
     counts: tuple[int, int, int] = (0, 0, 0)    # last (prompt, cached, output) token counts seen
-    sent: bool = False                          # the request reached its tokenizer ring
+    sent: bool = False                          # the request reached its tokenizer channel
 
 
 class EngineClient:
@@ -40,7 +40,7 @@ class EngineClient:
     process; every method runs on its event loop. `dead_worker` names a worker that died ("scheduler",
     "detokenizer", "tokenizer-0"...)."""
 
-    def __init__(self, to_tokenizers: list[RingWriter], from_detokenizer: AsyncRingReader, status: StatusBlock,
+    def __init__(self, to_tokenizers: list[RecordWriter], from_detokenizer: AsyncRecordReader, status: StatusBlock,
                  served_model_name: str | None = None) -> None:
         self.ready = False
         self.dead_worker: str | None = None
@@ -53,18 +53,18 @@ class EngineClient:
         self._status = status
         self._streams: dict[int, _Stream] = {}
         self._base_ids = itertools.count(1)
-        self._rings = itertools.cycle(range(len(to_tokenizers)))
+        self._channels = itertools.cycle(range(len(to_tokenizers)))
         self._background: set[asyncio.Task] = set()
         self._dispatcher: asyncio.Task | None = None
 
     # -- lifecycle (the launcher calls these) ----------------------------------------------------
     def start(self, on_failure: Callable[[str], None]) -> None:
-        """Start consuming the detokenizer's ring on the running loop; `on_failure(reason)` if that stops."""
+        """Start consuming the detokenizer's channel on the running loop; `on_failure(reason)` if that stops."""
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
         def done(task: asyncio.Task) -> None:
             if not task.cancelled():
-                on_failure(f"the text ring consumer stopped: {task.exception() or 'the detokenizer closed it'}")
+                on_failure(f"the text channel consumer stopped: {task.exception() or 'the detokenizer closed it'}")
 
         self._dispatcher.add_done_callback(done)
 
@@ -86,7 +86,7 @@ class EngineClient:
             _finish_with_abort(stream)
 
     async def close(self) -> None:
-        """Stop consuming the text ring. The rings themselves belong to whoever created them."""
+        """Stop consuming the text channel. The channels themselves belong to whoever created them."""
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
@@ -97,17 +97,24 @@ class EngineClient:
         frees its KV pages within a step."""
         if self.dead_worker is not None or not self.ready:
             raise RequestError(503, "the server is not ready (starting, shutting down, or a worker died)")
-        base, ring = next(self._base_ids), next(self._rings)
-        record = _encode(replace(request, rid=base))
-        stream = self._streams[base] = _Stream(request.n, ring)
+        base, channel = next(self._base_ids), next(self._channels)
+        stream = self._streams[base] = _Stream(request.n, channel)
         want_logprobs = request.params.logprobs is not None
         try:
-            await self._send(ring, record)
+            await self._send(channel, replace(request, rid=base))
             stream.sent = True
+            held = None   # an item taken from the queue while merging, not yet handled
             while len(stream.finished) < stream.n:
-                delta = await stream.queue.get()
+                delta, held = (held if held is not None else await stream.queue.get()), None
                 if isinstance(delta, RequestError):
                     raise delta
+                # Deltas of a choice that queued up while the response was busy go out as one: when the API
+                # process falls behind, it then frames, encodes and sends once for many tokens.
+                while delta.finish_reason is None and not stream.queue.empty():
+                    held = stream.queue.get_nowait()
+                    if not isinstance(held, OutputDelta) or held.index != delta.index:
+                        break
+                    delta, held = _merge(delta, held), None
                 if delta.finish_reason is not None:
                     stream.finished.add(delta.index)
                 if want_logprobs and delta.logprobs is None:
@@ -121,27 +128,29 @@ class EngineClient:
         """The scheduler's latest published stats, read from shared memory (cheap: no syscall)."""
         return self._status.stats()
 
-    # -- rings ------------------------------------------------------------------------------------
-    async def _send(self, ring: int, record: bytes | bytearray) -> None:
+    # -- channels ---------------------------------------------------------------------------------
+    async def _send(self, channel: int, request: PromptRequest) -> None:
         try:
-            await write_async(self._to_tokenizers[ring], record)
+            await self._to_tokenizers[channel].send_async(request)
         except RecordTooLarge as exc:
             raise RequestError(413, f"the request is too large to pass to the tokenizer ({exc})", "prompt") from None
         except RingError as exc:
             raise RequestError(503, f"the tokenizer worker is not taking requests: {exc}") from None
+        except ValueError as exc:   # a value the schemas let through that a record cannot carry
+            raise RequestError(400, str(exc), "messages" if request.messages is not None else "prompt") from None
 
     def _abort_choices(self, base: int, stream: _Stream) -> None:
-        """Tell the engine to drop the choices still running (on the request's own ring, so an abort
-        can never overtake the request). A full ring is retried in the background."""
+        """Tell the engine to drop the choices still running (on the request's own channel, so an abort
+        can never overtake the request). A full channel is retried in the background."""
         if self.dead_worker is not None or not stream.sent:
             return
-        writer = self._to_tokenizers[stream.ring]
+        writer = self._to_tokenizers[stream.channel]
         for index in range(stream.n):
             if index in stream.finished:
                 continue
-            record = Abort(choice_rid(base, index)).encode()
-            if not writer.try_write(record):
-                task = asyncio.get_running_loop().create_task(write_async(writer, record, timeout=5.0))
+            record = Abort(choice_rid(base, index))
+            if not writer.try_send(record):
+                task = asyncio.get_running_loop().create_task(writer.send_async(record, timeout=5.0))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
@@ -149,26 +158,24 @@ class EngineClient:
         try:
             while True:
                 for record in await self._from_detokenizer.drain():
-                    kind = peek_kind(record)
-                    if kind is Kind.TEXT_DELTAS:
-                        self._deliver(TextDeltas.decode(record))
-                    elif kind is Kind.ERROR:
-                        error = Error.decode(record)
-                        stream = self._streams.get(split_rid(error.rid)[0])
+                    if isinstance(record, TextDeltas):
+                        self._deliver(record)
+                    elif isinstance(record, Error):
+                        stream = self._streams.get(split_rid(record.rid)[0])
                         if stream is not None:
-                            stream.queue.put_nowait(RequestError(error.status, error.message))
+                            stream.queue.put_nowait(RequestError(record.status, record.message))
         except PeerGone:
-            logger.debug("the detokenizer's ring closed")
+            logger.debug("the detokenizer's channel closed")
 
     def _deliver(self, deltas: TextDeltas) -> None:
         ids, logprobs, raw = deltas.token_ids.tolist(), deltas.token_logprobs.tolist(), deltas.token_bytes
         top_counts, top_ids = deltas.top_counts.tolist(), deltas.top_ids.tolist()
         top_logprobs, top_raw = deltas.top_logprobs.tolist(), deltas.top_bytes
         token, top = 0, 0
-        rows = zip(deltas.rids.tolist(), deltas.finish_reasons.tolist(), deltas.num_prompt_tokens.tolist(),
-                   deltas.num_cached_tokens.tolist(), deltas.num_output_tokens.tolist(), deltas.texts,
-                   deltas.num_tokens.tolist())
-        for rid, finish, prompt, cached, output, delta_text, count in rows:
+        rows = zip(deltas.rids.tolist(), deltas.emitted_ns.tolist(), deltas.finish_reasons.tolist(),
+                   deltas.num_prompt_tokens.tolist(), deltas.num_cached_tokens.tolist(),
+                   deltas.num_output_tokens.tolist(), deltas.texts, deltas.num_tokens.tolist())
+        for rid, emitted_ns, finish, prompt, cached, output, delta_text, count in rows:
             entries = []
             for t in range(token, token + count):
                 alts = range(top, top + top_counts[t])
@@ -183,8 +190,17 @@ class EngineClient:
                 stream.counts = (prompt, cached, output)
                 stream.queue.put_nowait(OutputDelta(
                     index, delta_text, ids[token : token + count], entries or None,
-                    FinishReason(finish).api_name, prompt, cached, output))
+                    FINISH_API_NAMES[finish], prompt, cached, output, emitted_ns))
             token += count
+
+
+def _merge(first: OutputDelta, then: OutputDelta) -> OutputDelta:
+    """One choice's two consecutive deltas as one."""
+    logprobs = None if first.logprobs is None and then.logprobs is None else \
+        (first.logprobs or []) + (then.logprobs or [])
+    return OutputDelta(first.index, first.text + then.text, first.token_ids + then.token_ids, logprobs,
+                       then.finish_reason, then.num_prompt_tokens, then.num_cached_tokens, then.num_output_tokens,
+                       first.emitted_ns)
 
 
 def _finish_with_abort(stream: _Stream) -> None:
@@ -196,10 +212,3 @@ def _finish_with_abort(stream: _Stream) -> None:
 
 def _as_text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
-
-
-def _encode(request: PromptRequest) -> bytearray:
-    try:
-        return request.encode()
-    except ValueError as exc:   # a value the schemas let through that a record cannot carry
-        raise RequestError(400, str(exc), "messages" if request.messages is not None else "prompt") from None

@@ -64,7 +64,11 @@ def serve(config: ServerConfig) -> int:
 async def _serve(config: ServerConfig, source: ModelSource) -> int:
     from minisrv.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline(config, source)
+    return await serve_pipeline(config, Pipeline(config, source))
+
+
+async def serve_pipeline(config: ServerConfig, pipeline: Pipeline) -> int:
+    """Serve HTTP over `pipeline` until a signal or a worker's death (bench/pipeline.py brings its own)."""
     try:
         return await Supervisor(config, pipeline).run()
     finally:

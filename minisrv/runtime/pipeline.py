@@ -19,10 +19,10 @@ from multiprocessing.process import BaseProcess
 from typing import Callable
 
 from minisrv.config import EngineConfig, ServerConfig
-from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
-from minisrv.ipc.aio import AsyncRingReader
+from minisrv.ipc import Wakeup, instance_prefix
 from minisrv.models.source import ModelSource
 from minisrv.runtime import detokenizer_process, scheduler_process, tokenizer_process
+from minisrv.runtime.channels import Channels, RingChannels
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import WorkerInfo
 from minisrv.wire.records import Shutdown
@@ -53,37 +53,39 @@ class WorkerProcess:
 
 
 class Pipeline:
-    """Creates every ring and the status block in the API server process, then spawns the workers.
+    """Creates every channel and the status block in the API server process, then spawns the workers.
 
-    `source` is the model, resolved once by the launcher (so the embedded model is fetched by one process)."""
+    `source` is the model, resolved once by the launcher (so the embedded model is fetched by one process).
+    `channels` carry the records: shared-memory rings; bench/pipeline.py swaps in ZeroMQ to compare."""
 
     def __init__(self, config: ServerConfig, source: ModelSource, capacities: RingCapacities = RingCapacities(),
-                 make_engine: Callable[[EngineConfig, ModelSource], object] = scheduler_process.load_engine) -> None:
+                 make_engine: Callable[[EngineConfig, ModelSource], object] = scheduler_process.load_engine,
+                 channels: Channels | None = None) -> None:
         self.config = config
         self.source = source
         self.make_engine = make_engine   # picklable (a module-level function): it travels to the scheduler
-        self.rings = RingSet()
+        self.channels = channels = channels or RingChannels()
         num_tok = config.num_tokenizers
-        self.status = StatusBlock.create(f"{self.rings.prefix}-status", num_workers=num_tok + 2)
+        self.status = StatusBlock.create(f"{instance_prefix()}-status", num_workers=num_tok + 2)
         try:
-            requests = [self.rings.create(f"req{i}", capacities.requests) for i in range(num_tok)]
-            tokenized = [self.rings.create(f"tok{i}", capacities.tokenized, wakeup=Wakeup.FIFO) for i in range(num_tok)]
-            detokenize = [self.rings.create(f"detok{i}", capacities.detokenize, wakeup=Wakeup.FIFO)
-                          for i in range(num_tok)]
-            tokens = self.rings.create("tokens", capacities.tokens, wakeup=Wakeup.FIFO)
-            stops = self.rings.create("stops", capacities.stops, wakeup=Wakeup.FIFO)
-            text = self.rings.create("text", capacities.text, wakeup=Wakeup.FIFO)
-            self._rings = {
-                "scheduler": scheduler_process.SchedulerRings(
-                    tuple(r.reader for r in tokenized), stops.reader, tokens.producer),
-                "detokenizer": detokenizer_process.DetokenizerRings(
-                    tuple(r.reader for r in detokenize), tokens.reader, text.producer, stops.producer),
-                **{f"tokenizer-{i}": tokenizer_process.TokenizerRings(
+            fifo = Wakeup.FIFO
+            requests = [channels.create(f"req{i}", capacities.requests) for i in range(num_tok)]
+            tokenized = [channels.create(f"tok{i}", capacities.tokenized, fifo) for i in range(num_tok)]
+            detokenize = [channels.create(f"detok{i}", capacities.detokenize, fifo) for i in range(num_tok)]
+            tokens = channels.create("tokens", capacities.tokens, fifo)
+            stops = channels.create("stops", capacities.stops, fifo)
+            text = channels.create("text", capacities.text, fifo)
+            self._channels = {
+                "scheduler": scheduler_process.SchedulerChannels(
+                    tuple(c.reader for c in tokenized), stops.reader, tokens.producer),
+                "detokenizer": detokenizer_process.DetokenizerChannels(
+                    tuple(c.reader for c in detokenize), tokens.reader, text.producer, stops.producer),
+                **{f"tokenizer-{i}": tokenizer_process.TokenizerChannels(
                     requests[i].reader, tokenized[i].producer, detokenize[i].producer) for i in range(num_tok)},
             }
             # The API server's own ends.
-            self.to_tokenizers = [RingWriter(r.producer) for r in requests]
-            self.from_detokenizer = AsyncRingReader(RingReader(text.reader))
+            self.to_tokenizers = [c.producer.open() for c in requests]
+            self.from_detokenizer = text.reader.open_async()
         except BaseException:
             self.unlink()
             raise
@@ -93,14 +95,14 @@ class Pipeline:
         """Spawn every worker (a fresh interpreter each: no inherited locks, threads or CUDA state)."""
         config, source = self.config, self.source
         spawn = multiprocessing.get_context("spawn")
-        for slot, (name, rings) in enumerate(self._rings.items()):
+        for slot, (name, channels) in enumerate(self._channels.items()):
             info = WorkerInfo(name, slot, os.getpid(), self.status.spec, config.log_level)
             if name == "scheduler":
-                target, args = scheduler_process.main, (info, config.engine, source, rings, self.make_engine)
+                target, args = scheduler_process.main, (info, config.engine, source, channels, self.make_engine)
             elif name == "detokenizer":
-                target, args = detokenizer_process.main, (info, source, rings)
+                target, args = detokenizer_process.main, (info, source, channels, config.stream_interval)
             else:
-                target, args = tokenizer_process.main, (info, source, config.chat_template, rings)
+                target, args = tokenizer_process.main, (info, source, config.chat_template, channels)
             process = spawn.Process(target=target, args=args, name=f"minisrv-{name}")
             process.start()
             self.workers.append(WorkerProcess(name, process))
@@ -110,15 +112,15 @@ class Pipeline:
 
     def unlink(self) -> None:
         """Remove every shared-memory name (attached processes keep their mappings). Idempotent."""
-        self.rings.unlink()
+        self.channels.unlink()
         self.status.unlink()
 
     def stop(self, graceful: bool, timeout: float) -> None:
         """Graceful: SHUTDOWN through the tokenizers (each forwards it downstream), then wait. Whatever
         is still running after `timeout` seconds, or at once when not graceful, is killed."""
         if graceful:
-            for ring in self.to_tokenizers:
-                if not ring.try_write(Shutdown().encode()):
+            for channel in self.to_tokenizers:
+                if not channel.try_send(Shutdown()):
                     graceful = False   # a stuck tokenizer: no point waiting for the others
         if graceful:
             deadline = time.monotonic() + timeout
@@ -134,8 +136,8 @@ class Pipeline:
         self.unlink()
 
     def close(self) -> None:
-        """Close the API server's ring ends and status block (after stop(), on the event loop)."""
-        for ring in self.to_tokenizers:
-            ring.close()
+        """Close the API server's channel ends and status block (after stop(), on the event loop)."""
+        for channel in self.to_tokenizers:
+            channel.close()
         self.from_detokenizer.close()
         self.status.close()

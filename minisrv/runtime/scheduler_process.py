@@ -12,17 +12,17 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from minisrv.config import EngineConfig
-from minisrv.ipc import RingReader, RingSpec, RingWriter
-from minisrv.ipc.wait_any import check_fifo_readers, wait_any
 from minisrv.models.source import ModelSource
+from minisrv.runtime.channels import ChannelSpec, wait_any
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 from minisrv.scheduler.request import RequestOutput
-from minisrv.wire.records import Abort, Error, Kind, StepTokens, TokenizedRequest, peek_kind
+from minisrv.wire.records import Abort, Error, Shutdown, StepTokens, TokenizedRequest
 from minisrv.wire.terms import FinishReason
 
 if TYPE_CHECKING:
@@ -35,10 +35,10 @@ _INTERNAL_RID = re.compile(r"^request \d+: ")
 
 
 @dataclass(frozen=True)
-class SchedulerRings:
-    from_tokenizers: tuple[RingSpec, ...]   # TOKENIZED_REQUEST, ABORT, SHUTDOWN (one ring per tokenizer worker)
-    from_detokenizer: RingSpec              # ABORT (stop strings)
-    to_detokenizer: RingSpec                # STEP_TOKENS, ERROR
+class SchedulerChannels:
+    from_tokenizers: tuple[ChannelSpec, ...]   # TOKENIZED_REQUEST, ABORT, SHUTDOWN (one per tokenizer worker)
+    from_detokenizer: ChannelSpec              # ABORT (stop strings)
+    to_detokenizer: ChannelSpec                # STEP_TOKENS, ERROR
 
 
 def step_tokens(outputs: list[RequestOutput]) -> StepTokens:
@@ -65,12 +65,11 @@ def step_tokens(outputs: list[RequestOutput]) -> StepTokens:
 
 
 class SchedulerLoop:
-    def __init__(self, rings: SchedulerRings, watch: ParentWatch) -> None:
-        self.from_tokenizers = [RingReader(spec) for spec in rings.from_tokenizers]
-        self.from_detokenizer = RingReader(rings.from_detokenizer)
-        self.to_detokenizer = RingWriter(rings.to_detokenizer)
+    def __init__(self, channels: SchedulerChannels, watch: ParentWatch) -> None:
+        self.from_tokenizers = [spec.open() for spec in channels.from_tokenizers]
+        self.from_detokenizer = channels.from_detokenizer.open()
+        self.to_detokenizer = channels.to_detokenizer.open()
         self.inputs = [*self.from_tokenizers, self.from_detokenizer]
-        check_fifo_readers(self.inputs)
         self.watch = watch
         self.engine: LLMEngine | None = None    # (or anything with its interface) set before run()
         self.status: StatusBlock | None = None  # where the stats go, set before run()
@@ -91,26 +90,27 @@ class SchedulerLoop:
                 self.status.publish_stats(stats)
                 published = stats
             if outputs:
-                self.to_detokenizer.write(step_tokens(outputs).encode())
+                record = step_tokens(outputs)
+                record.emitted_ns = time.monotonic_ns()
+                self.to_detokenizer.send(record)
             self.watch.check()
             if not engine.has_unfinished():
                 wait_any(self.inputs, IDLE_WAIT_S)
 
     def poll_inputs(self, outputs: list[RequestOutput]) -> bool:
         """Apply every pending TOKENIZED_REQUEST and ABORT; False once a SHUTDOWN arrived."""
-        for ring in self.inputs:
-            for record in ring.drain():
-                kind = peek_kind(record)
-                if kind is Kind.TOKENIZED_REQUEST:
-                    self.add(TokenizedRequest.decode(record))
-                elif kind is Kind.ABORT:
-                    out = self.engine.abort(Abort.decode(record).rid)
+        for channel in self.inputs:
+            for record in channel.drain():
+                if isinstance(record, TokenizedRequest):
+                    self.add(record)
+                elif isinstance(record, Abort):
+                    out = self.engine.abort(record.rid)
                     if out is not None:
                         outputs.append(out)
-                elif kind is Kind.SHUTDOWN:
+                elif isinstance(record, Shutdown):
                     return False
                 else:
-                    logger.error("unexpected %s record on ring %s; ignored", kind.name, ring.name)
+                    logger.error("unexpected %s record on channel %s; ignored", record.KIND.name, channel.name)
         return True
 
     def add(self, req: TokenizedRequest) -> None:
@@ -118,11 +118,11 @@ class SchedulerLoop:
             self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params)
         except ValueError as exc:
             message = _INTERNAL_RID.sub("", str(exc))
-            self.to_detokenizer.write(Error(req.rid, 400, message).encode())
+            self.to_detokenizer.send(Error(req.rid, 400, message))
 
     def close(self) -> None:
-        for ring in (*self.inputs, self.to_detokenizer):
-            ring.close()
+        for channel in (*self.inputs, self.to_detokenizer):
+            channel.close()
 
 
 def load_engine(config: EngineConfig, source: ModelSource) -> LLMEngine:
@@ -131,7 +131,7 @@ def load_engine(config: EngineConfig, source: ModelSource) -> LLMEngine:
     return LLMEngine(config, source)
 
 
-def main(info: WorkerInfo, config: EngineConfig, source: ModelSource, rings: SchedulerRings,
+def main(info: WorkerInfo, config: EngineConfig, source: ModelSource, channels: SchedulerChannels,
          make_engine: Callable[[EngineConfig, ModelSource], LLMEngine] = load_engine) -> None:
     """Entry point of the spawned scheduler. `make_engine` may build anything with LLMEngine's interface
     (and its `loaded` facts), e.g. a model-free engine to measure the pipeline alone."""
@@ -143,4 +143,4 @@ def main(info: WorkerInfo, config: EngineConfig, source: ModelSource, rings: Sch
         status.publish_model(ModelFacts(loaded.name, loaded.max_model_len, loaded.model_config.vocab_size))
         logger.info("engine ready: %s, context length %d", loaded.name, loaded.max_model_len)
 
-    serve_worker(info, lambda status, watch: SchedulerLoop(rings, watch), set_up)
+    serve_worker(info, lambda status, watch: SchedulerLoop(channels, watch), set_up)

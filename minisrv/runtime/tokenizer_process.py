@@ -10,30 +10,30 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from minisrv.ipc import RingReader, RingSpec, RingTimeout, RingWriter
 from minisrv.models.source import ModelSource
+from minisrv.runtime.channels import ChannelSpec
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 from minisrv.tokenizer.loading import load_tokenizer
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, resolve_chat_template
-from minisrv.wire.records import DetokenizeRequest, Error, Kind, PromptRequest, Shutdown, TokenizedRequest, peek_kind
+from minisrv.wire.records import Abort, DetokenizeRequest, Error, PromptRequest, Shutdown, TokenizedRequest
 from minisrv.wire.terms import choice_rid, choice_seed
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TokenizerRings:
-    requests: RingSpec          # api -> this worker: PROMPT_REQUEST, ABORT, SHUTDOWN
-    to_scheduler: RingSpec      # TOKENIZED_REQUEST, ABORT, SHUTDOWN
-    to_detokenizer: RingSpec    # DETOKENIZE_REQUEST, ERROR, SHUTDOWN
+class TokenizerChannels:
+    requests: ChannelSpec          # api -> this worker: PROMPT_REQUEST, ABORT, SHUTDOWN
+    to_scheduler: ChannelSpec      # TOKENIZED_REQUEST, ABORT, SHUTDOWN
+    to_detokenizer: ChannelSpec    # DETOKENIZE_REQUEST, ERROR, SHUTDOWN
 
 
 class TokenizerLoop:
-    def __init__(self, rings: TokenizerRings, watch: ParentWatch) -> None:
-        self.requests = RingReader(rings.requests)
-        self.to_scheduler = RingWriter(rings.to_scheduler)
-        self.to_detokenizer = RingWriter(rings.to_detokenizer)
+    def __init__(self, channels: TokenizerChannels, watch: ParentWatch) -> None:
+        self.requests = channels.requests.open()
+        self.to_scheduler = channels.to_scheduler.open()
+        self.to_detokenizer = channels.to_detokenizer.open()
         self.watch = watch
         self.prompts: PromptTokenizer | None = None   # set once the tokenizer is loaded, before run()
 
@@ -43,38 +43,32 @@ class TokenizerLoop:
             records = self.requests.drain()
             if not records:
                 self.watch.check()
-                try:
-                    self.requests.wait(IDLE_WAIT_S)
-                except RingTimeout:
-                    pass
+                self.requests.wait(IDLE_WAIT_S)
                 continue
             for record in records:
-                kind = peek_kind(record)
-                if kind is Kind.PROMPT_REQUEST:
-                    self.handle(PromptRequest.decode(record))
-                elif kind is Kind.ABORT:
-                    self.to_scheduler.write(record)
-                elif kind is Kind.SHUTDOWN:
-                    shutdown = Shutdown().encode()
-                    self.to_scheduler.write(shutdown)
-                    self.to_detokenizer.write(shutdown)
+                if isinstance(record, PromptRequest):
+                    self.handle(record)
+                elif isinstance(record, Abort):
+                    self.to_scheduler.send(record)
+                elif isinstance(record, Shutdown):
+                    self.to_scheduler.send(record)
+                    self.to_detokenizer.send(record)
                     return
                 else:
-                    logger.error("unexpected %s record on the request ring; ignored", kind.name)
+                    logger.error("unexpected %s record on the request channel; ignored", record.KIND.name)
 
     def handle(self, req: PromptRequest) -> None:
         try:
             prompt_ids = self.token_ids(req)
         except PromptError as exc:
-            self.to_detokenizer.write(Error(choice_rid(req.rid, 0), 400, str(exc)).encode())
+            self.to_detokenizer.send(Error(choice_rid(req.rid, 0), 400, str(exc)))
             return
-        self.to_detokenizer.write(DetokenizeRequest(
-            req.rid, req.n, req.stop, req.echo, req.skip_special_tokens, prompt_ids if req.echo else []).encode())
+        self.to_detokenizer.send(DetokenizeRequest(
+            req.rid, req.n, req.stop, req.echo, req.skip_special_tokens, prompt_ids if req.echo else []))
         # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
         params = req.params
-        self.to_scheduler.write_many(
-            TokenizedRequest(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)),
-                             prompt_ids).encode()
+        self.to_scheduler.send_many(
+            TokenizedRequest(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)), prompt_ids)
             for i in range(req.n))
 
     def token_ids(self, req: PromptRequest) -> list[int]:
@@ -85,15 +79,15 @@ class TokenizerLoop:
         return self.prompts.token_ids(req.text, is_chat=False)
 
     def close(self) -> None:
-        for ring in (self.requests, self.to_scheduler, self.to_detokenizer):
-            ring.close()
+        for channel in (self.requests, self.to_scheduler, self.to_detokenizer):
+            channel.close()
 
 
-def main(info: WorkerInfo, source: ModelSource, chat_template: str | None, rings: TokenizerRings) -> None:
+def main(info: WorkerInfo, source: ModelSource, chat_template: str | None, channels: TokenizerChannels) -> None:
     """Entry point of a spawned tokenizer worker."""
 
     def set_up(loop: TokenizerLoop, status: StatusBlock) -> None:
         tokenizer = load_tokenizer(source)
         loop.prompts = PromptTokenizer(tokenizer, resolve_chat_template(chat_template, tokenizer))
 
-    serve_worker(info, lambda status, watch: TokenizerLoop(rings, watch), set_up)
+    serve_worker(info, lambda status, watch: TokenizerLoop(channels, watch), set_up)

@@ -137,7 +137,8 @@ class ApiRoutes:
                 "root": self.config.engine.model, "max_model_len": self.engine.max_model_len}
 
     def _context(self, id_prefix: str, include_usage: bool) -> ResponseContext:
-        return ResponseContext.new(id_prefix, self.engine.model_name, self.metrics.timer(), include_usage)
+        return ResponseContext.new(id_prefix, self.engine.model_name, self.metrics.timer(), include_usage,
+                                   self.config.sse_timestamps)
 
     async def _respond(self, request: Request, ctx: ResponseContext, prompts: list[PromptRequest], stream: bool,
                        streamer: Streamer, builder: Builder) -> Response:

@@ -35,6 +35,7 @@ class OutputDelta:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int                  # tokens generated so far for this choice (cumulative)
+    emitted_ns: int = 0                     # time.monotonic_ns() when the scheduler sent its first token (0: unknown)
 
 
 class RequestError(Exception):

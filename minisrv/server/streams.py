@@ -33,8 +33,10 @@ def to_json(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-def sse_event(obj: object) -> bytes:
-    return b"data: " + to_json(obj) + b"\n\n"
+def sse_event(obj: object, emitted_ns: int = 0) -> bytes:
+    """One SSE event; with `emitted_ns`, preceded by the comment line `: emitted NS` (--sse-timestamps)."""
+    event = b"data: " + to_json(obj) + b"\n\n"
+    return b": emitted %d\n" % emitted_ns + event if emitted_ns else event
 
 
 async def choice_deltas(streams: list[AsyncIterator[OutputDelta]], n: int) -> AsyncIterator[ChoiceDelta]:
@@ -82,11 +84,13 @@ class ResponseContext:
     model: str
     timer: RequestTimer
     include_usage: bool = False
+    sse_timestamps: bool = False      # --sse-timestamps: each chunk says when its first token left the scheduler
     _choices: dict[int, ChoiceDelta] = field(default_factory=dict)   # latest delta of each choice
 
     @classmethod
-    def new(cls, id_prefix: str, model: str, timer: RequestTimer, include_usage: bool = False) -> ResponseContext:
-        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, timer, include_usage)
+    def new(cls, id_prefix: str, model: str, timer: RequestTimer, include_usage: bool = False,
+            sse_timestamps: bool = False) -> ResponseContext:
+        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, timer, include_usage, sse_timestamps)
 
     def record(self, cd: ChoiceDelta) -> None:
         self._choices[cd.choice] = cd

@@ -8,7 +8,7 @@ minisrv/runtime/detokenizer_process.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
@@ -18,17 +18,36 @@ from minisrv.wire.terms import FinishReason, choice_rid
 
 
 @dataclass
+class PendingRow:
+    """A choice's output not yet sent: with a stream interval above 1, tokens wait here to go as one row."""
+
+    emitted_ns: int               # when the scheduler sent the first of them
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    token_bytes: list[bytes] = field(default_factory=list)
+    top_counts: list[int] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+    top_bytes: list[bytes] = field(default_factory=list)
+
+
+@dataclass
 class ChoiceStream:
     detok: IncrementalDetokenizer
-    prefix: str = ""      # the prompt's text for echo, sent with the choice's first row
+    prefix: str = ""                  # the prompt's text for echo, sent with the choice's first row
+    pending: PendingRow | None = None
+    started: bool = False             # its first row went out (that one is never held back)
 
 
 class Detokenizer:
-    """The per-choice state machine, free of rings (the process loop feeds it)."""
+    """The per-choice state machine, free of rings (the process loop feeds it). A choice's rows go out
+    every `stream_interval` tokens, the first and the last at once."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, stream_interval: int = 1) -> None:
         self.tokenizer = tokenizer
         self.token_texts = TokenTexts(tokenizer)
+        self.stream_interval = stream_interval
         self.streams: dict[int, ChoiceStream] = {}
 
     def add_request(self, req: DetokenizeRequest) -> None:
@@ -43,9 +62,9 @@ class Detokenizer:
         self.streams.pop(rid, None)
 
     def process(self, step: StepTokens, out: TextDeltas) -> list[int]:
-        """Append a row to `out` for every row of `step` that belongs to a live choice; return the ids
-        of choices a stop string just finished (the scheduler must be told to abort them). Every row lists
-        its new token ids; token bytes are b"" for rows that asked for no logprobs."""
+        """Append a row to `out` for every choice of `step` with a row due; return the ids of choices a stop
+        string just finished (the scheduler must be told to abort them). Every row lists its new token ids;
+        token bytes are b"" for tokens of requests that asked for no logprobs."""
         stopped = []
         top_counts = step.top_counts.tolist()
         top_ids, top_logprobs = step.top_ids.tolist(), step.top_logprobs.tolist()
@@ -69,23 +88,41 @@ class Detokenizer:
                 text += stream.detok.flush()
             if stream.prefix:
                 text, stream.prefix = stream.prefix + text, ""
+            pending = stream.pending or PendingRow(step.emitted_ns)
+            pending.text += text
+            if token >= 0:
+                pending.token_ids.append(token)
+                pending.logprobs.append(logprob)
+                pending.token_bytes.append(self.token_texts[token].raw if not math.isnan(logprob) else b"")
+                pending.top_counts.append(top_counts[row])
+                pending.top_ids += top_ids[tops]
+                pending.top_logprobs += top_logprobs[tops]
+                pending.top_bytes += [self.token_texts[t].raw for t in top_ids[tops]]
+            if (reason == FinishReason.NONE and stream.started
+                    and len(pending.token_ids) < self.stream_interval):
+                stream.pending = pending
+                continue
+            stream.pending, stream.started = None, True
             if reason != FinishReason.NONE:
                 del self.streams[rid]
-            out.rids.append(rid)
-            out.finish_reasons.append(reason)
-            out.num_prompt_tokens.append(prompt)
-            out.num_cached_tokens.append(cached)
-            out.num_output_tokens.append(output)
-            out.texts.append(text)
-            if token < 0:
-                out.num_tokens.append(0)
-                continue
-            out.num_tokens.append(1)
-            out.token_ids.append(token)
-            out.token_logprobs.append(logprob)
-            out.token_bytes.append(self.token_texts[token].raw if not math.isnan(logprob) else b"")
-            out.top_counts.append(top_counts[row])
-            out.top_ids += top_ids[tops]
-            out.top_logprobs += top_logprobs[tops]
-            out.top_bytes += [self.token_texts[t].raw for t in top_ids[tops]]
+            _append_row(out, rid, reason, prompt, cached, output, pending)
         return stopped
+
+
+def _append_row(out: TextDeltas, rid: int, reason: int, prompt: int, cached: int, output: int,
+                row: PendingRow) -> None:
+    out.rids.append(rid)
+    out.emitted_ns.append(row.emitted_ns)
+    out.finish_reasons.append(reason)
+    out.num_prompt_tokens.append(prompt)
+    out.num_cached_tokens.append(cached)
+    out.num_output_tokens.append(output)
+    out.texts.append(row.text)
+    out.num_tokens.append(len(row.token_ids))
+    out.token_ids += row.token_ids
+    out.token_logprobs += row.logprobs
+    out.token_bytes += row.token_bytes
+    out.top_counts += row.top_counts
+    out.top_ids += row.top_ids
+    out.top_logprobs += row.top_logprobs
+    out.top_bytes += row.top_bytes

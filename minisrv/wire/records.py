@@ -15,7 +15,7 @@ from minisrv.sampling_params import SamplingParams
 from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, column, flag, messages, sampling, scalar,
                                 strings, text)
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 class Kind(enum.IntEnum):
@@ -124,6 +124,7 @@ class StepTokens(Record):
     top_counts: Column = column("u1", "row")
     top_ids: Column = column("<i4", "top")
     top_logprobs: Column = column("<f4", "top")
+    emitted_ns: int = scalar("Q")   # time.monotonic_ns() as the scheduler sent it (latency tracing)
 
 
 @record(Kind.TEXT_DELTAS, "detokenizer -> api", counts={"token": "num_tokens", "top": "top_counts"})
@@ -146,6 +147,7 @@ class TextDeltas(Record):
     top_ids: Column = column("<i4", "top")
     top_logprobs: Column = column("<f4", "top")
     top_bytes: list[bytes] = strings("top", raw=True)
+    emitted_ns: Column = column("<u8", "row")   # the STEP_TOKENS emitted_ns of each row's first token
 
 
 @record(Kind.ERROR, "tokenizer, scheduler -> detokenizer -> api")

@@ -24,6 +24,10 @@ class FinishReason(enum.IntEnum):
         return None if self is FinishReason.NONE else self.name.lower()
 
 
+# api_name by code, for hot loops over record columns (an enum lookup per row costs more than the row).
+FINISH_API_NAMES: tuple[str | None, ...] = tuple(reason.api_name for reason in FinishReason)
+
+
 CHOICE_BITS = 4
 MAX_CHOICES = 1 << CHOICE_BITS   # n is in [1, MAX_CHOICES]
 

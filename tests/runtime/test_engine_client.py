@@ -9,7 +9,7 @@ import pytest
 import uvloop
 
 from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
-from minisrv.ipc.aio import AsyncRingReader
+from minisrv.runtime.channels import RingChannel
 from minisrv.runtime.engine_client import EngineClient
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.sampling_params import SamplingParams
@@ -23,8 +23,8 @@ class Harness:
         requests = [rings.create(f"req{i}", 1 << 16) for i in range(num_tokenizers)]
         text = rings.create("text", 1 << 16, wakeup=Wakeup.FIFO)
         self.status = StatusBlock.create(f"{rings.prefix}-status", num_workers=1)
-        self.api_ends = [RingWriter(r.producer) for r in requests]
-        self.text_reader = AsyncRingReader(RingReader(text.reader))
+        self.api_ends = [RingChannel(r.producer).open() for r in requests]
+        self.text_reader = RingChannel(text.reader).open_async()
         self.client = EngineClient(self.api_ends, self.text_reader, self.status, "served-name")
         self.tokenizers = [RingReader(r.reader) for r in requests]
         self.detokenizer = RingWriter(text.producer)
@@ -49,7 +49,7 @@ class Harness:
             token_logprobs=[-0.5 if logprobs else math.nan] * len(ids),
             token_bytes=[b"\xe4\xbd" if logprobs else b"" for _ in ids], top_counts=[1 if logprobs else 0] * len(ids),
             top_ids=[3] * len(ids) if logprobs else [], top_logprobs=[-2.0] * len(ids) if logprobs else [],
-            top_bytes=[b"x" for _ in ids] if logprobs else []).encode())
+            top_bytes=[b"x" for _ in ids] if logprobs else [], emitted_ns=[1000 + r for r, _, _, _ in rows]).encode())
 
     def close(self) -> None:
         for ring in (*self.tokenizers, self.detokenizer, *self.api_ends, self.text_reader):
@@ -89,10 +89,35 @@ def test_n_choices_fan_in_until_each_finishes() -> None:
         deltas = [await first] + [d async for d in gen]
         by_choice = {i: [d for d in deltas if d.index == i] for i in (0, 1)}
         assert "".join(d.text for d in by_choice[0]) == "Hi there"
-        assert [d.finish_reason for d in by_choice[1]] == [None, "length"]
+        # Choice 1's two deltas queued up back to back before the consumer came for them: they go out as one.
+        assert [(d.text, d.token_ids, d.finish_reason) for d in by_choice[1]] == [("Yo!", [12, 13], "length")]
         assert by_choice[0][-1].token_ids == [14, 15] and by_choice[0][-1].num_output_tokens == 2
         assert all(d.logprobs is None and d.num_prompt_tokens == 5 and d.num_cached_tokens == 1 for d in deltas)
+        assert [d.emitted_ns for d in by_choice[0]] == [1000 + a] * 2   # the detokenizer's per-row stamps
         assert h.requests() == []   # everything finished: no aborts
+    run(test)
+
+
+def test_deltas_that_queue_up_are_merged_per_choice_in_order() -> None:
+    async def test(h: Harness) -> None:
+        h.start()
+        gen = h.client.stream(PromptRequest(text="x", params=params(logprobs=1), n=2))
+        first = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0.05)
+        [(_, record)] = h.requests()
+        a, b = choice_rid(PromptRequest.decode(record).rid, 0), choice_rid(PromptRequest.decode(record).rid, 1)
+        h.send_rows([(a, "1", 0, [1])], logprobs=True)
+        assert (await first).text == "1"
+        # Nobody reads while these arrive: a's three rows merge, b's row stays apart, then a's finish.
+        for row in [(a, "2", 0, [2]), (a, "3", 0, [3, 4]), (b, "B", 0, [9]), (a, "5", FinishReason.LENGTH, [5]),
+                    (b, "", FinishReason.STOP, [])]:
+            h.send_rows([row], logprobs=True)
+        await asyncio.sleep(0.05)
+        rest = [d async for d in gen]
+        assert [(d.index, d.text, d.token_ids, d.finish_reason) for d in rest] == [
+            (0, "23", [2, 3, 4], None), (1, "B", [9], None), (0, "5", [5], "length"), (1, "", [], "stop")]
+        assert [len(d.logprobs) for d in rest] == [3, 1, 1, 0]
+        assert rest[0].emitted_ns == 1000 + a and rest[0].num_output_tokens == 2   # the first's stamp, the last's counts
     run(test)
 
 
@@ -155,8 +180,8 @@ def test_logprobs_carry_token_text_and_bytes() -> None:
         await asyncio.sleep(0.05)
         rid = PromptRequest.decode(h.requests()[0][1]).rid
         h.send_rows([(choice_rid(rid, 0), "", 0, [40])], logprobs=True)
-        h.send_rows([(choice_rid(rid, 0), "", FinishReason.ABORT, [])], logprobs=False)
         delta = await first
+        h.send_rows([(choice_rid(rid, 0), "", FinishReason.ABORT, [])], logprobs=False)
         [lp] = delta.logprobs
         assert (lp.token_id, lp.logprob, lp.token_bytes, lp.token) == (40, -0.5, b"\xe4\xbd", "\ufffd")
         assert [(t.token_id, t.logprob, t.token) for t in lp.top_logprobs] == [(3, -2.0, "x")]

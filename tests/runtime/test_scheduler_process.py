@@ -5,11 +5,13 @@ import math
 import os
 import random
 import threading
+import time
 
 import pytest
 
 from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
-from minisrv.runtime.scheduler_process import SchedulerLoop, SchedulerRings, step_tokens
+from minisrv.runtime.channels import RingChannel
+from minisrv.runtime.scheduler_process import SchedulerChannels, SchedulerLoop, step_tokens
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import ParentWatch, WorkerInfo
 from minisrv.sampling_params import SamplingParams
@@ -73,7 +75,8 @@ def scheduler():
         tokens = rings.create("tokens", 1 << 16, wakeup=Wakeup.FIFO)
         status = StatusBlock.create(f"{rings.prefix}-status", num_workers=1)
         info = WorkerInfo("scheduler", 0, os.getppid(), status.spec, "info")
-        process = SchedulerLoop(SchedulerRings((gen.reader,), stops.reader, tokens.producer), ParentWatch(info))
+        channels = SchedulerChannels((RingChannel(gen.reader),), RingChannel(stops.reader), RingChannel(tokens.producer))
+        process = SchedulerLoop(channels, ParentWatch(info))
         process.engine, process.status = FakeEngine(), status
         ends = RingWriter(gen.producer), RingWriter(stops.producer), RingReader(tokens.reader)
         thread = threading.Thread(target=process.run)
@@ -120,6 +123,14 @@ def test_requests_stream_one_row_per_step_until_they_finish(scheduler) -> None:
         assert [f for _, _, f, _ in mine] == [0] * (lengths[rid] - 1) + [FinishReason.LENGTH]
     assert status.stats().num_running == 0   # published before the last STEP_TOKENS record
     assert status.stats().prefix_cache_queries == 5
+
+
+def test_step_tokens_carry_the_time_they_were_sent(scheduler) -> None:
+    to_scheduler, _, tokens, _ = scheduler
+    before = time.monotonic_ns()
+    to_scheduler.write(TokenizedRequest(80, SamplingParams(max_tokens=3), [4, 5]).encode())
+    stamps = [StepTokens.decode(tokens.read(timeout=10)).emitted_ns for _ in range(3)]
+    assert before < stamps[0] < stamps[1] < stamps[2] <= time.monotonic_ns()
 
 
 def test_refused_requests_come_back_as_errors_without_internal_ids(scheduler) -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
 from minisrv.runtime.status_block import StatusBlock
-from minisrv.runtime.tokenizer_process import TokenizerLoop, TokenizerRings
+from minisrv.runtime.channels import RingChannel
+from minisrv.runtime.tokenizer_process import TokenizerChannels, TokenizerLoop
 from minisrv.runtime.worker import ParentWatch, WorkerInfo
 from minisrv.sampling_params import SamplingParams
 from minisrv.tokenizer.prompts import PromptTokenizer
@@ -29,7 +30,8 @@ def pipeline(hf_tokenizer):
         detok = rings.create("detok", 1 << 16, wakeup=Wakeup.FIFO)
         status = StatusBlock.create(f"{rings.prefix}-status", num_workers=1)
         info = WorkerInfo("tokenizer-0", 0, os.getppid(), status.spec, "info")
-        worker = TokenizerLoop(TokenizerRings(requests.reader, tokenized.producer, detok.producer), ParentWatch(info))
+        channels = TokenizerChannels(*map(RingChannel, (requests.reader, tokenized.producer, detok.producer)))
+        worker = TokenizerLoop(channels, ParentWatch(info))
         worker.prompts = PromptTokenizer(hf_tokenizer, CHATML)
         ends = RingWriter(requests.producer), RingReader(tokenized.reader), RingReader(detok.reader)
         yield ends[0], worker, ends[1], ends[2]

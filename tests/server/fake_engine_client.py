@@ -8,6 +8,7 @@ the context length, logprobs and echo, and it records which requests were aborte
 from __future__ import annotations
 
 import asyncio
+import time
 import itertools
 from typing import AsyncIterator
 
@@ -94,6 +95,7 @@ class FakeEngineClient:
                         logprobs=self._logprobs(char or " ", params.logprobs),
                         finish_reason=reason if last else None, num_prompt_tokens=len(prompt),
                         num_cached_tokens=len(prompt) // 2 if c else 0, num_output_tokens=step + 1,
+                        emitted_ns=time.monotonic_ns(),
                     )
             finished = True
         finally:

@@ -272,3 +272,24 @@ def test_api_key() -> None:
         sdk = openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             sdk.models.list()
+
+
+def test_sse_timestamps_precede_each_chunk_as_comments_clients_ignore(server) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 6,
+            "stream_options": {"include_usage": True}}
+    with InProcessServer(FakeEngineClient(MODEL), ServerConfig(sse_timestamps=True)) as s:
+        before = time.monotonic_ns()
+        lines = httpx.post(f"{s.url}/v1/chat/completions", json=body).text.split("\n")
+        after = time.monotonic_ns()
+        stamps = [int(line.split()[-1]) for line in lines if line.startswith(": emitted ")]
+        events = [line for line in lines if line.startswith("data: ")]
+        # Every content chunk has its stamp just before it; the usage event and [DONE] have none.
+        assert len(stamps) == 6 and len(events) == 6 + 2
+        assert all(lines[lines.index(f": emitted {t}") + 1].startswith("data: {") for t in stamps)
+        assert before < stamps[0] <= stamps[-1] < after and stamps == sorted(stamps)
+        sdk = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        chunks = list(sdk.chat.completions.create(**{k: v for k, v in body.items() if k != "stream"}, stream=True))
+        content = [json.loads(e[len("data: "):])["choices"] for e in events[:-1]]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(
+            c[0]["delta"].get("content") or "" for c in content if c)
+    assert ": emitted" not in httpx.post(f"{server.url}/v1/chat/completions", json=body).text   # off by default

@@ -287,3 +287,19 @@ def test_edge_inputs_are_served_or_refused_never_5xx(server, model) -> None:
         if r.status_code != 200:
             assert r.json()["error"]["message"]
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_stream_interval_and_sse_timestamps_through_every_process() -> None:
+    """--stream-interval 4: the first token alone, then 4 a chunk; --sse-timestamps: each chunk says when the
+    scheduler sent its first token, on this host's monotonic clock."""
+    with LiveServer(["--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--stream-interval", "4",
+                     "--sse-timestamps"]) as s:
+        body = {"prompt": "Once upon a time", "max_tokens": 13, "ignore_eos": True, "logprobs": 1, "stream": True,
+                "temperature": 0.0}
+        before = time.monotonic_ns()
+        lines = httpx.post(f"{s.url}/v1/completions", json=body, timeout=120).text.split("\n")
+        after = time.monotonic_ns()
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert [len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks] == [1, 4, 4, 4]
+    stamps = [int(line.split()[-1]) for line in lines if line.startswith(": emitted ")]
+    assert len(stamps) == len(chunks) and before < stamps[0] < stamps[1] < stamps[2] < stamps[3] < after

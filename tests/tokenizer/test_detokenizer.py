@@ -1,10 +1,12 @@
 """The detokenizer's per-choice state machine, fed STEP_TOKENS records as the scheduler would send them."""
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
 import numpy as np
+import pytest
 from tokenizers import Tokenizer
 
 from minisrv.tokenizer.detokenizer import Detokenizer
@@ -14,7 +16,7 @@ from tests.conftest import random_text
 
 
 def step(rows: list[tuple[int, int, int]], prompt: int = 7, logprobs: dict[int, tuple[float, list[int]]] | None = None,
-         ) -> StepTokens:
+         emitted_ns: int = 0) -> StepTokens:
     """rows: (rid, token id, finish); logprobs: rid -> (logprob, alternative ids)."""
     logprobs = logprobs or {}
     lps = [logprobs[r][0] if r in logprobs else math.nan for r, _, _ in rows]
@@ -23,7 +25,7 @@ def step(rows: list[tuple[int, int, int]], prompt: int = 7, logprobs: dict[int, 
         rids=[r for r, _, _ in rows], token_ids=[t for _, t, _ in rows], finish_reasons=[f for _, _, f in rows],
         num_prompt_tokens=[prompt] * len(rows), num_cached_tokens=[3] * len(rows), num_output_tokens=[1] * len(rows),
         logprobs=lps, top_counts=[len(t) for t in tops], top_ids=[i for t in tops for i in t],
-        top_logprobs=[-1.5 - k for t in tops for k in range(len(t))])
+        top_logprobs=[-1.5 - k for t in tops for k in range(len(t))], emitted_ns=emitted_ns)
 
 
 def run(detok: Detokenizer, steps: list[StepTokens]) -> tuple[list[TextDeltas], list[int]]:
@@ -136,3 +138,40 @@ def test_unknown_and_dropped_requests_are_ignored(byte_level_tokenizer: Tokenize
     detok.drop(choice_rid(6, 1))   # the scheduler refused this choice (ERROR)
     texts, _ = run(detok, [step([(choice_rid(6, 1), 40, 0), (choice_rid(77, 0), 41, 0), (choice_rid(6, 0), 42, 0)])])
     assert texts[0].rids.tolist() == [choice_rid(6, 0)]
+
+
+@pytest.mark.parametrize("interval", [1, 3, 8])
+def test_stream_interval_sends_the_first_token_at_once_then_every_interval_tokens(
+        byte_level_tokenizer: Tokenizer, interval: int) -> None:
+    rng = random.Random(interval)
+    tok = byte_level_tokenizer
+    detok = Detokenizer(tok, stream_interval=interval)
+    detok.add_request(DetokenizeRequest(rid=3, n=1))
+    rid = choice_rid(3, 0)
+    ids = tok.encode(random_text(rng, 20)).ids
+    logprobs = {rid: (-0.25, [5, 6])}
+    steps = [step([(rid, t, FinishReason.LENGTH if i == len(ids) - 1 else FinishReason.NONE)], logprobs=logprobs,
+                  emitted_ns=1000 + i) for i, t in enumerate(ids)]
+    texts, _ = run(detok, steps)
+    counts = [n for t in texts for n in t.num_tokens.tolist()]
+    rest = len(ids) - 1
+    assert counts == [1] + [interval] * (rest // interval) + ([rest % interval] if rest % interval else [])
+    assert joined(texts, rid) == tok.decode(ids)
+    assert [i for t in texts for i in t.token_ids.tolist()] == ids
+    assert [t.finish_reasons.tolist()[-1] for t in texts][-1] == FinishReason.LENGTH
+    # Each row carries the emission time of its first token, and every token its logprob and alternatives.
+    firsts = [0] + list(itertools.accumulate(counts))[:-1]
+    assert [e for t in texts for e in t.emitted_ns.tolist()] == [1000 + i for i in firsts]
+    assert [n for t in texts for n in t.top_counts.tolist()] == [2] * len(ids)
+    assert all(lp == -0.25 for t in texts for lp in t.token_logprobs.tolist())
+
+
+def test_stream_interval_flushes_held_tokens_when_a_stop_string_ends_the_choice(byte_level_tokenizer: Tokenizer) -> None:
+    tok = byte_level_tokenizer
+    detok = Detokenizer(tok, stream_interval=16)
+    detok.add_request(DetokenizeRequest(rid=4, n=1, stop=["xyz"]))
+    rid = choice_rid(4, 0)
+    ids = tok.encode("abcdefg xyz tail").ids
+    texts, stopped = run(detok, [step([(rid, t, FinishReason.NONE)]) for t in ids])
+    assert stopped == [rid] and joined(texts, rid) == "abcdefg "
+    assert texts[-1].finish_reasons.tolist() == [FinishReason.STOP] and not detok.streams

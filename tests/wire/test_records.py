@@ -100,7 +100,7 @@ def step_tokens_records(draw: st.DrawFn) -> StepTokens:
     tops = sum(top_counts)
     return StepTokens(column(st.integers(0, 2**64 - 1)), column(i32), column(st.integers(0, 3)), column(u32),
                       column(u32), column(u32), column(f32 if with_logprobs else st.just(math.nan)), top_counts,
-                      column(i32, tops), column(f32, tops))
+                      column(i32, tops), column(f32, tops), draw(st.integers(0, 2**64 - 1)))
 
 
 @SETTINGS
@@ -122,7 +122,8 @@ def text_deltas_records(draw: st.DrawFn) -> TextDeltas:
                       column(u32), column(texts), num_tokens, column(i32, tokens),
                       column(f32 if with_logprobs else st.just(math.nan), tokens),
                       column(st.binary(max_size=8) if with_logprobs else st.just(b""), tokens), top_counts,
-                      column(i32, tops), column(f32, tops), column(st.binary(max_size=8), tops))
+                      column(i32, tops), column(f32, tops), column(st.binary(max_size=8), tops),
+                      column(st.integers(0, 2**64 - 1)))
 
 
 @SETTINGS
@@ -166,7 +167,7 @@ def test_torn_or_corrupt_records_are_refused() -> None:
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         decode(encoded)
     bad = StepTokens([1, 2], [3, 4], [0, 0], [1, 1], [0, 0], [1, 1], [math.nan] * 2, [0, 0]).encode()
-    struct.pack_into("<I", bad, 8 + 4, 1)                      # token_ids count 1 instead of 2
+    struct.pack_into("<I", bad, 8 + 8 + 4, 1)                  # after emitted_ns: token_ids count 1, not 2
     with pytest.raises(RecordError):
         decode(bad)
 
