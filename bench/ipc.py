@@ -41,6 +41,8 @@ import uvloop
 import zmq
 import zmq.asyncio
 
+from machine import machine as shared_machine
+
 from minisrv.ipc import RingReader, RingSet, RingWriter, Wakeup
 from minisrv.ipc.aio import AsyncRingReader
 from minisrv.ipc.ring import SPIN_BEFORE_SLEEP_S
@@ -382,12 +384,7 @@ def bench_wake(kind: str, plan: Plan) -> Result:
 # --- report ------------------------------------------------------------------------------------------
 
 def machine() -> dict[str, object]:
-    with open("/proc/cpuinfo") as cpuinfo:
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    return {"cpu": model, "cores": os.cpu_count(), "cores_allowed": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(),
-            "python": platform.python_version(), "pyzmq": zmq.__version__, "uvloop": uvloop.__version__,
-            "loadavg_at_start": os.getloadavg()}
+    return {**shared_machine(), "pyzmq": zmq.__version__, "uvloop": uvloop.__version__}
 
 
 def ratio(results: list[Result], row: Result, peer: str, field: str) -> str:

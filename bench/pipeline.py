@@ -1,48 +1,51 @@
-"""What the process pipeline costs: the same requests through the engine in-process and through the rings.
+"""minisrv's shared-memory pipeline against the same pipeline over ZeroMQ + msgpack, measured from HTTP clients.
 
-`engine` rows step an in-process LLMEngine; `pipeline` rows go API-side client -> tokenizer worker ->
-scheduler process -> detokenizer -> client (every hop a shared-memory ring, as `minisrv serve` runs it,
-without HTTP). Same model, prompts (token ids), greedy, ignore_eos. `pipeline-null` rows run the
-pipeline around a model-free engine (one token per request per step, at once or after --null-step-ms):
-what is left is the pipeline's own cost per token. Per row: time to first token, mean inter-token time (per stream) and
-output tokens/s over all streams.
+Each run starts the real server (the API process with HTTP and SSE, a tokenizer worker, the scheduler loop, the
+detokenizer) around NullEngine, a model-free engine that gives every running request one token per step after
+--step-ms, so that only the pipeline is measured. It runs once with the shared-memory rings and once with every
+ring replaced by ZeroMQ PUSH/PULL over ipc:// carrying msgpack (bench/zmq_channels.py, behind the same channel
+interface). Client processes stream completions and read the server's --sse-timestamps comments:
+  latency    per token, from the scheduler sending it to a client reading its SSE chunk (one monotonic clock on
+             one host), p50 and p99
+  tokens/s   streamed tokens over all streams per second of the run; at a 0 ms step the engine never waits,
+             so this is what one API process sustains
+for each number of concurrent streams, at a 0 ms step and a 1 ms step (what the GPU engine aims at).
 
-    python bench/pipeline.py                       # 1 and 16 streams of 64 tokens, embedded model
-    python bench/pipeline.py --streams 1,64 --tokens 256 --null-only                   # pipeline capacity
-    python bench/pipeline.py --streams 1,16 --tokens 200 --null-only --null-step-ms 10  # latency it adds
+    python bench/pipeline.py --quick                 # a few minutes
+    python bench/pipeline.py --json bench/results/pipeline.json --plot bench/results/pipeline.png
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import random
-import statistics
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from types import SimpleNamespace
 
+from machine import machine
+
 from minisrv.config import EngineConfig, ServerConfig
-from minisrv.models.source import ModelSource, resolve_source
+from minisrv.models.source import ModelSource
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import RequestOutput, SampleResult
-from minisrv.wire.records import PromptRequest
 from minisrv.wire.terms import FinishReason, SchedulerStats
 
-PROMPT_LEN = 32
-
-
-@dataclass
-class Row:
-    name: str
-    streams: int
-    ttft_ms: float
-    itl_ms: float
-    tokens_per_s: float
+TRANSPORTS = ("ring", "zmq")
+PROFILE_ENV = "BENCH_PIPELINE_PROFILE"   # --profile-api: where the API process writes its cProfile stats
+PROMPT = "Hello"
+TOKEN_TEXT = b"world"   # NullEngine.TOKEN's text
 
 
 class NullEngine:
-    """LLMEngine's interface without a model: every request gets one token per step, at once."""
+    """LLMEngine's interface without a model: every running request gets one token per step."""
 
     TOKEN = 905   # " world" in the embedded model's vocabulary
 
@@ -53,7 +56,7 @@ class NullEngine:
         self.requests: dict[int, tuple[int, int, list[int]]] = {}
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.requests[rid] = (len(prompt_ids), params.max_tokens, [])
+        self.requests[rid] = (len(prompt_ids), params.max_tokens or 16, [])
 
     def abort(self, rid: int) -> RequestOutput | None:
         prompt, _, out = self.requests.pop(rid, (0, 0, None))
@@ -78,106 +81,224 @@ class NullEngine:
         return SchedulerStats(num_running=len(self.requests))
 
 
-def prompts(n: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab_size) for _ in range(PROMPT_LEN)] for _ in range(n)]
+# --- the server (a subprocess: `--serve`) -------------------------------------------------------------------
 
-
-def params(tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-
-
-def summarize(name: str, streams: int, start: float, arrivals: list[list[float]]) -> Row:
-    ttft = statistics.mean(a[0] - start for a in arrivals)
-    itl = statistics.mean(statistics.mean(b - a for a, b in zip(times, times[1:])) for times in arrivals)
-    end = max(a[-1] for a in arrivals)
-    return Row(name, streams, ttft * 1e3, itl * 1e3, sum(map(len, arrivals)) / (end - start))
-
-
-def run_engine(config: EngineConfig, streams: int, tokens: int) -> Row:
-    from minisrv.engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(config, resolve_source(config))
-    vocab = engine.loaded.model_config.vocab_size
-    for rid, prompt in enumerate(prompts(4, vocab, seed=1)):   # warm-up
-        engine.add_request(rid, prompt, params(4))
-    while engine.has_unfinished():
-        engine.step()
-    arrivals: list[list[float]] = [[] for _ in range(streams)]
-    start = time.perf_counter()
-    for rid, prompt in enumerate(prompts(streams, vocab)):
-        engine.add_request(1000 + rid, prompt, params(tokens))
-    while engine.has_unfinished():
-        for out in engine.step():
-            arrivals[out.rid - 1000] += [time.perf_counter()] * len(out.new_token_ids)
-    return summarize("engine", streams, start, arrivals)
-
-
-async def run_pipeline(config: EngineConfig, stream_counts: list[int], tokens: int, null: bool,
-                       null_step_s: float = 0.0) -> list[Row]:
-    from minisrv.runtime.pipeline import Pipeline
-    from minisrv.runtime.engine_client import EngineClient
-    from minisrv.runtime.scheduler_process import load_engine
-
-    pipeline = Pipeline(ServerConfig(engine=config, log_level="warning"), resolve_source(config),
-                        make_engine=partial(NullEngine, step_s=null_step_s) if null else load_engine)
-    client = EngineClient(pipeline.to_tokenizers, pipeline.from_detokenizer, pipeline.status)
-    rows = []
-    try:
-        pipeline.start()
-        stopping = False
-        client.start(on_failure=lambda reason: None if stopping else print("pipeline failed:", reason))
-        while not pipeline.all_ready():
-            await asyncio.sleep(0.05)
-        pipeline.unlink()
-        client.mark_ready(pipeline.status.model())
-
-        async def one(prompt: list[int], n_tokens: int) -> list[float]:
-            arrivals = []
-            async for delta in client.stream(PromptRequest(prompt_ids=prompt, params=params(n_tokens))):
-                arrivals += [time.perf_counter()] * len(delta.token_ids)
-            return arrivals
-
-        await asyncio.gather(*(one(p, 4) for p in prompts(4, client.vocab_size, seed=1)))   # warm-up
-        for streams in stream_counts:
-            start = time.perf_counter()
-            arrivals = await asyncio.gather(*(one(p, tokens) for p in prompts(streams, client.vocab_size)))
-            rows.append(summarize("pipeline-null" if null else "pipeline", streams, start, list(arrivals)))
-    finally:
-        stopping = True
-        client.end_streams()
-        pipeline.stop(graceful=True, timeout=3.0)
-        await client.close()
-        pipeline.close()
-    return rows
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", default="1,16", help="comma-separated numbers of concurrent streams")
-    parser.add_argument("--tokens", type=int, default=64, help="output tokens per stream")
-    parser.add_argument("--null-only", action="store_true", help="only the pipeline around the model-free engine")
-    parser.add_argument("--null-step-ms", type=float, default=0.0,
-                        help="the model-free engine's time per step (0: as fast as the pipeline goes)")
-    args = parser.parse_args()
-    stream_counts = [int(s) for s in args.streams.split(",")]
-    config = EngineConfig(max_model_len=1024)
+def serve(transport: str, step_ms: float, port: int, stream_interval: int) -> int:
+    import logging
 
     import uvloop
 
-    # One after the other: each measurement wants the cores to itself.
-    rows = uvloop.run(run_pipeline(config, stream_counts, args.tokens, null=True, null_step_s=args.null_step_ms / 1e3))
-    if not args.null_only:
-        rows += uvloop.run(run_pipeline(config, stream_counts, args.tokens, null=False))
-        rows += [run_engine(config, streams, args.tokens) for streams in stream_counts]
-    rows.sort(key=lambda r: (r.streams, r.name))
-    print(f"{'path':<15}{'streams':>8}{'TTFT ms':>10}{'ITL ms':>10}{'tok/s':>10}")
-    for r in rows:
-        print(f"{r.name:<15}{r.streams:>8}{r.ttft_ms:>10.2f}{r.itl_ms:>10.3f}{r.tokens_per_s:>10.1f}")
-    for streams in stream_counts if not args.null_only else []:
-        engine, pipe = (next(r for r in rows if r.streams == streams and r.name == n) for n in ("engine", "pipeline"))
-        print(f"{streams} streams: pipeline adds {pipe.itl_ms - engine.itl_ms:+.2f} ms per token "
-              f"({pipe.tokens_per_s / engine.tokens_per_s:.2f}x the engine's tokens/s)")
+    from minisrv.models.source import resolve_source
+    from minisrv.runtime.channels import RingChannels
+    from minisrv.runtime.launch import serve_pipeline
+    from minisrv.runtime.pipeline import Pipeline
+    from zmq_channels import ZmqChannels
+
+    logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(asctime)s api-server %(levelname)s %(message)s")
+    config = ServerConfig(engine=EngineConfig(max_model_len=8192), port=port, log_level="warning",
+                          sse_timestamps=True, stream_interval=stream_interval)
+    channels = ZmqChannels() if transport == "zmq" else RingChannels()
+    pipeline = Pipeline(config, resolve_source(config.engine), channels=channels,
+                        make_engine=partial(NullEngine, step_s=step_ms / 1e3))
+    profile_path = os.environ.get(PROFILE_ENV)
+    if not profile_path:
+        return uvloop.run(serve_pipeline(config, pipeline))
+    import cProfile
+
+    with cProfile.Profile() as profile:
+        code = uvloop.run(serve_pipeline(config, pipeline))
+    profile.dump_stats(profile_path)
+    return code
+
+
+class Server:
+    def __init__(self, transport: str, step_ms: float, stream_interval: int, profile: str | None = None) -> None:
+        with socket.socket() as probe:   # a free port
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, **({PROFILE_ENV: f"{profile}.{transport}-{step_ms:g}ms"} if profile else {})}
+        self.process = subprocess.Popen([sys.executable, __file__, "--serve", transport, str(step_ms), str(self.port),
+                                         str(stream_interval)], env=env)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"the server was not ready within {timeout} s")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# --- clients (separate processes, so the measuring side does not share the API process's core) ---------------
+
+async def stream_requests(url: str, streams: int, tokens: int, start_ns: int) -> dict:
+    import aiohttp
+
+    latencies: list[int] = []
+    received = 0
+    last_ns = 0
+    body = {"model": "null", "prompt": PROMPT, "max_tokens": tokens, "stream": True, "ignore_eos": True}
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal received, last_ns
+        emitted = 0
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if line.startswith(b": emitted "):
+                    emitted = int(line[10:])
+                elif line.startswith(b"data: {"):
+                    # A chunk may carry several tokens (the server merges those that queue up); each is
+                    # NullEngine's " world", and each gets the latency of the chunk's first, an upper bound.
+                    now, tokens_in_chunk = time.monotonic_ns(), line.count(TOKEN_TEXT)
+                    latencies.extend([now - emitted] * tokens_in_chunk)
+                    received += tokens_in_chunk
+                    last_ns = max(last_ns, now)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        while time.monotonic_ns() < start_ns:
+            await asyncio.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
+        await asyncio.gather(*(one(session) for _ in range(streams)))
+    return {"latencies": latencies, "received": received, "last_ns": last_ns}
+
+
+def client_process(url: str, streams: int, tokens: int, start_ns: int) -> dict:
+    import uvloop
+
+    return uvloop.run(stream_requests(url, streams, tokens, start_ns))
+
+
+@dataclass
+class Result:
+    transport: str
+    streams: int
+    step_ms: float
+    p50_token_latency_us: float
+    p99_token_latency_us: float
+    tokens_per_s: float
+
+
+def measure(pool, url: str, transport: str, step_ms: float, streams: int, tokens: int, clients: int) -> Result:
+    shares = [streams // clients + (i < streams % clients) for i in range(min(clients, streams))]
+    start_ns = time.monotonic_ns() + 300_000_000   # every client starts at once, 0.3 s from now
+    parts = pool.starmap(client_process, [(url, share, tokens, start_ns) for share in shares])
+    latencies = sorted(lat for part in parts for lat in part["latencies"])
+    received = sum(part["received"] for part in parts)
+    if received != streams * tokens:
+        raise SystemExit(f"{transport}, {streams} streams: received {received} tokens, expected {streams * tokens}")
+    seconds = (max(part["last_ns"] for part in parts) - start_ns) / 1e9
+    return Result(transport, streams, step_ms, latencies[len(latencies) // 2] / 1e3,
+                  latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1e3, received / seconds)
+
+
+def table(results: list[Result]) -> str:
+    lines = [f"{'step ms':>7} {'streams':>7} | {'p50 us ring':>11} {'zmq':>9} {'ratio':>6} | {'p99 us ring':>11} "
+             f"{'zmq':>9} | {'tok/s ring':>10} {'zmq':>9} {'ratio':>6}"]
+    keys = sorted({(r.step_ms, r.streams) for r in results})
+    for step_ms, streams in keys:
+        by = {r.transport: r for r in results if (r.step_ms, r.streams) == (step_ms, streams)}
+        if set(by) != set(TRANSPORTS):
+            continue
+        ring, zmq = by["ring"], by["zmq"]
+        lines.append(f"{step_ms:>7g} {streams:>7} | {ring.p50_token_latency_us:>11.0f} {zmq.p50_token_latency_us:>9.0f} "
+                     f"{ring.p50_token_latency_us / zmq.p50_token_latency_us:>5.2f}x | "
+                     f"{ring.p99_token_latency_us:>11.0f} {zmq.p99_token_latency_us:>9.0f} | "
+                     f"{ring.tokens_per_s:>10.0f} {zmq.tokens_per_s:>9.0f} {ring.tokens_per_s / zmq.tokens_per_s:>5.2f}x")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r.step_ms for r in results})
+    fig, axes = plt.subplots(1, len(steps) + 1, figsize=(5 * (len(steps) + 1), 4.2))
+    for ax, step_ms in zip(axes, steps):
+        for transport, color in zip(TRANSPORTS, ("tab:green", "tab:red")):
+            rows = sorted((r for r in results if r.transport == transport and r.step_ms == step_ms),
+                          key=lambda r: r.streams)
+            ax.plot([r.streams for r in rows], [r.p50_token_latency_us for r in rows], "o-", color=color,
+                    label=f"{transport} p50")
+            ax.plot([r.streams for r in rows], [r.p99_token_latency_us for r in rows], "o--", color=color,
+                    alpha=0.5, label=f"{transport} p99")
+        ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="added latency per token (us)",
+               title=f"step {step_ms:g} ms")
+        ax.legend()
+    ax = axes[-1]
+    for transport, color in zip(TRANSPORTS, ("tab:green", "tab:red")):
+        rows = sorted((r for r in results if r.transport == transport and r.step_ms == 0), key=lambda r: r.streams)
+        ax.plot([r.streams for r in rows], [r.tokens_per_s for r in rows], "o-", color=color, label=transport)
+    ax.set(xscale="log", xlabel="concurrent streams", ylabel="streamed tokens/s", title="step 0 ms: throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        transport, step_ms, port, interval = sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+        sys.exit(serve(transport, step_ms, port, interval))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer stream counts and tokens (a few minutes)")
+    parser.add_argument("--streams", help="comma-separated concurrent streams (default 1,4,16,64,256; quick 1,16,256)")
+    parser.add_argument("--step-ms", default="0,1", help="comma-separated NullEngine step times")
+    parser.add_argument("--tokens", type=int, help="tokens per stream (default 256; quick 64)")
+    parser.add_argument("--clients", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="client processes (default: half the cores)")
+    parser.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated: ring, zmq")
+    parser.add_argument("--profile-api", metavar="PATH",
+                        help="run each server's API process under cProfile, stats to PATH.<transport>-<step>ms")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of latency and throughput against streams")
+    args = parser.parse_args()
+    streams = [int(s) for s in (args.streams or ("1,16,256" if args.quick else "1,4,16,64,256")).split(",")]
+    tokens = args.tokens or (64 if args.quick else 256)
+    steps = [float(s) for s in args.step_ms.split(",")]
+    results: list[Result] = []
+    with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
+        for step_ms in steps:
+            for transport in args.transports.split(","):
+                server = Server(transport, step_ms, args.stream_interval, args.profile_api)
+                try:
+                    server.wait_ready()
+                    measure(pool, server.url, transport, step_ms, 4, 8, args.clients)   # warm-up
+                    for count in streams:
+                        result = measure(pool, server.url, transport, step_ms, count, tokens, args.clients)
+                        print(f"{transport:4} step {step_ms:g} ms, {count:3} streams: p50 "
+                              f"{result.p50_token_latency_us:8.0f} us, p99 {result.p99_token_latency_us:8.0f} us, "
+                              f"{result.tokens_per_s:8.0f} tokens/s", flush=True)
+                        results.append(result)
+                finally:
+                    server.stop()
+    setup = {**machine(), "stream_interval": args.stream_interval, "tokens_per_stream": tokens,
+             "clients": args.clients}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": setup, "results": [asdict(r) for r in results]}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    print()
+    print(f"{setup['cpu']}, {setup['cores']} cores; {tokens} tokens a stream, stream interval "
+          f"{args.stream_interval}; ratio = ring / zmq")
+    print(table(results))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,294 @@
+"""A load generator for any OpenAI-compatible streaming server: minisrv, vLLM, SGLang, llama.cpp's server.
+
+Random dataset: each request's input and output lengths are drawn uniformly from [len * (1 - ratio),
+len * (1 + ratio)] (vLLM's --random-range-ratio), and its prompt is random text that the served model's
+tokenizer (--tokenizer) encodes to exactly that many tokens. Requests go out at --request-rate (Poisson
+arrivals, or all at once with inf), at most --max-concurrency at a time, after --num-warmups warm-up
+requests. Every response is streamed; per request: time to first token (TTFT), time per output token after
+the first (TPOT), the gaps between content chunks (ITL) and the end-to-end latency (E2EL). Output tokens
+are the server's usage count when it sends one (stream_options.include_usage), else the content chunks.
+
+It prints the block vLLM's `bench serve` prints, and with --json writes those figures under vLLM's key names.
+
+    python bench/serving.py --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 16
+    python bench/serving.py --endpoint chat --random-input-len 512 --random-output-len 128 --max-concurrency 16 \\
+        --json bench/results/serving.json --plot bench/results/serving.png
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from machine import machine
+
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass
+class RequestResult:
+    input_tokens: int
+    ok: bool = False
+    error: str = ""
+    ttft: float = 0.0
+    e2el: float = 0.0
+    output_tokens: int = 0
+    itls: list[float] = field(default_factory=list)
+
+
+# --- prompts ------------------------------------------------------------------------------------------------
+
+def load_tokenizer(name: str):
+    """A Hugging Face tokenizer (a directory or hub id), or minisrv's model source name ("embedded")."""
+    if name == "embedded":
+        from minisrv.config import EngineConfig
+        from minisrv.models.source import resolve_source
+        from minisrv.tokenizer.loading import load_tokenizer as load_minisrv_tokenizer
+
+        return load_minisrv_tokenizer(resolve_source(EngineConfig()))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def exact_prompt(tokenizer, length: int, rng: random.Random) -> str:
+    """Random text that `tokenizer` encodes (without special tokens) to exactly `length` tokens."""
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    ids = [rng.choice(vocab) for _ in range(length)]
+    for _ in range(10):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == length:
+            return text
+        # Re-encoding merges or splits pieces: cut, or pad with more random ids, and try again.
+        ids = ids[:length] + [rng.choice(vocab) for _ in range(length - len(ids))]
+    raise SystemExit(f"could not make a prompt of exactly {length} tokens with this tokenizer")
+
+
+def lengths(mean: int, ratio: float, count: int, rng: random.Random) -> list[int]:
+    low, high = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
+    return [rng.randint(low, high) for _ in range(count)]
+
+
+# --- requests -----------------------------------------------------------------------------------------------
+
+def request_body(args: argparse.Namespace, model: str, prompt: str, output_len: int) -> dict:
+    body: dict = {"model": model, "max_tokens": output_len, "stream": True, "temperature": args.temperature,
+                  "stream_options": {"include_usage": True}}
+    if args.ignore_eos:
+        body["ignore_eos"] = True   # vLLM, SGLang and minisrv accept it; OpenAI itself does not
+    if args.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+async def send(session, url: str, body: dict, result: RequestResult) -> RequestResult:
+    start = time.perf_counter()
+    last = start
+    chunks = usage_tokens = 0
+    try:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                return result
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    usage_tokens = event["usage"]["completion_tokens"]
+                choices = event.get("choices") or []
+                if not choices:
+                    continue
+                piece = choices[0].get("text") if "text" in choices[0] else (choices[0].get("delta") or {}).get(
+                    "content")
+                if not piece:
+                    continue
+                now = time.perf_counter()
+                if chunks == 0:
+                    result.ttft = now - start
+                else:
+                    result.itls.append(now - last)
+                last, chunks = now, chunks + 1
+    except Exception as exc:  # noqa: BLE001 - every failure is counted and reported, never fatal to the run
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.e2el = time.perf_counter() - start
+    result.output_tokens = usage_tokens or chunks
+    result.ok = chunks > 0
+    if not result.ok:
+        result.error = "no content in the response"
+    return result
+
+
+async def run(args: argparse.Namespace, model: str, warmups: list[tuple[str, int, int]],
+              prompts: list[tuple[str, int, int]]) -> tuple[list, float]:
+    import aiohttp
+    from tqdm import tqdm
+
+    url = args.base_url.rstrip("/") + ENDPOINTS[args.endpoint]
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+        await asyncio.gather(*(send(session, url, request_body(args, model, p, o), RequestResult(i))
+                               for p, i, o in warmups))
+        limit = asyncio.Semaphore(args.max_concurrency or len(prompts))
+        progress = tqdm(total=len(prompts), desc="requests", disable=args.no_progress)
+        rng = random.Random(args.seed + 1)
+
+        async def one(prompt: str, input_len: int, output_len: int) -> RequestResult:
+            async with limit:
+                result = await send(session, url, request_body(args, model, prompt, output_len),
+                                    RequestResult(input_len))
+            progress.update()
+            return result
+
+        tasks = []
+        start = time.perf_counter()
+        for prompt, input_len, output_len in prompts:
+            tasks.append(asyncio.create_task(one(prompt, input_len, output_len)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        progress.close()
+    return results, duration
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    inputs, outputs = sum(r.input_tokens for r in ok), sum(r.output_tokens for r in ok)
+    figures = {"completed": len(ok), "failed": len(results) - len(ok), "duration": duration,
+               "total_input_tokens": inputs, "total_output_tokens": outputs,
+               "request_throughput": len(ok) / duration, "output_throughput": outputs / duration,
+               "total_token_throughput": (inputs + outputs) / duration}
+    series = {"ttft": [r.ttft for r in ok],
+              "tpot": [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1],
+              "itl": [gap for r in ok for gap in r.itls], "e2el": [r.e2el for r in ok]}
+    for name, values in series.items():
+        ms = [v * 1e3 for v in values]
+        figures[f"mean_{name}_ms"] = statistics.fmean(ms) if ms else 0.0
+        figures[f"median_{name}_ms"] = statistics.median(ms) if ms else 0.0
+        figures[f"p99_{name}_ms"] = percentile(ms, 99)
+    figures["errors"] = sorted({r.error for r in results if not r.ok})[:5]
+    return figures
+
+
+def report(f: dict) -> str:
+    rows = [("Successful requests:", f["completed"]), ("Failed requests:", f["failed"]),
+            ("Benchmark duration (s):", f"{f['duration']:.2f}"), ("Total input tokens:", f["total_input_tokens"]),
+            ("Total generated tokens:", f["total_output_tokens"]),
+            ("Request throughput (req/s):", f"{f['request_throughput']:.2f}"),
+            ("Output token throughput (tok/s):", f"{f['output_throughput']:.2f}"),
+            ("Total Token throughput (tok/s):", f"{f['total_token_throughput']:.2f}")]
+    lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
+    lines += [f"{label:<40}{value:<10}" for label, value in rows]
+    for name, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
+                        ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+        lines.append("{s:{c}^{n}}".format(s=title, n=50, c="-"))
+        label = name.upper()
+        lines += [f"{'Mean ' + label + ' (ms):':<40}{f['mean_' + name + '_ms']:<10.2f}",
+                  f"{'Median ' + label + ' (ms):':<40}{f['median_' + name + '_ms']:<10.2f}",
+                  f"{'P99 ' + label + ' (ms):':<40}{f['p99_' + name + '_ms']:<10.2f}"]
+    lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+def plot(results: list[RequestResult], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.ok]
+    series = {"TTFT": [r.ttft * 1e3 for r in ok],
+              "TPOT": [(r.e2el - r.ttft) / (r.output_tokens - 1) * 1e3 for r in ok if r.output_tokens > 1],
+              "ITL": [gap * 1e3 for r in ok for gap in r.itls], "E2E latency": [r.e2el * 1e3 for r in ok]}
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for ax, (name, values) in zip(axes, series.items()):
+        ax.hist(values, bins=50, color="tab:blue")
+        ax.set(xlabel=f"{name} (ms)", ylabel="count", title=f"{name}: median {statistics.median(values or [0]):.1f} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="completions")
+    parser.add_argument("--model", help="the model name to send (default: the first of GET /v1/models)")
+    parser.add_argument("--tokenizer", default="embedded",
+                        help="the served model's tokenizer: a Hugging Face directory or id, or 'embedded' "
+                             "(minisrv's default model)")
+    parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--random-input-len", type=int, default=256)
+    parser.add_argument("--random-output-len", type=int, default=64)
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="lengths drawn uniformly from [len * (1 - r), len * (1 + r)]")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests per second, Poisson arrivals (inf: all at once)")
+    parser.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
+    parser.add_argument("--num-warmups", type=int, default=2)
+    parser.add_argument("--ignore-eos", action="store_true", help="ask for exactly the output length")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", metavar="PATH", help="write the figures under vLLM's key names")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the latency distributions")
+    args = parser.parse_args()
+    for name in ("num_prompts", "random_input_len", "random_output_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.random_range_ratio < 1:
+        parser.error("--random-range-ratio must be in [0, 1)")
+    if args.request_rate <= 0:
+        parser.error("--request-rate must be > 0 (inf: all at once)")
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers).json()["data"][0]["id"]
+    tokenizer = load_tokenizer(args.tokenizer)
+    rng = random.Random(args.seed)
+    count = args.num_prompts + args.num_warmups
+    ins = lengths(args.random_input_len, args.random_range_ratio, count, rng)
+    outs = lengths(args.random_output_len, args.random_range_ratio, count, rng)
+    prompts = [(exact_prompt(tokenizer, i, rng), i, o) for i, o in zip(ins, outs)]
+    warmups, prompts = prompts[: args.num_warmups], prompts[args.num_warmups:]
+    import uvloop
+
+    results, duration = uvloop.run(run(args, model, warmups, prompts))
+    figures = summarize(results, duration)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "model": model, "base_url": args.base_url, "endpoint": args.endpoint,
+                       "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "api_key")},
+                       **figures}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    if figures["errors"]:
+        print("errors (first kinds):", *figures["errors"], sep="\n  ")
+    print(report(figures))
+
+
+if __name__ == "__main__":
+    main()
