@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import sys
+import types
 import typing
 from typing import Any, NoReturn
 
@@ -61,9 +63,27 @@ def _value_type(kind: type, name: str, meta: dict[str, Any]):
     return parse
 
 
+def _string_list(text: str) -> tuple[str, ...]:
+    """A list flag: a JSON list of strings (vLLM's form) or comma-separated values."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {exc}") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise argparse.ArgumentTypeError("must be a JSON list of strings")
+        return tuple(items)
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+_string_list.__name__ = "list"
+
+
 def _base_type(hint: Any) -> type:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    """The type inside an Optional (`int | None` -> int); other hints as they are."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
+    return next(a for a in typing.get_args(hint) if a is not type(None))
 
 
 def add_config_flags(groups: dict[str, argparse._ArgumentGroup], config_type: type) -> None:
@@ -85,6 +105,9 @@ def add_config_flags(groups: dict[str, argparse._ArgumentGroup], config_type: ty
         elif kind in (int, float):
             group.add_argument(*names, dest=f.name, type=_value_type(kind, f.name, meta), default=default,
                                help=meta["help"], metavar=kind.__name__.upper())
+        elif typing.get_origin(kind) is tuple:
+            group.add_argument(*names, dest=f.name, type=_string_list, default=default, help=meta["help"],
+                               metavar="LIST")
         else:
             choices = meta["choices"]
             group.add_argument(*names, dest=f.name, default=default, choices=choices, help=meta["help"],

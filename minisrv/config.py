@@ -128,6 +128,14 @@ class ServerConfig:
         False, group="server",
         help="precede each streamed chunk with an SSE comment ': emitted NS', the monotonic clock in ns when the "
              "scheduler produced its first token (for latency measurements on the same host; clients ignore it)")
+    allowed_origins: tuple[str, ...] = setting(
+        (), group="server",
+        help="origins a browser may call this server from (CORS), a JSON list or comma-separated; '*' for any "
+             "(default: none, same-origin only)")
+    allowed_methods: tuple[str, ...] = setting(
+        ("*",), group="server", help="HTTP methods allowed to those origins (CORS), a JSON list or comma-separated")
+    allowed_headers: tuple[str, ...] = setting(
+        ("*",), group="server", help="request headers allowed to those origins (CORS), a JSON list or comma-separated")
     log_level: str = setting("info", group="server", choices=LOG_LEVELS, help="logging level")
 
     def __post_init__(self) -> None:

@@ -85,6 +85,8 @@ def _some_value(cls: type, f: dataclasses.Field, rng: random.Random) -> object:
         return rng.choice([c for c in meta["choices"] if c != f.default])
     if kind is bool:
         return not f.default
+    if typing.get_origin(kind) is tuple:
+        return tuple(f"value-{rng.randrange(1000)}" for _ in range(2))
     allowed = meta["range"]
     if allowed is None:
         return f"value-{rng.randrange(1000)}"
@@ -101,11 +103,24 @@ def test_every_setting_has_a_flag_and_each_of_its_names_reaches_the_config(cls: 
     value = _some_value(cls, field, random.Random(field.name))
     names = [flag_name(field.name), *field.metadata["flags"]]
     for name in names:
-        argv = [name] if value is True else [f"--no-{name[2:]}"] if value is False else [name, str(value)]
+        text = ",".join(value) if isinstance(value, tuple) else str(value)
+        argv = [name] if value is True else [f"--no-{name[2:]}"] if value is False else [name, text]
         config = server_config(parse(["serve", *argv]))
         assert getattr(config if cls is ServerConfig else config.engine, field.name) == value, name
     for name in field.metadata["negative_flags"]:
         assert getattr(server_config(parse(["serve", name])).engine, field.name) is False, name
+
+
+def test_list_flags_take_a_json_list_or_commas(capsys: pytest.CaptureFixture[str]) -> None:
+    assert server_config(parse(["serve", "--allowed-origins", '["https://a.example", "http://b:8080"]'])
+                         ).allowed_origins == ("https://a.example", "http://b:8080")
+    assert server_config(parse(["serve", "--allowed-methods", "GET, POST"])).allowed_methods == ("GET", "POST")
+    assert server_config(parse(["serve"])).allowed_origins == ()
+    for bad in ('["a", 1]', "[not json"):
+        with pytest.raises(SystemExit):
+            parse(["serve", "--allowed-origins", bad])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--allowed-origins" in err
 
 
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import logging
 import time
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
@@ -16,6 +17,8 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -57,10 +60,13 @@ class ApiRoutes:
         self.metrics = ServerMetrics(engine.stats)
         self.started = int(time.time())
         self._api_key = config.api_key.encode() if config.api_key else None
+        self._ignored_seen: set[str] = set()   # IGNORED_FIELDS already logged
 
     def routes(self) -> list[Route]:
         return [
             Route("/health", self.health, methods=["GET"]),
+            Route("/ping", self.health, methods=["GET", "POST"]),   # SageMaker's name for it, as vLLM serves
+            Route("/version", self.version, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
@@ -78,6 +84,9 @@ class ApiRoutes:
             raise APIError(503, "the server is starting or shutting down")
         return json_response({"status": "ok"})
 
+    async def version(self, request: Request) -> Response:
+        return json_response({"version": importlib.metadata.version("minisrv")})
+
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -94,8 +103,9 @@ class ApiRoutes:
         self._authorize(request)
         req = parse_request(ChatCompletionRequest, await read_body(request))
         self._check_model(req.model)
+        self._log_ignored(req.ignored_fields())
         prompt = req.to_prompt_request(self.engine.vocab_size)
-        ctx = self._context("chatcmpl", req.include_usage())
+        ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage())
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
                                    responses.chat_completion)
 
@@ -103,8 +113,9 @@ class ApiRoutes:
         self._authorize(request)
         req = parse_request(CompletionRequest, await read_body(request))
         self._check_model(req.model)
+        self._log_ignored(req.ignored_fields())
         prompts = req.to_prompt_requests(self.engine.vocab_size)
-        ctx = self._context("cmpl", req.include_usage())
+        ctx = self._context("cmpl", req.include_usage(), req.continuous_usage())
         return await self._respond(request, ctx, prompts, req.stream, responses.completion_stream,
                                    responses.completion)
 
@@ -136,9 +147,16 @@ class ApiRoutes:
         return {"id": self.engine.model_name, "object": "model", "created": self.started, "owned_by": "minisrv",
                 "root": self.config.engine.model, "max_model_len": self.engine.max_model_len}
 
-    def _context(self, id_prefix: str, include_usage: bool) -> ResponseContext:
+    def _context(self, id_prefix: str, include_usage: bool, continuous_usage: bool = False) -> ResponseContext:
         return ResponseContext.new(id_prefix, self.engine.model_name, self.metrics.timer(), include_usage,
-                                   self.config.sse_timestamps)
+                                   continuous_usage, self.config.sse_timestamps)
+
+    def _log_ignored(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self._ignored_seen:
+                self._ignored_seen.add(name)
+                logger.warning("request field %r is accepted and ignored (it does not change the output); "
+                               "logged once", name)
 
     async def _respond(self, request: Request, ctx: ResponseContext, prompts: list[PromptRequest], stream: bool,
                        streamer: Streamer, builder: Builder) -> Response:
@@ -168,6 +186,12 @@ async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
 
 
 async def read_body(request: Request) -> bytes:
+    """A JSON request's body. Anything not sent as application/json is a 415: a web page may send other
+    types cross-site without asking first (a CORS "simple request"), never JSON."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {media_type or 'none'}",
+                       code="unsupported_media_type")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -198,8 +222,13 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 def build_app(engine: EngineHandle, config: ServerConfig) -> Starlette:
     routes = ApiRoutes(engine, config)
+    # No origins: no CORS headers at all, so browsers keep pages of other origins from reading responses.
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                             allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers))
+                  ] if config.allowed_origins else []
     app = Starlette(
         routes=routes.routes(),
+        middleware=middleware,
         exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception,
                             Exception: handle_unexpected},
     )

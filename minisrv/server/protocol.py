@@ -4,8 +4,9 @@ The sampling options a schema takes under their own names are generated from Sam
 table (minisrv/sampling_params.py), so a new option reaches every endpoint without an edit here.
 Their ranges are checked once, by SamplingParams; its error is reported under the request's own
 field name. The schemas check types, shapes and the API-level limits (n, top_logprobs, stop
-strings). Unknown fields are rejected (extra="forbid") except `user`, which OpenAI clients send for
-abuse tracking and which this server explicitly ignores.
+strings). Unknown fields are rejected (extra="forbid"), with a 400 naming them, except the ones in
+IGNORED_FIELDS: clients (the OpenAI SDK, LangChain, LiteLLM) send them, and they do not change what
+this server generates, so they are accepted and ignored, and the server logs each name once.
 """
 from __future__ import annotations
 
@@ -98,6 +99,14 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
 
 class StreamOptions(Schema):
     include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM's: the usage so far in every chunk
+
+
+# Accepted and ignored: bookkeeping for OpenAI's platform (store, metadata, service_tier, user), and options
+# that cannot change a text-only reply of a model without tools or reasoning (parallel_tool_calls,
+# reasoning_effort; modalities only as ["text"]).
+IGNORED_FIELDS = ("store", "metadata", "service_tier", "parallel_tool_calls", "user", "reasoning_effort",
+                  "modalities")
 
 
 class TextContentPart(Schema):
@@ -123,7 +132,18 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None     # explicitly ignored
+    # IGNORED_FIELDS, typed so that a malformed one is still a 400.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    reasoning_effort: str | None = None
+    modalities: list[Literal["text"]] | None = None
+
+    def ignored_fields(self) -> list[str]:
+        """The IGNORED_FIELDS this request set."""
+        return [name for name in IGNORED_FIELDS if name in self.model_fields_set]
 
     def check_api_limits(self, vocab_size: int) -> None:
         check_token_ids(self.stop_token_ids or [], vocab_size, "stop_token_ids")
@@ -133,6 +153,9 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 class ChatCompletionRequest(_OpenAIFields):

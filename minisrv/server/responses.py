@@ -23,7 +23,9 @@ COMPLETION = "text_completion"
 
 def _envelope(ctx: ResponseContext, obj: str, choices: list[dict], streaming: bool = False) -> dict:
     body = {"id": ctx.id, "object": obj, "created": ctx.created, "model": ctx.model, "choices": choices}
-    if streaming and ctx.include_usage:
+    if streaming and ctx.continuous_usage:
+        body["usage"] = ctx.usage()   # vLLM's continuous_usage_stats: the counts so far
+    elif streaming and ctx.include_usage:
         body["usage"] = None  # OpenAI: with include_usage, every chunk but the last has usage null
     return body
 

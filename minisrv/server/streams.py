@@ -84,13 +84,15 @@ class ResponseContext:
     model: str
     timer: RequestTimer
     include_usage: bool = False
+    continuous_usage: bool = False    # stream_options.continuous_usage_stats: the usage so far in every chunk
     sse_timestamps: bool = False      # --sse-timestamps: each chunk says when its first token left the scheduler
     _choices: dict[int, ChoiceDelta] = field(default_factory=dict)   # latest delta of each choice
 
     @classmethod
     def new(cls, id_prefix: str, model: str, timer: RequestTimer, include_usage: bool = False,
-            sse_timestamps: bool = False) -> ResponseContext:
-        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, timer, include_usage, sse_timestamps)
+            continuous_usage: bool = False, sse_timestamps: bool = False) -> ResponseContext:
+        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, timer, include_usage,
+                   continuous_usage, sse_timestamps)
 
     def record(self, cd: ChoiceDelta) -> None:
         self._choices[cd.choice] = cd

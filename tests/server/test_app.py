@@ -192,7 +192,53 @@ def test_sse_framing(server) -> None:
     ("POST", "/generate", b'{"text": 5}', 400, "text"),
 ])
 def test_error_bodies(server, method: str, path: str, body: bytes, status: int, param: str | None) -> None:
-    assert_error(httpx.request(method, f"{server.url}{path}", content=body), status, param)
+    response = httpx.request(method, f"{server.url}{path}", content=body, headers={"Content-Type": "application/json"})
+    assert_error(response, status, param)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_bodies_not_sent_as_json_are_415(server, content_type: str | None) -> None:
+    """A page of another origin may send these types without asking the server first (a CORS simple request)."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    for path in ("/v1/completions", "/v1/chat/completions", "/generate"):
+        r = httpx.post(f"{server.url}{path}", content=body, headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    ok = httpx.post(f"{server.url}/v1/completions", content=body,
+                    headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+def test_harmless_client_fields_are_accepted_and_ignored(server, sdk, caplog) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **GREEDY}
+    extras = {"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "parallel_tool_calls": True,
+              "user": "u1", "reasoning_effort": "low", "modalities": ["text"]}
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()
+    with caplog.at_level("WARNING", logger="minisrv.server.app"):
+        for _ in range(2):
+            out = httpx.post(f"{server.url}/v1/chat/completions", json={**body, **extras}).json()
+            assert out["choices"][0]["message"] == plain["choices"][0]["message"]
+    logged = [r.getMessage() for r in caplog.records if "accepted and ignored" in r.getMessage()]
+    assert sorted(m.split("'")[1] for m in logged) == sorted(extras)   # each name once, over two requests
+    # Malformed ignored fields and fields that would change the meaning are still a 400 naming them.
+    for bad, param in (({"store": "yes"}, "store"), ({"modalities": ["audio"]}, "modalities.0"),
+                       ({"tools": [{"type": "function"}]}, "tools"), ({"logit_bias": {"5": 10}}, "logit_bias")):
+        assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**body, **bad}), 400, param)
+    completion = sdk.completions.create(model=MODEL, prompt="x", max_tokens=2, user="u", extra_body={"store": True})
+    assert completion.choices[0].text
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server) -> None:
+    body = {"prompt": "hello", "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    content = [e for e in events if e["choices"]]
+    assert [e["usage"]["completion_tokens"] for e in content] == list(range(1, len(content) + 1))
+    assert all(e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"]
+               for e in events)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == len(content)
 
 
 def test_streaming_refusal_keeps_its_status(server) -> None:
@@ -203,7 +249,8 @@ def test_streaming_refusal_keeps_its_status(server) -> None:
 
 
 def test_body_too_large(server) -> None:
-    assert_error(httpx.post(f"{server.url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1)), 413)
+    assert_error(httpx.post(f"{server.url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1),
+                            headers={"Content-Type": "application/json"}), 413)
 
 
 def test_sdk_raises_typed_errors(sdk) -> None:
@@ -293,3 +340,28 @@ def test_sse_timestamps_precede_each_chunk_as_comments_clients_ignore(server) ->
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(
             c[0]["delta"].get("content") or "" for c in content if c)
     assert ": emitted" not in httpx.post(f"{server.url}/v1/chat/completions", json=body).text   # off by default
+
+
+def test_cors_is_off_by_default_and_follows_the_allowed_origins(server) -> None:
+    origin = {"Origin": "https://app.example"}
+    r = httpx.get(f"{server.url}/v1/models", headers=origin)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    config = ServerConfig(allowed_origins=("https://app.example",), allowed_methods=("GET", "POST"))
+    with InProcessServer(FakeEngineClient(MODEL), config) as s:
+        preflight = httpx.options(f"{s.url}/v1/chat/completions", headers={
+            **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        other = httpx.options(f"{s.url}/v1/chat/completions", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        r = httpx.get(f"{s.url}/v1/models", headers=origin)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_version_and_ping(server) -> None:
+    import importlib.metadata
+
+    assert httpx.get(f"{server.url}/version").json() == {"version": importlib.metadata.version("minisrv")}
+    assert httpx.get(f"{server.url}/ping").json() == httpx.post(f"{server.url}/ping").json() == {"status": "ok"}
