@@ -7,6 +7,7 @@ minisrv/runtime/detokenizer_process.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -19,12 +20,13 @@ from minisrv.wire.terms import FinishReason, choice_rid
 
 @dataclass
 class PendingRow:
-    """A choice's output not yet sent: with a stream interval above 1, tokens wait here to go as one row."""
+    """A choice's output held back (a stream interval above 1): its token columns are named as TEXT_DELTAS'
+    so one function adds a token to either."""
 
     emitted_ns: int               # when the scheduler sent the first of them
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
     token_bytes: list[bytes] = field(default_factory=list)
     top_counts: list[int] = field(default_factory=list)
     top_ids: list[int] = field(default_factory=list)
@@ -88,41 +90,49 @@ class Detokenizer:
                 text += stream.detok.flush()
             if stream.prefix:
                 text, stream.prefix = stream.prefix + text, ""
-            pending = stream.pending or PendingRow(step.emitted_ns)
-            pending.text += text
-            if token >= 0:
-                pending.token_ids.append(token)
-                pending.logprobs.append(logprob)
-                pending.token_bytes.append(self.token_texts[token].raw if not math.isnan(logprob) else b"")
-                pending.top_counts.append(top_counts[row])
-                pending.top_ids += top_ids[tops]
-                pending.top_logprobs += top_logprobs[tops]
-                pending.top_bytes += [self.token_texts[t].raw for t in top_ids[tops]]
+            held = stream.pending
+            has_token = token >= 0
+            tops_of_token = (top_counts[row], top_ids[tops], top_logprobs[tops])
             if (reason == FinishReason.NONE and stream.started
-                    and len(pending.token_ids) < self.stream_interval):
-                stream.pending = pending
+                    and (len(held.token_ids) if held else 0) + has_token < self.stream_interval):
+                held = stream.pending = held or PendingRow(step.emitted_ns)
+                held.text += text
+                if has_token:
+                    self._add_token(held, token, logprob, *tops_of_token)
                 continue
+            # Due: one row of what was held and this token. Rows that go out at once (a stream interval of
+            # 1, a first token) build nothing on the side: this runs once per token of every stream.
             stream.pending, stream.started = None, True
             if reason != FinishReason.NONE:
                 del self.streams[rid]
-            _append_row(out, rid, reason, prompt, cached, output, pending)
+            out.rids.append(rid)
+            out.finish_reasons.append(reason)
+            out.num_prompt_tokens.append(prompt)
+            out.num_cached_tokens.append(cached)
+            out.num_output_tokens.append(output)
+            out.num_tokens.append((len(held.token_ids) if held else 0) + has_token)
+            if held:
+                out.emitted_ns.append(held.emitted_ns)
+                out.texts.append(held.text + text)
+                for name in TOKEN_COLUMNS:
+                    getattr(out, name).extend(getattr(held, name))
+            else:
+                out.emitted_ns.append(step.emitted_ns)
+                out.texts.append(text)
+            if has_token:
+                self._add_token(out, token, logprob, *tops_of_token)
         return stopped
 
+    def _add_token(self, dst: TextDeltas | PendingRow, token: int, logprob: float, top_count: int,
+                   top_ids: list[int], top_logprobs: list[float]) -> None:
+        """Append one token to `dst`'s token columns; its bytes only when logprobs were asked for."""
+        dst.token_ids.append(token)
+        dst.token_logprobs.append(logprob)
+        dst.token_bytes.append(self.token_texts[token].raw if not math.isnan(logprob) else b"")
+        dst.top_counts.append(top_count)
+        dst.top_ids += top_ids
+        dst.top_logprobs += top_logprobs
+        dst.top_bytes += [self.token_texts[t].raw for t in top_ids]
 
-def _append_row(out: TextDeltas, rid: int, reason: int, prompt: int, cached: int, output: int,
-                row: PendingRow) -> None:
-    out.rids.append(rid)
-    out.emitted_ns.append(row.emitted_ns)
-    out.finish_reasons.append(reason)
-    out.num_prompt_tokens.append(prompt)
-    out.num_cached_tokens.append(cached)
-    out.num_output_tokens.append(output)
-    out.texts.append(row.text)
-    out.num_tokens.append(len(row.token_ids))
-    out.token_ids += row.token_ids
-    out.token_logprobs += row.logprobs
-    out.token_bytes += row.token_bytes
-    out.top_counts += row.top_counts
-    out.top_ids += row.top_ids
-    out.top_logprobs += row.top_logprobs
-    out.top_bytes += row.top_bytes
+
+TOKEN_COLUMNS = tuple(f.name for f in dataclasses.fields(PendingRow) if f.name not in ("emitted_ns", "text"))
