@@ -97,17 +97,7 @@ __global__ void __launch_bounds__(32) paged_decode_split(
         const u16 (*k_rows)[D + PAD] = k_tile[buffer];
         const u16 (*v_rows)[D + PAD] = v_tile[buffer];
         float s[TILE / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < TILE / 8; ++nt) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) s[nt][j] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const u32 b0 = *reinterpret_cast<const u32*>(&k_rows[nt * 8 + gid][kk * 16 + 2 * tig]);
-                const u32 b1 = *reinterpret_cast<const u32*>(&k_rows[nt * 8 + gid][kk * 16 + 8 + 2 * tig]);
-                Mma<T>::run(s[nt], qa[kk], b0, b1);
-            }
-        }
+        qk_scores<T, TILE, D>(s, qa, k_rows, gid, tig);
         float tile_max[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int nt = 0; nt < TILE / 8; ++nt)

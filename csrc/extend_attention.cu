@@ -87,17 +87,7 @@ __global__ void __launch_bounds__(EXT_THREADS) paged_extend(
 
         // S = Q K^T for this warp's 16 rows and the tile's keys: 8 n-tiles of 8 keys.
         float s[KEYS / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < KEYS / 8; ++nt) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) s[nt][j] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const u32 b0 = *reinterpret_cast<const u32*>(&k_rows[nt * 8 + gid][kk * 16 + 2 * tig]);
-                const u32 b1 = *reinterpret_cast<const u32*>(&k_rows[nt * 8 + gid][kk * 16 + 8 + 2 * tig]);
-                Mma<T>::run(s[nt], qa[kk], b0, b1);
-            }
-        }
+        qk_scores<T, KEYS, D>(s, qa, k_rows, gid, tig);
         // Online softmax over the tile, in base 2; element j of n-tile nt: row r(j / 2), key 2 * tig + j % 2.
         float tile_max[2] = {NEG_INF, NEG_INF};
 #pragma unroll

@@ -38,6 +38,24 @@ template <> struct Mma<f16_t> {
     }
 };
 
+// S = Q K^T for a tile of KEYS keys whose K rows (D values, PAD after) are in shared memory: Q's A fragments
+// are in registers (k-step kk covers head dimensions 16 kk .. 16 kk + 15); n-tile nt holds keys 8 nt .. 8 nt + 7.
+template <typename T, int KEYS, int D>
+__device__ __forceinline__ void qk_scores(float (&s)[KEYS / 8][4], const u32 (&qa)[D / 16][4],
+                                          const u16 (*k_rows)[D + PAD], int gid, int tig) {
+#pragma unroll
+    for (int nt = 0; nt < KEYS / 8; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[nt][j] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u32 b0 = *reinterpret_cast<const u32*>(&k_rows[nt * 8 + gid][kk * 16 + 2 * tig]);
+            const u32 b1 = *reinterpret_cast<const u32*>(&k_rows[nt * 8 + gid][kk * 16 + 8 + 2 * tig]);
+            Mma<T>::run(s[nt], qa[kk], b0, b1);
+        }
+    }
+}
+
 // The online-softmax step both attention kernels share, on a tile of KEYS keys: P = exp2(S - base) (S's C
 // tiles in registers, base the running maximum of each of the thread's two rows), each row's sum added to l,
 // and P packed as the A operand of O += P V (k-step ks covers n-tiles 2 ks and 2 ks + 1).
