@@ -4,6 +4,7 @@ A nano-vllm-shaped workload (N sequences, random input and output lengths, ignor
 
     python bench/offline.py                 # embedded model, float32, on this machine
     python bench/offline.py --quick --json bench/results/offline.json
+    python bench/offline.py --device cuda --json bench/results/offline-h200.json   # see bench/offline_cuda.py
 
 Rows: `hf-generate` (transformers, one sequence), `minisrv-1` (our engine, one sequence),
 `minisrv-N` (N concurrent sequences). Ratios are against hf-generate's single-stream tokens/s.
@@ -85,7 +86,29 @@ def main() -> None:
                     help="PyTorch threads for both engines (default: the engine's own choice)")
     ap.add_argument("--quick", action="store_true", help="shorter outputs and one repeat")
     ap.add_argument("--json", help="write results to this path")
+    gpu = ap.add_argument_group("--device cuda (bench/offline_cuda.py)")
+    gpu.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    gpu.add_argument("--presets", nargs="+", default=["llama-3.2-1b", "qwen3-0.6b"])
+    gpu.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    gpu.add_argument("--hf-batches", nargs="+", type=int, default=[1])
+    gpu.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate")
+    gpu.add_argument("--sampled-batch", type=int, default=64, help="also time a sampled decode at this batch (0: no)")
+    gpu.add_argument("--throughput-presets", nargs="*", default=["qwen3-0.6b"])
+    gpu.add_argument("--throughput-seqs", type=int, default=256)
+    gpu.add_argument("--max-model-len", type=int, default=4096)
+    gpu.add_argument("--max-num-batched-tokens", type=int, default=16384)
     args = ap.parse_args()
+    if args.device == "cuda":
+        from offline_cuda import print_table, run
+
+        if args.quick:
+            args.repeats = 1
+        result = run(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        print_table(result)
+        return
     if args.quick:
         args.repeats, args.single_output_len, args.max_output_len, args.min_output_len = 1, 64, 96, 32
 

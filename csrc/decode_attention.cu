@@ -1,9 +1,12 @@
 // Paged decode attention: one new query token per sequence against its cached keys and values.
 //
-// Split-K: a block takes (split, kv head, sequence) and SPLIT consecutive positions; the query heads that
+// Split-K: a block takes (split, kv head, sequence) and a run of consecutive positions; the query heads that
 // share the kv head (up to 16) are computed together, so each K/V row is read once for all of them.
-// SPLIT is fixed, so a sequence's result never depends on what else is in the batch or on the launch's
-// split count: blocks past a sequence's length do nothing and the merge reads only its own splits.
+// A sequence's splits are SPLIT positions each, or for sequences longer than SPLIT * MAX_SPLITS the fewest
+// multiples of SPLIT that make at most MAX_SPLITS splits. That depends on the sequence's length alone, so its
+// result never depends on what else is in the batch or on the launch's split count: blocks past a sequence's
+// splits do nothing and the merge reads only its own. A launch of MAX_SPLITS splits covers every length, which
+// is what a CUDA graph captured once for all lengths needs, at a bounded size of the partial results.
 // Positions at or past seq_len are never read: a partial last page cannot inject NaN.
 //
 // Cache slot s = page * page_size + offset holds [2, num_kv_heads, D] (K then V); page_table[b, i] is the
@@ -11,15 +14,22 @@
 #include "common.cuh"
 #include "mma.cuh"
 
-constexpr int SPLIT = 256;     // positions per block
+constexpr int SPLIT = 256;     // positions per block (a multiple of them for long sequences)
+constexpr int MAX_SPLITS = 64; // splits of one sequence, at most
 constexpr int TILE = 16;       // positions per tile in shared memory
 constexpr int STAGES = 3;      // tiles in flight: the warp computes on one while the next two stream in
+
+// Positions per split of a sequence of `len` positions: SPLIT, or a multiple for very long sequences.
+__device__ __forceinline__ int split_len(int len) {
+    const int units = (len + SPLIT - 1) / SPLIT;
+    return SPLIT * ((units + MAX_SPLITS - 1) / MAX_SPLITS);
+}
 
 // One warp per (split, kv head, sequence). The group's query heads are the rows of an m16n8k16 tile (rows
 // past the group are zeros), so the tensor cores do the dot products: S = Q K^T over a tile of TILE
 // positions staged in shared memory, an online softmax on S's registers, O += P V. Tiles are loaded with
 // cp.async STAGES - 1 ahead of the one in use; at 27 KB of shared memory a block, eight warps fit an SM.
-// A sequence that fits one split (len <= SPLIT) is written straight to out, and the merge skips it; a padding
+// A sequence of one split (len <= SPLIT) is written straight to out, and the merge skips it; a padding
 // row (len 0) gets zeros.
 template <typename T, int D>
 __global__ void __launch_bounds__(32) paged_decode_split(
@@ -35,7 +45,7 @@ __global__ void __launch_bounds__(32) paged_decode_split(
     const int split = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
     const int lane = threadIdx.x, gid = lane >> 2, tig = lane & 3;
     const int num_heads = num_kv_heads * group;
-    const int len = (int)seq_lens[seq], start = split * SPLIT;
+    const int len = (int)seq_lens[seq], chunk = split_len(len), start = split * chunk;
     const i64 out_row = ((i64)seq * num_heads + kv_head * group) * max_splits + split;   // head g: + g * max_splits
     if (start >= len) {
         if (lane < group) part_lse[out_row + lane * max_splits] = NEG_INF;
@@ -44,18 +54,10 @@ __global__ void __launch_bounds__(32) paged_decode_split(
                 out[seq * out_stride + (kv_head * group + i / D) * D + i % D] = from_float<T>(0.0f);
         return;
     }
-    const int end = min(len, start + SPLIT);
-    const bool alone = len <= SPLIT;   // the only split: this block's result is final
+    const int split_end = min(len, start + chunk);
+    const bool alone = len <= chunk;   // the only split: this block's result is final
     const i64 slot_stride = 2 * (i64)num_kv_heads * D;
-    // Every page lookup of the split up front, independent loads in flight together: looked up inside the tile
-    // loads, each one's latency would stall the copies behind it, and a lone warp has nothing else to run.
     const i64* pages = page_table + seq * page_table_stride;
-#pragma unroll
-    for (int j = 0; j < SPLIT / 32; ++j) {
-        const int pos = start + j * 32 + lane;
-        slots[j * 32 + lane] = pos < end ? (int)(pages[pos / page_size] * page_size + pos % page_size) : 0;
-    }
-    __syncwarp();
 
     // Q as A fragments: register j of k-step kk holds 2 columns of row gid + 8 (j & 1), a query head.
     u32 qa[D / 16][4];
@@ -74,59 +76,73 @@ __global__ void __launch_bounds__(32) paged_decode_split(
         for (int j = 0; j < 4; ++j) o[dt][j] = 0.0f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
-    auto load_tile = [&](int buffer, int key0) {
-        for (int c = lane; c < TILE * (D / 8); c += 32) {
-            const int key = c / (D / 8), d = (c % (D / 8)) * 8, pos = key0 + key;
-            const bool valid = pos < end;   // positions past the sequence are never read: they may hold anything
-            const T* src = valid ? cache + slots[pos - start] * slot_stride + (i64)kv_head * D + d : cache;
-            copy_async16(&k_tile[buffer][key][d], src, valid);
-            copy_async16(&v_tile[buffer][key][d], src + (valid ? (i64)num_kv_heads * D : 0), valid);
+    // The split in runs of SPLIT positions: every page lookup of a run up front, independent loads in flight
+    // together (looked up inside the tile loads, each one's latency would stall the copies behind it, and a
+    // lone warp has nothing else to run), then its tiles through the cp.async pipeline.
+    for (int run = start; run < split_end; run += SPLIT) {
+        const int end = min(split_end, run + SPLIT);
+        __syncwarp();   // the previous run's last tile is consumed before its slots are overwritten
+#pragma unroll
+        for (int j = 0; j < SPLIT / 32; ++j) {
+            const int pos = run + j * 32 + lane;
+            slots[j * 32 + lane] = pos < end ? (int)(pages[pos / page_size] * page_size + pos % page_size) : 0;
         }
-        copy_async_commit();
-    };
-    for (int stage = 0; stage < STAGES - 1; ++stage) {
-        if (start + stage * TILE < end) load_tile(stage, start + stage * TILE);
-        else copy_async_commit();   // empty groups keep the count: tile t is always group t
-    }
-    for (int key0 = start, t = 0; key0 < end; key0 += TILE, ++t) {
-        const int buffer = t % STAGES, ahead = key0 + (STAGES - 1) * TILE;
-        if (ahead < end) load_tile((t + STAGES - 1) % STAGES, ahead);
-        else copy_async_commit();
-        copy_async_wait<STAGES - 1>();   // groups 0..t are complete: tile t is in
         __syncwarp();
-        const u16 (*k_rows)[D + PAD] = k_tile[buffer];
-        const u16 (*v_rows)[D + PAD] = v_tile[buffer];
-        float s[TILE / 8][4];
-        qk_scores<T, TILE, D>(s, qa, k_rows, gid, tig);
-        float tile_max[2] = {NEG_INF, NEG_INF};
-#pragma unroll
-        for (int nt = 0; nt < TILE / 8; ++nt)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int pos = key0 + nt * 8 + 2 * tig + (j & 1);
-                s[nt][j] = pos < end ? s[nt][j] * scale_log2 : NEG_INF;
-                tile_max[j >> 1] = fmaxf(tile_max[j >> 1], s[nt][j]);
+        auto load_tile = [&](int buffer, int key0) {
+            for (int c = lane; c < TILE * (D / 8); c += 32) {
+                const int key = c / (D / 8), d = (c % (D / 8)) * 8, pos = key0 + key;
+                const bool valid = pos < end;   // positions past the sequence are never read: they may hold anything
+                const T* src = valid ? cache + slots[pos - run] * slot_stride + (i64)kv_head * D + d : cache;
+                copy_async16(&k_tile[buffer][key][d], src, valid);
+                copy_async16(&v_tile[buffer][key][d], src + (valid ? (i64)num_kv_heads * D : 0), valid);
             }
-        float base[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-            const float m_new = fmaxf(m[h], tile_max[h]);   // finite: every tile holds a position < end
-            const float corr = exp2f(m[h] - m_new);
-            base[h] = m_new;
-            m[h] = m_new;
-            l[h] *= corr;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                o[dt][2 * h] *= corr;
-                o[dt][2 * h + 1] *= corr;
-            }
+            copy_async_commit();
+        };
+        for (int stage = 0; stage < STAGES - 1; ++stage) {
+            if (run + stage * TILE < end) load_tile(stage, run + stage * TILE);
+            else copy_async_commit();   // empty groups keep the count: tile t is always group t
         }
-        u32 pa[TILE / 16][4];
-        softmax_to_a<T, TILE>(s, base, l, pa);
-        accumulate_pv<T, TILE, D>(o, pa, v_rows, gid, tig);
-        __syncwarp();   // this buffer is refilled by the next iteration's prefetch
+        for (int key0 = run, t = 0; key0 < end; key0 += TILE, ++t) {
+            const int buffer = t % STAGES, ahead = key0 + (STAGES - 1) * TILE;
+            if (ahead < end) load_tile((t + STAGES - 1) % STAGES, ahead);
+            else copy_async_commit();
+            copy_async_wait<STAGES - 1>();   // groups 0..t are complete: tile t is in
+            __syncwarp();
+            const u16 (*k_rows)[D + PAD] = k_tile[buffer];
+            const u16 (*v_rows)[D + PAD] = v_tile[buffer];
+            float s[TILE / 8][4];
+            qk_scores<T, TILE, D>(s, qa, k_rows, gid, tig);
+            float tile_max[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+            for (int nt = 0; nt < TILE / 8; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int pos = key0 + nt * 8 + 2 * tig + (j & 1);
+                    s[nt][j] = pos < end ? s[nt][j] * scale_log2 : NEG_INF;
+                    tile_max[j >> 1] = fmaxf(tile_max[j >> 1], s[nt][j]);
+                }
+            float base[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+                tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+                const float m_new = fmaxf(m[h], tile_max[h]);   // finite: every tile holds a position < end
+                const float corr = exp2f(m[h] - m_new);
+                base[h] = m_new;
+                m[h] = m_new;
+                l[h] *= corr;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    o[dt][2 * h] *= corr;
+                    o[dt][2 * h + 1] *= corr;
+                }
+            }
+            u32 pa[TILE / 16][4];
+            softmax_to_a<T, TILE>(s, base, l, pa);
+            accumulate_pv<T, TILE, D>(o, pa, v_rows, gid, tig);
+            __syncwarp();   // this buffer is refilled by the next iteration's prefetch
+        }
+        copy_async_wait<0>();   // the run's trailing empty groups: nothing is left in flight across runs
     }
     // Rows gid and gid + 8 are query heads when below the group; their sums live across 4 lanes.
 #pragma unroll
@@ -170,7 +186,8 @@ __global__ void __launch_bounds__(MERGE_THREADS) paged_decode_merge(
     __shared__ float4 acc_rows[ROWS][COLS];
     __shared__ float weight_rows[ROWS];
     const int head = blockIdx.x, seq = blockIdx.y, num_heads = gridDim.x;
-    const int splits = (int)((seq_lens[seq] + SPLIT - 1) / SPLIT);
+    const int len = (int)seq_lens[seq], chunk = split_len(len);
+    const int splits = (len + chunk - 1) / chunk;
     if (splits <= 1) return;
     const i64 base = ((i64)seq * num_heads + head) * max_splits;
     float m = NEG_INF;

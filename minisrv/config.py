@@ -72,8 +72,8 @@ class EngineConfig:
         None, group="engine", flags=("--num-gpu-blocks-override",), range=Range(1),
         help="KV cache size in pages; wins over --kv-cache-memory")
     gpu_memory_utilization: float = setting(
-        0.85, group="engine", flags=("--mem-fraction-static",), range=Range(0, 1, low_open=True),
-        help="share of free GPU memory for the KV cache")
+        0.85, group="engine", flags=("--mem-fraction-static", "--mem-fraction"), range=Range(0, 1, low_open=True),
+        help="share of the GPU memory free after the weights and the CUDA graphs that the KV cache takes")
     enable_prefix_caching: bool = setting(
         True, group="engine", negative_flags=("--disable-prefix-cache", "--disable-radix-cache"),
         help="reuse the KV cache of shared prompt prefixes")
@@ -81,6 +81,14 @@ class EngineConfig:
         "auto", group="engine", choices=("auto", "cuda", "torch"),
         help="ops for norms, RoPE, attention and sampling: the CUDA kernels of csrc/ (needs CuPy) or PyTorch's; "
              "auto: cuda on a CUDA device where CuPy is installed")
+    enable_cuda_graph: bool = setting(
+        True, group="engine", negative_flags=("--disable-cuda-graph", "--enforce-eager"),
+        help="replay decode steps as CUDA graphs, one per batch-size bucket (CUDA kernels only)")
+    cuda_graph_max_bs: int = setting(
+        256, group="engine", range=Range(1), help="largest decode batch with a CUDA graph (rounded up to a bucket)")
+    overlap_schedule: bool = setting(
+        True, group="engine", negative_flags=("--disable-overlap", "--disable-overlap-schedule"),
+        help="on CUDA, schedule and prepare step N+1 while the GPU runs step N")
     cpu_threads: int | None = setting(
         None, group="engine", range=Range(1),
         help="PyTorch intra-op threads of the CPU engine (default: every core it may run on)")

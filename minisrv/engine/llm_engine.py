@@ -1,13 +1,23 @@
-"""The engine loop shared by the offline API and the scheduler process: schedule, execute, postprocess."""
+"""The engine loop shared by the offline API and the scheduler process: schedule, execute, postprocess.
+
+With overlap scheduling (on CUDA, unless disabled) a call schedules and launches step N+1 before it reads
+step N's tokens, then records those: the CPU's scheduling, input building and ring reading happen while
+the GPU computes, and the one wait per step is the read of the previous step's tokens. Step N+1 takes the
+tokens it needs from the device (minisrv/engine/model_runner.py), so outputs are those of the plain loop;
+only a request that step N stopped (EOS, a stop token) computes one row for nothing. A step whose batch
+needs its requests' recorded tokens on the host (penalties) waits for step N first.
+"""
 from __future__ import annotations
 
 import random
 
 from minisrv.config import EngineConfig
-from minisrv.engine.model_runner import ModelRunner
+from minisrv.engine.model_runner import LaunchedStep, ModelRunner
+from minisrv.engine.penalties import uses_penalties
 from minisrv.models.loader import LoadedModel, load_model
 from minisrv.models.source import ModelSource
 from minisrv.sampling_params import SamplingParams
+from minisrv.scheduler.batch import ScheduledBatch
 from minisrv.scheduler.request import Request, RequestOutput
 from minisrv.scheduler.scheduler import Scheduler
 from minisrv.wire.terms import SchedulerStats
@@ -15,7 +25,9 @@ from minisrv.wire.terms import SchedulerStats
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None,
-                 loaded: LoadedModel | None = None) -> None:
+                 loaded: LoadedModel | None = None, overlap: bool | None = None) -> None:
+        """`overlap` overrides the config's choice (overlap_schedule, on CUDA only: on the CPU the forward
+        runs on the calling thread, so there is nothing to overlap and tokens would only come a step late)."""
         self.config = config
         self.loaded = loaded if loaded is not None else load_model(config, source)
         self.runner = ModelRunner(config, self.loaded)
@@ -28,6 +40,8 @@ class LLMEngine:
         )
         # Unseeded requests still get a concrete seed, so every draw is a function of (seed, position).
         self._seed_source = random.Random(config.seed)
+        self.overlap = (config.overlap_schedule and self.runner.device.type == "cuda") if overlap is None else overlap
+        self._in_flight: LaunchedStep | None = None
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ValueError (with a message fit for a client) when it is invalid."""
@@ -38,12 +52,33 @@ class LLMEngine:
         return self.scheduler.abort(rid)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        """One engine step; returns what it learnt (under overlap: the previous step's tokens)."""
         batch = self.scheduler.schedule()
-        results = self.runner.execute(batch) if batch else []
-        return self.scheduler.postprocess(batch, results)
+        if not self.overlap:
+            results = self.runner.execute(batch) if batch else []
+            return self.scheduler.postprocess(batch, results)
+        outputs: list[RequestOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and batch and _needs_recorded_tokens(batch, previous):
+            outputs, previous = self._record(previous), None
+            # What the recorded tokens stopped has released its pages: it must not run.
+            batch = ScheduledBatch([seq for seq in batch.seqs if not seq.request.finished])
+        launched = self.runner.launch(batch, previous) if batch else None
+        if previous is not None:
+            outputs = self._record(previous)
+        self._in_flight = launched
+        return outputs
+
+    def _record(self, step: LaunchedStep) -> list[RequestOutput]:
+        return self.scheduler.postprocess(step.batch, self.runner.collect(step))
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+
+def _needs_recorded_tokens(batch: ScheduledBatch, previous: LaunchedStep) -> bool:
+    """Whether a request of `batch` with a token in flight from `previous` uses penalties, which read output_ids."""
+    return any(seq.request.rid in previous.token_rows and uses_penalties(seq.request) for seq in batch.seqs)

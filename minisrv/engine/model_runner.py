@@ -1,14 +1,22 @@
-"""ModelRunner: owns the model, the KV page pool and the sampler; turns a ScheduledBatch into sampled tokens."""
+"""ModelRunner: owns the model, the KV page pool, the sampler and the decode graphs; turns a ScheduledBatch into
+sampled tokens.
+
+`launch` queues a step on the device and returns at once; `collect` waits for its tokens. Decode-only batches
+that fit a graph replay one (minisrv/engine/cuda_graph.py); every other step runs eagerly with the same kernels.
+"""
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from minisrv.config import EngineConfig
+from minisrv.engine.cuda_graph import INT_ROWS, SAMPLER_ROWS, DecodeGraphs
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
+from minisrv.engine.sampling import INT_PARAMS, DeviceSamples
 from minisrv.kernels import select_ops
 from minisrv.layers.attention import sdpa_backends
 from minisrv.layers.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
@@ -16,6 +24,8 @@ from minisrv.models.loader import LoadedModel
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.kv_pages import pages_for_tokens
 from minisrv.scheduler.request import Request, SampleResult
+
+logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_GIB = 2.0
 
@@ -35,11 +45,24 @@ def cpu_threads(config: EngineConfig) -> int:
 
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor       # [T] int64
+    input_ids: torch.Tensor       # [T] int64 (rows of in-flight tokens hold 0 until resolved on the device)
     positions: torch.Tensor       # [T] int64
     attn: AttentionMetadata
     sample_rows: torch.Tensor     # [S] int64: the row of each sampled sequence's last token, in batch order
     sample_requests: list[Request]
+    sample_positions: list[int]   # [S] the output index each sampled token will have
+    in_flight_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, row in last_tokens) per unknown id
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. Its sampled tokens are in last_tokens[:len(requests)] until the next step
+    runs, and on their way to the host (`ModelRunner.collect` waits for them)."""
+
+    batch: ScheduledBatch
+    requests: list[Request]                          # the sampled sequences' requests, in batch order
+    samples: DeviceSamples | list[SampleResult]      # results already, on the CPU
+    token_rows: dict[int, int] = field(default_factory=dict)   # rid -> its token's row in last_tokens
 
 
 def _token_slice(request: Request, start: int, count: int) -> list[int]:
@@ -61,14 +84,12 @@ class ModelRunner:
         self.max_model_len = loaded.max_model_len
         first_param = next(self.model.parameters())
         self.device, self.dtype = first_param.device, first_param.dtype
-        if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(config))
+        # The GPU engine's host work is single-threaded Python; an intra-op pool would only compete with the
+        # other processes for the cores (bench/pipeline.py, issue 9's OMP_NUM_THREADS clue).
+        torch.set_num_threads(cpu_threads(config) if self.device.type == "cpu" else config.cpu_threads or 1)
         self.page_size = config.page_size
         self.bytes_per_page = kv_cache_bytes_per_page(self.model_config, self.page_size, self.dtype)
-        self.num_pages = self._num_pages()
         self.model.pack_linears()
-        self.kv_caches = allocate_kv_cache(self.model_config, self.num_pages, self.page_size, self.dtype, self.device)
-        self.model.bind_kv_cache(self.kv_caches)
         self.ops = select_ops(config.kernel_backend, self.device)
         self.model.use_ops(self.ops)
         if sampler is None:
@@ -78,38 +99,161 @@ class ModelRunner:
             sampler = (FusedSampler(vocab_size, eos, self.device, self.ops) if self.ops.NAME == "cuda"
                        else Sampler(vocab_size, eos, self.device))
         self.sampler = sampler
+        graph_bs = self._graph_batch_size()
+        # Where every step leaves its sampled tokens: the next step reads in-flight input ids from here.
+        self.last_tokens = torch.zeros(max(config.max_running_requests, graph_bs), dtype=torch.int64,
+                                       device=self.device)
+        reserve = self._probe_graph_memory(graph_bs) if graph_bs else 0
+        self.num_pages = self._num_pages(reserve)
+        self.kv_caches = allocate_kv_cache(self.model_config, self.num_pages, self.page_size, self.dtype, self.device)
+        self.model.bind_kv_cache(self.kv_caches)
+        self.graphs: DecodeGraphs | None = None
+        self.graph_capture_seconds, self.graph_memory_bytes = 0.0, 0
+        if graph_bs:
+            self._capture(graph_bs)
 
-    def _num_pages(self) -> int:
+    def _graph_batch_size(self) -> int:
+        """The largest batch the decode graphs cover, or 0 where graphs cannot run (and why, in the log)."""
+        c = self.config
+        if not c.enable_cuda_graph or self.device.type != "cuda":
+            return 0
+        from minisrv.engine.sampling import FusedSampler
+
+        q = torch.empty(1, self.model_config.num_heads, self.model_config.head_dim, dtype=self.dtype)
+        kv = torch.empty(1, 1, 2, self.model_config.num_kv_heads, self.model_config.head_dim, dtype=self.dtype)
+        if (self.ops.NAME != "cuda" or not isinstance(self.sampler, FusedSampler)
+                or not self.ops.attention_supported(q, kv, self.model_config.num_heads)):
+            logger.warning("CUDA graphs off: they need the CUDA kernels (kernel_backend), a bfloat16 or float16 "
+                           "model and a head size they cover; decode steps run eagerly")
+            return 0
+        return min(c.cuda_graph_max_bs, c.max_running_requests)
+
+    def _new_graphs(self, graph_bs: int) -> DecodeGraphs:
+        return DecodeGraphs(self.model, self.sampler, graph_bs, self.max_model_len, self.page_size, self.last_tokens)
+
+    def _probe_graph_memory(self, graph_bs: int) -> int:
+        """Bytes the graphs will take, measured by capturing the largest against a one-page KV cache, so the KV
+        pool can be sized from what is free after them (the largest graph's pool holds the smaller ones')."""
+        free_before, _ = torch.cuda.mem_get_info(self.device)
+        self.model.bind_kv_cache(allocate_kv_cache(self.model_config, 1, self.page_size, self.dtype, self.device))
+        probe = self._new_graphs(graph_bs)
+        probe.capture([probe.max_bs])
+        free_after, _ = torch.cuda.mem_get_info(self.device)
+        del probe
+        self.model.bind_kv_cache(self._unbound_caches())
+        torch.cuda.empty_cache()
+        return max(0, free_before - free_after)
+
+    def _unbound_caches(self) -> list[torch.Tensor]:
+        # Empty placeholders, so the probe's one-page pool is freed before the real one is allocated.
+        shape = (0, self.page_size, 2, self.model_config.num_kv_heads, self.model_config.head_dim)
+        return [torch.empty(shape, dtype=self.dtype, device=self.device)] * self.model_config.num_layers
+
+    def _capture(self, graph_bs: int) -> None:
+        free_before, _ = torch.cuda.mem_get_info(self.device)
+        self.graphs = self._new_graphs(graph_bs)
+        self.graph_capture_seconds = self.graphs.capture()
+        self.graph_memory_bytes = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
+        buckets = self.graphs.buckets
+        logger.info("CUDA graphs: %d batch sizes (%d..%d) captured in %.2f s, %.0f MiB; KV cache: %d pages, %.2f GiB",
+                    len(buckets), buckets[0], buckets[-1], self.graph_capture_seconds,
+                    self.graph_memory_bytes / 2**20, self.num_pages, self.num_pages * self.bytes_per_page / 2**30)
+
+    def _num_pages(self, reserve: int = 0) -> int:
         c, per_page = self.config, self.bytes_per_page
         if c.num_pages is not None:
-            field, pages = "num_pages", c.num_pages
+            field_name, pages = "num_pages", c.num_pages
         elif c.kv_cache_memory is not None:
-            field, pages = "kv_cache_memory", int(c.kv_cache_memory * 2**30 // per_page)
+            field_name, pages = "kv_cache_memory", int(c.kv_cache_memory * 2**30 // per_page)
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)   # after the weights, which are already loaded
-            field, pages = "gpu_memory_utilization", int(free * c.gpu_memory_utilization // per_page)
+            # After the weights (loaded already) and what the decode graphs will take.
+            free, _ = torch.cuda.mem_get_info(self.device)
+            field_name, pages = "gpu_memory_utilization", int((free - reserve) * c.gpu_memory_utilization // per_page)
         else:
             # Enough for every running request at full length, but never more than a modest share of RAM.
             wanted = c.max_running_requests * pages_for_tokens(self.max_model_len, self.page_size)
-            field, pages = "kv_cache_memory", min(wanted, int(CPU_DEFAULT_KV_GIB * 2**30 // per_page))
+            field_name, pages = "kv_cache_memory", min(wanted, int(CPU_DEFAULT_KV_GIB * 2**30 // per_page))
         if pages < 1:
-            raise ValueError(f"{field}: leaves room for {pages} KV pages of {per_page} bytes; need at least 1")
+            raise ValueError(f"{field_name}: leaves room for {pages} KV pages of {per_page} bytes; need at least 1")
         return pages
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult]:
-        """Run one step; one SampleResult per seq with sample=True, in batch order."""
-        if not batch.seqs:
-            return []
-        step = self.prepare(batch)
-        with forward_context(ForwardContext(step.attn)), sdpa_backends(self.device):
-            hidden = self.model(step.input_ids, step.positions)
-        if not step.sample_requests:
-            return []
-        logits = self.model.compute_logits(hidden.index_select(0, step.sample_rows))
-        return self.sampler(logits, step.sample_requests)
+        """Run one step and wait for it; one SampleResult per seq with sample=True, in batch order."""
+        return self.collect(self.launch(batch)) if batch.seqs else []
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step on the device without waiting for it. Tokens still in flight (sampled by `previous`,
+        not yet recorded) are taken from last_tokens on the device."""
+        decodes_only = all(seq.num_tokens == 1 for seq in batch.seqs)
+        bucket = self.graphs.bucket(len(batch.seqs)) if self.graphs is not None and decodes_only else None
+        if bucket is not None:
+            requests, samples = self._replay(batch, bucket, previous)
+        else:
+            requests, samples = self._run_eagerly(batch, previous)
+        return LaunchedStep(batch, requests, samples, {r.rid: i for i, r in enumerate(requests)})
+
+    def collect(self, step: LaunchedStep) -> list[SampleResult]:
+        """The step's results, waiting for the GPU if it is still running."""
+        return step.samples if isinstance(step.samples, list) else step.samples.results()
+
+    def _run_eagerly(self, batch: ScheduledBatch, previous: LaunchedStep | None):
+        step = self.prepare(batch, previous)
+        input_ids = step.input_ids
+        if step.in_flight_rows:
+            rows, sources = zip(*step.in_flight_rows)
+            input_ids = input_ids.index_copy(0, self._tensor(list(rows)),
+                                             self.last_tokens.index_select(0, self._tensor(list(sources))))
+        with forward_context(ForwardContext(step.attn)), sdpa_backends(self.device):
+            hidden = self.model(input_ids, step.positions)
+        requests = step.sample_requests
+        if not requests:
+            return requests, []
+        logits = self.model.compute_logits(hidden.index_select(0, step.sample_rows))
+        tokens = self.last_tokens[: len(requests)]
+        if hasattr(self.sampler, "launch"):
+            return requests, self.sampler.launch(logits, requests, step.sample_positions, out=tokens)
+        results = self.sampler(logits, requests, step.sample_positions)
+        tokens.copy_(torch.tensor([r.token_id for r in results]))
+        return requests, results
+
+    def _replay(self, batch: ScheduledBatch, bucket: int, previous: LaunchedStep | None):
+        graphs, ps = self.graphs, self.page_size
+        requests = [seq.request for seq in batch.seqs]
+        rows: dict[str, list[int]] = {name: [] for name in INT_ROWS}
+        page_tables = []
+        for seq in batch.seqs:
+            self._check(seq)
+            request, pos = seq.request, seq.start
+            token, prev_row = self._input_token(request, pos, previous)
+            pages = request.pages
+            for name, value in (("input_ids", token), ("positions", pos), ("slots", pages[pos // ps] * ps + pos % ps),
+                                ("seq_lens", pos + 1), ("prev_rows", prev_row)):
+                rows[name].append(value)
+            page_tables.append(pages[: pos // ps + 1])
+        positions = [seq.start + 1 - seq.request.num_prompt_tokens for seq in batch.seqs]
+        floats, ints = self.sampler.params(requests, positions)
+        rows.update(zip(INT_PARAMS, ints))
+        logits = graphs.run(graphs.host_inputs(bucket, rows, floats, page_tables))[: len(requests)]
+        tokens = self.last_tokens[: len(requests)]
+        if self.sampler.needs_adjustment(requests, positions):
+            # The graph drew without bans or penalties: draw again from the adjusted logits, same parameters.
+            params = (graphs.floats[:, : len(requests)], graphs.ints[SAMPLER_ROWS, : len(requests)])
+            return requests, self.sampler.launch(logits, requests, positions, params=params, out=tokens)
+        return requests, self.sampler.finish(logits, tokens, requests)
+
+    @staticmethod
+    def _input_token(request: Request, pos: int, previous: LaunchedStep | None) -> tuple[int, int]:
+        """(token id, -1) when the host knows the token at `pos`, else (0, its row in last_tokens)."""
+        known = request.num_prompt_tokens + len(request.output_ids)
+        if pos < known:
+            return _token_slice(request, pos, 1)[0], -1
+        if previous is None or request.rid not in previous.token_rows or pos != known:
+            raise RuntimeError(f"request {request.rid}: token {pos} is neither known nor sampled by the previous step")
+        return 0, previous.token_rows[request.rid]
+
+    def prepare(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> StepInputs:
         """Flatten the batch: decode rows (one token each) first, then each extending sequence's tokens."""
         decodes = [s for s in batch.seqs if s.num_tokens == 1]
         extends = [s for s in batch.seqs if s.num_tokens != 1]
@@ -117,11 +261,15 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        in_flight_rows: list[tuple[int, int]] = []
         for seq in batch.seqs:
             self._check(seq)
         for seq in decodes:
             pos = seq.start
-            input_ids += _token_slice(seq.request, pos, 1)
+            token, prev_row = self._input_token(seq.request, pos, previous)
+            if prev_row >= 0:
+                in_flight_rows.append((len(input_ids), prev_row))
+            input_ids.append(token)
             positions.append(pos)
             slots.append(seq.request.pages[pos // ps] * ps + pos % ps)
         row_of: dict[int, int] = {id(seq): i for i, seq in enumerate(decodes)}
@@ -148,7 +296,8 @@ class ModelRunner:
                 [start - len(decodes) for start in query_starts] + [len(input_ids) - len(decodes)], torch.int32)
         sampled = [s for s in batch.seqs if s.sample]
         return StepInputs(self._tensor(input_ids), self._tensor(positions), attn,
-                          self._tensor([row_of[id(s)] for s in sampled]), [s.request for s in sampled])
+                          self._tensor([row_of[id(s)] for s in sampled]), [s.request for s in sampled],
+                          [s.start + s.num_tokens - s.request.num_prompt_tokens for s in sampled], in_flight_rows)
 
     def _decode_metadata(self, attn: AttentionMetadata, decodes: list[ScheduledSeq]) -> None:
         ps = self.page_size

@@ -26,23 +26,29 @@ def uses_penalties(request: Request) -> bool:
             or params.frequency_penalty != 0.0)
 
 
-def banned_stop_ids(request: Request, eos_token_ids: Sequence[int]) -> list[int]:
-    """Token ids this request may not sample at its next position because min_tokens is not reached yet."""
+def output_positions(requests: Sequence[Request]) -> list[int]:
+    """The output index of each request's next token when nothing is in flight: len(output_ids)."""
+    return [len(r.output_ids) for r in requests]
+
+
+def banned_stop_ids(request: Request, eos_token_ids: Sequence[int], position: int) -> list[int]:
+    """Token ids this request may not sample at output index `position` because min_tokens is not reached."""
     params = request.params
-    if len(request.output_ids) >= params.min_tokens:
+    if position >= params.min_tokens:
         return []
     eos = [] if params.ignore_eos else list(eos_token_ids)
     return eos + list(params.stop_token_ids)
 
 
-def apply_logit_adjustments(logits: torch.Tensor, requests: Sequence[Request],
-                            eos_token_ids: Sequence[int]) -> torch.Tensor:
-    """logits [rows, vocab] (row i is requests[i]) with min_tokens bans and penalties applied.
-
-    Returns `logits` itself when no row needs anything, else a new contiguous tensor.
+def apply_logit_adjustments(logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int],
+                            positions: Sequence[int] | None = None) -> torch.Tensor:
+    """logits [rows, vocab] (row i is requests[i], whose token will have output index positions[i]) with
+    min_tokens bans and penalties applied; penalties see output_ids, so a penalised request has no token in
+    flight. Returns `logits` itself when no row needs anything, else a new contiguous tensor.
     """
     vocab_size = logits.shape[1]
-    bans = [banned_stop_ids(request, eos_token_ids) for request in requests]
+    positions = output_positions(requests) if positions is None else positions
+    bans = [banned_stop_ids(request, eos_token_ids, pos) for request, pos in zip(requests, positions)]
     penalised = [uses_penalties(request) for request in requests]
     if not any(penalised) and not any(bans):
         return logits

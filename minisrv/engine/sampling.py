@@ -28,10 +28,11 @@ row on a CPU core, a top-256 ~0.1 ms.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from minisrv.engine.penalties import apply_logit_adjustments
+from minisrv.engine.penalties import apply_logit_adjustments, banned_stop_ids, output_positions, uses_penalties
 from minisrv.engine.philox import uniform_draws
 from minisrv.scheduler.request import Request, SampleResult
 
@@ -56,13 +57,17 @@ class Sampler:
             raise ValueError(f"logits must be [len(requests)={len(requests)}, >= vocab_size={self.vocab_size}], "
                              f"got {tuple(logits.shape)}")
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 positions: list[int] | None = None) -> list[SampleResult]:
+        """positions: the output index each row's token will have (default: len(output_ids)); it keys the
+        random draw and the min_tokens bans."""
         self.check(logits, requests)
         if not requests:
             return []
+        positions = output_positions(requests) if positions is None else positions
         # A padded vocabulary's tail is not part of the model's distribution: drop it before anything else.
         raw_logits = logits[:, : self.vocab_size].to(self.device, torch.float32)
-        adjusted = apply_logit_adjustments(raw_logits, requests, self.eos_token_ids)
+        adjusted = apply_logit_adjustments(raw_logits, requests, self.eos_token_ids, positions)
         if bool(adjusted.isnan().any()):
             adjusted = torch.where(adjusted.isnan(), -math.inf, adjusted)
         finite_max = torch.isfinite(adjusted.amax(dim=-1)).tolist()
@@ -76,14 +81,14 @@ class Sampler:
         elif not greedy_rows:
             # The sampling path works in place; the raw logits must survive for logprobs.
             owned = adjusted if adjusted is not raw_logits else adjusted.clone(memory_format=torch.contiguous_format)
-            token_ids = self._sample_random(owned, requests)
+            token_ids = self._sample_random(owned, requests, positions)
         else:
             token_ids = torch.empty(len(requests), dtype=torch.long, device=self.device)
             greedy_index = self._index(greedy_rows)
             token_ids[greedy_index] = adjusted[greedy_index].argmax(dim=-1)
             random_index = self._index(random_rows)
-            token_ids[random_index] = self._sample_random(adjusted[random_index],
-                                                          [requests[i] for i in random_rows])
+            token_ids[random_index] = self._sample_random(adjusted[random_index], [requests[i] for i in random_rows],
+                                                          [positions[i] for i in random_rows])
         return self._results(raw_logits, token_ids, requests)
 
     def _index(self, rows: list[int]) -> torch.Tensor:
@@ -92,7 +97,7 @@ class Sampler:
     def _floats(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> torch.Tensor:
         """Token ids for rows that sample; `logits` is a private copy, modified in place."""
         logits.div_(self._floats([r.params.temperature for r in requests])[:, None])
 
@@ -122,7 +127,7 @@ class Sampler:
         # scalar slow path on -inf or underflowing inputs (measured 5-20x slower on masked rows).
         cumulative = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
         total = cumulative[:, -1:].contiguous()
-        uniforms = uniform_draws([r.seed for r in requests], [len(r.output_ids) for r in requests])
+        uniforms = uniform_draws([r.seed for r in requests], positions)
         target = torch.from_numpy(uniforms).to(self.device)[:, None] * total
         chosen = torch.searchsorted(cumulative, target, right=True)
         # u can be exactly 1 (cuRAND's range is (0, 1]): then take the last token with mass, i.e. the
@@ -155,41 +160,101 @@ class Sampler:
         return results
 
 
-class FusedSampler(Sampler):
-    """Sampler's semantics on the CUDA kernels: min_tokens bans and penalties with the same PyTorch ops on the
-    device, then one kernel launch picks every row's token and, when some row asks, one more computes
-    logprobs. Per-row parameters travel in two small tensors."""
+@dataclass
+class DeviceSamples:
+    """A step's tokens (and logprobs) on their way from the GPU: the copies to pinned host memory are queued
+    behind the step, so reading them is the one wait on the GPU an engine step needs."""
 
-    def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device | str, ops) -> None:
-        super().__init__(vocab_size, eos_token_ids, device)
-        self.ops = ops   # minisrv.kernels.cuda
+    tokens: torch.Tensor                           # [rows] int64, pinned host memory
+    logprobs: tuple[torch.Tensor, ...] | None      # (chosen, top ids, top values), pinned host memory
+    tops: list[int]                                # logprobs asked per row, -1 for none
+    ready: torch.cuda.Event
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-        self.check(logits, requests)
-        if not requests:
-            return []
-        raw_logits = logits.to(self.device, torch.float32)   # the kernels read only the first vocab_size columns
-        adjusted = apply_logit_adjustments(raw_logits[:, : self.vocab_size], requests, self.eos_token_ids)
-        floats = torch.tensor([[r.params.temperature for r in requests], [r.params.top_p for r in requests],
-                               [r.params.min_p for r in requests]], dtype=torch.float32)
-        ints = torch.tensor([[r.params.top_k for r in requests], [r.seed for r in requests],
-                             [len(r.output_ids) for r in requests]], dtype=torch.int64)
-        floats, ints = floats.to(self.device, non_blocking=True), ints.to(self.device, non_blocking=True)
-        token_ids = self.ops.sample(adjusted, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2],
-                                    self.vocab_size)
-        results = [SampleResult(token_id=t) for t in token_ids.tolist()]
-        tops = [-1 if r.params.logprobs is None else r.params.logprobs for r in requests]
-        if max(tops) < 0:
+    def results(self) -> list[SampleResult]:
+        self.ready.synchronize()
+        results = [SampleResult(token_id=t) for t in self.tokens.tolist()]
+        if self.logprobs is None:
             return results
-        num_top = torch.tensor(tops, dtype=torch.int32).to(self.device, non_blocking=True)
-        chosen, top_ids, top_values = self.ops.logprobs(raw_logits, token_ids, num_top, max(tops), self.vocab_size)
-        chosen, top_ids, top_values = chosen.tolist(), top_ids.tolist(), top_values.tolist()
-        for row, n in enumerate(tops):
+        chosen, top_ids, top_values = (t.tolist() for t in self.logprobs)
+        for row, n in enumerate(self.tops):
             if n >= 0:
                 result = results[row]
                 result.logprob = chosen[row]
                 result.top_ids, result.top_logprobs = top_ids[row][:n], top_values[row][:n]
         return results
+
+
+# The per-row parameters of the sampling kernel, in the order of its two parameter tensors.
+FLOAT_PARAMS = ("temperature", "top_p", "min_p")
+INT_PARAMS = ("top_k", "seed", "position")
+
+
+class FusedSampler(Sampler):
+    """Sampler's semantics on the CUDA kernels: min_tokens bans and penalties with the same PyTorch ops on the
+    device, then one kernel launch picks every row's token and, when some row asks, one more computes
+    logprobs. Per-row parameters travel in two small tensors ([FLOAT_PARAMS] float32, [INT_PARAMS] int64);
+    the decode graphs (minisrv/engine/cuda_graph.py) keep them in static buffers and run `draw` inside."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device | str, ops) -> None:
+        super().__init__(vocab_size, eos_token_ids, device)
+        self.ops = ops   # minisrv.kernels.cuda
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 positions: list[int] | None = None) -> list[SampleResult]:
+        self.check(logits, requests)
+        if not requests:
+            return []
+        return self.launch(logits, requests, output_positions(requests) if positions is None else positions).results()
+
+    @staticmethod
+    def params(requests: list[Request], positions: list[int]) -> tuple[list[list[float]], list[list[int]]]:
+        """The rows of the two parameter tensors for these requests."""
+        floats = [[r.params.temperature for r in requests], [r.params.top_p for r in requests],
+                  [r.params.min_p for r in requests]]
+        return floats, [[r.params.top_k for r in requests], [r.seed for r in requests], list(positions)]
+
+    def draw(self, logits: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """One launch: a token per row of float32 logits, parameters as device tensors [3, rows]."""
+        return self.ops.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2], self.vocab_size,
+                               out=out)
+
+    def needs_adjustment(self, requests: list[Request], positions: list[int]) -> bool:
+        """Whether some row has min_tokens bans or penalties (which `draw` alone does not apply)."""
+        return any(uses_penalties(r) or banned_stop_ids(r, self.eos_token_ids, pos)
+                   for r, pos in zip(requests, positions))
+
+    def launch(self, logits: torch.Tensor, requests: list[Request], positions: list[int],
+               params: tuple[torch.Tensor, torch.Tensor] | None = None,
+               out: torch.Tensor | None = None) -> DeviceSamples:
+        """Queue the whole sampling of a step; `params` are the parameter tensors when already on the device."""
+        raw_logits = logits if logits.dtype == torch.float32 else logits.float()   # kernels read vocab_size columns
+        adjusted = apply_logit_adjustments(raw_logits[:, : self.vocab_size], requests, self.eos_token_ids, positions)
+        if params is None:
+            floats, ints = self.params(requests, positions)
+            params = (torch.tensor(floats, dtype=torch.float32).to(self.device, non_blocking=True),
+                      torch.tensor(ints, dtype=torch.int64).to(self.device, non_blocking=True))
+        tokens = self.draw(adjusted, *params, out=out)
+        return self.finish(raw_logits, tokens, requests)
+
+    def finish(self, raw_logits: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> DeviceSamples:
+        """Queue the logprobs some rows ask for and the copies of everything to the host."""
+        tops = [-1 if r.params.logprobs is None else r.params.logprobs for r in requests]
+        host_logprobs = None
+        if max(tops) >= 0:
+            num_top = torch.tensor(tops, dtype=torch.int32).to(self.device, non_blocking=True)
+            found = self.ops.logprobs(raw_logits, tokens, num_top, max(tops), self.vocab_size)
+            host_logprobs = tuple(_to_pinned(t) for t in found)
+        host_tokens = _to_pinned(tokens)
+        ready = torch.cuda.Event()
+        ready.record()
+        return DeviceSamples(host_tokens, host_logprobs, tops, ready)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _top_k(request: Request, vocab_size: int) -> int:

@@ -28,7 +28,7 @@ class AttentionMetadata:
     num_decodes: int                    # rows [0, num_decodes) are single-token decodes, one per sequence
     decode_page_table: torch.Tensor | None = None   # [num_decodes, max_pages] int64, padded with page 0
     decode_seq_lens: torch.Tensor | None = None     # [num_decodes] int64, cached tokens incl. the new one
-    decode_max_seq_len: int = 0                      # max of decode_seq_lens, known on the host
+    decode_max_seq_len: int = 0                      # at least max(decode_seq_lens), known on the host
     decode_kv_mask: torch.Tensor | None = None      # [num_decodes, 1, 1, decode_max_seq_len] bool, True =
     #                                                 attend; None when every length equals the maximum
     extends: list[ExtendSeq] = field(default_factory=list)

@@ -28,6 +28,7 @@ TYPE_NAMES = {torch.bfloat16: "bf16_t", torch.float16: "f16_t", torch.float32: "
 ATTENTION_HEAD_DIMS = (64, 128)
 MAX_GROUP = 16                # query heads per kv head: the rows of one tensor-core tile
 DECODE_SPLIT = 256            # csrc/decode_attention.cu SPLIT
+DECODE_MAX_SPLITS = 64        # csrc/decode_attention.cu MAX_SPLITS
 DECODE_MERGE_THREADS = 512    # csrc/decode_attention.cu MERGE_THREADS
 EXTEND_ROWS = 64              # csrc/extend_attention.cu ROWS
 # A fresh prefill (no cached prefix) at least this long runs PyTorch's flash SDPA on its own K/V: on an H200
@@ -188,7 +189,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
     num_tokens, num_decodes = q.shape[0], meta.num_decodes
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_decodes:
-        max_splits = max(1, -(-meta.decode_max_seq_len // DECODE_SPLIT))
+        max_splits = decode_splits(meta.decode_max_seq_len)
         decode_attention(out[:num_decodes], q[:num_decodes], kv_cache, meta.decode_page_table,
                          meta.decode_seq_lens, max_splits)
     by_sdpa = [seq for seq in meta.extends if _fresh_prefill_by_sdpa(seq)]
@@ -204,10 +205,16 @@ def _fresh_prefill_by_sdpa(seq: ExtendSeq) -> bool:
     return seq.context_len == 0 and seq.query_len >= SDPA_FRESH_PREFILL_MIN
 
 
+def decode_splits(max_seq_len: int) -> int:
+    """The split count that covers every sequence of up to `max_seq_len` positions."""
+    return max(1, min(DECODE_MAX_SPLITS, -(-max_seq_len // DECODE_SPLIT)))
+
+
 def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, max_splits: int) -> None:
-    """out, q: [B, num_heads, D]; seq_lens [B] int64 (0 for a padding row). `max_splits` bounds the splits of
-    DECODE_SPLIT positions any sequence needs; a larger value changes nothing but the launch size."""
+    """out, q: [B, num_heads, D]; seq_lens [B] int64 (0 for a padding row). `max_splits` bounds the splits any
+    sequence needs (decode_splits of the longest); a larger value changes nothing but the launch size, so
+    DECODE_MAX_SPLITS serves every length."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -264,12 +271,13 @@ def extend_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
 # --- sampling ----------------------------------------------------------------------------------------------
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
-           min_ps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Token ids [rows] int64 from float32 logits [rows, >= vocab_size]; per-row parameters as device tensors:
-    temperatures f32 (< 1e-5: greedy), top_ks i32 (<= 0: off), top_ps f32, min_ps f32, seeds u64 (as int64),
-    positions i64 (the output index the token will have)."""
+           min_ps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids [rows] int64 (into `out` when given) from float32 logits [rows, >= vocab_size]; per-row
+    parameters as device tensors: temperatures f32 (< 1e-5: greedy), top_ks i64 (<= 0: off), top_ps f32,
+    min_ps f32, seeds u64 (as int64), positions i64 (the output index the token will have)."""
     rows = logits.shape[0]
-    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device) if out is None else out
     if rows:
         _launch("sampling.cu", "sample_tokens", (rows,), (SAMPLE_THREADS,), _ptr(tokens), _ptr(logits),
                 _i64(logits.stride(0)), _i32(vocab_size), _ptr(temperatures), _ptr(top_ks), _ptr(top_ps),

@@ -21,6 +21,10 @@ class Request:
     params: SamplingParams
     seed: int                                   # params.seed, or one drawn at admission
     output_ids: list[int] = field(default_factory=list)
+    # Tokens sampled by scheduled steps whose results are not in output_ids yet: one from the moment a step
+    # that samples is scheduled until the scheduler records its result, two under overlap scheduling (the next
+    # step is scheduled before the previous one's tokens are read). They count in num_tokens.
+    num_in_flight: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_computed: int = 0                       # leading tokens whose K/V sit in `pages`
     pages: list[int] = field(default_factory=list)   # page table: KV page ids, in order
@@ -34,10 +38,16 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Tokens of the sequence, in-flight ones included (their ids are not known on the host yet)."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_in_flight
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids) + self.num_in_flight
 
     @property
     def token_ids(self) -> list[int]:
+        """The known tokens: prompt and recorded output."""
         return self.prompt_ids + self.output_ids
 
     @property

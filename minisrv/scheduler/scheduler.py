@@ -4,6 +4,12 @@ Each step spends a token budget (max_num_batched_tokens): first one token for ev
 that is decoding, then prefill chunks (running requests part-way through their prompt, then newly
 admitted ones) fill what is left, so a long prompt is chunked and never stalls running streams.
 
+Under overlap scheduling (minisrv/engine/llm_engine.py) the next step is scheduled before the previous
+one's tokens are known: a request's in-flight tokens count as tokens to compute (the model runner takes
+their ids from the previous step's output on the device), and a request those tokens will certainly
+finish (max_tokens, the context length) is not scheduled again. One whose in-flight token turns out to
+stop it has computed one row for nothing; postprocess drops that row's result.
+
 Admission is optimistic: a request gets pages only for the tokens it computes now. When the pool runs
 dry, idle prefix-cache pages are evicted first; then the most recently admitted running request is
 preempted: it drops its pages (their full pages stay cached) and waits at the head of the queue to
@@ -139,12 +145,13 @@ class Scheduler:
         for seq in batch.seqs:
             result = next(next_result) if seq.sample else None
             req = seq.request
-            if req.finished:        # aborted after it was scheduled; abort() already reported it
+            if req.finished:        # aborted, or stopped by the token before, after it was scheduled
                 continue
             if req.rid in self._cursors:
                 self._cache_full_pages(req, seq.start + seq.num_tokens)
             if result is None:
                 continue
+            req.num_in_flight -= 1
             req.output_ids.append(result.token_id)
             reason = self._finish_reason(req, result.token_id)
             if reason is not FinishReason.NONE:
@@ -155,7 +162,7 @@ class Scheduler:
     # ---- internals
     def _schedule_running(self, req: Request, step: _Step) -> None:
         num_tokens = min(req.num_tokens - req.num_computed, step.budget)
-        if num_tokens == 0:
+        if num_tokens == 0 or self._length_reached(req):
             return
         while not self._grow(req, req.num_computed + num_tokens):
             victim = next(reversed(self.running.values()))
@@ -205,7 +212,9 @@ class Scheduler:
 
     def _add_seq(self, req: Request, start: int, num_tokens: int, step: _Step) -> None:
         req.num_computed = start + num_tokens
-        step.seqs.append(ScheduledSeq(req, start, num_tokens, sample=req.num_computed == req.num_tokens))
+        sample = req.num_computed == req.num_tokens
+        step.seqs.append(ScheduledSeq(req, start, num_tokens, sample=sample))
+        req.num_in_flight += sample
         step.budget -= num_tokens
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
@@ -250,9 +259,13 @@ class Scheduler:
         if num_output >= params.min_tokens and (
                 (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids):
             return FinishReason.STOP
-        if num_output >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_output >= req.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             return FinishReason.LENGTH
         return FinishReason.NONE
+
+    def _length_reached(self, req: Request) -> bool:
+        """Whether the request's in-flight tokens already bring it to max_tokens or the context length."""
+        return req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.status is RequestStatus.WAITING:

@@ -95,11 +95,13 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
     logits = random_logits(3, 5)
     adjusted = apply_logit_adjustments(logits, requests, EOS)
 
-    assert sorted(banned_stop_ids(short, EOS)) == [7, 11, 42, 43]
-    assert banned_stop_ids(reached, EOS) == []
-    assert banned_stop_ids(ignoring_eos, EOS) == [99]
+    assert sorted(banned_stop_ids(short, EOS, 2)) == [7, 11, 42, 43]
+    assert banned_stop_ids(reached, EOS, 2) == []
+    assert banned_stop_ids(ignoring_eos, EOS, 1) == [99]
+    # The ban follows the position the token will take, not what is recorded so far (overlap scheduling).
+    assert banned_stop_ids(short, EOS, 5) == [] and banned_stop_ids(reached, EOS, 1) == [7, 11, 42]
     for row, request in enumerate(requests):
-        banned = set(banned_stop_ids(request, EOS))
+        banned = set(banned_stop_ids(request, EOS, len(request.output_ids)))
         for token in range(VOCAB):
             if token in banned:
                 assert adjusted[row, token] == float("-inf")

@@ -130,7 +130,7 @@ def test_decode_attention(cuda, dtype, head_dim, group, page_size):
     q = randn(len(lengths), heads, head_dim, dtype=dtype, seed=9)
     seq_lens = torch.tensor(lengths, device=DEVICE)
     out = torch.empty_like(q)
-    cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=-(-max(lengths) // cuda.DECODE_SPLIT))
+    cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=cuda.decode_splits(max(lengths)))
     mask = (torch.arange(max(lengths), device=DEVICE) < seq_lens[:, None]).view(len(lengths), 1, 1, -1)
     ref = reference.decode_attention(q, clean, table, max(lengths), mask)
     for b, n in enumerate(lengths):
@@ -147,8 +147,30 @@ def test_decode_attention_does_not_depend_on_the_batch(cuda):
     cuda.decode_attention(together, q, clean, table, seq_lens, max_splits=20)
     for b in range(len(lengths)):
         alone = torch.empty_like(q[b:b + 1])
-        cuda.decode_attention(alone, q[b:b + 1], clean, table[b:b + 1], seq_lens[b:b + 1], max_splits=-(-lengths[b] // 256))
+        cuda.decode_attention(alone, q[b:b + 1], clean, table[b:b + 1], seq_lens[b:b + 1],
+                              max_splits=cuda.decode_splits(lengths[b]))
         assert torch.equal(alone[0], together[b])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_attention_of_sequences_longer_than_every_split(cuda, head_dim):
+    """Past DECODE_SPLIT * DECODE_MAX_SPLITS positions a split covers several runs of DECODE_SPLIT; the launch of
+    DECODE_MAX_SPLITS splits (what a CUDA graph uses) matches the reference and the launch sized to the batch."""
+    longest = cuda.DECODE_SPLIT * cuda.DECODE_MAX_SPLITS
+    lengths = [longest + 1, 2 * longest + 300, longest - 5, 40]
+    clean, poisoned, table, _ = paged_cache(lengths, 16, 2, head_dim, torch.bfloat16, seed=21)
+    q = randn(len(lengths), 8, head_dim, dtype=torch.bfloat16, seed=22)
+    seq_lens = torch.tensor(lengths, device=DEVICE)
+    out = torch.empty_like(q)
+    cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=cuda.decode_splits(max(lengths)))
+    assert cuda.decode_splits(max(lengths)) == cuda.DECODE_MAX_SPLITS
+    mask = (torch.arange(max(lengths), device=DEVICE) < seq_lens[:, None]).view(len(lengths), 1, 1, -1)
+    ref = reference.decode_attention(q, clean, table, max(lengths), mask)
+    for b, n in enumerate(lengths):
+        assert rel_error(out[b], ref[b]) < TOLERANCE[torch.bfloat16], f"length {n}"
+    alone = torch.empty_like(q[3:])
+    cuda.decode_attention(alone, q[3:], clean, table[3:], seq_lens[3:], max_splits=1)
+    assert torch.equal(alone[0], out[3])
 
 
 def extend_metadata(chunks: list[tuple[int, int]], table: torch.Tensor, pages: list[list[int]], page_size: int,

@@ -129,7 +129,8 @@ def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None) -> N
         assert len({s.request.rid for s in batch.seqs}) == len(batch.seqs)
         for seq in batch.seqs:
             assert seq.num_tokens >= 1 and seq.start + seq.num_tokens == seq.request.num_computed
-            assert seq.sample == (seq.start + seq.num_tokens == seq.request.num_tokens)
+            # A sampling seq ends at the request's last token; the token it samples is in flight.
+            assert seq.sample == (seq.start + seq.num_tokens == seq.request.num_tokens - seq.sample)
         # A partial prefill chunk takes the rest of the budget, so nothing can come after it.
         assert all(seq.sample for seq in batch.seqs[:-1])
 

@@ -1,0 +1,131 @@
+"""Decode steps replayed as CUDA graphs: one graph per batch-size bucket, all in one memory pool.
+
+A decode step of a small model is a few hundred kernel launches of a few microseconds of GPU work each;
+launched one by one from Python the GPU waits on the host. A graph replays the whole step (input ids, the
+model, the LM head and the sampling kernel) in one launch. Everything a step varies lives in static device
+buffers the graphs read: one [len(INT_ROWS), max_bs] int64 buffer, one [len(FLOAT_PARAMS), max_bs] float32
+buffer and the page table, each filled by a single host-to-device copy per step. A batch runs in the
+smallest bucket that holds it; padding rows have sequence length 0 and slot -1, so they write nothing
+(the KV store skips negative slots, the decode kernel writes zeros) and their tokens are discarded.
+
+Decode attention is launched with the most splits any length needs (kernels.cuda.DECODE_MAX_SPLITS), so one
+graph serves every sequence length: a sequence's result does not depend on the launch's split count.
+Input ids of tokens still in flight (overlap scheduling) are read on the device from `last_tokens`, where
+every step leaves its sampled tokens, through `prev_rows` (-1 where the host knows the id).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minisrv.engine.sampling import FLOAT_PARAMS, INT_PARAMS, FusedSampler
+from minisrv.layers.forward_context import AttentionMetadata, ForwardContext, forward_context
+
+logger = logging.getLogger(__name__)
+
+# The per-row integer inputs of a decode step, rows of one buffer; the sampler's parameters come last.
+INT_ROWS = ("input_ids", "positions", "slots", "seq_lens", "prev_rows") + INT_PARAMS
+ROW = {name: i for i, name in enumerate(INT_ROWS)}
+SAMPLER_ROWS = slice(ROW[INT_PARAMS[0]], ROW[INT_PARAMS[-1]] + 1)
+# A padding row: no token to store, nothing to attend to, greedy (the cheapest draw).
+PADDING = dict(input_ids=0, positions=0, slots=-1, seq_lens=0, prev_rows=-1, top_k=0, seed=0, position=0)
+
+
+def graph_buckets(max_bs: int) -> list[int]:
+    """Batch sizes with a graph: 1, 2, 4, then every multiple of 8 up to max_bs rounded up (the spacing SGLang
+    and vLLM use: a batch pads by at most 7 rows)."""
+    small = [b for b in (1, 2, 4) if b < max_bs]
+    return small + ([max_bs] if max_bs <= 4 else list(range(8, -(-max_bs // 8) * 8 + 1, 8)))
+
+
+def resolve_input_ids(input_ids: torch.Tensor, prev_rows: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
+    """input_ids with each row whose prev_rows >= 0 replaced by last_tokens[prev_rows] (a token in flight)."""
+    from_previous = last_tokens.index_select(0, prev_rows.clamp(min=0))
+    return torch.where(prev_rows >= 0, from_previous, input_ids)
+
+
+@dataclass
+class DecodeInputs:
+    """A decode batch's rows as host tensors, padded to its bucket."""
+
+    ints: torch.Tensor      # [len(INT_ROWS), bucket] int64, pinned
+    floats: torch.Tensor    # [len(FLOAT_PARAMS), bucket] float32, pinned
+    page_table: torch.Tensor  # [bucket, pages] int64, pinned
+
+
+class DecodeGraphs:
+    """The captured decode steps of a model; `run` replays the one for a batch's bucket."""
+
+    def __init__(self, model, sampler: FusedSampler, max_bs: int, max_seq_len: int, page_size: int,
+                 last_tokens: torch.Tensor) -> None:
+        self.model, self.sampler = model, sampler
+        self.buckets = graph_buckets(max_bs)
+        self.max_bs = self.buckets[-1]
+        self.max_seq_len = max_seq_len
+        device = last_tokens.device
+        self.ints = torch.tensor([[PADDING[name]] * self.max_bs for name in INT_ROWS], dtype=torch.int64,
+                                 device=device)
+        self.floats = torch.zeros(len(FLOAT_PARAMS), self.max_bs, dtype=torch.float32, device=device)
+        self.page_table = torch.zeros(self.max_bs, -(-max_seq_len // page_size), dtype=torch.int64, device=device)
+        self.last_tokens = last_tokens
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def bucket(self, batch_size: int) -> int | None:
+        """The smallest bucket holding batch_size rows; None when it is too large for any graph."""
+        return next((b for b in self.buckets if b >= batch_size), None)
+
+    def forward(self, bs: int) -> torch.Tensor:
+        """The decode step on the static buffers' first bs rows: float32 logits, tokens into last_tokens[:bs]."""
+        ints = self.ints[:, :bs]
+        input_ids = resolve_input_ids(ints[ROW["input_ids"]], ints[ROW["prev_rows"]], self.last_tokens)
+        attn = AttentionMetadata(slot_mapping=ints[ROW["slots"]], num_decodes=bs,
+                                 decode_page_table=self.page_table[:bs], decode_seq_lens=ints[ROW["seq_lens"]],
+                                 decode_max_seq_len=self.max_seq_len)
+        with forward_context(ForwardContext(attn)):
+            hidden = self.model(input_ids, ints[ROW["positions"]])
+        logits = self.model.compute_logits(hidden)
+        self.sampler.draw(logits, self.floats[:, :bs], ints[SAMPLER_ROWS], out=self.last_tokens[:bs])
+        return logits
+
+    @torch.inference_mode()
+    def capture(self, buckets: list[int] | None = None) -> float:
+        """Capture a graph per bucket, largest first so the smaller ones reuse its pool; returns seconds taken."""
+        start = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in sorted(buckets or self.buckets, reverse=True):
+                self.forward(bs)   # warm-up: kernels compiled and loaded, cuBLAS workspaces made, outside the graph
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.logits[bs] = self.forward(bs)
+                self.pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def host_inputs(self, bucket: int, rows: dict[str, list[int]], floats: list[list[float]],
+                    page_table: list[list[int]]) -> DecodeInputs:
+        """Pinned host buffers for one step: `rows` holds each INT_ROWS row for the real rows, in order."""
+        n = len(rows["input_ids"])
+        pad = bucket - n
+        ints = torch.tensor([rows[name] + [PADDING[name]] * pad for name in INT_ROWS], dtype=torch.int64)
+        floats_t = torch.tensor([row + [0.0] * pad for row in floats], dtype=torch.float32)
+        width = max(len(p) for p in page_table)
+        pages = torch.tensor([p + [0] * (width - len(p)) for p in page_table] + [[0] * width] * pad, dtype=torch.int64)
+        return DecodeInputs(ints.pin_memory(), floats_t.pin_memory(), pages.pin_memory())
+
+    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+        """Copy the inputs in and replay; returns the bucket's float32 logits (valid until the next replay)."""
+        bucket = inputs.ints.shape[1]
+        self.ints[:, :bucket].copy_(inputs.ints, non_blocking=True)
+        self.floats[:, :bucket].copy_(inputs.floats, non_blocking=True)
+        self.page_table[:bucket, : inputs.page_table.shape[1]].copy_(inputs.page_table, non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.logits[bucket]
