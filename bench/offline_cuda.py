@@ -129,15 +129,39 @@ def hf_decode_ms(hf, batch: int, vocab: int, repeats: int) -> float:
     return statistics.median(results)
 
 
-def throughput(engine: LLMEngine, vocab: int, num_seqs: int, min_len: int, max_len: int) -> tuple[int, float]:
-    """nano-vllm's bench.py workload: (output tokens, seconds)."""
+def throughput(engine: LLMEngine, vocab: int, num_seqs: int, min_len: int, max_len: int) -> dict:
+    """nano-vllm's bench.py workload: output tokens, seconds, and how the steps split into those that prefill
+    (eager) and pure decodes (graphs)."""
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(num_seqs)]
     params = [SamplingParams(temperature=0.6, max_tokens=rng.randint(min_len, max_len), ignore_eos=True, seed=i)
               for i in range(num_seqs)]
     timed_generate(engine, [[1, 2, 3]], [SamplingParams(max_tokens=4)])   # warm-up
-    seconds = timed_generate(engine, prompts, params)
-    return sum(p.max_tokens for p in params), seconds
+    kinds: list[bool] = []
+    launch = engine.runner.launch
+
+    def classifying_launch(batch, previous=None):
+        kinds.append(any(seq.num_tokens > 1 for seq in batch.seqs))
+        return launch(batch, previous)
+
+    engine.runner.launch = classifying_launch
+    first_rid = time.monotonic_ns()
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(first_rid + i, prompt, p)
+    step_times: list[float] = []
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - t)
+    seconds = time.perf_counter() - start
+    engine.runner.launch = launch
+    # Under overlap a call launches step i and waits for step i - 1: charge each call to the step it launched.
+    prefill_s = sum(t for t, k in zip(step_times, kinds) if k)
+    tokens = sum(p.max_tokens for p in params)
+    return dict(output_tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, prefill_steps=sum(kinds),
+                prefill_step_s=prefill_s, decode_steps=len(kinds) - sum(kinds), decode_step_s=seconds - prefill_s)
 
 
 def free(*objects) -> None:
@@ -177,9 +201,8 @@ def run(args) -> dict:
                                  floor_ms=floor_ms))
                 print(rows[-1], flush=True)
             if preset in args.throughput_presets:
-                tokens, seconds = throughput(engine, vocab, args.throughput_seqs, 100, 1024)
-                tput.append(dict(preset=preset, engine=name, output_tokens=tokens, seconds=seconds,
-                                 tokens_per_s=tokens / seconds))
+                tput.append(dict(preset=preset, engine=name,
+                                 **throughput(engine, vocab, args.throughput_seqs, 100, 1024)))
                 print(tput[-1], flush=True)
             free(engine)
         free(loaded)
@@ -197,4 +220,5 @@ def print_table(result: dict) -> None:
               f"{ratio:>9.1f}x")
     for r in result["throughput"]:
         print(f"{r['preset']:<14}{r['engine']:<24}throughput {r['output_tokens']} tokens in {r['seconds']:.2f} s: "
-              f"{r['tokens_per_s']:,.0f} tokens/s")
+              f"{r['tokens_per_s']:,.0f} tokens/s ({r['prefill_steps']} prefill steps {r['prefill_step_s']:.2f} s, "
+              f"{r['decode_steps']} decode steps {r['decode_step_s']:.2f} s)")

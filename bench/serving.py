@@ -43,13 +43,17 @@ class RequestResult:
 # --- prompts ------------------------------------------------------------------------------------------------
 
 def load_tokenizer(name: str):
-    """A Hugging Face tokenizer (a directory or hub id), or minisrv's model source name ("embedded")."""
-    if name == "embedded":
+    """A Hugging Face tokenizer (a directory or hub id), or the one minisrv serves for "embedded" or a preset
+    served with --load-format dummy (its byte-level vocabulary)."""
+    from minisrv.models.dummy import preset_names
+
+    if name == "embedded" or name in preset_names():
         from minisrv.config import EngineConfig
         from minisrv.models.source import resolve_source
         from minisrv.tokenizer.loading import load_tokenizer as load_minisrv_tokenizer
 
-        return load_minisrv_tokenizer(resolve_source(EngineConfig()))
+        fmt = "auto" if name == "embedded" else "dummy"
+        return load_minisrv_tokenizer(resolve_source(EngineConfig(model=name, load_format=fmt)))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
@@ -82,11 +86,20 @@ def request_body(args: argparse.Namespace, model: str, prompt: str, output_len: 
                   "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         body["ignore_eos"] = True   # vLLM, SGLang and minisrv accept it; OpenAI itself does not
+    if args.logprobs is not None:
+        body["logprobs"] = args.logprobs if args.endpoint == "completions" else True
+        if args.endpoint == "chat":
+            body["top_logprobs"] = args.logprobs
     if args.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
     return body
+
+
+def names_a_token(logprobs: dict) -> bool:
+    """Whether a chunk's logprobs name at least one token (completions: tokens; chat: content)."""
+    return bool(logprobs.get("tokens") or logprobs.get("content"))
 
 
 async def send(session, url: str, body: dict, result: RequestResult) -> RequestResult:
@@ -110,7 +123,8 @@ async def send(session, url: str, body: dict, result: RequestResult) -> RequestR
                     continue
                 piece = choices[0].get("text") if "text" in choices[0] else (choices[0].get("delta") or {}).get(
                     "content")
-                if not piece:
+                # A token whose bytes are not text yet still shows in its chunk's logprobs (with --logprobs).
+                if not piece and not (choices[0].get("logprobs") and names_a_token(choices[0]["logprobs"])):
                     continue
                 now = time.perf_counter()
                 if chunks == 0:
@@ -249,6 +263,8 @@ def main() -> None:
     parser.add_argument("--num-warmups", type=int, default=2)
     parser.add_argument("--ignore-eos", action="store_true", help="ask for exactly the output length")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--logprobs", type=int, help="ask for logprobs, so every token makes a chunk even when its "
+                                                     "bytes are not text yet (dummy models' byte vocabulary)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
     parser.add_argument("--no-progress", action="store_true")

@@ -14,7 +14,7 @@
 #include "common.cuh"
 #include "mma.cuh"
 
-constexpr int SPLIT = 256;     // positions per block (a multiple of them for long sequences)
+constexpr int SPLIT = 64;      // positions per block (a multiple of them for long sequences)
 constexpr int MAX_SPLITS = 64; // splits of one sequence, at most
 constexpr int TILE = 16;       // positions per tile in shared memory
 constexpr int STAGES = 3;      // tiles in flight: the warp computes on one while the next two stream in

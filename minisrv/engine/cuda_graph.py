@@ -71,8 +71,9 @@ class DecodeGraphs:
         self.floats = torch.zeros(len(FLOAT_PARAMS), self.max_bs, dtype=torch.float32, device=device)
         self.page_table = torch.zeros(self.max_bs, -(-max_seq_len // page_size), dtype=torch.int64, device=device)
         self.last_tokens = last_tokens
+        # One logits buffer for every bucket: a graph's own output would live on in the pool, bucket by bucket.
+        self.logits = torch.empty(self.max_bs, model.config.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
     def bucket(self, batch_size: int) -> int | None:
@@ -88,7 +89,7 @@ class DecodeGraphs:
                                  decode_max_seq_len=self.max_seq_len)
         with forward_context(ForwardContext(attn)):
             hidden = self.model(input_ids, ints[ROW["positions"]])
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden, out=self.logits[:bs])
         self.sampler.draw(logits, self.floats[:, :bs], ints[SAMPLER_ROWS], out=self.last_tokens[:bs])
         return logits
 
@@ -103,7 +104,7 @@ class DecodeGraphs:
                 self.forward(bs)   # warm-up: kernels compiled and loaded, cuBLAS workspaces made, outside the graph
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.logits[bs] = self.forward(bs)
+                    self.forward(bs)
                 self.pool = graph.pool()
                 self.graphs[bs] = graph
         torch.cuda.current_stream().wait_stream(stream)
@@ -122,10 +123,10 @@ class DecodeGraphs:
         return DecodeInputs(ints.pin_memory(), floats_t.pin_memory(), pages.pin_memory())
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Copy the inputs in and replay; returns the bucket's float32 logits (valid until the next replay)."""
+        """Copy the inputs in and replay; returns the bucket's float32 logits (valid until the next step)."""
         bucket = inputs.ints.shape[1]
         self.ints[:, :bucket].copy_(inputs.ints, non_blocking=True)
         self.floats[:, :bucket].copy_(inputs.floats, non_blocking=True)
         self.page_table[:bucket, : inputs.page_table.shape[1]].copy_(inputs.page_table, non_blocking=True)
         self.graphs[bucket].replay()
-        return self.logits[bucket]
+        return self.logits[:bucket]

@@ -114,10 +114,10 @@ class CausalLM(nn.Module):
             layer.self_attn.attn.bind(cache)
 
     def use_ops(self, ops: ModuleType) -> None:
-        """Run norms, activations, RoPE and attention with `ops` (a kernels module: minisrv/kernels/)."""
+        """Run projections, norms, activations, RoPE and attention with `ops` (a kernels module: minisrv/kernels/)."""
         self.ops = ops
         for module in self.modules():
-            if isinstance(module, (RMSNorm, MLP)):
+            if isinstance(module, (RMSNorm, MLP, Linear)):
                 module.ops = ops
             elif isinstance(module, Attention):
                 module.attn.ops = ops
@@ -131,6 +131,7 @@ class CausalLM(nn.Module):
         hidden, _ = self.norm.forward(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [rows, hidden_size] -> float32 logits [rows, vocab_size]."""
-        return self.lm_head.forward(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [rows, hidden_size] -> float32 logits [rows, vocab_size] (into `out` when given)."""
+        logits = self.lm_head.forward(hidden)
+        return logits.float() if out is None else out.copy_(logits)

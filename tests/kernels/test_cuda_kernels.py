@@ -42,7 +42,31 @@ def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
+# --- linear layers ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k, n", [(2048, 3072), (8192, 2048), (1032, 1001), (64, 8)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_of_small_batches(cuda, dtype, k, n, with_bias):
+    """Up to GEMV_MAX_ROWS rows go through csrc/gemv.cu: F.linear's result within rounding, and each row's output
+    bitwise the same in every batch size (its sum does not depend on the other rows)."""
+    x = randn(cuda.GEMV_MAX_ROWS + 1, k, dtype=dtype, seed=k + n)
+    weight = randn(n, k, dtype=dtype, seed=n) / math.sqrt(k)
+    bias = randn(n, dtype=dtype, seed=3) if with_bias else None
+    alone = cuda.linear(x[:1], weight, bias)
+    for rows in range(1, cuda.GEMV_MAX_ROWS + 1):
+        out = cuda.linear(x[:rows], weight, bias)
+        ref = reference.linear(x[:rows].float(), weight.float(), None if bias is None else bias.float())
+        assert rel_error(out, ref) < TOLERANCE[dtype], rows
+        assert torch.equal(out[:1], alone), rows
+    # Past GEMV_MAX_ROWS, and for inputs the kernel does not take, F.linear itself.
+    assert torch.equal(cuda.linear(x, weight, bias), reference.linear(x, weight, bias))
+    odd_stride = randn(2, k + 1, dtype=dtype, seed=5)[:, :k]
+    assert torch.equal(cuda.linear(odd_stride, weight, bias), reference.linear(odd_stride, weight, bias))
+
+
 # --- norms and activation --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
 @pytest.mark.parametrize("rows, hidden", [(1, 576), (7, 2048), (64, 4096), (3, 896)])
@@ -123,7 +147,7 @@ def paged_cache(lengths: list[int], page_size: int, kv_heads: int, head_dim: int
 @pytest.mark.parametrize("group", [1, 3, 4, 7, 8, 16])
 @pytest.mark.parametrize("page_size", [1, 16, 64])
 def test_decode_attention(cuda, dtype, head_dim, group, page_size):
-    lengths = [1, 15, 16, 17, 255, 256, 257, 1000, 4096, 8192]
+    lengths = [1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 1000, 4096, 8192]
     kv_heads = 2
     heads = kv_heads * group
     clean, poisoned, table, _ = paged_cache(lengths, page_size, kv_heads, head_dim, dtype, seed=head_dim + group)
