@@ -10,8 +10,7 @@ in a CUDA graph and replayed, so launch overhead on the host stays out of them.
   fused     add + RMSNorm, RoPE + KV store, SiLU-and-multiply against their PyTorch sequences
   extend    extend attention: a fresh prefill against SDPA (flash), a chunk on a cached prefix against the
             reference (gather + SDPA)
-  gemm      cuda.linear (csrc/gemv.cu up to 8 rows) against cuBLAS on llama-3.2-1b's projections at batch
-            1, 8 and 64: GB/s of weights read
+  gemm      cuBLAS on llama-3.2-1b's projections at batch 1 and 64: GB/s of weights read
   engine    llama-3.2-1b and qwen3-0.6b (dummy weights, bfloat16): GPU kernel time and kernels per decode step (torch profiler)
             and wall ms per step, PyTorch ops against the CUDA kernels, greedy and sampled
 
@@ -229,17 +228,16 @@ LLAMA_1B_PROJECTIONS = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (1638
 
 
 def bench_gemm(copy_gbs: float, repeats: int) -> list[Row]:
-    """llama-3.2-1b's projections at batch 1, 8 and 64: the weight-read rate that bounds a decode step, since these
-    are most of its GPU time. Up to cuda.GEMV_MAX_ROWS rows cuda.linear runs csrc/gemv.cu, against cuBLAS."""
+    """cuBLAS (F.linear) on llama-3.2-1b's projections at batch 1 and 64: the weight-read rate that bounds a
+    decode step, since these are most of its GPU time."""
     rows = []
-    for batch in (1, 8, 64):
+    for batch in (1, 64):
         for name, (out_features, in_features) in LLAMA_1B_PROJECTIONS.items():
             weight = torch.randn(out_features, in_features, device=DEVICE, dtype=torch.bfloat16)
             x = torch.randn(batch, in_features, device=DEVICE, dtype=torch.bfloat16)
-            us = time_us(lambda: cuda.linear(x, weight, None), repeats)
-            peer = time_us(lambda: torch.nn.functional.linear(x, weight), repeats)
+            us = time_us(lambda: torch.nn.functional.linear(x, weight), repeats)
             gbs = weight.numel() * 2 / us / 1e3
-            rows.append(Row("gemm", f"{name} {out_features}x{in_features}, batch {batch}", us, "cuBLAS", peer,
+            rows.append(Row("gemm", f"{name} {out_features}x{in_features}, batch {batch}", us,
                             note=f"{gbs:.0f} GB/s of weights = {100 * gbs / copy_gbs:.0f}% of copy"))
     return rows
 

@@ -63,14 +63,18 @@ def exact_prompt(tokenizer, length: int, rng: random.Random) -> str:
     """Random text that `tokenizer` encodes (without special tokens) to exactly `length` tokens."""
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
-    ids = [rng.choice(vocab) for _ in range(length)]
-    for _ in range(10):
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) == length:
-            return text
-        # Re-encoding merges or splits pieces: cut, or pad with more random ids, and try again.
-        ids = ids[:length] + [rng.choice(vocab) for _ in range(length - len(ids))]
+    for attempt in range(2):
+        ids = [rng.choice(vocab) for _ in range(length)]
+        for _ in range(10):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) == length:
+                return text
+            # Re-encoding merges or splits pieces: cut, or pad with more random ids, and try again.
+            ids = ids[:length] + [rng.choice(vocab) for _ in range(length - len(ids))]
+        # A byte-level vocabulary's random bytes are rarely valid UTF-8: keep to ids that survive a round trip.
+        vocab = [i for i in rng.sample(vocab, min(len(vocab), 20000))
+                 if tokenizer.encode(tokenizer.decode([i]), add_special_tokens=False) == [i]]
     raise SystemExit(f"could not make a prompt of exactly {length} tokens with this tokenizer")
 
 

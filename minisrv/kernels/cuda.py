@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minisrv.kernels import reference
 from minisrv.kernels.attention_metadata import AttentionMetadata, ExtendSeq
@@ -37,8 +36,6 @@ EXTEND_ROWS = 64              # csrc/extend_attention.cu ROWS
 # ones stay in the step's one extend launch with the chunks on a cached prefix, where the kernel is 6x faster.
 SDPA_FRESH_PREFILL_MIN = 256
 SAMPLE_THREADS = 1024         # csrc/sampling.cu SAMPLE_THREADS
-GEMV_MAX_ROWS = 8             # csrc/gemv.cu: batches up to this many rows; cuBLAS above
-GEMV_WARPS = 8                # csrc/gemv.cu WARPS
 
 
 def unsupported() -> str | None:
@@ -119,22 +116,6 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     return flat, flat.stride(0)
-
-
-# --- linear layers ---------------------------------------------------------------------------------------
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear; for up to GEMV_MAX_ROWS rows of 16-bit floats, csrc/gemv.cu (a stream over the weight)."""
-    rows, k = x.shape[0], x.shape[-1]
-    if (x.dim() != 2 or not 1 <= rows <= GEMV_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16)
-            or k % 8 or x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
-            or not weight.is_contiguous() or weight.data_ptr() % 16):
-        return F.linear(x, weight, bias)
-    n = weight.shape[0]
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    _launch("gemv.cu", f"gemv<{TYPE_NAMES[x.dtype]}, {rows}>", (-(-n // GEMV_WARPS),), (GEMV_WARPS * 32,),
-            _ptr(y), _i64(y.stride(0)), _ptr(x), _i64(x.stride(0)), _ptr(weight), _ptr(bias), _i32(n), _i32(k))
-    return y
 
 
 # --- norms and activation --------------------------------------------------------------------------------

@@ -1,5 +1,4 @@
-"""The model's linear layer: the bound kernels' `linear` (F.linear, or on CUDA a weight-streaming kernel for
-small batches), or on the CPU a oneDNN matmul over a weight packed once at startup.
+"""The model's linear layer: F.linear, or on the CPU a oneDNN matmul over a weight packed once at startup.
 
 F.linear on the CPU runs MKL's sgemm on the row-major [out, in] weight. oneDNN with the weight reordered
 once into its own blocked layout is faster at every batch size we run; measured on the 2-core dev VM,
@@ -11,9 +10,8 @@ PyTorch lacks them, the layer keeps F.linear.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from minisrv.kernels import reference
 
 # Rows the packed layout is tuned for; 1..512-row batches all ran faster than F.linear with it.
 PACK_BATCH_HINT = 16
@@ -35,7 +33,6 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None
         self.single_row_weight: torch.Tensor | None = None   # [in, out], contiguous
-        self.ops = reference   # the kernels module the model runner binds
 
     @torch.no_grad()
     def pack(self, single_row_copy: bool = False) -> None:
@@ -61,4 +58,4 @@ class Linear(nn.Module):
             return torch.mm(x, self.single_row_weight)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return self.ops.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)

@@ -114,10 +114,10 @@ class CausalLM(nn.Module):
             layer.self_attn.attn.bind(cache)
 
     def use_ops(self, ops: ModuleType) -> None:
-        """Run projections, norms, activations, RoPE and attention with `ops` (a kernels module: minisrv/kernels/)."""
+        """Run norms, activations, RoPE and attention with `ops` (a kernels module: minisrv/kernels/)."""
         self.ops = ops
         for module in self.modules():
-            if isinstance(module, (RMSNorm, MLP, Linear)):
+            if isinstance(module, (RMSNorm, MLP)):
                 module.ops = ops
             elif isinstance(module, Attention):
                 module.attn.ops = ops

@@ -42,29 +42,6 @@ def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
-# --- linear layers ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k, n", [(2048, 3072), (8192, 2048), (1032, 1001), (64, 8)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_of_small_batches(cuda, dtype, k, n, with_bias):
-    """Up to GEMV_MAX_ROWS rows go through csrc/gemv.cu: F.linear's result within rounding, and each row's output
-    bitwise the same in every batch size (its sum does not depend on the other rows)."""
-    x = randn(cuda.GEMV_MAX_ROWS + 1, k, dtype=dtype, seed=k + n)
-    weight = randn(n, k, dtype=dtype, seed=n) / math.sqrt(k)
-    bias = randn(n, dtype=dtype, seed=3) if with_bias else None
-    alone = cuda.linear(x[:1], weight, bias)
-    for rows in range(1, cuda.GEMV_MAX_ROWS + 1):
-        out = cuda.linear(x[:rows], weight, bias)
-        ref = reference.linear(x[:rows].float(), weight.float(), None if bias is None else bias.float())
-        assert rel_error(out, ref) < TOLERANCE[dtype], rows
-        assert torch.equal(out[:1], alone), rows
-    # Past GEMV_MAX_ROWS, and for inputs the kernel does not take, F.linear itself.
-    assert torch.equal(cuda.linear(x, weight, bias), reference.linear(x, weight, bias))
-    odd_stride = randn(2, k + 1, dtype=dtype, seed=5)[:, :k]
-    assert torch.equal(cuda.linear(odd_stride, weight, bias), reference.linear(odd_stride, weight, bias))
-
-
 # --- norms and activation --------------------------------------------------------------------------------
 
 
@@ -168,7 +145,7 @@ def test_decode_attention_does_not_depend_on_the_batch(cuda):
     q = randn(len(lengths), 32, 128, dtype=torch.bfloat16, seed=12)
     seq_lens = torch.tensor(lengths, device=DEVICE)
     together = torch.empty_like(q)
-    cuda.decode_attention(together, q, clean, table, seq_lens, max_splits=20)
+    cuda.decode_attention(together, q, clean, table, seq_lens, max_splits=cuda.DECODE_MAX_SPLITS)
     for b in range(len(lengths)):
         alone = torch.empty_like(q[b:b + 1])
         cuda.decode_attention(alone, q[b:b + 1], clean, table[b:b + 1], seq_lens[b:b + 1],
