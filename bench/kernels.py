@@ -110,7 +110,7 @@ def bench_decode(copy_gbs: float, quick: bool, repeats: int) -> list[Row]:
             q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
             out = torch.empty_like(q)
             lens = torch.full((batch,), ctx, device=DEVICE)
-            splits = cuda.decode_splits(ctx)
+            splits = cuda.decode_splits(ctx, batch, 8)
             us = time_us(lambda: cuda.decode_attention(out, q, cache, table, lens, splits), repeats)
             gbs = batch * ctx * 2 * 8 * 128 * 2 / us / 1e3
             peer_us = None

@@ -2,11 +2,13 @@
 //
 // Split-K: a block takes (split, kv head, sequence) and a run of consecutive positions; the query heads that
 // share the kv head (up to 16) are computed together, so each K/V row is read once for all of them.
-// A sequence's splits are SPLIT positions each, or for sequences longer than SPLIT * MAX_SPLITS the fewest
-// multiples of SPLIT that make at most MAX_SPLITS splits. That depends on the sequence's length alone, so its
-// result never depends on what else is in the batch or on the launch's split count: blocks past a sequence's
-// splits do nothing and the merge reads only its own. A launch of MAX_SPLITS splits covers every length, which
-// is what a CUDA graph captured once for all lengths needs, at a bounded size of the partial results.
+// A sequence's splits are SPLIT positions each, or, for a sequence longer than SPLIT * max_splits, the fewest
+// multiples of SPLIT that make at most max_splits splits. That depends on the sequence's length and the launch's
+// max_splits alone, so with the same max_splits its result never depends on what else is in the batch: blocks
+// past a sequence's splits do nothing and the merge reads only its own. The caller picks max_splits from the
+// batch size (minisrv/kernels/cuda.py decode_splits): many splits to spread one long sequence over the SMs,
+// few for a large batch, whose sequences fill them already and whose grid would otherwise be mostly empty
+// blocks (a CUDA graph launches for the longest length any sequence may reach).
 // Positions at or past seq_len are never read: a partial last page cannot inject NaN.
 //
 // Cache slot s = page * page_size + offset holds [2, num_kv_heads, D] (K then V); page_table[b, i] is the
@@ -15,14 +17,13 @@
 #include "mma.cuh"
 
 constexpr int SPLIT = 64;      // positions per block (a multiple of them for long sequences)
-constexpr int MAX_SPLITS = 64; // splits of one sequence, at most
 constexpr int TILE = 16;       // positions per tile in shared memory
 constexpr int STAGES = 3;      // tiles in flight: the warp computes on one while the next two stream in
 
-// Positions per split of a sequence of `len` positions: SPLIT, or a multiple for very long sequences.
-__device__ __forceinline__ int split_len(int len) {
+// Positions per split of a sequence of `len` positions: SPLIT, or a multiple when it has more than max_splits.
+__device__ __forceinline__ int split_len(int len, int max_splits) {
     const int units = (len + SPLIT - 1) / SPLIT;
-    return SPLIT * ((units + MAX_SPLITS - 1) / MAX_SPLITS);
+    return SPLIT * ((units + max_splits - 1) / max_splits);
 }
 
 // One warp per (split, kv head, sequence). The group's query heads are the rows of an m16n8k16 tile (rows
@@ -45,7 +46,7 @@ __global__ void __launch_bounds__(32) paged_decode_split(
     const int split = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
     const int lane = threadIdx.x, gid = lane >> 2, tig = lane & 3;
     const int num_heads = num_kv_heads * group;
-    const int len = (int)seq_lens[seq], chunk = split_len(len), start = split * chunk;
+    const int len = (int)seq_lens[seq], chunk = split_len(len, max_splits), start = split * chunk;
     const i64 out_row = ((i64)seq * num_heads + kv_head * group) * max_splits + split;   // head g: + g * max_splits
     if (start >= len) {
         if (lane < group) part_lse[out_row + lane * max_splits] = NEG_INF;
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(MERGE_THREADS) paged_decode_merge(
     __shared__ float4 acc_rows[ROWS][COLS];
     __shared__ float weight_rows[ROWS];
     const int head = blockIdx.x, seq = blockIdx.y, num_heads = gridDim.x;
-    const int len = (int)seq_lens[seq], chunk = split_len(len);
+    const int len = (int)seq_lens[seq], chunk = split_len(len, max_splits);
     const int splits = (len + chunk - 1) / chunk;
     if (splits <= 1) return;
     const i64 base = ((i64)seq * num_heads + head) * max_splits;

@@ -8,8 +8,8 @@ buffer and the page table, each filled by a single host-to-device copy per step.
 smallest bucket that holds it; padding rows have sequence length 0 and slot -1, so they write nothing
 (the KV store skips negative slots, the decode kernel writes zeros) and their tokens are discarded.
 
-Decode attention is launched with the most splits any length needs (kernels.cuda.DECODE_MAX_SPLITS), so one
-graph serves every sequence length: a sequence's result does not depend on the launch's split count.
+Decode attention is launched for the longest length a sequence may reach (max_model_len), with the split count
+kernels.cuda.decode_splits gives the bucket: one graph serves every sequence length.
 Input ids of tokens still in flight (overlap scheduling) are read on the device from `last_tokens`, where
 every step leaves its sampled tokens, through `prev_rows` (-1 where the host knows the id).
 """

@@ -28,7 +28,8 @@ TYPE_NAMES = {torch.bfloat16: "bf16_t", torch.float16: "f16_t", torch.float32: "
 ATTENTION_HEAD_DIMS = (64, 128)
 MAX_GROUP = 16                # query heads per kv head: the rows of one tensor-core tile
 DECODE_SPLIT = 64             # csrc/decode_attention.cu SPLIT
-DECODE_MAX_SPLITS = 64        # csrc/decode_attention.cu MAX_SPLITS
+DECODE_MAX_SPLITS = 64        # splits of one sequence at most (the smallest batches)
+DECODE_TARGET_BLOCKS = 2048   # (split, kv head, sequence) blocks that keep an H200's 132 SMs busy several times over
 DECODE_MERGE_THREADS = 512    # csrc/decode_attention.cu MERGE_THREADS
 EXTEND_ROWS = 64              # csrc/extend_attention.cu ROWS
 # A fresh prefill (no cached prefix) at least this long runs PyTorch's flash SDPA on its own K/V: on an H200
@@ -189,7 +190,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
     num_tokens, num_decodes = q.shape[0], meta.num_decodes
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_decodes:
-        max_splits = decode_splits(meta.decode_max_seq_len)
+        max_splits = decode_splits(meta.decode_max_seq_len, num_decodes, kv_cache.shape[3])
         decode_attention(out[:num_decodes], q[:num_decodes], kv_cache, meta.decode_page_table,
                          meta.decode_seq_lens, max_splits)
     by_sdpa = [seq for seq in meta.extends if _fresh_prefill_by_sdpa(seq)]
@@ -205,16 +206,18 @@ def _fresh_prefill_by_sdpa(seq: ExtendSeq) -> bool:
     return seq.context_len == 0 and seq.query_len >= SDPA_FRESH_PREFILL_MIN
 
 
-def decode_splits(max_seq_len: int) -> int:
-    """The split count that covers every sequence of up to `max_seq_len` positions."""
-    return max(1, min(DECODE_MAX_SPLITS, -(-max_seq_len // DECODE_SPLIT)))
+def decode_splits(max_seq_len: int, batch: int, num_kv_heads: int) -> int:
+    """max_splits for decode attention over `batch` sequences of at most `max_seq_len` positions: enough splits
+    of DECODE_SPLIT for the longest, within a cap that shrinks as the batch grows (DECODE_TARGET_BLOCKS). A
+    sequence's result depends on the cap only when it is longer than DECODE_SPLIT * cap."""
+    cap = max(1, min(DECODE_MAX_SPLITS, DECODE_TARGET_BLOCKS // max(1, batch * num_kv_heads)))
+    return max(1, min(cap, -(-max_seq_len // DECODE_SPLIT)))
 
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, max_splits: int) -> None:
-    """out, q: [B, num_heads, D]; seq_lens [B] int64 (0 for a padding row). `max_splits` bounds the splits any
-    sequence needs (decode_splits of the longest); a larger value changes nothing but the launch size, so
-    DECODE_MAX_SPLITS serves every length."""
+    """out, q: [B, num_heads, D]; seq_lens [B] int64 (0 for a padding row). Sequences longer than
+    DECODE_SPLIT * max_splits take longer splits, so any max_splits serves every length (decode_splits)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads

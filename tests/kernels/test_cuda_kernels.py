@@ -131,40 +131,44 @@ def test_decode_attention(cuda, dtype, head_dim, group, page_size):
     q = randn(len(lengths), heads, head_dim, dtype=dtype, seed=9)
     seq_lens = torch.tensor(lengths, device=DEVICE)
     out = torch.empty_like(q)
-    cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=cuda.decode_splits(max(lengths)))
     mask = (torch.arange(max(lengths), device=DEVICE) < seq_lens[:, None]).view(len(lengths), 1, 1, -1)
     ref = reference.decode_attention(q, clean, table, max(lengths), mask)
-    for b, n in enumerate(lengths):
-        assert rel_error(out[b], ref[b]) < TOLERANCE[dtype], f"length {n}"
+    # The engine's split count for this batch, and a small one under which long sequences take long splits.
+    for max_splits in (cuda.decode_splits(max(lengths), len(lengths), kv_heads), 3):
+        cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=max_splits)
+        for b, n in enumerate(lengths):
+            assert rel_error(out[b], ref[b]) < TOLERANCE[dtype], f"length {n}, {max_splits} splits"
 
 
 def test_decode_attention_does_not_depend_on_the_batch(cuda):
-    """A sequence's output is bitwise the same alone, in a batch, and with a larger split count."""
+    """A sequence's output is bitwise the same alone and in a batch under one split count, and under any split
+    count that gives it splits of DECODE_SPLIT."""
     lengths = [3000, 17, 700, 5000]
     clean, _, table, _ = paged_cache(lengths, 16, 8, 128, torch.bfloat16, seed=11)
     q = randn(len(lengths), 32, 128, dtype=torch.bfloat16, seed=12)
     seq_lens = torch.tensor(lengths, device=DEVICE)
-    together = torch.empty_like(q)
-    cuda.decode_attention(together, q, clean, table, seq_lens, max_splits=cuda.DECODE_MAX_SPLITS)
-    for b in range(len(lengths)):
-        alone = torch.empty_like(q[b:b + 1])
-        cuda.decode_attention(alone, q[b:b + 1], clean, table[b:b + 1], seq_lens[b:b + 1],
-                              max_splits=cuda.decode_splits(lengths[b]))
-        assert torch.equal(alone[0], together[b])
+    for max_splits in (128, 7):
+        together = torch.empty_like(q)
+        cuda.decode_attention(together, q, clean, table, seq_lens, max_splits=max_splits)
+        for b in range(len(lengths)):
+            alone = torch.empty_like(q[b:b + 1])
+            own = -(-lengths[b] // cuda.DECODE_SPLIT) if max_splits == 128 else max_splits
+            cuda.decode_attention(alone, q[b:b + 1], clean, table[b:b + 1], seq_lens[b:b + 1], max_splits=own)
+            assert torch.equal(alone[0], together[b]), (lengths[b], max_splits)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_attention_of_sequences_longer_than_every_split(cuda, head_dim):
-    """Past DECODE_SPLIT * DECODE_MAX_SPLITS positions a split covers several runs of DECODE_SPLIT; the launch of
-    DECODE_MAX_SPLITS splits (what a CUDA graph uses) matches the reference and the launch sized to the batch."""
+    """Past DECODE_SPLIT * max_splits positions a split covers several runs of DECODE_SPLIT; results match the
+    reference, and a short sequence's equal its result alone in a launch of one split."""
     longest = cuda.DECODE_SPLIT * cuda.DECODE_MAX_SPLITS
     lengths = [longest + 1, 2 * longest + 300, longest - 5, 40]
     clean, poisoned, table, _ = paged_cache(lengths, 16, 2, head_dim, torch.bfloat16, seed=21)
     q = randn(len(lengths), 8, head_dim, dtype=torch.bfloat16, seed=22)
     seq_lens = torch.tensor(lengths, device=DEVICE)
     out = torch.empty_like(q)
-    cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=cuda.decode_splits(max(lengths)))
-    assert cuda.decode_splits(max(lengths)) == cuda.DECODE_MAX_SPLITS
+    assert cuda.decode_splits(max(lengths), len(lengths), 2) == cuda.DECODE_MAX_SPLITS
+    cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=cuda.DECODE_MAX_SPLITS)
     mask = (torch.arange(max(lengths), device=DEVICE) < seq_lens[:, None]).view(len(lengths), 1, 1, -1)
     ref = reference.decode_attention(q, clean, table, max(lengths), mask)
     for b, n in enumerate(lengths):
