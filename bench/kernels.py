@@ -205,7 +205,7 @@ def bench_extend(repeats: int) -> list[Row]:
             extend_query_start_loc=torch.tensor([0, new], dtype=torch.int32, device=DEVICE),
             extend_seq_lens=torch.tensor([ctx + new], dtype=torch.int32, device=DEVICE), extend_page_table=table)
         out = torch.empty_like(q)
-        ours = time_us(lambda: cuda.extend_attention(out, q, cache, meta, every_sequence=True), repeats)
+        ours = time_us(lambda: cuda.extend_attention(out, q, cache, meta), repeats)
         kv = reference.gather_kv(cache, table, ctx + new)[0]          # [L, 2, 8, 128]
         if ctx == 0:
             # PyTorch's best for a fresh prefill: flash attention, K/V repeated to the query heads.

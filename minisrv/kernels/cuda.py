@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from minisrv.kernels import reference
-from minisrv.kernels.attention_metadata import AttentionMetadata, ExtendSeq
+from minisrv.kernels.attention_metadata import AttentionMetadata
 
 NAME = "cuda"
 # minisrv/_csrc is a link to the repository's csrc/ (a wheel carries the files themselves).
@@ -32,10 +32,6 @@ DECODE_MAX_SPLITS = 64        # splits of one sequence at most (the smallest bat
 DECODE_TARGET_BLOCKS = 2048   # (split, kv head, sequence) blocks that keep an H200's 132 SMs busy several times over
 DECODE_MERGE_THREADS = 512    # csrc/decode_attention.cu MERGE_THREADS
 EXTEND_ROWS = 64              # csrc/extend_attention.cu ROWS
-# A fresh prefill (no cached prefix) at least this long runs PyTorch's flash SDPA on its own K/V: on an H200
-# (bench/kernels.py) SDPA takes 17 us to the extend kernel's 18 at 256 tokens and 164 to 327 at 2048. Shorter
-# ones stay in the step's one extend launch with the chunks on a cached prefix, where the kernel is 6x faster.
-SDPA_FRESH_PREFILL_MIN = 256
 SAMPLE_THREADS = 1024         # csrc/sampling.cu SAMPLE_THREADS
 
 
@@ -193,17 +189,13 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, m
         max_splits = decode_splits(meta.decode_max_seq_len, num_decodes, kv_cache.shape[3])
         decode_attention(out[:num_decodes], q[:num_decodes], kv_cache, meta.decode_page_table,
                          meta.decode_seq_lens, max_splits)
-    by_sdpa = [seq for seq in meta.extends if _fresh_prefill_by_sdpa(seq)]
-    if len(by_sdpa) < len(meta.extends):
+    # Every extend, fresh prefills too, in one launch: alone, flash SDPA beats the kernel on a long fresh prefill
+    # (164 to 327 us at 2048 tokens, bench/kernels.py), but a step prefills dozens of prompts, and one SDPA call
+    # per prompt and layer (which took PyTorch's math path here) made a 15k-token step of qwen3-0.6b 230 ms
+    # against 49 ms (H200).
+    if meta.extends:
         extend_attention(out[num_decodes:], q[num_decodes:], kv_cache, meta)
-    for seq in by_sdpa:
-        rows = slice(seq.query_start, seq.query_start + seq.query_len)
-        out[rows] = reference.extend_attention(q[rows], kv[rows], kv_cache, seq.pages, 0)
     return out.view(num_tokens, num_heads * head_dim)
-
-
-def _fresh_prefill_by_sdpa(seq: ExtendSeq) -> bool:
-    return seq.context_len == 0 and seq.query_len >= SDPA_FRESH_PREFILL_MIN
 
 
 def decode_splits(max_seq_len: int, batch: int, num_kv_heads: int) -> int:
@@ -234,16 +226,13 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
                 _ptr(out), _i64(out.stride(0)), _ptr(part_out), _ptr(part_lse), _ptr(seq_lens), _i32(max_splits))
 
 
-def _extend_tiles(meta: AttentionMetadata, group: int, every_sequence: bool, device: torch.device
-                  ) -> tuple[torch.Tensor, ...]:
+def _extend_tiles(meta: AttentionMetadata, group: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(tile_seq, tile_token, query_start, seq_lens) int32 for the extend kernel, once per step."""
-    key = f"extend_tiles/{group}/{every_sequence}"
+    key = f"extend_tiles/{group}"
     if key not in meta.derived:
         tokens_per_tile = EXTEND_ROWS // group
         tile_seq, tile_token = [], []
         for s, seq in enumerate(meta.extends):
-            if not every_sequence and _fresh_prefill_by_sdpa(seq):
-                continue
             for token in range(0, seq.query_len, tokens_per_tile):
                 tile_seq.append(s)
                 tile_token.append(token)
@@ -252,15 +241,12 @@ def _extend_tiles(meta: AttentionMetadata, group: int, every_sequence: bool, dev
     return meta.derived[key]
 
 
-def extend_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                     every_sequence: bool = False) -> None:
-    """out, q: the extend rows [n, num_heads, D], sequence after sequence as meta.extends lists them. Fresh
-    prefills of SDPA_FRESH_PREFILL_MIN tokens or more are left to paged_attention's SDPA call unless
-    `every_sequence` (the benchmark's comparison)."""
+def extend_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    """out, q: the extend rows [n, num_heads, D], sequence after sequence as meta.extends lists them."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
-    tile_seq, tile_token, query_start, seq_lens = _extend_tiles(meta, group, every_sequence, q.device)
+    tile_seq, tile_token, query_start, seq_lens = _extend_tiles(meta, group, q.device)
     if tile_seq.shape[0] == 0:
         return
     scale_log2 = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)

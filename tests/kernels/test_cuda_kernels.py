@@ -216,10 +216,10 @@ def test_extend_attention(cuda, dtype, head_dim, group, page_size):
 
 
 def test_paged_attention_mixed_step(cuda):
-    """Decode rows and a ragged batch of extends in one step, as the model runs it; the long fresh prefill takes
-    the SDPA route."""
+    """Decode rows and a ragged batch of extends (fresh prefills, a chunk on a cached prefix) in one step, as the
+    model runs it."""
     dtype, page_size, kv_heads, head_dim, heads = torch.bfloat16, 16, 8, 128, 32
-    decodes, chunks = [40, 513, 7], [(0, 90), (0, cuda.SDPA_FRESH_PREFILL_MIN + 44), (300, 33)]
+    decodes, chunks = [40, 513, 7], [(0, 90), (0, 300), (300, 33)]
     lengths = decodes + [ctx + n for ctx, n in chunks]
     clean, poisoned, table, pages = paged_cache(lengths, page_size, kv_heads, head_dim, dtype, seed=21)
     meta = extend_metadata(chunks, table[len(decodes):], pages[len(decodes):], page_size, num_decodes=len(decodes))
