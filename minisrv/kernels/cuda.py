@@ -29,7 +29,9 @@ ATTENTION_HEAD_DIMS = (64, 128)
 MAX_GROUP = 16                # query heads per kv head: the rows of one tensor-core tile
 DECODE_SPLIT = 64             # csrc/decode_attention.cu SPLIT
 DECODE_MAX_SPLITS = 64        # splits of one sequence at most (the smallest batches)
-DECODE_TARGET_BLOCKS = 8192   # (split, kv head, sequence) blocks: qwen3-0.6b, 256 sequences of 200-2048 positions: 21.8k output tokens/s at 8192, 19.4k at 2048 (H200)
+# (split, kv head, sequence) blocks a decode launch aims at: on the nano-vllm workload (qwen3-0.6b, 256 sequences
+# of 200-2048 positions) 8192 gave 21.8k output tokens/s, 2048 19.4k (H200), long sequences' splits balancing better.
+DECODE_TARGET_BLOCKS = 8192
 DECODE_MERGE_THREADS = 512    # csrc/decode_attention.cu MERGE_THREADS
 EXTEND_ROWS = 64              # csrc/extend_attention.cu ROWS
 SAMPLE_THREADS = 1024         # csrc/sampling.cu SAMPLE_THREADS
