@@ -216,9 +216,9 @@ def print_table(result: dict) -> None:
     print(f"{'preset':<14}{'engine':<24}{'batch':>6}{'ms/step':>9}{'floor':>8}{'vs hf b1':>10}")
     hf_b1 = {r["preset"]: r["decode_ms"] for r in result["decode"] if r["engine"] == "hf-generate" and r["batch"] == 1}
     for r in result["decode"]:
-        ratio = hf_b1.get(r["preset"], math.nan) / r["decode_ms"] if r["batch"] == 1 else math.nan
-        print(f"{r['preset']:<14}{r['engine']:<24}{r['batch']:>6}{r['decode_ms']:>9.3f}{r['floor_ms']:>8.3f}"
-              f"{ratio:>9.1f}x")
+        ratio = hf_b1.get(r["preset"]) if r["batch"] == 1 else None
+        vs_hf = f"{ratio / r['decode_ms']:>9.1f}x" if ratio else ""
+        print(f"{r['preset']:<14}{r['engine']:<24}{r['batch']:>6}{r['decode_ms']:>9.3f}{r['floor_ms']:>8.3f}{vs_hf}")
     for r in result["throughput"]:
         print(f"{r['preset']:<14}{r['engine']:<24}throughput {r['output_tokens']} tokens in {r['seconds']:.2f} s: "
               f"{r['tokens_per_s']:,.0f} tokens/s ({r['prefill_steps']} prefill steps {r['prefill_step_s']:.2f} s, "
