@@ -63,8 +63,11 @@ class TokenizerLoop:
         except PromptError as exc:
             self.to_detokenizer.send(Error(choice_rid(req.rid, 0), 400, str(exc)))
             return
+        if req.truncate_prompt_tokens:
+            prompt_ids = prompt_ids[-req.truncate_prompt_tokens:]
         self.to_detokenizer.send(DetokenizeRequest(
-            req.rid, req.n, req.stop, req.echo, req.skip_special_tokens, prompt_ids if req.echo else []))
+            rid=req.rid, n=req.n, stop=req.stop, echo=req.echo, skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output, prompt_ids=prompt_ids if req.echo else []))
         # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
         params = req.params
         self.to_scheduler.send_many(
@@ -73,7 +76,8 @@ class TokenizerLoop:
 
     def token_ids(self, req: PromptRequest) -> list[int]:
         if req.messages is not None:
-            return self.prompts.token_ids(req.messages, is_chat=True, add_generation_prompt=req.add_generation_prompt)
+            return self.prompts.token_ids(req.messages, is_chat=True, add_generation_prompt=req.add_generation_prompt,
+                                          continue_final_message=req.continue_final_message)
         if req.prompt_ids is not None:
             return req.prompt_ids.tolist()
         return self.prompts.token_ids(req.text, is_chat=False)

@@ -104,7 +104,7 @@ class ApiRoutes:
         req = parse_request(ChatCompletionRequest, await read_body(request))
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
-        prompt = req.to_prompt_request(self.engine.vocab_size)
+        prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len)
         ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage())
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
                                    responses.chat_completion)
@@ -114,7 +114,7 @@ class ApiRoutes:
         req = parse_request(CompletionRequest, await read_body(request))
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
-        prompts = req.to_prompt_requests(self.engine.vocab_size)
+        prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len)
         ctx = self._context("cmpl", req.include_usage(), req.continuous_usage())
         return await self._respond(request, ctx, prompts, req.stream, responses.completion_stream,
                                    responses.completion)

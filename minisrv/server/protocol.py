@@ -140,6 +140,10 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     user: str | None = None
     reasoning_effort: str | None = None
     modalities: list[Literal["text"]] | None = None
+    # vLLM's extensions for the output text and the prompt.
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens; -1: the context length
 
     def ignored_fields(self) -> list[str]:
         """The IGNORED_FIELDS this request set."""
@@ -150,6 +154,16 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
         check_n(self.n, "n")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+
+    def output_options(self, max_model_len: int) -> dict:
+        """The PromptRequest fields of the text and prompt options, checked."""
+        k = self.truncate_prompt_tokens
+        if k is not None and (k == 0 or k < -1):
+            raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or >= 1, got {k}",
+                           "truncate_prompt_tokens")
+        return dict(skip_special_tokens=self.skip_special_tokens,
+                    include_stop_str_in_output=self.include_stop_str_in_output,
+                    truncate_prompt_tokens=0 if k is None else (max_model_len if k == -1 else min(k, max_model_len)))
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -164,12 +178,16 @@ class ChatCompletionRequest(_OpenAIFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True     # vLLM's extension: False continues the last message instead
+    add_generation_prompt: bool = True     # vLLM's extensions: end with the assistant's header, or
+    continue_final_message: bool = False   # leave the last message open for the output to continue it
 
-    def to_prompt_request(self, vocab_size: int) -> PromptRequest:
+    def to_prompt_request(self, vocab_size: int, max_model_len: int) -> PromptRequest:
         self.check_api_limits(vocab_size)
         if not self.messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt false: the output cannot both "
+                                "continue the last message and start a new one", "continue_final_message")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
@@ -183,7 +201,9 @@ class ChatCompletionRequest(_OpenAIFields):
             self, "openai", extra=dict(max_tokens=limit, logprobs=(self.top_logprobs or 0) if self.logprobs else None),
             renames={"max_tokens": limit_name, "logprobs": "top_logprobs"})
         return PromptRequest(messages=[(m.role, m.text()) for m in self.messages], params=params, n=self.n,
-                             stop=stop_strings(self.stop, "stop"), add_generation_prompt=self.add_generation_prompt)
+                             stop=stop_strings(self.stop, "stop"), add_generation_prompt=self.add_generation_prompt,
+                             continue_final_message=self.continue_final_message,
+                             **self.output_options(max_model_len))
 
 
 class CompletionRequest(_OpenAIFields):
@@ -201,7 +221,7 @@ class CompletionRequest(_OpenAIFields):
             return [p]
         return list(p)
 
-    def to_prompt_requests(self, vocab_size: int) -> list[PromptRequest]:
+    def to_prompt_requests(self, vocab_size: int, max_model_len: int) -> list[PromptRequest]:
         self.check_api_limits(vocab_size)
         prompts = self.prompts()
         if not prompts:
@@ -214,9 +234,10 @@ class CompletionRequest(_OpenAIFields):
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", "echo")
         params = build_sampling_params(self, "openai", extra=dict(max_tokens=self.max_tokens, logprobs=self.logprobs))
-        stop = stop_strings(self.stop, "stop")
-        return [PromptRequest(text=p, params=params, n=self.n, stop=stop, echo=self.echo) if isinstance(p, str) else
-                PromptRequest(prompt_ids=p, params=params, n=self.n, stop=stop, echo=self.echo) for p in prompts]
+        common = dict(params=params, n=self.n, stop=stop_strings(self.stop, "stop"), echo=self.echo,
+                      **self.output_options(max_model_len))
+        return [PromptRequest(text=p, **common) if isinstance(p, str) else PromptRequest(prompt_ids=p, **common)
+                for p in prompts]
 
 
 def parse_request(model: type[Schema], body: bytes) -> Schema:

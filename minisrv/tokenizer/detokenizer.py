@@ -57,7 +57,8 @@ class Detokenizer:
         if req.echo:
             prefix = self.tokenizer.decode(req.prompt_ids.tolist(), skip_special_tokens=req.skip_special_tokens)
         for index in range(req.n):
-            detok = IncrementalDetokenizer(self.tokenizer, req.stop, req.skip_special_tokens)
+            detok = IncrementalDetokenizer(self.tokenizer, req.stop, req.skip_special_tokens,
+                                           req.include_stop_str_in_output)
             self.streams[choice_rid(req.rid, index)] = ChoiceStream(detok, prefix)
 
     def drop(self, rid: int) -> None:

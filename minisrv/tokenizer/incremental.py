@@ -21,12 +21,15 @@ _SENTENCEPIECE_SPACE = "\u2581"
 class IncrementalDetokenizer:
     """Turns one choice's token ids, one at a time, into text deltas with stop strings cut out."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], skip_special_tokens: bool = True,
+                 include_stop: bool = False) -> None:
+        """include_stop: a matched stop string ends the output (vLLM's include_stop_str_in_output)."""
         if any(not s for s in stop):
             raise ValueError("stop strings must not be empty")
         self._tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._stop = list(stop)
+        self._include_stop = include_stop
         self._held = ""           # decoded text that may be the beginning of a stop string
         self.stopped = False      # a stop string matched; everything from it on is dropped
 
@@ -38,11 +41,12 @@ class IncrementalDetokenizer:
         if not self._stop:
             return chunk
         text = self._held + chunk
-        cut = _earliest_stop(text, self._stop)
-        if cut is not None:
+        hit = _earliest_stop(text, self._stop)
+        if hit is not None:
             self.stopped = True
             self._held = ""
-            return text[:cut]
+            start, matched = hit
+            return text[: start + len(matched)] if self._include_stop else text[:start]
         keep = _partial_stop_suffix(text, self._stop)
         self._held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep]
@@ -53,11 +57,12 @@ class IncrementalDetokenizer:
         return "" if self.stopped else held
 
 
-def _earliest_stop(text: str, stop: list[str]) -> int | None:
+def _earliest_stop(text: str, stop: list[str]) -> tuple[int, str] | None:
+    """(where, which) of the stop string that starts first in `text` (the first listed among equals)."""
     # Every match that could start in already-emitted text was complete (and found) back then, so the
     # whole of `text` (held part + new chunk, both short) is the only place to look.
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(hits) if hits else None
+    hits = [(i, s) for i, s in ((text.find(s), s) for s in stop) if i >= 0]
+    return min(hits, key=lambda hit: hit[0]) if hits else None
 
 
 def _partial_stop_suffix(text: str, stop: list[str]) -> int:

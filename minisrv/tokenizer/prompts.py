@@ -33,7 +33,8 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
 
-    def render_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
+    def render_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool,
+                    continue_final_message: bool = False) -> str:
         if self.chat_template is None:
             raise PromptError("this model has no chat template; start the server with --chat-template")
         if not messages:
@@ -43,10 +44,13 @@ class PromptTokenizer:
                 [{"role": role, "content": content} for role, content in messages],
                 chat_template=self.chat_template,
                 add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 tokenize=False,
             )
         except TemplateError as exc:  # templates raise to reject e.g. roles they do not support
             raise PromptError(f"the chat template rejected these messages: {exc}") from exc
+        except ValueError as exc:     # continue_final_message: the template did not render the last message
+            raise PromptError(f"continue_final_message: {exc}") from exc
 
     def encode_text(self, text: str, rendered_chat: bool) -> list[int]:
         # A rendered chat already holds the template's BOS; a plain completion prompt gets the tokenizer's
@@ -54,9 +58,10 @@ class PromptTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=not rendered_chat)
 
     def token_ids(self, prompt: str | list[int] | list[tuple[str, str]], is_chat: bool,
-                  add_generation_prompt: bool = True) -> list[int]:
+                  add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         if is_chat:
-            return self.encode_text(self.render_chat(prompt, add_generation_prompt), rendered_chat=True)
+            rendered = self.render_chat(prompt, add_generation_prompt, continue_final_message)
+            return self.encode_text(rendered, rendered_chat=True)
         if isinstance(prompt, str):
             return self.encode_text(prompt, rendered_chat=False)
         return list(prompt)

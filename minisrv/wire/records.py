@@ -15,7 +15,7 @@ from minisrv.sampling_params import SamplingParams
 from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, column, flag, messages, sampling, scalar,
                                 strings, text)
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 
 class Kind(enum.IntEnum):
@@ -75,7 +75,10 @@ class PromptRequest(Record):
     stop: list[str] = strings()
     echo: bool = flag()                        # completions: the prompt's text comes before the output
     add_generation_prompt: bool = flag(True)   # chat: end the rendered prompt with the assistant's header
+    continue_final_message: bool = flag()      # chat: leave the last message open, the output continues it
     skip_special_tokens: bool = flag(True)
+    include_stop_str_in_output: bool = flag()  # a matched stop string ends the output instead of being cut
+    truncate_prompt_tokens: int = scalar("I")  # > 0: keep only the prompt's last this many tokens
 
     def __post_init__(self) -> None:
         given = [name for name in ("text", "prompt_ids", "messages") if getattr(self, name) is not None]
@@ -101,6 +104,7 @@ class DetokenizeRequest(Record):
     stop: list[str] = strings()
     echo: bool = flag()
     skip_special_tokens: bool = flag(True)
+    include_stop_str_in_output: bool = flag()
     prompt_ids: Column = column("<i4")            # only with echo
 
 

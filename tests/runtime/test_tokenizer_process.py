@@ -101,3 +101,16 @@ def test_prompt_errors_go_to_the_detokenizer_and_nothing_to_the_scheduler(pipeli
     assert [(e.rid, e.status) for e in errors] == [(choice_rid(11, 0), 400)]
     assert "unknown role tool" in errors[0].message
     assert [peek_kind(r) for r in scheduler.drain()] == [Kind.SHUTDOWN]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens_for_engine_and_echo(pipeline, hf_tokenizer) -> None:
+    api, worker, scheduler, detokenizer = pipeline
+    text = random_text(random.Random(12), 40)
+    full = PromptTokenizer(hf_tokenizer, CHATML).token_ids(text, is_chat=False)
+    serve(api, worker, PromptRequest(12, text=text, echo=True, truncate_prompt_tokens=5,
+                                     include_stop_str_in_output=True).encode(),
+          PromptRequest(13, text=text, truncate_prompt_tokens=10 * len(full)).encode())
+    detok_req = DetokenizeRequest.decode(detokenizer.drain()[0])
+    assert detok_req.prompt_ids.tolist() == full[-5:] and detok_req.include_stop_str_in_output
+    short, whole = (TokenizedRequest.decode(r) for r in scheduler.drain()[:2])
+    assert short.prompt_ids.tolist() == full[-5:] and whole.prompt_ids.tolist() == full

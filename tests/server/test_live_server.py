@@ -116,6 +116,23 @@ def test_stop_string_spanning_tokens(sdk, model) -> None:
     chunks = list(sdk.completions.create(stop=stop, stream=True, **kwargs))
     assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "stop"
+    # vLLM's include_stop_str_in_output: the output ends with the stop string instead.
+    kwargs["extra_body"] = {**IGNORE_EOS, "include_stop_str_in_output": True}
+    kept = sdk.completions.create(stop=[stop], **kwargs)
+    assert kept.choices[0].text == full[: full.index(stop) + len(stop)] and kept.choices[0].finish_reason == "stop"
+
+
+def test_truncate_prompt_tokens_and_continue_final_message(sdk, model) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    full = sdk.completions.create(model=model, prompt=prompt, max_tokens=2, **GREEDY)
+    cut = sdk.completions.create(model=model, prompt=prompt, max_tokens=2, extra_body={"truncate_prompt_tokens": 6},
+                                 **GREEDY)
+    assert cut.usage.prompt_tokens == 6 < full.usage.prompt_tokens
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite is"}]
+    open_end = sdk.chat.completions.create(model=model, messages=messages, max_tokens=3, **GREEDY, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True})
+    closed = sdk.chat.completions.create(model=model, messages=messages, max_tokens=3, **GREEDY)
+    assert open_end.usage.prompt_tokens < closed.usage.prompt_tokens   # no end-of-turn, no new assistant header
 
 
 def test_n_and_seeds(sdk, model) -> None:

@@ -12,16 +12,17 @@ from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, pa
 from minisrv.wire.records import PromptRequest
 
 VOCAB = 1000
+CONTEXT = 512
 
 
 def chat(body: dict) -> PromptRequest:
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
-    return parse_request(ChatCompletionRequest, json.dumps(body).encode()).to_prompt_request(VOCAB)
+    return parse_request(ChatCompletionRequest, json.dumps(body).encode()).to_prompt_request(VOCAB, CONTEXT)
 
 
 def completions(body: dict) -> list[PromptRequest]:
     body = {"prompt": "hi", **body}
-    return parse_request(CompletionRequest, json.dumps(body).encode()).to_prompt_requests(VOCAB)
+    return parse_request(CompletionRequest, json.dumps(body).encode()).to_prompt_requests(VOCAB, CONTEXT)
 
 
 def prompt_of(request: PromptRequest) -> str | list[int]:
@@ -158,14 +159,44 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.sampled_from(["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "n",
                                         "stop", "logprobs", "top_logprobs", "stream", "stream_options", "seed",
-                                        "echo", "top_k", "min_tokens", "stop_token_ids", "unknown"]),
+                                        "echo", "top_k", "min_tokens", "stop_token_ids", "unknown",
+                                        "truncate_prompt_tokens", "include_stop_str_in_output",
+                                        "continue_final_message", "skip_special_tokens"]),
                        json_values, max_size=6))
 def test_any_json_is_accepted_or_a_400(body: dict) -> None:
     """Whatever a client sends, parsing and conversion end in PROMPT_REQUEST records or a 400: never anything else."""
     raw = json.dumps(body).encode()
-    for schema, convert in ((ChatCompletionRequest, lambda r: [r.to_prompt_request(VOCAB)]),
-                            (CompletionRequest, lambda r: r.to_prompt_requests(VOCAB))):
+    for schema, convert in ((ChatCompletionRequest, lambda r: [r.to_prompt_request(VOCAB, CONTEXT)]),
+                            (CompletionRequest, lambda r: r.to_prompt_requests(VOCAB, CONTEXT))):
         try:
             convert(parse_request(schema, raw))
         except APIError as exc:
             assert exc.status == 400 and exc.message
+
+
+def test_output_and_prompt_options_reach_the_prompt_request() -> None:
+    """vLLM's skip_special_tokens, include_stop_str_in_output, truncate_prompt_tokens and continue_final_message."""
+    defaults = chat({})
+    assert defaults.skip_special_tokens and not defaults.include_stop_str_in_output
+    assert defaults.truncate_prompt_tokens == 0 and not defaults.continue_final_message
+    got = chat({"skip_special_tokens": False, "include_stop_str_in_output": True, "truncate_prompt_tokens": 7,
+                "add_generation_prompt": False, "continue_final_message": True})
+    assert (not got.skip_special_tokens and got.include_stop_str_in_output and got.truncate_prompt_tokens == 7
+            and got.continue_final_message and not got.add_generation_prompt)
+    [whole] = completions({"truncate_prompt_tokens": -1})
+    assert whole.truncate_prompt_tokens == CONTEXT
+    [capped] = completions({"truncate_prompt_tokens": 10 * CONTEXT, "include_stop_str_in_output": True})
+    assert capped.truncate_prompt_tokens == CONTEXT and capped.include_stop_str_in_output
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": "3"}, "truncate_prompt_tokens"),
+    ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
+    ({"continue_final_message": True}, "continue_final_message"),   # add_generation_prompt is true by default
+])
+def test_bad_output_and_prompt_options_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(APIError) as info:
+        chat(body)
+    assert info.value.status == 400 and info.value.param == field

@@ -98,3 +98,18 @@ def test_byte_fallback_token_bytes(byte_fallback_tokenizer: Tokenizer) -> None:
     texts = TokenTexts(tok)
     assert texts[tok.token_to_id("<0xE4>")].raw == b"\xe4"
     assert texts[tok.token_to_id("<0xE4>")].text == "\ufffd"
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+@pytest.mark.parametrize("seed", range(10))
+def test_include_stop_str_in_output_ends_the_output_with_the_stop_string(name: str, seed: int, request) -> None:
+    tok = request.getfixturevalue(name)
+    rng = random.Random(300 + seed)
+    ids = tok.encode(random_text(rng, rng.randint(10, 60))).ids
+    text = tok.decode(ids)
+    start = rng.randrange(len(text) - 1)
+    stop = ["never occurs ~~", text[start:start + rng.randint(2, 6)]]
+    detok = IncrementalDetokenizer(tok, stop, include_stop=True)
+    deltas = [detok.step(i) for i in ids] + [detok.flush()]
+    first, matched = min((text.find(s), s) for s in stop if text.find(s) >= 0)
+    assert "".join(deltas) == text[: first + len(matched)] and detok.stopped

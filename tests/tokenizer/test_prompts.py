@@ -47,3 +47,10 @@ def test_chat_template_option(hf_tokenizer, tmp_path) -> None:
     assert resolve_chat_template("{% for m in messages %}x{% endfor %}", hf_tokenizer).startswith("{%")
     with pytest.raises(ValueError, match="--chat-template"):
         resolve_chat_template(str(tmp_path / "missing.jinja"), hf_tokenizer)
+
+
+def test_continue_final_message_leaves_the_last_message_open(hf_tokenizer) -> None:
+    prompts = PromptTokenizer(hf_tokenizer, CHATML)
+    messages = [("user", "hi"), ("assistant", "The answer is")]
+    ids = prompts.token_ids(messages, True, add_generation_prompt=False, continue_final_message=True)
+    assert hf_tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nThe answer is"

@@ -68,19 +68,24 @@ def test_tokenized_request(rid: int, params: SamplingParams, prompt: list[int]) 
                         st.lists(i32, max_size=30).map(lambda ids: {"prompt_ids": np.array(ids, np.int32)}),
                         st.lists(st.tuples(st.sampled_from(CHAT_ROLES), texts), max_size=5)
                         .map(lambda m: {"messages": m})),
-       flags=st.lists(st.booleans(), min_size=3, max_size=3), stop=st.lists(texts, max_size=4))
+       flags=st.lists(st.booleans(), min_size=5, max_size=5), stop=st.lists(texts, max_size=4),
+       truncate=st.integers(0, 2**32 - 1))
 def test_prompt_request(rid: int, params: SamplingParams, n: int, prompt: dict, flags: list[bool],
-                        stop: list[str]) -> None:
-    echo, add_generation_prompt, skip_special = flags
+                        stop: list[str], truncate: int) -> None:
+    echo, add_generation_prompt, continue_final, skip_special, include_stop = flags
     assert_round_trip(PromptRequest(rid, n, params, echo=echo, add_generation_prompt=add_generation_prompt,
-                                    skip_special_tokens=skip_special, stop=stop, **prompt))
+                                    continue_final_message=continue_final, skip_special_tokens=skip_special,
+                                    include_stop_str_in_output=include_stop, truncate_prompt_tokens=truncate,
+                                    stop=stop, **prompt))
 
 
 @SETTINGS
 @given(rid=st.integers(0, 2**64 - 1), n=st.integers(1, 2**16 - 1), echo=st.booleans(),
-       skip=st.booleans(), stop=st.lists(texts, max_size=4), ids=st.lists(i32, max_size=30))
-def test_detokenize_request(rid: int, n: int, echo: bool, skip: bool, stop: list[str], ids: list[int]) -> None:
-    assert_round_trip(DetokenizeRequest(rid, n, stop, echo, skip, np.array(ids, np.int32)))
+       skip=st.booleans(), include_stop=st.booleans(), stop=st.lists(texts, max_size=4),
+       ids=st.lists(i32, max_size=30))
+def test_detokenize_request(rid: int, n: int, echo: bool, skip: bool, include_stop: bool, stop: list[str],
+                            ids: list[int]) -> None:
+    assert_round_trip(DetokenizeRequest(rid, n, stop, echo, skip, include_stop, np.array(ids, np.int32)))
 
 
 @SETTINGS
