@@ -15,18 +15,19 @@ from typing import Any, Literal
 from minisrv.fields import Range, validate_fields
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0   # OpenAI's bound on a logit_bias value
 Api = Literal["openai", "sglang"]
 
 
 def option(default: Any, wire: str, range: Range | None = None, *, openai: bool = True,
            sglang: str | None = "") -> Any:
-    """A sampling option. `wire`: its struct code in records ("d", "i", "I", "Q", "B", "?"), or "ids" for a
-    list of token ids. `openai`: whether the OpenAI endpoints take it under its own name (False where each
-    endpoint declares it itself, its name or default differing). `sglang`: its name in /generate's
-    sampling_params, "" for the same name, None where SGLang has no such option."""
+    """A sampling option. `wire`: its struct code in records ("d", "i", "I", "Q", "B", "?"), "ids" for a
+    list of token ids, or "bias" for a {token id: float} map. `openai`: whether the OpenAI endpoints take it
+    under its own name (False where each endpoint declares it itself, its name or default differing).
+    `sglang`: its name in /generate's sampling_params, "" for the same name, None where SGLang has none."""
     metadata = dict(wire=wire, range=range, openai=openai, sglang=sglang)
-    if default is list:
-        return field(default_factory=list, metadata=metadata)
+    if default in (list, dict):
+        return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -54,6 +55,7 @@ class SamplingParams:
     stop_token_ids: list[int] = option(list, "ids")
     ignore_eos: bool = option(False, "?")
     logprobs: int | None = option(None, "B", Range(0, MAX_TOP_LOGPROBS), openai=False, sglang=None)
+    logit_bias: dict[int, float] = option(dict, "bias")   # added to the logits (OpenAI's range: [-100, 100])
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,6 +65,12 @@ class SamplingParams:
         validate_fields(self)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        for token, bias in self.logit_bias.items():
+            if not (isinstance(token, int) and 0 <= token < 2**31):
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias} "
+                                 f"for token {token}")
 
 
 OPTIONS: tuple[dataclasses.Field, ...] = dataclasses.fields(SamplingParams)

@@ -21,6 +21,8 @@ def some_value(option: dataclasses.Field, rng: random.Random) -> object:
     wire, allowed = option.metadata["wire"], option.metadata["range"]
     if wire == "ids":
         return [rng.randrange(1000) for _ in range(3)]
+    if wire == "bias":   # values exact in float32, as records carry them
+        return {rng.randrange(1000): rng.choice([-100.0, -2.5, 0.5, 7.25, 100.0]) for _ in range(3)}
     if wire == "?":
         return not option.default
     high = allowed.high if allowed.high is not None and allowed.high < 1000 else (allowed.low or 0) + 1000

@@ -1,8 +1,10 @@
-"""Logit adjustments that can change the greedy choice: min_tokens bans and repetition/presence/frequency penalties.
+"""Logit adjustments that can change the greedy choice: min_tokens bans, logit_bias and repetition/presence/frequency
+penalties.
 
-Semantics and order follow vLLM V1 (min-tokens processor, then penalties):
+Semantics and order follow vLLM V1 (its logits processors: min-tokens, logit bias; then penalties):
 - min_tokens: while a request has fewer than params.min_tokens output tokens, its stop_token_ids and
   (unless ignore_eos) the EOS ids get -inf, so it cannot stop early.
+- logit_bias: each listed token's logit gets its bias added.
 - repetition_penalty (the CTRL paper's, as transformers and vLLM apply it) over prompt AND output
   tokens: a seen token's positive logit is divided by the penalty, a negative one multiplied.
 - frequency_penalty and presence_penalty (OpenAI's definition) over OUTPUT tokens only:
@@ -50,12 +52,17 @@ def apply_logit_adjustments(logits: torch.Tensor, requests: Sequence[Request], e
     positions = output_positions(requests) if positions is None else positions
     bans = [banned_stop_ids(request, eos_token_ids, pos) for request, pos in zip(requests, positions)]
     penalised = [uses_penalties(request) for request in requests]
-    if not any(penalised) and not any(bans):
+    biased = [request.params.logit_bias for request in requests]
+    if not any(penalised) and not any(bans) and not any(biased):
         return logits
     adjusted = logits.clone(memory_format=torch.contiguous_format)
     if any(bans):
         rows, ids = _flatten_token_lists(bans, "stop_token_ids", requests, vocab_size, logits.device)
         adjusted[rows, ids] = float("-inf")
+    if any(biased):
+        rows, ids = _flatten_token_lists([list(b) for b in biased], "logit_bias", requests, vocab_size, logits.device)
+        bias = torch.tensor([v for b in biased for v in b.values()], dtype=logits.dtype).to(logits.device)
+        adjusted[rows, ids] += bias
     if any(penalised):
         _penalise(adjusted, requests, penalised)
     return adjusted

@@ -82,7 +82,8 @@ class Scheduler:
             raise ValueError(f"request {rid} is not new: it already has a status, pages or output")
         if not prompt:
             raise ValueError(f"request {rid}: the prompt is empty; it needs at least one token")
-        for field_name, ids in [("prompt", prompt), ("stop_token_ids", params.stop_token_ids)]:
+        for field_name, ids in [("prompt", prompt), ("stop_token_ids", params.stop_token_ids),
+                                ("logit_bias", list(params.logit_bias))]:
             bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise ValueError(f"request {rid}: {field_name} token id {ids[bad]} at position {bad} is "

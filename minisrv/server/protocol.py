@@ -23,6 +23,7 @@ from minisrv.wire.terms import MAX_CHOICES
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
 TokenId = Annotated[int, Field(ge=0)]
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]   # a token id as a JSON object key
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
@@ -54,7 +55,7 @@ def sampling_schema(api: Api, name: str) -> type[Schema]:
     wire = {f.name: f.metadata["wire"] for f in OPTIONS}
     fields: dict[str, Any] = {}
     for api_name, option in api_names(api).items():
-        hint = list[TokenId] if wire[option] == "ids" else hints[option]
+        hint = {"ids": list[TokenId], "bias": dict[TokenIdKey, float]}.get(wire[option], hints[option])
         fields[api_name] = (hint | None, None)
     return create_model(name, __base__=Schema, **fields)
 
@@ -66,6 +67,8 @@ def build_sampling_params(request: BaseModel, api: Api, extra: dict[str, Any] | 
     endpoint's where they differ, `prefix` is where the options sit in the body."""
     names = api_names(api)
     values = {option: getattr(request, name) for name, option in names.items() if getattr(request, name) is not None}
+    if "logit_bias" in values:   # JSON object keys are strings
+        values["logit_bias"] = {int(token): bias for token, bias in values["logit_bias"].items()}
     values.update(extra or {})
     try:
         return SamplingParams(**values)
@@ -151,6 +154,7 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
 
     def check_api_limits(self, vocab_size: int) -> None:
         check_token_ids(self.stop_token_ids or [], vocab_size, "stop_token_ids")
+        check_token_ids([int(t) for t in self.logit_bias or {}], vocab_size, "logit_bias")
         check_n(self.n, "n")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")

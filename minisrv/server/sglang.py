@@ -42,6 +42,7 @@ class SGLangGenerateRequest(Schema):
         sp = self.sampling_params
         check_token_ids(self.input_ids or [], vocab_size, "input_ids")
         check_token_ids(sp.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
+        check_token_ids([int(t) for t in sp.logit_bias or {}], vocab_size, "sampling_params.logit_bias")
         check_n(sp.n, "sampling_params.n")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if sp.max_new_tokens is None else sp.max_new_tokens
         params = build_sampling_params(sp, "sglang", extra=dict(max_tokens=max_new_tokens), prefix="sampling_params.")

@@ -14,7 +14,7 @@ A record is a dataclass whose fields say how they travel:
     text()              one str: a u8 array
     messages()          chat messages, (role, content) pairs: role codes u8 + strings
     sampling()          a SamplingParams: its scalar options join the fixed fields, its bools take flag
-                        bits, its token-id lists become arrays
+                        bits, its token-id lists become arrays, a {token id: float} map two (ids, values)
 
 A field whose type admits None is optional: a flag bit says whether it is there. Arrays that share a
 `per` group have one entry per member of the group; a record's `counts` name the column that holds,
@@ -135,7 +135,7 @@ class RecordLayout:
                 option_hints = typing.get_type_hints(SamplingParams)
                 for option in OPTIONS:
                     code = option.metadata["wire"]
-                    kind = "column" if code == "ids" else "flag" if code == "?" else "scalar"
+                    kind = {"ids": "column", "bias": "bias", "?": "flag"}.get(code, "scalar")
                     self._add(_Slot(option.name, Wire(kind, "<i4" if code == "ids" else code), f.name),
                               _optional(option_hints[option.name]), codes)
             else:
@@ -163,7 +163,7 @@ class RecordLayout:
             slot.bit = self._next_bit()
         else:
             dtypes = {"column": [slot.wire.code], "strings": ["<u4", "u1"], "text": ["u1"],
-                      "messages": ["u1", "<u4", "u1"]}[kind]
+                      "messages": ["u1", "<u4", "u1"], "bias": ["<i4", "<f4"]}[kind]
             slot.arrays = range(len(self.dtypes), len(self.dtypes) + len(dtypes))
             self.dtypes += [np.dtype(d) for d in dtypes]
         self.slots.append(slot)
@@ -262,6 +262,10 @@ def _encoder_source(layout: RecordLayout) -> str:
             lines.append(f"{indent}a{first}, a{first + 1} = pack_strings({value})")
         elif kind == "text":
             lines.append(f"{indent}a{first} = {value}.encode()")
+        elif kind == "bias":
+            lines.append(f"{indent}a{first} = column_bytes(list({value}), 'i', DTYPES[{first}], layout, {slot.name!r})")
+            lines.append(f"{indent}a{first + 1} = column_bytes(list({value}.values()), 'f', DTYPES[{first + 1}], "
+                         f"layout, {slot.name!r})")
         else:
             lines.append(f"{indent}a{first}, a{first + 1}, a{first + 2} = pack_messages({value})")
     n = len(layout.dtypes)
@@ -313,13 +317,20 @@ def _decoder_source(layout: RecordLayout) -> str:
     lines.append(f"        raise RecordError(f'{layout.name}: header says {{size}} bytes, arrays end at {{offset}}, "
                  f"buffer has {{length}} (torn or mis-framed record)')")
     lines += _group_checks(layout, counts, {k: f"a{k}" for k in range(n)})
+    for slot in layout.slots:
+        if slot.wire.kind == "bias":
+            first = slot.arrays.start
+            lines.append(f"    if c{first} != c{first + 1}:")
+            lines.append(f"        raise RecordError(f'{layout.name}: {slot.name} has {{c{first}}} ids but "
+                         f"{{c{first + 1}}} values')")
     fields, options = [], []
     for slot in layout.slots:
         kind, first = slot.wire.kind, slot.arrays.start
         value = {"scalar": f"s{slot.fixed}", "flag": f"bool(flags & {slot.bit})", "column": f"a{first}",
                  "strings": f"{'unpack_bytes' if slot.wire.raw else 'unpack_strings'}(a{first}, a{first + 1})",
                  "text": f"utf8({layout.name!r}, a{first}.tobytes())",
-                 "messages": f"unpack_messages({layout.name!r}, a{first}, a{first + 1}, a{first + 2})"}[kind]
+                 "messages": f"unpack_messages({layout.name!r}, a{first}, a{first + 1}, a{first + 2})",
+                 "bias": f"dict(zip(a{first}.tolist(), a{first + 1}.tolist()))"}[kind]
         if slot.owner and kind == "column":
             value = f"{value}.tolist()"
         if slot.presence_bit:

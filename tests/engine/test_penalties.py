@@ -123,3 +123,21 @@ def test_token_id_outside_vocabulary_is_a_clear_error() -> None:
     request.output_ids = []
     with pytest.raises(ValueError, match=r"request 17: stop_token_ids .* outside \[0, 300\)"):
         apply_logit_adjustments(random_logits(1, 7), [request], EOS)
+
+
+def test_logit_bias_adds_to_its_tokens_after_bans_and_before_penalties() -> None:
+    rng = random.Random(21)
+    plain = make_request(rng, 0, max_tokens=10)
+    biased = make_request(rng, 1, max_tokens=10, logit_bias={5: 2.5, 9: -100.0, 42: 1.0})
+    both = make_request(rng, 2, max_tokens=10, min_tokens=3, stop_token_ids=[42], logit_bias={42: 50.0, 6: 3.0},
+                        repetition_penalty=1.5)
+    both.output_ids = [6]
+    logits = random_logits(3, 8)
+    adjusted = apply_logit_adjustments(logits, [plain, biased, both], EOS)
+    torch.testing.assert_close(adjusted[0], logits[0])
+    expected = logits[1].clone()
+    expected[[5, 9, 42]] += torch.tensor([2.5, -100.0, 1.0])
+    torch.testing.assert_close(adjusted[1], expected)
+    assert adjusted[2, 42] == float("-inf")             # min_tokens' ban wins over any bias
+    raised = logits[2, 6] + 3.0                         # bias first, then the repetition penalty on the result
+    assert adjusted[2, 6] == (raised / 1.5 if raised > 0 else raised * 1.5)

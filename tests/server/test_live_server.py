@@ -171,6 +171,20 @@ def test_generate_endpoint(server) -> None:
     assert r.status_code == 200 and body["meta_info"]["completion_tokens"] == len(body["output_ids"]) <= 5
 
 
+def test_logit_bias_steers_the_output(server, sdk, model) -> None:
+    """A +100 bias makes a token every greedy choice; -100 on the unbiased choice makes it never appear."""
+    plain = post(server, "/generate", {"text": "The capital of France is",
+                                       "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}})
+    first = plain.json()["output_ids"][0]
+    forced = post(server, "/generate", {"text": "The capital of France is", "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0, "ignore_eos": True, "logit_bias": {"1234": 100}}}).json()
+    assert forced["output_ids"] == [1234] * 4
+    banned = sdk.completions.create(model=model, prompt="The capital of France is", max_tokens=4, logprobs=0,
+                                    extra_body={"logit_bias": {str(first): -100}, "ignore_eos": True}, **GREEDY)
+    chosen = banned.choices[0].logprobs.tokens
+    assert len(chosen) == 4 and plain.json()["text"][: len(chosen[0])] != chosen[0]
+
+
 def test_32_concurrent_streams(server, model) -> None:
     rng = random.Random(6)
     prompts = [f"Count from {rng.randint(1, 50)}:" for _ in range(32)]

@@ -112,7 +112,8 @@ def test_completion_prompt_forms() -> None:
     ({"max_tokens": 2.5}, "max_tokens"),
     ({"stream": 1}, "stream"),
     ({"tools": []}, "tools"),
-    ({"logit_bias": {"5": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 1000}}, "logit_bias"),
+    ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
 ])
 def test_chat_rejects(body: dict, param: str) -> None:
     rejects(chat, body, param)

@@ -35,7 +35,8 @@ def sampling_params(draw: st.DrawFn) -> SamplingParams:
         frequency_penalty=draw(st.floats(-2, 2)), seed=draw(st.none() | st.integers(0, 2**63 - 1)),
         max_tokens=max_tokens, min_tokens=draw(st.integers(0, 2**32 - 1 if max_tokens is None else max_tokens)),
         stop_token_ids=draw(st.lists(i32, max_size=8)), ignore_eos=draw(st.booleans()),
-        logprobs=draw(st.none() | st.integers(0, MAX_TOP_LOGPROBS)))
+        logprobs=draw(st.none() | st.integers(0, MAX_TOP_LOGPROBS)),
+        logit_bias=draw(st.dictionaries(st.integers(0, 2**31 - 1), st.floats(-100, 100, width=32), max_size=6)))
 
 
 def plain(value: object) -> object:
