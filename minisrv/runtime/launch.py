@@ -102,7 +102,8 @@ class Supervisor:
             for worker in self.pipeline.workers:
                 self.loop.add_reader(worker.process.sentinel, self.on_worker_exit, worker)
             self.client.start(on_failure=self.fail)
-            http = self.loop.create_task(run_http(build_app(self.client, self.config), self.config, self.shutdown))
+            app = build_app(self.client, self.config, self.pipeline.prompt_tokenizer)
+            http = self.loop.create_task(run_http(app, self.config, self.shutdown))
             http.add_done_callback(self.on_http_done)
             await self.until_ready()
             await self.shutdown.wait()

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from minisrv.config import EngineConfig, ServerConfig
 from minisrv.ipc import Wakeup, instance_prefix
@@ -26,6 +26,9 @@ from minisrv.runtime.channels import Channels, RingChannels
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import WorkerInfo
 from minisrv.wire.records import Shutdown
+
+if TYPE_CHECKING:
+    from minisrv.tokenizer.prompts import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +116,12 @@ class Pipeline:
             process = spawn.Process(target=target, args=args, name=f"minisrv-{name}")
             process.start()
             self.workers.append(WorkerProcess(name, process))
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        """The tokenizer workers' PromptTokenizer, built here (for the API process's /tokenize)."""
+        from minisrv.tokenizer.prompts import load_prompt_tokenizer
+
+        return load_prompt_tokenizer(self.source, self.config.chat_template)
 
     def all_ready(self) -> bool:
         return all(self.status.ready_slots())

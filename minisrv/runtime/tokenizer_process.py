@@ -14,8 +14,7 @@ from minisrv.models.source import ModelSource
 from minisrv.runtime.channels import ChannelSpec
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
-from minisrv.tokenizer.loading import load_tokenizer
-from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, resolve_chat_template
+from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, load_prompt_tokenizer
 from minisrv.wire.records import Abort, DetokenizeRequest, Error, PromptRequest, Shutdown, TokenizedRequest
 from minisrv.wire.terms import choice_rid, choice_seed
 
@@ -91,7 +90,6 @@ def main(info: WorkerInfo, source: ModelSource, chat_template: str | None, chann
     """Entry point of a spawned tokenizer worker."""
 
     def set_up(loop: TokenizerLoop, status: StatusBlock) -> None:
-        tokenizer = load_tokenizer(source)
-        loop.prompts = PromptTokenizer(tokenizer, resolve_chat_template(chat_template, tokenizer))
+        loop.prompts = load_prompt_tokenizer(source, chat_template)
 
     serve_worker(info, lambda status, watch: TokenizerLoop(channels, watch), set_up)

@@ -1,6 +1,6 @@
-"""The API server's HTTP side: OpenAI routes, SGLang's /generate, /health, /models, /metrics.
+"""The API server's HTTP side: OpenAI routes, SGLang's /generate, /health, /models, /metrics, /openapi.json.
 
-`build_app(engine, config)` makes the Starlette app around an EngineHandle; `run_http(app, config,
+`build_app(engine, config, load_tokenizer)` makes the Starlette app around an EngineHandle; `run_http(app, config,
 shutdown_event)` serves it with hypercorn on the running event loop (the launcher runs that loop
 with uvloop, so the rings' asyncio consumer and the HTTP connections share one loop).
 """
@@ -28,8 +28,11 @@ from minisrv.server import responses, sglang
 from minisrv.server.engine_handle import EngineHandle, RequestError
 from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from minisrv.server.metrics import ServerMetrics
+from minisrv.server.openapi import openapi_document
+from minisrv.server.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest, Tokenization
 from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext, choice_deltas, collect, to_json
+from minisrv.tokenizer.prompts import PromptTokenizer
 from minisrv.wire.records import PromptRequest
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,14 @@ class ClientDisconnected(Exception):
     pass
 
 
+def route(path: str, endpoint: Callable, methods: list[str], body_schema: type | tuple[type, ...] | None = None
+          ) -> Route:
+    """A route; `body_schema` is the pydantic model of its JSON body (a tuple: one of them), for /openapi.json."""
+    declared = Route(path, endpoint, methods=methods)
+    declared.body_schema = body_schema
+    return declared
+
+
 def json_response(obj: object, status: int = 200) -> Response:
     return Response(to_json(obj), status_code=status, media_type="application/json")
 
@@ -54,30 +65,36 @@ def json_response(obj: object, status: int = 200) -> Response:
 class ApiRoutes:
     """The HTTP routes and their state: the engine handle, the metrics, and the API key."""
 
-    def __init__(self, engine: EngineHandle, config: ServerConfig) -> None:
+    def __init__(self, engine: EngineHandle, config: ServerConfig, tokenization: Tokenization) -> None:
         self.engine = engine
         self.config = config
+        self.tokenization = tokenization
         self.metrics = ServerMetrics(engine.stats)
         self.started = int(time.time())
         self._api_key = config.api_key.encode() if config.api_key else None
         self._ignored_seen: set[str] = set()   # IGNORED_FIELDS already logged
+        self._openapi: dict | None = None
 
     def routes(self) -> list[Route]:
         return [
-            Route("/health", self.health, methods=["GET"]),
-            Route("/ping", self.health, methods=["GET", "POST"]),   # SageMaker's name for it, as vLLM serves
-            Route("/version", self.version, methods=["GET"]),
-            Route("/metrics", self.metrics_text, methods=["GET"]),
-            Route("/v1/models", self.list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/generate", self.sglang_generate, methods=["POST"]),
+            route("/health", self.health, ["GET"]),
+            route("/ping", self.health, ["GET", "POST"]),   # SageMaker's name for it, as vLLM serves
+            route("/version", self.version, ["GET"]),
+            route("/metrics", self.metrics_text, ["GET"]),
+            route("/openapi.json", self.openapi, ["GET"]),
+            route("/v1/models", self.list_models, ["GET"]),
+            route("/v1/models/{model:path}", self.get_model, ["GET"]),
+            route("/v1/chat/completions", self.chat_completions, ["POST"], ChatCompletionRequest),
+            route("/v1/completions", self.completions, ["POST"], CompletionRequest),
+            route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest),
+            route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest)),
+            route("/detokenize", self.detokenize, ["POST"], DetokenizeRequest),
         ]
 
     # --- routes ----------------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
+        """Whether the server can take requests (503 while it starts, stops, or a worker died)."""
         if self.engine.dead_worker is not None:
             raise APIError(503, f"worker {self.engine.dead_worker} died; the server is going down")
         if not self.engine.ready:
@@ -85,21 +102,32 @@ class ApiRoutes:
         return json_response({"status": "ok"})
 
     async def version(self, request: Request) -> Response:
+        """The minisrv version."""
         return json_response({"version": importlib.metadata.version("minisrv")})
 
     async def metrics_text(self, request: Request) -> Response:
+        """Prometheus metrics."""
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def openapi(self, request: Request) -> Response:
+        """This document: every route, its request schema and the error body."""
+        if self._openapi is None:
+            self._openapi = openapi_document(self.routes(), "minisrv", importlib.metadata.version("minisrv"))
+        return json_response(self._openapi)
+
     async def list_models(self, request: Request) -> Response:
+        """The served model (OpenAI's model list)."""
         self._authorize(request)
         return json_response({"object": "list", "data": [self._model_card()]})
 
     async def get_model(self, request: Request) -> Response:
+        """One model's card; 404 for any model but the served one."""
         self._authorize(request)
         self._check_model(request.path_params["model"])
         return json_response(self._model_card())
 
     async def chat_completions(self, request: Request) -> Response:
+        """OpenAI chat completions, streamed as server-sent events with stream: true."""
         self._authorize(request)
         req = parse_request(ChatCompletionRequest, await read_body(request))
         self._check_model(req.model)
@@ -110,6 +138,7 @@ class ApiRoutes:
                                    responses.chat_completion)
 
     async def completions(self, request: Request) -> Response:
+        """OpenAI (legacy) completions, streamed as server-sent events with stream: true."""
         self._authorize(request)
         req = parse_request(CompletionRequest, await read_body(request))
         self._check_model(req.model)
@@ -120,11 +149,28 @@ class ApiRoutes:
                                    responses.completion)
 
     async def sglang_generate(self, request: Request) -> Response:
+        """SGLang's native generation endpoint."""
         self._authorize(request)
         req = parse_request(sglang.SGLangGenerateRequest, await read_body(request))
         prompt = req.to_prompt_request(self.engine.vocab_size)
         return await self._respond(request, self._context("gen", False), [prompt], req.stream,
                                    sglang.generate_stream, sglang.generate_result)
+
+    async def tokenize(self, request: Request) -> Response:
+        """The token ids of a prompt, or of a chat rendered with the chat template (vLLM's /tokenize)."""
+        self._authorize(request)
+        body = await read_body(request)
+        schema = TokenizeChatRequest if b'"messages"' in body else TokenizeCompletionRequest
+        req = parse_request(schema, body)
+        self._check_model(req.model)
+        return json_response(await self.tokenization.tokenize(req, self.engine.max_model_len))
+
+    async def detokenize(self, request: Request) -> Response:
+        """The text of token ids (vLLM's /detokenize)."""
+        self._authorize(request)
+        req = parse_request(DetokenizeRequest, await read_body(request))
+        self._check_model(req.model)
+        return json_response(await self.tokenization.detokenize(req, self.engine.vocab_size))
 
     # --- shared steps ----------------------------------------------------------------------------------
 
@@ -220,8 +266,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return work_task.result()
 
 
-def build_app(engine: EngineHandle, config: ServerConfig) -> Starlette:
-    routes = ApiRoutes(engine, config)
+def build_app(engine: EngineHandle, config: ServerConfig, load_tokenizer: Callable[[], PromptTokenizer]) -> Starlette:
+    """`load_tokenizer` gives the served model's PromptTokenizer (a blocking call, made once, in a thread)."""
+    routes = ApiRoutes(engine, config, Tokenization(load_tokenizer))
     # No origins: no CORS headers at all, so browsers keep pages of other origins from reading responses.
     middleware = [Middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                              allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,9 +34,23 @@ class APIError(Exception):
         self.code = code
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str                  # ERROR_TYPES of the status
+    param: str | None = None   # the request field at fault, as the client spelled it (`messages.0.role`)
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response's body (also its schema in /openapi.json)."""
+
+    error: ErrorDetail
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    detail = ErrorDetail(message=message, type=ERROR_TYPES.get(status, "invalid_request_error"), param=param,
+                         code=code)
+    return ErrorBody(error=detail).model_dump()
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,

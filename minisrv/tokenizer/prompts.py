@@ -9,6 +9,8 @@ from jinja2 import TemplateError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from minisrv.models.source import ModelSource
+
 
 class PromptError(ValueError):
     """A prompt that cannot be rendered or tokenized; the message is fit for the client."""
@@ -65,3 +67,11 @@ class PromptTokenizer:
         if isinstance(prompt, str):
             return self.encode_text(prompt, rendered_chat=False)
         return list(prompt)
+
+
+def load_prompt_tokenizer(source: ModelSource, chat_template: str | None) -> PromptTokenizer:
+    """The served model's tokenizer with its chat template (`chat_template`: --chat-template, or None)."""
+    from minisrv.tokenizer.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    return PromptTokenizer(tokenizer, resolve_chat_template(chat_template, tokenizer))

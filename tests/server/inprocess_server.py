@@ -10,8 +10,15 @@ import uvloop
 from tests.server.fake_engine_client import FakeEngineClient
 from tests.server.live_server import free_port
 
-from minisrv.config import ServerConfig
+from minisrv.config import EngineConfig, ServerConfig
+from minisrv.models.source import resolve_source
 from minisrv.server.app import build_app, run_http
+from minisrv.tokenizer.prompts import PromptTokenizer, load_prompt_tokenizer
+
+
+def byte_prompt_tokenizer() -> PromptTokenizer:
+    """The byte-level tokenizer (and chat template) minisrv serves dummy presets with: /tokenize's in these tests."""
+    return load_prompt_tokenizer(resolve_source(EngineConfig(model="smollm2-135m", load_format="dummy")), None)
 
 
 @dataclass
@@ -34,7 +41,7 @@ class InProcessServer:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             started.set()
-            await run_http(build_app(self.client, self.config), self.config, self._stop)
+            await run_http(build_app(self.client, self.config, byte_prompt_tokenizer), self.config, self._stop)
 
         self._thread = threading.Thread(target=uvloop.run, args=(main(),), daemon=True)
         self._thread.start()

@@ -9,19 +9,19 @@ import httpx
 import openai
 import pytest
 from tests.server.fake_engine_client import MAX_MODEL_LEN, REPLY, VOCAB_SIZE, FakeEngineClient
+from tests.server.conftest import FAKE_MODEL
 from tests.server.inprocess_server import InProcessServer
 
 from minisrv.config import ServerConfig
 from minisrv.server.app import MAX_BODY_BYTES
 
 GREEDY = {"temperature": 0}
-MODEL = "fake-model"
+MODEL = FAKE_MODEL
 
 
 @pytest.fixture(scope="module")
-def server():
-    with InProcessServer(FakeEngineClient(MODEL)) as s:
-        yield s
+def server(fake_server):
+    return fake_server
 
 
 @pytest.fixture(scope="module")

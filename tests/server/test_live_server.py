@@ -334,3 +334,14 @@ def test_stream_interval_and_sse_timestamps_through_every_process() -> None:
     assert [len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks] == [1, 4, 4, 4]
     stamps = [int(line.split()[-1]) for line in lines if line.startswith(": emitted ")]
     assert len(stamps) == len(chunks) and before < stamps[0] < stamps[1] < stamps[2] < stamps[3] < after
+
+
+def test_tokenize_counts_what_the_engine_gets(server, sdk, model) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog."
+    tokens = post(server, "/tokenize", {"model": model, "prompt": prompt}).json()
+    out = sdk.completions.create(model=model, prompt=prompt, max_tokens=1, **GREEDY)
+    assert tokens["count"] == out.usage.prompt_tokens == len(tokens["tokens"])
+    assert post(server, "/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"].endswith(prompt)
+    chat = post(server, "/tokenize", {"messages": chat_messages("Hi")}).json()
+    reply = sdk.chat.completions.create(model=model, messages=chat_messages("Hi"), max_tokens=1, **GREEDY)
+    assert chat["count"] == reply.usage.prompt_tokens
