@@ -128,6 +128,10 @@ class ServerConfig:
     api_key: str | None = setting(
         None, group="server", env=API_KEY_ENV, secret=True,
         help=f"require 'Authorization: Bearer KEY' on /v1 and /generate (also ${API_KEY_ENV})")
+    max_choices_per_request: int = setting(
+        256, group="server", range=Range(1),
+        help="prompts x n that one completions request may ask for (each choice runs as its own request); more "
+             "is a 400")
     stream_interval: int = setting(
         1, group="server", range=Range(1, 1024),
         help="tokens per streamed chunk after the first, which is sent at once (as vLLM's and SGLang's): larger "

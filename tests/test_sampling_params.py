@@ -65,7 +65,7 @@ def test_every_option_reaches_each_api_under_its_names(seed: int) -> None:
     chat = parse_request(ChatCompletionRequest, json.dumps(
         {"messages": [{"role": "user", "content": "hi"}], **openai}).encode()).to_prompt_request(1000, 4096)
     completion, = parse_request(CompletionRequest, json.dumps({"prompt": "hi", **openai}).encode()
-                                ).to_prompt_requests(1000, 4096)
+                                ).to_prompt_requests(1000, 4096, 256)
     sglang = {name: values[option] for name, option in api_names("sglang").items()}
     generate = parse_request(SGLangGenerateRequest, json.dumps(
         {"text": "hi", "sampling_params": sglang}).encode()).to_prompt_request(1000)

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -47,7 +47,11 @@ Builder = Callable[[ResponseContext, list[ChoiceResult]], object]
 
 
 class ClientDisconnected(Exception):
-    pass
+    """The client closed the connection before its response; nobody will read what we answer."""
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)   # nginx's "client closed request"; logged at debug where it is noticed
 
 
 def route(path: str, endpoint: Callable, methods: list[str], body_schema: type | tuple[type, ...] | None = None
@@ -143,7 +147,8 @@ class ApiRoutes:
         req = parse_request(CompletionRequest, await read_body(request))
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
-        prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len)
+        prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len,
+                                         self.config.max_choices_per_request)
         ctx = self._context("cmpl", req.include_usage(), req.continuous_usage())
         return await self._respond(request, ctx, prompts, req.stream, responses.completion_stream,
                                    responses.completion)
@@ -217,7 +222,7 @@ class ApiRoutes:
         except RequestError as exc:
             raise APIError(exc.status, exc.message, exc.param) from exc
         except ClientDisconnected:
-            return Response(status_code=499)   # nobody is listening; the request was aborted
+            return Response(status_code=499)   # nobody is listening; the request was aborted (client_gone)
         return StreamingResponse(streamer(ctx, prepend(first, deltas)), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
@@ -233,17 +238,28 @@ async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
 
 async def read_body(request: Request) -> bytes:
     """A JSON request's body. Anything not sent as application/json is a 415: a web page may send other
-    types cross-site without asking first (a CORS "simple request"), never JSON."""
+    types cross-site without asking first (a CORS "simple request"), never JSON. A body announced larger
+    than MAX_BODY_BYTES is refused before any of it is read, and the connection closed (the client is still
+    sending it); a client that goes away mid-upload ends the request quietly."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {media_type or 'none'}",
                        code="unsupported_media_type")
+    too_large = APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large",
+                         headers={"Connection": "close"})
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
+        raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        logger.debug("client went away while sending the body of %s %s", request.method, request.url.path)
+        raise ClientDisconnected from None
     return b"".join(chunks)
 
 
@@ -277,7 +293,7 @@ def build_app(engine: EngineHandle, config: ServerConfig, load_tokenizer: Callab
         routes=routes.routes(),
         middleware=middleware,
         exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception,
-                            Exception: handle_unexpected},
+                            ClientDisconnected: client_gone, Exception: handle_unexpected},
     )
     return app
 

@@ -26,12 +26,14 @@ ERROR_TYPES = {
 class APIError(Exception):
     """An error a client caused or should see; the routes raise it and one handler renders it."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
 
 class ErrorDetail(BaseModel):
@@ -84,8 +86,8 @@ def from_validation_error(exc: ValidationError) -> APIError:
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return error_response(exc.status, exc.message, exc.param, exc.code, headers)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    return error_response(exc.status, exc.message, exc.param, exc.code, headers | exc.headers)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:

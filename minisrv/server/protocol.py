@@ -225,11 +225,15 @@ class CompletionRequest(_OpenAIFields):
             return [p]
         return list(p)
 
-    def to_prompt_requests(self, vocab_size: int, max_model_len: int) -> list[PromptRequest]:
+    def to_prompt_requests(self, vocab_size: int, max_model_len: int, max_choices: int) -> list[PromptRequest]:
         self.check_api_limits(vocab_size)
         prompts = self.prompts()
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
+        if len(prompts) * self.n > max_choices:
+            raise APIError(400, f"{len(prompts)} prompts x n={self.n} asks for {len(prompts) * self.n} choices; this "
+                                f"server takes at most {max_choices} per request (--max-choices-per-request)",
+                           "prompt")
         for p in prompts:
             if isinstance(p, str) and not p:
                 raise APIError(400, "prompt must not be an empty string", "prompt")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 
@@ -249,8 +250,49 @@ def test_streaming_refusal_keeps_its_status(server) -> None:
 
 
 def test_body_too_large(server) -> None:
-    assert_error(httpx.post(f"{server.url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1),
-                            headers={"Content-Type": "application/json"}), 413)
+    r = httpx.post(f"{server.url}/v1/completions", content=b" " * (MAX_BODY_BYTES + 1),
+                   headers={"Content-Type": "application/json"})
+    assert_error(r, 413)
+    assert r.headers["connection"] == "close"
+
+
+def raw_exchange(server, head: bytes, body: bytes = b"", shut_write: bool = False, timeout: float = 5.0) -> bytes:
+    """Send bytes on a plain socket and read what comes back until the server closes or the timeout."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+        return received
+
+
+def test_an_announced_oversized_body_is_refused_before_it_is_sent(server) -> None:
+    """Content-Length alone decides: the 413 comes back at once, with Connection: close, though no body came."""
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n").encode()
+    start = time.monotonic()
+    reply = raw_exchange(server, head)
+    assert reply.startswith(b"HTTP/1.1 413") and b"connection: close" in reply.lower()
+    assert time.monotonic() - start < 4.0   # answered and closed, not waiting for 32 MB
+
+
+def test_a_client_that_drops_its_upload_is_one_quiet_line(server, caplog) -> None:
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    with caplog.at_level("DEBUG"):
+        for _ in range(5):
+            raw_exchange(server, head, b'{"prompt": "hal', shut_write=True, timeout=2.0)
+        time.sleep(0.3)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+    assert httpx.get(f"{server.url}/health").status_code == 200
 
 
 def test_sdk_raises_typed_errors(sdk) -> None:

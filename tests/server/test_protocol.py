@@ -13,6 +13,7 @@ from minisrv.wire.records import PromptRequest
 
 VOCAB = 1000
 CONTEXT = 512
+MAX_CHOICES = 64
 
 
 def chat(body: dict) -> PromptRequest:
@@ -22,7 +23,7 @@ def chat(body: dict) -> PromptRequest:
 
 def completions(body: dict) -> list[PromptRequest]:
     body = {"prompt": "hi", **body}
-    return parse_request(CompletionRequest, json.dumps(body).encode()).to_prompt_requests(VOCAB, CONTEXT)
+    return parse_request(CompletionRequest, json.dumps(body).encode()).to_prompt_requests(VOCAB, CONTEXT, MAX_CHOICES)
 
 
 def prompt_of(request: PromptRequest) -> str | list[int]:
@@ -168,7 +169,7 @@ def test_any_json_is_accepted_or_a_400(body: dict) -> None:
     """Whatever a client sends, parsing and conversion end in PROMPT_REQUEST records or a 400: never anything else."""
     raw = json.dumps(body).encode()
     for schema, convert in ((ChatCompletionRequest, lambda r: [r.to_prompt_request(VOCAB, CONTEXT)]),
-                            (CompletionRequest, lambda r: r.to_prompt_requests(VOCAB, CONTEXT))):
+                            (CompletionRequest, lambda r: r.to_prompt_requests(VOCAB, CONTEXT, MAX_CHOICES))):
         try:
             convert(parse_request(schema, raw))
         except APIError as exc:
@@ -201,3 +202,11 @@ def test_bad_output_and_prompt_options_name_the_field(body: dict, field: str) ->
     with pytest.raises(APIError) as info:
         chat(body)
     assert info.value.status == 400 and info.value.param == field
+
+
+def test_prompts_times_n_is_capped_with_a_clear_400() -> None:
+    assert len(completions({"prompt": ["x"] * 16, "n": 4})) == 16            # 64 choices: the limit
+    with pytest.raises(APIError) as info:
+        completions({"prompt": ["x"] * 1000, "n": 16})
+    assert info.value.status == 400 and info.value.param == "prompt"
+    assert "16000 choices" in info.value.message and "--max-choices-per-request" in info.value.message
