@@ -77,13 +77,18 @@ class EngineClient:
     def worker_died(self, name: str) -> None:
         if self.dead_worker is None:
             self.dead_worker = name
-        self.end_streams()
+        self.end_streams(RequestError(503, f"worker {name} died; the server is going down"))
 
-    def end_streams(self) -> None:
-        """Stop taking requests and finish every stream in flight with finish_reason "abort"."""
+    def end_streams(self, error: RequestError | None = None) -> None:
+        """Stop taking requests and end every stream in flight: on a shutdown with finish_reason "abort"; when
+        something broke with `error`, so a client sees an error (an error event, a 5xx) and never mistakes
+        a truncated output for a finished one."""
         self.ready = False
         for stream in self._streams.values():
-            _finish_with_abort(stream)
+            if error is not None:
+                stream.queue.put_nowait(error)
+            else:
+                _finish_with_abort(stream)
 
     async def close(self) -> None:
         """Stop consuming the text channel. The channels themselves belong to whoever created them."""

@@ -3,7 +3,8 @@
 The API server is this (parent) process. It serves HTTP at once (so /health can say 503 while the
 model loads), reports ready once every worker has, and stops:
 - on SIGINT/SIGTERM: in-flight streams end with finish_reason "abort", workers get SHUTDOWN, exit 0;
-- when a worker dies: a message naming it, the other workers are killed, exit 1.
+- when a worker dies: in-flight requests end with an error (an SSE error event, or a 503), a message
+  naming the worker, the other workers are killed, exit 1.
 The rings' and the status block's names are unlinked as soon as every process has attached, so no
 way of exiting (`kill -9` included) leaves anything in /dev/shm.
 """
@@ -17,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from minisrv.config import ServerConfig
+from minisrv.server.engine_handle import RequestError
 
 if TYPE_CHECKING:
     from minisrv.models.source import ModelSource
@@ -146,7 +148,7 @@ class Supervisor:
         """Something broke: stop serving now, then exit non-zero naming the worker that died."""
         if self.stopping or self._failing is not None:
             return
-        self.client.end_streams()
+        self.client.end_streams(RequestError(503, f"{reason}; the server is going down"))
         self._failing = self.loop.create_task(self._stop_naming_the_culprit(reason))
 
     async def _stop_naming_the_culprit(self, reason: str) -> None:

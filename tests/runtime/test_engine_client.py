@@ -216,6 +216,23 @@ def test_end_streams_finishes_everything_with_abort() -> None:
     run(test)
 
 
+def test_a_failure_ends_every_stream_with_an_error_not_a_finish() -> None:
+    async def test(h: Harness) -> None:
+        h.start()
+        gen = h.client.stream(PromptRequest(text="x", params=params(), n=2))
+        first = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0.05)
+        rid = PromptRequest.decode(h.requests()[0][1]).rid
+        h.send_rows([(choice_rid(rid, 0), "partial", 0, [5])])
+        await first
+        h.client.worker_died("scheduler")
+        with pytest.raises(RequestError) as exc:
+            await anext(gen)
+        assert exc.value.status == 503 and "worker scheduler died" in exc.value.message
+        assert h.client.dead_worker == "scheduler" and not h.client.ready
+    run(test)
+
+
 def test_stats_come_from_the_status_block() -> None:
     async def test(h: Harness) -> None:
         h.start()

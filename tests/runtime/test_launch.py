@@ -153,14 +153,41 @@ def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: 
     server.assert_nothing_left()
 
 
-@pytest.mark.parametrize("victim", ["scheduler", "detokenizer"])
-def test_a_dead_worker_takes_the_server_down(server: Server, victim: str) -> None:
-    os.kill(server.workers[victim], signal.SIGKILL)
-    killed = time.monotonic()
+@pytest.mark.parametrize("victim", ["scheduler", "detokenizer", "tokenizer-0"])
+def test_a_dead_worker_takes_the_server_down_and_clients_see_an_error(server: Server, victim: str) -> None:
+    """Requests in flight when a worker dies get an error, never a normal-looking result: the stream an error
+    event then [DONE] (its status was already 200), the non-stream request a 503."""
+    whole: dict[str, object] = {}
+
+    def post_whole() -> None:
+        try:
+            whole["response"] = httpx.post(f"{server.url}/v1/completions", json=LONG_REQUEST, timeout=60)
+        except httpx.HTTPError as exc:
+            whole["response"] = exc
+
+    thread = threading.Thread(target=post_whole)
+    thread.start()
+    events = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**LONG_REQUEST, "stream": True},
+                      timeout=30) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if len(events) == 3:
+                    break
+        os.kill(server.workers[victim], signal.SIGKILL)
+        killed = time.monotonic()
+        events += [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     code = server.wait_exit()
     assert time.monotonic() - killed < EXIT_WITHIN_S
     assert code != 0
-    assert re.search(rf"worker {victim} \(pid \d+\) died", server.log()), server.log()
+    assert re.search(rf"worker {victim} \(pid \d+\) (died|exited)", server.log()), server.log()
+    assert "error" in events[-1] and "going down" in events[-1]["error"]["message"], events[-1]
+    assert all(c.get("choices", [{}])[0].get("finish_reason") != "abort" for c in events)
+    thread.join(10)
+    response = whole["response"]
+    assert not isinstance(response, httpx.Response) or response.status_code == 503, response.text
     server.assert_nothing_left()
 
 
