@@ -148,6 +148,12 @@ class ServerConfig:
         ("*",), group="server", help="HTTP methods allowed to those origins (CORS), a JSON list or comma-separated")
     allowed_headers: tuple[str, ...] = setting(
         ("*",), group="server", help="request headers allowed to those origins (CORS), a JSON list or comma-separated")
+    body_read_timeout: float = setting(
+        30.0, group="server", range=Range(0, low_open=True),
+        help="seconds a client may take to send a request's body; a slower one gets a 408 and is disconnected")
+    enable_access_log: bool = setting(
+        False, group="server", help="log one line per HTTP request: client, method, path, status, bytes, duration "
+                                    "(never a body)")
     log_level: str = setting("info", group="server", choices=LOG_LEVELS, help="logging level")
 
     def __post_init__(self) -> None:

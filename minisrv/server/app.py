@@ -120,20 +120,22 @@ class ApiRoutes:
         return json_response(self._openapi)
 
     async def list_models(self, request: Request) -> Response:
-        """The served model (OpenAI's model list)."""
+        """The served model (OpenAI's model list); 503 until the model is loaded."""
         self._authorize(request)
+        self._check_ready()
         return json_response({"object": "list", "data": [self._model_card()]})
 
     async def get_model(self, request: Request) -> Response:
         """One model's card; 404 for any model but the served one."""
         self._authorize(request)
+        self._check_ready()
         self._check_model(request.path_params["model"])
         return json_response(self._model_card())
 
     async def chat_completions(self, request: Request) -> Response:
         """OpenAI chat completions, streamed as server-sent events with stream: true."""
         self._authorize(request)
-        req = parse_request(ChatCompletionRequest, await read_body(request))
+        req = parse_request(ChatCompletionRequest, await read_body(request, self.config.body_read_timeout))
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
         prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len)
@@ -144,7 +146,7 @@ class ApiRoutes:
     async def completions(self, request: Request) -> Response:
         """OpenAI (legacy) completions, streamed as server-sent events with stream: true."""
         self._authorize(request)
-        req = parse_request(CompletionRequest, await read_body(request))
+        req = parse_request(CompletionRequest, await read_body(request, self.config.body_read_timeout))
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
         prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len,
@@ -156,7 +158,7 @@ class ApiRoutes:
     async def sglang_generate(self, request: Request) -> Response:
         """SGLang's native generation endpoint."""
         self._authorize(request)
-        req = parse_request(sglang.SGLangGenerateRequest, await read_body(request))
+        req = parse_request(sglang.SGLangGenerateRequest, await read_body(request, self.config.body_read_timeout))
         prompt = req.to_prompt_request(self.engine.vocab_size)
         return await self._respond(request, self._context("gen", False), [prompt], req.stream,
                                    sglang.generate_stream, sglang.generate_result)
@@ -164,7 +166,7 @@ class ApiRoutes:
     async def tokenize(self, request: Request) -> Response:
         """The token ids of a prompt, or of a chat rendered with the chat template (vLLM's /tokenize)."""
         self._authorize(request)
-        body = await read_body(request)
+        body = await read_body(request, self.config.body_read_timeout)
         schema = TokenizeChatRequest if b'"messages"' in body else TokenizeCompletionRequest
         req = parse_request(schema, body)
         self._check_model(req.model)
@@ -173,7 +175,7 @@ class ApiRoutes:
     async def detokenize(self, request: Request) -> Response:
         """The text of token ids (vLLM's /detokenize)."""
         self._authorize(request)
-        req = parse_request(DetokenizeRequest, await read_body(request))
+        req = parse_request(DetokenizeRequest, await read_body(request, self.config.body_read_timeout))
         self._check_model(req.model)
         return json_response(await self.tokenization.detokenize(req, self.engine.vocab_size))
 
@@ -188,6 +190,11 @@ class ApiRoutes:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._api_key):
             raise APIError(401, "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+
+    def _check_ready(self) -> None:
+        # Before the workers report, the model's name and context length are not known: no card with blanks.
+        if not self.engine.ready:
+            raise APIError(503, "the server is starting or shutting down; the model is not being served")
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.engine.model_name:
@@ -236,11 +243,12 @@ async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
         await rest.aclose()
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request, timeout_s: float) -> bytes:
     """A JSON request's body. Anything not sent as application/json is a 415: a web page may send other
     types cross-site without asking first (a CORS "simple request"), never JSON. A body announced larger
     than MAX_BODY_BYTES is refused before any of it is read, and the connection closed (the client is still
-    sending it); a client that goes away mid-upload ends the request quietly."""
+    sending it); a client that goes away mid-upload ends the request quietly, and one that takes longer than
+    `timeout_s` to send it gets a 408."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {media_type or 'none'}",
@@ -250,16 +258,24 @@ async def read_body(request: Request) -> bytes:
     announced = request.headers.get("content-length", "")
     if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
         raise too_large
-    chunks, size = [], 0
-    try:
+    chunks: list[bytes] = []
+
+    async def receive_all() -> None:
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > MAX_BODY_BYTES:
                 raise too_large
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive_all(), timeout_s)   # (asyncio.timeout is Python 3.11+)
     except ClientDisconnect:
         logger.debug("client went away while sending the body of %s %s", request.method, request.url.path)
         raise ClientDisconnected from None
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s (--body-read-timeout)",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     return b"".join(chunks)
 
 
@@ -310,4 +326,7 @@ async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio
     http_log = logging.getLogger("minisrv.http")
     http_log.setLevel(logging.DEBUG if config.log_level == "debug" else logging.WARNING)
     hc.errorlog = http_log
+    if config.enable_access_log:
+        hc.accesslog = logging.getLogger("minisrv.access")
+        hc.access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'   # request line, status, bytes, seconds
     await hypercorn_serve(app, hc, shutdown_trigger=shutdown_event.wait)

@@ -284,6 +284,31 @@ def test_an_announced_oversized_body_is_refused_before_it_is_sent(server) -> Non
     assert time.monotonic() - start < 4.0   # answered and closed, not waiting for 32 MB
 
 
+def test_a_body_sent_too_slowly_is_a_408_and_the_connection_closes() -> None:
+    config = ServerConfig(body_read_timeout=0.5)
+    with InProcessServer(FakeEngineClient(MODEL), config) as s:
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        start = time.monotonic()
+        reply = raw_exchange(s, head, b'{"prompt": "half', timeout=5.0)
+        assert reply.startswith(b"HTTP/1.1 408") and b"connection: close" in reply.lower()
+        assert b"--body-read-timeout" in reply and time.monotonic() - start < 3.0
+
+
+def test_access_log_is_off_by_default_and_never_holds_a_body(caplog) -> None:
+    secret = "my very private prompt"
+    for enabled in (False, True):
+        with InProcessServer(FakeEngineClient(MODEL), ServerConfig(enable_access_log=enabled)) as s:
+            with caplog.at_level("INFO", logger="minisrv.access"):
+                caplog.clear()
+                httpx.post(f"{s.url}/v1/completions", json={"prompt": secret, "max_tokens": 2})
+                time.sleep(0.1)
+            lines = [r.getMessage() for r in caplog.records if r.name == "minisrv.access"]
+            assert bool(lines) == enabled and not any(secret in line for line in lines)
+            if enabled:
+                assert "POST /v1/completions" in lines[0] and " 200 " in lines[0]
+
+
 def test_a_client_that_drops_its_upload_is_one_quiet_line(server, caplog) -> None:
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n")
@@ -407,3 +432,14 @@ def test_version_and_ping(server) -> None:
 
     assert httpx.get(f"{server.url}/version").json() == {"version": importlib.metadata.version("minisrv")}
     assert httpx.get(f"{server.url}/ping").json() == httpx.post(f"{server.url}/ping").json() == {"status": "ok"}
+
+
+def test_models_are_a_503_until_the_engine_is_ready() -> None:
+    client = FakeEngineClient(MODEL)
+    with InProcessServer(client) as s:
+        client.ready = False
+        for path in ("/v1/models", f"/v1/models/{MODEL}"):
+            r = httpx.get(f"{s.url}{path}")
+            assert r.status_code == 503 and r.json()["error"]["message"], path
+        client.ready = True
+        assert httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"] == MODEL
