@@ -148,6 +148,10 @@ class ServerConfig:
         ("*",), group="server", help="HTTP methods allowed to those origins (CORS), a JSON list or comma-separated")
     allowed_headers: tuple[str, ...] = setting(
         ("*",), group="server", help="request headers allowed to those origins (CORS), a JSON list or comma-separated")
+    watchdog_timeout: float = setting(
+        300.0, group="server", range=Range(0, low_open=True),
+        help="a worker that sends no heartbeat for this many seconds (stopped, or stuck in one step) takes the "
+             "server down with a message naming it; /health answers 503 from half of it (at most 10 s)")
     body_read_timeout: float = setting(
         30.0, group="server", range=Range(0, low_open=True),
         help="seconds a client may take to send a request's body; a slower one gets a 408 and is disconnected")

@@ -57,8 +57,8 @@ class DetokenizerLoop:
             self.flush(batch)
             if stopped:
                 self.to_scheduler.send_many(Abort(rid) for rid in stopped)
+            self.watch.check()
             if not batch.rids and not stopped:
-                self.watch.check()
                 wait_any(self.inputs, IDLE_WAIT_S)
 
     def drain_tokenizers(self) -> bool:

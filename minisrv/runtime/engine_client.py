@@ -44,6 +44,7 @@ class EngineClient:
                  served_model_name: str | None = None) -> None:
         self.ready = False
         self.dead_worker: str | None = None
+        self.unresponsive_worker: str | None = None   # set and cleared by the launcher's watchdog
         self.model_name = served_model_name or ""
         self.max_model_len = 0
         self.vocab_size = 0

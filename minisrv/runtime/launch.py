@@ -4,7 +4,8 @@ The API server is this (parent) process. It serves HTTP at once (so /health can 
 model loads), reports ready once every worker has, and stops:
 - on SIGINT/SIGTERM: in-flight streams end with finish_reason "abort", workers get SHUTDOWN, exit 0;
 - when a worker dies: in-flight requests end with an error (an SSE error event, or a 503), a message
-  naming the worker, the other workers are killed, exit 1.
+  naming the worker, the other workers are killed, exit 1; the same when a worker sends no heartbeat for
+  --watchdog-timeout seconds (stopped, or stuck), and /health answers 503 while a heartbeat is late.
 The rings' and the status block's names are unlinked as soon as every process has attached, so no
 way of exiting (`kill -9` included) leaves anything in /dev/shm.
 """
@@ -29,6 +30,8 @@ logger = logging.getLogger("minisrv")
 READY_POLL_S = 0.02
 HTTP_SHUTDOWN_S = 2.5     # in-flight responses get this long to send their last chunk
 WORKER_EXIT_S = 1.5       # then the workers this long to leave on their own: all is over within 5 s
+WATCHDOG_POLL_S = 0.5     # how often the heartbeats are read
+HEALTH_LATE_MAX_S = 10.0  # a heartbeat this late (or half --watchdog-timeout) makes /health 503
 CULPRIT_WAIT_S = 1.0      # after a failure, how long to wait for the worker that caused it to be reaped
 
 
@@ -108,7 +111,9 @@ class Supervisor:
             http = self.loop.create_task(run_http(app, self.config, self.shutdown))
             http.add_done_callback(self.on_http_done)
             await self.until_ready()
+            watchdog = self.loop.create_task(self.watch_heartbeats())
             await self.shutdown.wait()
+            watchdog.cancel()
             try:
                 await asyncio.wait_for(asyncio.shield(http), HTTP_SHUTDOWN_S)
             except (asyncio.TimeoutError, Exception):   # noqa: BLE001 - a failure was reported by on_http_done
@@ -133,6 +138,24 @@ class Supervisor:
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
         logger.info("serving %s at http://%s:%d (ready in %.1f s)", self.client.model_name, host, self.config.port,
                     time.monotonic() - started)
+
+    async def watch_heartbeats(self) -> None:
+        """/health says 503 while a worker's heartbeat is late; past --watchdog-timeout the server goes down."""
+        timeout = self.config.watchdog_timeout
+        late_after = min(HEALTH_LATE_MAX_S, timeout / 2)
+        while not self.shutdown.is_set():
+            ages = self.pipeline.status.heartbeat_ages()
+            late = [(age, w) for age, w in zip(ages, self.pipeline.workers) if age is not None and age > late_after]
+            if not late:
+                self.client.unresponsive_worker = None
+            else:
+                age, worker = max(late, key=lambda item: item[0])
+                silent = f"{worker.name} (pid {worker.process.pid}) has sent no heartbeat for {age:.0f} s"
+                self.client.unresponsive_worker = silent
+                if age > timeout:
+                    self.fail(f"worker {silent} (--watchdog-timeout {timeout:g})")
+                    return
+            await asyncio.sleep(WATCHDOG_POLL_S)
 
     def stop(self, reason: str, exit_code: int) -> None:
         """End every stream in flight (finish_reason "abort") and let the HTTP server close."""

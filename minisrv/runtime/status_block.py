@@ -1,14 +1,16 @@
-"""One small shared-memory block per server instance: worker readiness, model facts, scheduler stats.
+"""One small shared-memory block per server instance: worker readiness and heartbeats, model facts, scheduler stats.
 
-The launcher creates it; every worker attaches, marks itself ready, and the scheduler writes the
-model's facts once and its stats after every step. The API server reads it on /health and each
-/metrics scrape with plain memory loads (no message, no syscall). Layout, u64 words (64-byte lines):
+The launcher creates it; every worker attaches, marks itself ready, and beats (its loop writes the
+monotonic clock, which every process on the host shares, a few times a second, idle or busy); the
+scheduler writes the model's facts once and its stats after every step. The API server reads it on
+/health, its watchdog and each /metrics scrape with plain memory loads (no message, no syscall).
+Layout, u64 words (64-byte lines):
 
     line 0   magic, layout version, worker count
     line 1   stats sequence number (odd while the scheduler writes: a seqlock)
     line 2   SchedulerStats (minisrv/wire/terms.py), one word per field in its order (floats as f64 bits)
     line 3   max_model_len, vocab_size, model name length; then lines 4-7: the model name (UTF-8)
-    line 8+  per worker: attached pid, ready pid (one word each)
+    line 8+  per worker: attached pid, ready pid, last heartbeat (time.monotonic_ns) (one word each)
 
 Like the rings, the name is unlinked as soon as every worker has attached, so no exit leaves it behind.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import threading
+import time
 import typing
 from dataclasses import dataclass
 
@@ -26,7 +29,8 @@ from minisrv.ipc.wakeup import full_fence
 from minisrv.wire.terms import SchedulerStats
 
 MAGIC = int.from_bytes(b"MSRVSTAT", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+WORKER_WORDS = 3              # attached pid, ready pid, heartbeat
 LINE = 8                      # words per 64-byte line
 SEQ, STATS, MODEL, NAME, WORKERS = LINE, 2 * LINE, 3 * LINE, 4 * LINE, 8 * LINE
 NAME_BYTES = 4 * LINE * 8
@@ -56,7 +60,7 @@ class StatusBlockSpec:
 class StatusBlock:
     def __init__(self, spec: StatusBlockSpec, create: bool = False) -> None:
         self.spec = spec
-        size = (WORKERS + 2 * spec.num_workers) * 8
+        size = (WORKERS + WORKER_WORDS * spec.num_workers) * 8
         flags = posix_ipc.O_CREX if create else 0
         shm = posix_ipc.SharedMemory(spec.name, flags, mode=0o600, size=size if create else 0)
         mapped = shm.size   # attaching: the creator's size, checked below
@@ -80,16 +84,26 @@ class StatusBlock:
     # -- workers ----------------------------------------------------------------------------------
     def attach_worker(self, slot: int, pid: int) -> None:
         """Record that worker `slot` has mapped the block; the last of all unlinks the name."""
-        self._words[WORKERS + 2 * slot] = pid
+        self._words[WORKERS + WORKER_WORDS * slot] = pid
         full_fence(self._fence_lock)
-        if all(self._words[WORKERS + 2 * s] for s in range(self.spec.num_workers)):
+        if all(self._words[WORKERS + WORKER_WORDS * s] for s in range(self.spec.num_workers)):
             self.unlink()
 
     def mark_ready(self, slot: int, pid: int) -> None:
-        self._words[WORKERS + 2 * slot + 1] = pid
+        self.beat(slot)
+        self._words[WORKERS + WORKER_WORDS * slot + 1] = pid
 
     def ready_slots(self) -> list[bool]:
-        return [bool(self._words[WORKERS + 2 * s + 1]) for s in range(self.spec.num_workers)]
+        return [bool(self._words[WORKERS + WORKER_WORDS * s + 1]) for s in range(self.spec.num_workers)]
+
+    def beat(self, slot: int) -> None:
+        self._words[WORKERS + WORKER_WORDS * slot + 2] = time.monotonic_ns()
+
+    def heartbeat_ages(self) -> list[float | None]:
+        """Seconds since each worker's last heartbeat; None for one not ready yet."""
+        now, ready = time.monotonic_ns(), self.ready_slots()
+        return [(now - self._words[WORKERS + WORKER_WORDS * s + 2]) / 1e9 if ready[s] else None
+                for s in range(self.spec.num_workers)]
 
     # -- scheduler --------------------------------------------------------------------------------
     def publish_model(self, facts: ModelFacts) -> None:

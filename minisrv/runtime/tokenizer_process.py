@@ -39,9 +39,9 @@ class TokenizerLoop:
     def run(self) -> None:
         """Serve until a SHUTDOWN record arrives (forwarded downstream) or the parent goes away."""
         while True:
+            self.watch.check()
             records = self.requests.drain()
             if not records:
-                self.watch.check()
                 self.requests.wait(IDLE_WAIT_S)
                 continue
             for record in records:

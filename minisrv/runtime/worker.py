@@ -49,11 +49,14 @@ class WorkerInfo:
 
 
 class ParentWatch:
-    """Cheap, rate-limited check that the parent still lives (a time read per call, a syscall per interval)."""
+    """Cheap, rate-limited check that the parent still lives, and this worker's heartbeat in the status block
+    (a time read per call; a syscall and a shared-memory store per interval). Every loop calls it each
+    iteration, busy or idle, so a heartbeat older than a few intervals means a stopped or stuck worker."""
 
-    def __init__(self, info: WorkerInfo) -> None:
+    def __init__(self, info: WorkerInfo, status: StatusBlock | None = None) -> None:
         self.name = info.name
         self.parent_pid = info.parent_pid
+        self._status, self._slot = status, info.slot
         self._next_check = 0.0
 
     def check(self) -> None:
@@ -63,6 +66,8 @@ class ParentWatch:
         self._next_check = now + PARENT_CHECK_INTERVAL_S
         if os.getppid() != self.parent_pid:   # re-parented: the parent exited or was killed
             raise ParentGone(self.name)
+        if self._status is not None:
+            self._status.beat(self._slot)
 
 
 def start_worker(info: WorkerInfo) -> tuple[StatusBlock, ParentWatch]:
@@ -75,11 +80,10 @@ def start_worker(info: WorkerInfo) -> tuple[StatusBlock, ParentWatch]:
     _die_with_parent()
     logging.basicConfig(level=info.log_level.upper(), stream=sys.stderr, force=True,
                         format=f"%(asctime)s {info.name} %(levelname)s %(message)s")
-    watch = ParentWatch(info)
-    watch.check()   # the parent may have died before PR_SET_PDEATHSIG took effect
+    ParentWatch(info).check()   # the parent may have died before PR_SET_PDEATHSIG took effect
     status = StatusBlock(info.status)
     status.attach_worker(info.slot, os.getpid())
-    return status, watch
+    return status, ParentWatch(info, status)
 
 
 def _die_with_parent() -> None:

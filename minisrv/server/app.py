@@ -11,6 +11,7 @@ import hmac
 import importlib.metadata
 import logging
 import time
+from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -24,6 +25,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from minisrv.config import ServerConfig
+from minisrv.sampling_params import SamplingParams
 from minisrv.server import responses, sglang
 from minisrv.server.engine_handle import EngineHandle, RequestError
 from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
@@ -38,6 +40,7 @@ from minisrv.wire.records import PromptRequest
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024   # a full-context prompt as token ids is a few MiB of JSON at most
+HEALTH_GENERATE_TIMEOUT_S = 20.0   # /health_generate's one token, queued behind whatever runs
 SHUTDOWN_GRACE_S = 2.0              # open connections get this long after shutdown; all exits stay within 5 s
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
@@ -83,6 +86,7 @@ class ApiRoutes:
         return [
             route("/health", self.health, ["GET"]),
             route("/ping", self.health, ["GET", "POST"]),   # SageMaker's name for it, as vLLM serves
+            route("/health_generate", self.health_generate, ["GET"]),
             route("/version", self.version, ["GET"]),
             route("/metrics", self.metrics_text, ["GET"]),
             route("/openapi.json", self.openapi, ["GET"]),
@@ -103,6 +107,22 @@ class ApiRoutes:
             raise APIError(503, f"worker {self.engine.dead_worker} died; the server is going down")
         if not self.engine.ready:
             raise APIError(503, "the server is starting or shutting down")
+        if self.engine.unresponsive_worker is not None:
+            raise APIError(503, f"worker {self.engine.unresponsive_worker}")
+        return json_response({"status": "ok"})
+
+    async def health_generate(self, request: Request) -> Response:
+        """Healthy and able to generate: one greedy token through every process (SGLang's /health_generate)."""
+        await self.health(request)
+        probe = PromptRequest(prompt_ids=[0], params=SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        deltas = self.engine.stream(probe)
+        try:
+            async with aclosing(deltas):
+                await asyncio.wait_for(collect_all(deltas), HEALTH_GENERATE_TIMEOUT_S)
+        except RequestError as exc:
+            raise APIError(503, f"generation failed: {exc.message}") from exc
+        except asyncio.TimeoutError:
+            raise APIError(503, f"no token within {HEALTH_GENERATE_TIMEOUT_S:g} s") from None
         return json_response({"status": "ok"})
 
     async def version(self, request: Request) -> Response:
@@ -232,6 +252,10 @@ class ApiRoutes:
             return Response(status_code=499)   # nobody is listening; the request was aborted (client_gone)
         return StreamingResponse(streamer(ctx, prepend(first, deltas)), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
+
+
+async def collect_all(items: AsyncIterator[T]) -> list[T]:
+    return [item async for item in items]
 
 
 async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:

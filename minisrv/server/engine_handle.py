@@ -50,10 +50,11 @@ class RequestError(Exception):
 
 class EngineHandle(Protocol):
     """ready: every worker is ready and the server is not shutting down. dead_worker: the name of a worker
-    process that died, else None. model_name / max_model_len / vocab_size: known once ready."""
+    process that died, else None; unresponsive_worker: one that is alive but silent (see --watchdog-timeout). model_name / max_model_len / vocab_size: known once ready."""
 
     ready: bool
     dead_worker: str | None
+    unresponsive_worker: str | None    # a worker whose heartbeat is late, with how late, while it lasts
     model_name: str
     max_model_len: int
     vocab_size: int

@@ -191,6 +191,28 @@ def test_a_dead_worker_takes_the_server_down_and_clients_see_an_error(server: Se
     server.assert_nothing_left()
 
 
+@pytest.mark.parametrize("server", [("--watchdog-timeout", "6")], indirect=True)
+def test_a_stopped_worker_makes_health_503_then_the_watchdog_takes_the_server_down(server: Server) -> None:
+    assert httpx.get(f"{server.url}/health_generate", timeout=30).json() == {"status": "ok"}
+    os.kill(server.workers["scheduler"], signal.SIGSTOP)
+    stopped = time.monotonic()
+    statuses = []
+    while server.process.poll() is None and time.monotonic() - stopped < 20:
+        try:
+            r = httpx.get(f"{server.url}/health", timeout=1)
+            statuses.append((r.status_code, r.json()))
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    late = [body for status, body in statuses if status == 503]
+    assert late and "scheduler" in late[0]["error"]["message"] and "no heartbeat" in late[0]["error"]["message"]
+    assert server.wait_exit() == 1
+    assert 6 <= time.monotonic() - stopped < 6 + EXIT_WITHIN_S
+    assert re.search(r"worker scheduler \(pid \d+\) has sent no heartbeat for \d+ s \(--watchdog-timeout 6\)",
+                     server.log()), server.log()
+    server.assert_nothing_left()
+
+
 def test_workers_exit_when_the_parent_is_killed(server: Server) -> None:
     server.process.kill()
     server.process.wait()

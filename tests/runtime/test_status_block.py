@@ -47,6 +47,20 @@ def test_readiness_per_slot(block: StatusBlock) -> None:
     worker.close()
 
 
+def test_heartbeats_age_until_the_next_beat(block: StatusBlock) -> None:
+    import time
+
+    worker = StatusBlock(block.spec)
+    assert block.heartbeat_ages() == [None, None, None]   # nothing ready: nothing to be late
+    worker.mark_ready(1, 4242)                             # ready counts as a beat
+    time.sleep(0.05)
+    [none, age, none2] = block.heartbeat_ages()
+    assert none is None and none2 is None and 0.04 < age < 1.0
+    worker.beat(1)
+    assert block.heartbeat_ages()[1] < 0.04
+    worker.close()
+
+
 def test_model_facts_and_stats_round_trip(block: StatusBlock) -> None:
     scheduler = StatusBlock(block.spec)
     facts = ModelFacts("SmolLM2-135M-Instruct 模型", max_model_len=8192, vocab_size=49152)

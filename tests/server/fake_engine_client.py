@@ -50,6 +50,7 @@ def expected_text(inp: PromptRequest, choice: int, max_tokens: int) -> tuple[str
 class FakeEngineClient:
     def __init__(self, model_name: str = "fake-model", step_delay: float = 0.0) -> None:
         self.ready = True
+        self.unresponsive_worker: str | None = None
         self.dead_worker: str | None = None
         self.model_name = model_name
         self.max_model_len = MAX_MODEL_LEN

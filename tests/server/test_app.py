@@ -443,3 +443,15 @@ def test_models_are_a_503_until_the_engine_is_ready() -> None:
             assert r.status_code == 503 and r.json()["error"]["message"], path
         client.ready = True
         assert httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"] == MODEL
+
+
+def test_health_generate_runs_one_token_and_reports_an_unresponsive_worker(server) -> None:
+    assert httpx.get(f"{server.url}/health_generate").json() == {"status": "ok"}
+    server.client.unresponsive_worker = "scheduler (pid 1) has sent no heartbeat for 12 s"
+    try:
+        for path in ("/health", "/health_generate"):
+            r = httpx.get(f"{server.url}{path}")
+            assert r.status_code == 503 and "no heartbeat" in r.json()["error"]["message"], path
+    finally:
+        server.client.unresponsive_worker = None
+    assert httpx.get(f"{server.url}/health").status_code == 200

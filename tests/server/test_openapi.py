@@ -35,7 +35,8 @@ def resolve(document: dict, ref: str) -> dict:
 def test_every_route_is_documented_with_its_methods(server, document) -> None:
     assert document["openapi"].startswith("3.1") and document["info"]["title"] == "minisrv"
     paths = document["paths"]
-    expected = {"/health": {"get"}, "/ping": {"get", "post"}, "/version": {"get"}, "/metrics": {"get"},
+    expected = {"/health": {"get"}, "/ping": {"get", "post"}, "/health_generate": {"get"}, "/version": {"get"},
+                "/metrics": {"get"},
                 "/openapi.json": {"get"}, "/v1/models": {"get"}, "/v1/models/{model}": {"get"},
                 "/v1/chat/completions": {"post"}, "/v1/completions": {"post"}, "/generate": {"post"},
                 "/tokenize": {"post"}, "/detokenize": {"post"}}
