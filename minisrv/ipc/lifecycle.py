@@ -9,7 +9,9 @@
 Names are `/minisrv-<pid>-<random>-<ring>`: unique per server instance and unguessable (64 random
 bits), created with mode 0600. The last process to attach a ring already unlinks its names, so once
 everyone is attached a `kill -9` of anyone leaves nothing in /dev/shm; `unlink()` covers a child
-that died before attaching.
+that died before attaching. What no process of an instance can clean up is a parent killed (`kill -9`)
+before every child attached: `sweep_dead_instances()`, run by the next start, removes the names whose
+creator's pid no longer runs.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from minisrv.ipc.segment import RingNames, RingSpec, Role, Wakeup, create_segment
+from minisrv.ipc.segment import FIFO_DIR, RingNames, RingSpec, Role, Wakeup, create_segment
 
 RING_LABEL = re.compile(r"[a-z0-9][a-z0-9_]{0,31}")
 
@@ -41,6 +43,43 @@ class RingSpecs:
 def instance_prefix() -> str:
     """A fresh `/minisrv-<pid>-<random>` for the shared-memory names of one server instance."""
     return f"/minisrv-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+# A name of some instance: shared memory and FIFOs as they are, semaphores with glibc's "sem." prefix.
+_INSTANCE_NAME = re.compile(r"^(?:sem\.)?minisrv-(\d+)-[0-9a-f]{16}-")
+
+
+def sweep_dead_instances(directories: tuple[str, ...] = ("/dev/shm", FIFO_DIR)) -> list[str]:
+    """Remove this user's minisrv names whose creating process is gone; returns what was removed. Names of a
+    living instance (its pid runs, even one still starting) are never touched."""
+    removed = []
+    for directory in dict.fromkeys(directories):
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _INSTANCE_NAME.match(entry.name)
+            if match is None or _alive(int(match.group(1))):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                os.unlink(entry.path)
+                removed.append(entry.path)
+            except OSError:   # gone meanwhile, or not ours to remove
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True
 
 
 class RingSet:

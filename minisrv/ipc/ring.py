@@ -56,6 +56,10 @@ class PeerGone(RingError):
 class RecordTooLarge(RingError, ValueError):
     """A record needs more than half the ring's capacity."""
 
+    def __init__(self, message: str, length: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.length, self.limit = length, limit
+
 
 def peer_state(pid_word: int) -> str:
     """A pid word of the header, in words: for error messages and liveness checks."""

@@ -134,7 +134,7 @@ class RingWriter(RingEndpoint):
     def _refuse(self, length: int) -> None:
         raise RecordTooLarge(self.describe(
             f"record of {length} bytes exceeds the limit of {self.max_record_bytes} (half the capacity)",
-            "split it or give the ring a larger capacity"))
+            "split it or give the ring a larger capacity"), length, self.max_record_bytes)
 
     def _claim(self, frame: int) -> tuple[int, int] | None:
         """(data offset, write index after it) for a frame of `frame` bytes, marking a wrap if it needs

@@ -139,7 +139,9 @@ class EngineClient:
         try:
             await self._to_tokenizers[channel].send_async(request)
         except RecordTooLarge as exc:
-            raise RequestError(413, f"the request is too large to pass to the tokenizer ({exc})", "prompt") from None
+            field = "messages" if request.messages is not None else "prompt"
+            raise RequestError(413, f"{field}: the request takes {exc.length} bytes once encoded, more than the "
+                                    f"{exc.limit} bytes one request may", field) from None
         except RingError as exc:
             raise RequestError(503, f"the tokenizer worker is not taking requests: {exc}") from None
         except ValueError as exc:   # a value the schemas let through that a record cannot carry

@@ -19,7 +19,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Callable
 
 from minisrv.config import EngineConfig, ServerConfig
-from minisrv.ipc import Wakeup, instance_prefix
+from minisrv.ipc import Wakeup, instance_prefix, sweep_dead_instances
 from minisrv.models.source import ModelSource
 from minisrv.runtime import detokenizer_process, scheduler_process, tokenizer_process
 from minisrv.runtime.channels import Channels, RingChannels
@@ -72,6 +72,10 @@ class Pipeline:
         self.config = config
         self.source = source
         self.make_engine = make_engine   # picklable (a module-level function): it travels to the scheduler
+        removed = sweep_dead_instances()   # left by a server killed while it started (see minisrv/ipc/lifecycle.py)
+        if removed:
+            logger.info("removed %d shared-memory names left by a server that was killed while it started",
+                        len(removed))
         self.channels = channels = channels or RingChannels()
         num_tok = config.num_tokenizers
         self.status = StatusBlock.create(f"{instance_prefix()}-status", num_workers=num_tok + 2)

@@ -115,3 +115,22 @@ def test_child_raising_after_attach_leaves_nothing(ring_set: RingSet) -> None:
         child.join(30)
     assert child.exitcode == 1
     assert leftovers(ring_set.prefix) == []
+
+
+def test_sweep_removes_only_names_of_dead_instances(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from minisrv.ipc import sweep_dead_instances
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    live = str(os.getpid())
+    names = {f"minisrv-{dead}-0123456789abcdef-req0": False, f"sem.minisrv-{dead}-0123456789abcdef-req0-space": False,
+             f"minisrv-{dead}-0123456789abcdef-text-r0.fifo": False, f"minisrv-{live}-fedcba9876543210-req0": True,
+             "minisrv-notapid-0123456789abcdef-x": True, "other-file": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    removed = sweep_dead_instances((str(tmp_path),))
+    assert sorted(os.path.basename(p) for p in removed) == sorted(n for n, keep in names.items() if not keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, keep in names.items() if keep)

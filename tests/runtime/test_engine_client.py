@@ -233,6 +233,18 @@ def test_a_failure_ends_every_stream_with_an_error_not_a_finish() -> None:
     run(test)
 
 
+def test_a_request_too_large_for_the_ring_is_a_413_naming_its_field_not_a_ring() -> None:
+    async def test(h: Harness) -> None:
+        h.start()
+        for request, field in ((PromptRequest(text="x" * (1 << 16), params=params()), "prompt"),
+                               (PromptRequest(messages=[("user", "y" * (1 << 16))], params=params()), "messages")):
+            with pytest.raises(RequestError) as exc:
+                await anext(h.client.stream(request))
+            assert exc.value.status == 413 and exc.value.param == field
+            assert exc.value.message.startswith(f"{field}: ") and "minisrv-" not in exc.value.message
+    run(test)
+
+
 def test_stats_come_from_the_status_block() -> None:
     async def test(h: Harness) -> None:
         h.start()
