@@ -76,7 +76,7 @@ class ApiRoutes:
         self.engine = engine
         self.config = config
         self.tokenization = tokenization
-        self.metrics = ServerMetrics(engine.stats)
+        self.metrics = ServerMetrics(engine.stats, lambda: engine.model_name)
         self.started = int(time.time())
         self._api_key = config.api_key.encode() if config.api_key else None
         self._ignored_seen: set[str] = set()   # IGNORED_FIELDS already logged

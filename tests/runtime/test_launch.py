@@ -240,5 +240,5 @@ def test_tp_size_without_gpus_is_a_clear_error() -> None:
 
 def _metric(server: Server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)}(?:{{model_name=\"[^\"]*\"}})? (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 
 import httpx
@@ -361,9 +362,10 @@ def test_metrics(server, sdk) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     samples = {}
     for line in text.splitlines():
-        if line and not line.startswith("#"):
+        if line and not line.startswith("#") and line.startswith("minisrv:"):
             name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+            assert f'model_name="{MODEL}"' in name, line   # every series, as vLLM labels them
+            samples[re.sub(r',?model_name="[^"]*"', "", name).replace("{}", "")] = float(value)
     for name in ("minisrv:num_requests_running", "minisrv:num_requests_waiting", "minisrv:kv_cache_usage_perc"):
         assert name in samples
     assert samples["minisrv:prefix_cache_queries_total"] == 7 and samples["minisrv:prefix_cache_hits_total"] == 3

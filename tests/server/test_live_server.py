@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 
 import httpx
@@ -45,7 +46,7 @@ def metrics(server) -> dict[str, float]:
     for line in httpx.get(f"{server.url}/metrics").text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+            samples[re.sub(r',?model_name="[^"]*"', "", name).replace("{}", "")] = float(value)
     return samples
 
 
