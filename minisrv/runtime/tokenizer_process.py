@@ -16,7 +16,7 @@ from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, load_prompt_tokenizer
 from minisrv.wire.records import Abort, DetokenizeRequest, Error, PromptRequest, Shutdown, TokenizedRequest
-from minisrv.wire.terms import choice_rid, choice_seed
+from minisrv.wire.terms import choice_rid, choice_seed, unpack_template_value
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ class TokenizerLoop:
 
     def token_ids(self, req: PromptRequest) -> list[int]:
         if req.messages is not None:
+            kwargs = {name: unpack_template_value(value)
+                      for name, value in zip(req.template_kwarg_names, req.template_kwarg_values)}
             return self.prompts.token_ids(req.messages, is_chat=True, add_generation_prompt=req.add_generation_prompt,
-                                          continue_final_message=req.continue_final_message)
+                                          continue_final_message=req.continue_final_message, template_kwargs=kwargs)
         if req.prompt_ids is not None:
             return req.prompt_ids.tolist()
         return self.prompts.token_ids(req.text, is_chat=False)

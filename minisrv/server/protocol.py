@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 from minisrv.sampling_params import MAX_TOP_LOGPROBS, OPTIONS, Api, SamplingParams, api_names
 from minisrv.server.errors import APIError, from_validation_error
 from minisrv.wire.records import PromptRequest
-from minisrv.wire.terms import MAX_CHOICES
+from minisrv.wire.terms import MAX_CHOICES, pack_template_value
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
 TokenId = Annotated[int, Field(ge=0)]
@@ -108,6 +108,9 @@ class StreamOptions(Schema):
 # Accepted and ignored: bookkeeping for OpenAI's platform (store, metadata, service_tier, user), and options
 # that cannot change a text-only reply of a model without tools or reasoning (parallel_tool_calls,
 # reasoning_effort; modalities only as ["text"]).
+# What the renderer passes to a chat template itself: chat_template_kwargs may not set these.
+RESERVED_TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                                    "chat_template", "tools", "documents", "return_dict"})
 IGNORED_FIELDS = ("store", "metadata", "service_tier", "parallel_tool_calls", "user", "reasoning_effort",
                   "modalities")
 
@@ -184,6 +187,7 @@ class ChatCompletionRequest(_OpenAIFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True     # vLLM's extensions: end with the assistant's header, or
     continue_final_message: bool = False   # leave the last message open for the output to continue it
+    chat_template_kwargs: dict[str, bool | int | float | str] | None = None   # e.g. {"enable_thinking": false}
 
     def to_prompt_request(self, vocab_size: int, max_model_len: int) -> PromptRequest:
         self.check_api_limits(vocab_size)
@@ -204,9 +208,16 @@ class ChatCompletionRequest(_OpenAIFields):
         params = build_sampling_params(
             self, "openai", extra=dict(max_tokens=limit, logprobs=(self.top_logprobs or 0) if self.logprobs else None),
             renames={"max_tokens": limit_name, "logprobs": "top_logprobs"})
+        kwargs = self.chat_template_kwargs or {}
+        reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_ARGS)
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs.{reserved[0]} is set by the request itself, not here",
+                           f"chat_template_kwargs.{reserved[0]}")
         return PromptRequest(messages=[(m.role, m.text()) for m in self.messages], params=params, n=self.n,
                              stop=stop_strings(self.stop, "stop"), add_generation_prompt=self.add_generation_prompt,
                              continue_final_message=self.continue_final_message,
+                             template_kwarg_names=list(kwargs),
+                             template_kwarg_values=[pack_template_value(v) for v in kwargs.values()],
                              **self.output_options(max_model_len))
 
 

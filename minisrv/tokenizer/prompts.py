@@ -36,7 +36,7 @@ class PromptTokenizer:
         self.chat_template = chat_template
 
     def render_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool,
-                    continue_final_message: bool = False) -> str:
+                    continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
         if self.chat_template is None:
             raise PromptError("this model has no chat template; start the server with --chat-template")
         if not messages:
@@ -48,6 +48,7 @@ class PromptTokenizer:
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 tokenize=False,
+                **(template_kwargs or {}),
             )
         except TemplateError as exc:  # templates raise to reject e.g. roles they do not support
             raise PromptError(f"the chat template rejected these messages: {exc}") from exc
@@ -60,9 +61,10 @@ class PromptTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=not rendered_chat)
 
     def token_ids(self, prompt: str | list[int] | list[tuple[str, str]], is_chat: bool,
-                  add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+                  add_generation_prompt: bool = True, continue_final_message: bool = False,
+                  template_kwargs: dict | None = None) -> list[int]:
         if is_chat:
-            rendered = self.render_chat(prompt, add_generation_prompt, continue_final_message)
+            rendered = self.render_chat(prompt, add_generation_prompt, continue_final_message, template_kwargs)
             return self.encode_text(rendered, rendered_chat=True)
         if isinstance(prompt, str):
             return self.encode_text(prompt, rendered_chat=False)

@@ -15,7 +15,7 @@ from minisrv.sampling_params import SamplingParams
 from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, column, flag, messages, sampling, scalar,
                                 strings, text)
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 
 
 class Kind(enum.IntEnum):
@@ -79,6 +79,9 @@ class PromptRequest(Record):
     skip_special_tokens: bool = flag(True)
     include_stop_str_in_output: bool = flag()  # a matched stop string ends the output instead of being cut
     truncate_prompt_tokens: int = scalar("I")  # > 0: keep only the prompt's last this many tokens
+    # chat_template_kwargs: names, and values packed by wire.terms.pack_template_value
+    template_kwarg_names: list[str] = strings("template_kwarg")
+    template_kwarg_values: list[str] = strings("template_kwarg")
 
     def __post_init__(self) -> None:
         given = [name for name in ("text", "prompt_ids", "messages") if getattr(self, name) is not None]

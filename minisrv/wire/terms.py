@@ -1,4 +1,5 @@
-"""Terms every process shares: finish reasons, the request-id scheme, the scheduler's published stats.
+"""Terms every process shares: finish reasons, the request-id scheme, the scheduler's published stats, and how a
+chat template's extra arguments travel.
 
 Request ids: the API server numbers requests (the base id); the tokenizer worker turns a request with n
 choices into n TOKENIZED_REQUEST records whose ids carry the choice index in their low bits, so the
@@ -64,3 +65,23 @@ class SchedulerStats:
     prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0       # of those, tokens found (cumulative)
     num_preemptions: int = 0         # running requests sent back to wait for pages (cumulative)
+
+
+# chat_template_kwargs values travel as strings tagged with their type (a record carries strings, not JSON):
+# the tag, a colon, then the value. Only scalars: what chat templates take as switches (enable_thinking...).
+_TEMPLATE_TAGS = {bool: "b", int: "i", float: "f", str: "s"}
+_TEMPLATE_PARSERS = {"b": lambda v: v == "1", "i": int, "f": float, "s": str}
+TemplateValue = bool | int | float | str
+
+
+def pack_template_value(value: TemplateValue) -> str:
+    tag = _TEMPLATE_TAGS[type(value)]   # type(), not isinstance: a bool is not an int here
+    text = str(int(value)) if tag == "b" else repr(value) if tag == "f" else str(value)
+    return f"{tag}:{text}"
+
+
+def unpack_template_value(packed: str) -> TemplateValue:
+    tag, _, value = packed.partition(":")
+    if tag not in _TEMPLATE_PARSERS:
+        raise ValueError(f"not a packed chat template value: {packed!r}")
+    return _TEMPLATE_PARSERS[tag](value)

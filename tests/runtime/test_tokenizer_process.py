@@ -114,3 +114,14 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens_for_engine_and_echo(pipeli
     assert detok_req.prompt_ids.tolist() == full[-5:] and detok_req.include_stop_str_in_output
     short, whole = (TokenizedRequest.decode(r) for r in scheduler.drain()[:2])
     assert short.prompt_ids.tolist() == full[-5:] and whole.prompt_ids.tolist() == full
+
+
+def test_chat_template_kwargs_reach_the_chat_template(pipeline, hf_tokenizer) -> None:
+    from minisrv.wire.terms import pack_template_value
+
+    api, worker, scheduler, _ = pipeline
+    worker.prompts = PromptTokenizer(hf_tokenizer, CHATML + "{% if flag %}[flag={{ flag }}]{% endif %}")
+    serve(api, worker, PromptRequest(14, messages=[("user", "hi")], template_kwarg_names=["flag"],
+                                     template_kwarg_values=[pack_template_value(7)]).encode())
+    ids = TokenizedRequest.decode(scheduler.drain()[0]).prompt_ids.tolist()
+    assert hf_tokenizer.decode(ids).endswith("[flag=7]")

@@ -134,6 +134,10 @@ def test_truncate_prompt_tokens_and_continue_final_message(sdk, model) -> None:
         "add_generation_prompt": False, "continue_final_message": True})
     closed = sdk.chat.completions.create(model=model, messages=messages, max_tokens=3, **GREEDY)
     assert open_end.usage.prompt_tokens < closed.usage.prompt_tokens   # no end-of-turn, no new assistant header
+    # Template arguments the model's template does not read change nothing (Qwen3's enable_thinking would).
+    with_kwargs = sdk.chat.completions.create(model=model, messages=messages, max_tokens=3, **GREEDY,
+                                              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert with_kwargs.choices[0].message.content == closed.choices[0].message.content
 
 
 def test_n_and_seeds(sdk, model) -> None:

@@ -210,3 +210,17 @@ def test_prompts_times_n_is_capped_with_a_clear_400() -> None:
         completions({"prompt": ["x"] * 1000, "n": 16})
     assert info.value.status == 400 and info.value.param == "prompt"
     assert "16000 choices" in info.value.message and "--max-choices-per-request" in info.value.message
+
+
+def test_chat_template_kwargs_travel_typed() -> None:
+    from minisrv.wire.terms import unpack_template_value
+
+    got = chat({"chat_template_kwargs": {"enable_thinking": False, "depth": 3, "temperature_hint": 0.5, "who": "x"}})
+    assert dict(zip(got.template_kwarg_names, map(unpack_template_value, got.template_kwarg_values))) == {
+        "enable_thinking": False, "depth": 3, "temperature_hint": 0.5, "who": "x"}
+    for body, param in (({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs.tokenize"),
+                        ({"chat_template_kwargs": {"x": [1, 2]}}, "chat_template_kwargs.x"),
+                        ({"chat_template_kwargs": {"x": None}}, "chat_template_kwargs.x")):
+        with pytest.raises(APIError) as info:
+            chat(body)
+        assert info.value.status == 400 and info.value.param.startswith(param), (body, info.value.param)

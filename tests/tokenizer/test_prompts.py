@@ -54,3 +54,11 @@ def test_continue_final_message_leaves_the_last_message_open(hf_tokenizer) -> No
     messages = [("user", "hi"), ("assistant", "The answer is")]
     ids = prompts.token_ids(messages, True, add_generation_prompt=False, continue_final_message=True)
     assert hf_tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nThe answer is"
+
+
+def test_chat_template_kwargs_reach_the_template(hf_tokenizer) -> None:
+    template = CHATML + "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+    prompts = PromptTokenizer(hf_tokenizer, template)
+    plain = hf_tokenizer.decode(prompts.token_ids([("user", "hi")], True))
+    off = hf_tokenizer.decode(prompts.token_ids([("user", "hi")], True, template_kwargs={"enable_thinking": False}))
+    assert off == plain + "<no-think>"

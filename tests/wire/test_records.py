@@ -70,14 +70,15 @@ def test_tokenized_request(rid: int, params: SamplingParams, prompt: list[int]) 
                         st.lists(st.tuples(st.sampled_from(CHAT_ROLES), texts), max_size=5)
                         .map(lambda m: {"messages": m})),
        flags=st.lists(st.booleans(), min_size=5, max_size=5), stop=st.lists(texts, max_size=4),
-       truncate=st.integers(0, 2**32 - 1))
+       truncate=st.integers(0, 2**32 - 1), kwargs=st.lists(st.tuples(texts, texts), max_size=3))
 def test_prompt_request(rid: int, params: SamplingParams, n: int, prompt: dict, flags: list[bool],
-                        stop: list[str], truncate: int) -> None:
+                        stop: list[str], truncate: int, kwargs: list[tuple[str, str]]) -> None:
     echo, add_generation_prompt, continue_final, skip_special, include_stop = flags
     assert_round_trip(PromptRequest(rid, n, params, echo=echo, add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final, skip_special_tokens=skip_special,
                                     include_stop_str_in_output=include_stop, truncate_prompt_tokens=truncate,
-                                    stop=stop, **prompt))
+                                    template_kwarg_names=[k for k, _ in kwargs],
+                                    template_kwarg_values=[v for _, v in kwargs], stop=stop, **prompt))
 
 
 @SETTINGS
