@@ -206,6 +206,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
         figures[f"mean_{name}_ms"] = statistics.fmean(ms) if ms else 0.0
         figures[f"median_{name}_ms"] = statistics.median(ms) if ms else 0.0
         figures[f"p99_{name}_ms"] = percentile(ms, 99)
+        figures[f"max_{name}_ms"] = max(ms, default=0.0)
     figures["errors"] = sorted({r.error for r in results if not r.ok})[:5]
     return figures
 
@@ -225,7 +226,8 @@ def report(f: dict) -> str:
         label = name.upper()
         lines += [f"{'Mean ' + label + ' (ms):':<40}{f['mean_' + name + '_ms']:<10.2f}",
                   f"{'Median ' + label + ' (ms):':<40}{f['median_' + name + '_ms']:<10.2f}",
-                  f"{'P99 ' + label + ' (ms):':<40}{f['p99_' + name + '_ms']:<10.2f}"]
+                  f"{'P99 ' + label + ' (ms):':<40}{f['p99_' + name + '_ms']:<10.2f}",
+                  f"{'Max ' + label + ' (ms):':<40}{f['max_' + name + '_ms']:<10.2f}"]
     lines.append("=" * 50)
     return "\n".join(lines)
 

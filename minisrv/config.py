@@ -63,6 +63,11 @@ class EngineConfig:
     max_num_batched_tokens: int = setting(
         2048, group="engine", flags=("--chunked-prefill-size",), range=Range(1),
         help="per-step token budget (prefill chunks plus decode tokens)")
+    max_prefill_tokens: int | None = setting(
+        None, group="engine", range=Range(1),
+        help="prompt tokens a step may prefill while other requests decode (their next token waits for the whole "
+             "step); the whole --max-num-batched-tokens when nothing decodes. Lower: steadier streams during "
+             "prompt bursts, later first tokens (default: no cap)")
     page_size: int = setting(
         16, group="engine", flags=("--block-size",), range=Range(1, 1024), help="tokens per KV cache page")
     kv_cache_memory: float | None = setting(

@@ -2,7 +2,8 @@
 
 Each step spends a token budget (max_num_batched_tokens): first one token for every running request
 that is decoding, then prefill chunks (running requests part-way through their prompt, then newly
-admitted ones) fill what is left, so a long prompt is chunked and never stalls running streams.
+admitted ones) fill what is left, so a long prompt is chunked. While some request decodes, prefill
+chunks take at most max_prefill_tokens of it: a decoding stream's next token waits for the whole step.
 
 Under overlap scheduling (minisrv/engine/llm_engine.py) the next step is scheduled before the previous
 one's tokens are known: a request's in-flight tokens count as tokens to compute (the model runner takes
@@ -32,11 +33,20 @@ from minisrv.wire.terms import FinishReason, SchedulerStats
 
 @dataclass
 class _Step:
-    """The step being planned: its seqs in batch order and the token budget left."""
+    """The step being planned: its seqs in batch order, the token budget left and, of it, what prefill may take."""
 
     budget: int
+    prefill_cap: int | None = None      # max_prefill_tokens, applied once a decode is in the step
+    prefill_used: int = 0
+    num_decodes: int = 0
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: bool = False
+
+    def room(self, num_tokens: int) -> int:
+        """How many of `num_tokens` uncomputed tokens of one request fit (a single one is a decode)."""
+        if num_tokens == 1 or self.prefill_cap is None or not self.num_decodes:
+            return min(num_tokens, self.budget)
+        return max(0, min(num_tokens, self.budget, self.prefill_cap - self.prefill_used))
 
 
 class Scheduler:
@@ -49,6 +59,7 @@ class Scheduler:
         self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
         self.page_size = config.page_size
         self.token_budget = config.max_num_batched_tokens
+        self.prefill_cap = config.max_prefill_tokens
         # Capped by the budget so that every running request can decode in every step.
         self.max_running = min(config.max_running_requests, config.max_num_batched_tokens)
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -119,7 +130,7 @@ class Scheduler:
 
     # ---- one step
     def schedule(self) -> ScheduledBatch:
-        step = _Step(budget=self.token_budget)
+        step = _Step(budget=self.token_budget, prefill_cap=self.prefill_cap)
         # Admission order is decodes first: a request is admitted only with budget left after every
         # running one got all its remaining tokens, so only the newest running request can still be
         # prefilling. It also means preemption victims (the newest) are never already in this step.
@@ -162,7 +173,7 @@ class Scheduler:
 
     # ---- internals
     def _schedule_running(self, req: Request, step: _Step) -> None:
-        num_tokens = min(req.num_tokens - req.num_computed, step.budget)
+        num_tokens = step.room(req.num_tokens - req.num_computed)
         if num_tokens == 0 or self._length_reached(req):
             return
         while not self._grow(req, req.num_computed + num_tokens):
@@ -180,8 +191,8 @@ class Scheduler:
             # page of tokens is cheaper than a request writing into a page that others are reading.
             req.pages, cursor = self.prefix_cache.match(req.token_ids[:-1])
         start = len(req.pages) * self.page_size
-        num_tokens = min(req.num_tokens - start, step.budget)
-        if not self._grow(req, start + num_tokens):
+        num_tokens = step.room(req.num_tokens - start)
+        if num_tokens == 0 or not self._grow(req, start + num_tokens):
             self.pool.release(req.pages)
             req.pages = []
             return False
@@ -217,6 +228,10 @@ class Scheduler:
         step.seqs.append(ScheduledSeq(req, start, num_tokens, sample=sample))
         req.num_in_flight += sample
         step.budget -= num_tokens
+        if num_tokens == 1 and sample:
+            step.num_decodes += 1
+        else:
+            step.prefill_used += num_tokens
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Give req pages for its first num_tokens tokens, evicting idle cached pages if needed."""

@@ -43,6 +43,27 @@ def test_long_prompt_is_chunked_and_shares_steps_with_decodes():
     check_drained(sched)
 
 
+def test_prefill_is_capped_while_others_decode_and_uncapped_when_none_does():
+    """max_prefill_tokens: with a decode in the step, prefill chunks take at most the cap (streams stay steady);
+    alone, a prompt takes the whole budget. Outputs are unchanged either way."""
+    rng = random.Random(12)
+    sched = make_scheduler(num_pages=64, budget=16, max_prefill_tokens=3)
+    engine = FakeEngine(sched)
+    first = request(1, tokens(rng, 20), max_tokens=10)
+    second, third = request(2, tokens(rng, 9), max_tokens=2), request(3, tokens(rng, 4), max_tokens=2)
+    run = drive(engine, {0: [first], 3: [second, third]})
+    first_chunks = [n for batch in run.batches for rid, start, n, _ in batch if rid == 1 and start < 20]
+    assert first_chunks == [16, 4]                                  # nothing decodes yet: the whole budget
+    for batch in run.batches:
+        decodes = [seq for seq in batch if seq[2] == 1 and seq[3]]
+        prefill = sum(n for _, _, n, sample in batch if not (n == 1 and sample))
+        assert prefill <= (3 if decodes else 16), batch
+    later = [n for batch in run.batches[3:] for rid, start, n, _ in batch if rid in (2, 3) and n > 1]
+    assert later and max(later) <= 3                               # chunks of the cap beside the decode
+    assert_matches_reference(run, [first, second, third])
+    check_drained(sched)
+
+
 def test_prefix_hits_are_counted_and_output_pages_are_cached_for_the_next_turn():
     rng = random.Random(11)
     sched = make_scheduler(num_pages=64, page_size=4)
