@@ -37,6 +37,7 @@ class LLMEngine:
             eos_token_ids=self.loaded.eos_token_ids,
             max_model_len=self.loaded.max_model_len,
             vocab_size=self.loaded.model_config.vocab_size,
+            max_prefill_tokens=config.resolved_max_prefill_tokens(),
         )
         # Unseeded requests still get a concrete seed, so every draw is a function of (seed, position).
         self._seed_source = random.Random(config.seed)

@@ -51,7 +51,8 @@ class _Step:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, num_pages: int, eos_token_ids: list[int], max_model_len: int,
-                 vocab_size: int) -> None:
+                 vocab_size: int, max_prefill_tokens: int | None = None) -> None:
+        """max_prefill_tokens: the resolved cap (EngineConfig.resolved_max_prefill_tokens); None: none."""
         for name, value in [("max_model_len", max_model_len), ("vocab_size", vocab_size)]:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -59,7 +60,7 @@ class Scheduler:
         self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
         self.page_size = config.page_size
         self.token_budget = config.max_num_batched_tokens
-        self.prefill_cap = config.max_prefill_tokens
+        self.prefill_cap = max_prefill_tokens
         # Capped by the budget so that every running request can decode in every step.
         self.max_running = min(config.max_running_requests, config.max_num_batched_tokens)
         self.eos_token_ids = frozenset(eos_token_ids)

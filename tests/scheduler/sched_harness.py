@@ -149,9 +149,9 @@ def make_scheduler(*, num_pages: int, page_size: int = 4, budget: int = 64, max_
                    prefix_cache: bool = True, eos: tuple[int, ...] = (), max_model_len: int = 4096,
                    vocab_size: int = 50, max_prefill_tokens: int | None = None) -> Scheduler:
     config = EngineConfig(page_size=page_size, max_num_batched_tokens=budget, max_running_requests=max_running,
-                          enable_prefix_caching=prefix_cache, max_prefill_tokens=max_prefill_tokens)
+                          enable_prefix_caching=prefix_cache)
     return Scheduler(config, num_pages=num_pages, eos_token_ids=list(eos), max_model_len=max_model_len,
-                     vocab_size=vocab_size)
+                     vocab_size=vocab_size, max_prefill_tokens=max_prefill_tokens)
 
 
 @dataclass
