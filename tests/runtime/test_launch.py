@@ -192,9 +192,11 @@ def test_a_dead_worker_takes_the_server_down_and_clients_see_an_error(server: Se
 
 
 @pytest.mark.parametrize("server", [("--watchdog-timeout", "6")], indirect=True)
-def test_a_stopped_worker_makes_health_503_then_the_watchdog_takes_the_server_down(server: Server) -> None:
+@pytest.mark.parametrize("victim", ["scheduler", "detokenizer", "tokenizer-0"])
+def test_a_stopped_worker_makes_health_503_then_the_watchdog_takes_the_server_down(server: Server, victim: str
+                                                                                    ) -> None:
     assert httpx.get(f"{server.url}/health_generate", timeout=30).json() == {"status": "ok"}
-    os.kill(server.workers["scheduler"], signal.SIGSTOP)
+    os.kill(server.workers[victim], signal.SIGSTOP)
     stopped = time.monotonic()
     statuses = []
     while server.process.poll() is None and time.monotonic() - stopped < 20:
@@ -205,10 +207,10 @@ def test_a_stopped_worker_makes_health_503_then_the_watchdog_takes_the_server_do
             pass
         time.sleep(0.2)
     late = [body for status, body in statuses if status == 503]
-    assert late and "scheduler" in late[0]["error"]["message"] and "no heartbeat" in late[0]["error"]["message"]
+    assert late and victim in late[0]["error"]["message"] and "no heartbeat" in late[0]["error"]["message"]
     assert server.wait_exit() == 1
     assert 6 <= time.monotonic() - stopped < 6 + EXIT_WITHIN_S
-    assert re.search(r"worker scheduler \(pid \d+\) has sent no heartbeat for \d+ s \(--watchdog-timeout 6\)",
+    assert re.search(rf"worker {victim} \(pid \d+\) has sent no heartbeat for \d+ s \(--watchdog-timeout 6\)",
                      server.log()), server.log()
     server.assert_nothing_left()
 
