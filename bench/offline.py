@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--single-input-len", type=int, default=64)
     ap.add_argument("--single-output-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantization", default="none", help="the engine's --quantization (CPU)")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="PyTorch threads for both engines (default: the engine's own choice)")
     ap.add_argument("--quick", action="store_true", help="shorter outputs and one repeat")
@@ -113,7 +114,7 @@ def main() -> None:
         args.repeats, args.single_output_len, args.max_output_len, args.min_output_len = 1, 64, 96, 32
 
     rng = random.Random(0)
-    llm = LLM(model=args.model, cpu_threads=args.cpu_threads)
+    llm = LLM(model=args.model, cpu_threads=args.cpu_threads, quantization=args.quantization)
     vocab = llm.engine.loaded.model_config.vocab_size
     single = random_prompts(vocab, 1, args.single_input_len, args.single_input_len, rng)
     many = random_prompts(vocab, args.num_seqs, args.min_input_len, args.max_input_len, rng)

@@ -89,7 +89,9 @@ class ModelRunner:
         torch.set_num_threads(cpu_threads(config) if self.device.type == "cpu" else config.cpu_threads or 1)
         self.page_size = config.page_size
         self.bytes_per_page = kv_cache_bytes_per_page(self.model_config, self.page_size, self.dtype)
-        self.model.pack_linears()
+        if config.quantization != "none" and self.device.type != "cpu":
+            raise ValueError(f"quantization (--quantization) {config.quantization}: only the CPU engine quantizes")
+        self.model.pack_linears(config.quantization)
         self.ops = select_ops(config.kernel_backend, self.device)
         self.model.use_ops(self.ops)
         if sampler is None:

@@ -9,6 +9,8 @@ PyTorch lacks them, the layer keeps F.linear.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,24 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None
         self.single_row_weight: torch.Tensor | None = None   # [in, out], contiguous
+        self.int8: torch.nn.Module | None = None             # quantize_int8's dynamic int8 linear
+
+    @torch.no_grad()
+    def quantize_int8(self) -> None:
+        """On the CPU, replace the weight by an int8 copy (symmetric, one scale per output channel) multiplied
+        by PyTorch's dynamic int8 linear (fbgemm: activations quantized per call). Measured on the 2-core VM,
+        one row, SmolLM2-135M shapes: the LM head 6.0 ms (packed float32) -> 0.9 ms, gate/up 236 -> 58 us."""
+        weight = self.weight
+        if self.int8 is not None or weight is None or weight.device.type != "cpu":
+            return
+        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        with warnings.catch_warnings():   # quantized tensor types are deprecated; the fbgemm kernels they feed are not
+            warnings.filterwarnings("ignore", message=".*quantize.*deprecated", category=UserWarning)
+            qweight = torch.quantize_per_channel(weight.detach().float(), scales.double(),
+                                                 torch.zeros(weight.shape[0], dtype=torch.long), 0, torch.qint8)
+            self.int8 = torch.ao.nn.quantized.dynamic.Linear(weight.shape[1], weight.shape[0], dtype=torch.qint8)
+            self.int8.set_weight_bias(qweight, None if self.bias is None else self.bias.detach().float())
+        self.weight = None
 
     @torch.no_grad()
     def pack(self, single_row_copy: bool = False) -> None:
@@ -45,8 +65,8 @@ class Linear(nn.Module):
         worth a second copy for the LM head, which single-stream decoding runs with one row every step.
         """
         weight = self.weight
-        if (self.packed is not None or weight.device.type != "cpu" or weight.numel() < PACK_MIN_ELEMENTS
-                or not onednn_packing_available()):
+        if (self.packed is not None or weight is None or weight.device.type != "cpu"
+                or weight.numel() < PACK_MIN_ELEMENTS or not onednn_packing_available()):
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
         if single_row_copy and self.bias is None:
@@ -54,6 +74,8 @@ class Linear(nn.Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return self.int8(x)
         if self.single_row_weight is not None and x.shape[0] == 1:
             return torch.mm(x, self.single_row_weight)
         if self.packed is not None:

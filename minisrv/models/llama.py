@@ -98,14 +98,16 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def pack_linears(self) -> None:
-        """Switch every projection and the LM head to prepacked CPU weights (see minisrv/layers/linear.py).
-
-        After this the model is for inference only: the plain projection weights are gone.
-        """
+    def pack_linears(self, quantization: str = "none") -> None:
+        """Switch every projection and the LM head to prepacked CPU weights (see minisrv/layers/linear.py), or
+        to int8 weights: all of them with quantization "int8", the LM head alone with "int8-lm-head". After this
+        the model is for inference only: the plain weights are gone (a tied LM head's lives on in the embedding)."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack(single_row_copy=module is self.lm_head)
+                if quantization == "int8" or (quantization == "int8-lm-head" and module is self.lm_head):
+                    module.quantize_int8()
+                else:
+                    module.pack(single_row_copy=module is self.lm_head)
 
     def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
         if len(kv_caches) != len(self.layers):

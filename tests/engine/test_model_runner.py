@@ -25,6 +25,10 @@ TINY = dict(architectures=["Qwen2ForCausalLM"], vocab_size=101, hidden_size=48, 
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
+    return tiny_model()
+
+
+def tiny_model() -> LoadedModel:
     model_config = ModelConfig.from_hf_dict(TINY)
     model = build_model(model_config, 256, torch.float32, torch.device("cpu"))
     init_dummy_weights(model, seed=5, std=0.2)   # larger than the default so argmax ties are impossible
@@ -146,3 +150,28 @@ def test_inconsistent_batches_are_rejected(loaded):
         runner.execute(ScheduledBatch([ScheduledSeq(request, 0, 10, True)]))
     with pytest.raises(ValueError, match="not within"):
         runner.execute(ScheduledBatch([ScheduledSeq(request, 8, 5, True)]))
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int8-lm-head"])
+def test_int8_weights_give_nearly_the_float32_logits(quantization):
+    """A fresh model each: quantizing replaces the plain weights of the one it is given."""
+    prompt = [random.Random(3).randrange(101) for _ in range(12)]
+    logits = {}
+    for mode in ("none", quantization):
+        model_copy = tiny_model()
+        sampler = Greedy()
+        runner = ModelRunner(EngineConfig(num_pages=8, quantization=mode), model_copy, sampler)
+        runner.execute(ScheduledBatch([ScheduledSeq(new_request(0, prompt, [0, 1]), 0, len(prompt), True)]))
+        logits[mode] = sampler.logits[0]
+        quantized = [m for m in model_copy.model.modules() if getattr(m, "int8", None) is not None]
+        assert len(quantized) == (0 if mode == "none" else 1 if mode == "int8-lm-head" else 2 * 4 + 1)
+    error = (logits[quantization] - logits["none"]).norm() / logits["none"].norm()
+    assert error < 0.1, error
+
+
+def test_quantization_is_refused_off_the_cpu_with_the_flag_named():
+    from minisrv.config import EngineConfig as Config
+
+    assert "int8" in Config.__dataclass_fields__["quantization"].metadata["choices"]
+    with pytest.raises(ValueError, match="quantization"):
+        Config(quantization="int4")
