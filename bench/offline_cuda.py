@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from kernels import copy_bandwidth
 
 from minisrv.config import EngineConfig
 from minisrv.engine.llm_engine import LLMEngine
@@ -27,21 +28,6 @@ from minisrv.sampling_params import SamplingParams
 PROMPT_LEN = 32
 SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=50)
 ENGINES = {"graphs+overlap": dict(), "eager": dict(enable_cuda_graph=False, overlap_schedule=False)}
-
-
-def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
-    """Bytes per second of a device-to-device copy (read plus write), median of `repeats`."""
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / statistics.median(times)
 
 
 def hf_model(preset: str):
@@ -81,15 +67,19 @@ def weight_bytes(loaded: LoadedModel) -> int:
     return total
 
 
-def timed_generate(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> float:
-    """Seconds from adding the requests to the last one finished."""
+def timed_generate(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams],
+                   step_times: list[float] | None = None) -> float:
+    """Seconds from adding the requests to the last one finished; each engine step's seconds into `step_times`."""
     first_rid = time.monotonic_ns()   # unique across calls on one engine
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(first_rid + i, prompt, p)
     torch.cuda.synchronize()
     start = time.perf_counter()
     while engine.has_unfinished():
+        step_start = time.perf_counter()
         engine.step()
+        if step_times is not None:
+            step_times.append(time.perf_counter() - step_start)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -146,17 +136,8 @@ def throughput(engine: LLMEngine, vocab: int, num_seqs: int, min_len: int, max_l
         return launch(batch, previous)
 
     engine.runner.launch = classifying_launch
-    first_rid = time.monotonic_ns()
-    for i, (prompt, p) in enumerate(zip(prompts, params)):
-        engine.add_request(first_rid + i, prompt, p)
     step_times: list[float] = []
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        t = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - t)
-    seconds = time.perf_counter() - start
+    seconds = timed_generate(engine, prompts, params, step_times)
     engine.runner.launch = launch
     # Under overlap a call launches step i and waits for step i - 1: charge each call to the step it launched.
     prefill_s = sum(t for t, k in zip(step_times, kinds) if k)
@@ -172,7 +153,7 @@ def free(*objects) -> None:
 
 
 def run(args) -> dict:
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(repeats=20) * 1e9   # bench/kernels.py's measure, in bytes/s
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows, tput = [], []
     for preset in args.presets:

@@ -130,6 +130,15 @@ class ChatMessage(Schema):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
+def chat_turns(messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
+               ) -> list[tuple[str, str]]:
+    """A chat's (role, text) turns, once its two ways of ending the rendered prompt are checked to agree."""
+    if continue_final_message and add_generation_prompt:
+        raise APIError(400, "continue_final_message needs add_generation_prompt false: the output cannot both "
+                            "continue the last message and start a new one", "continue_final_message")
+    return [(m.role, m.text()) for m in messages]
+
+
 class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     """What /v1/chat/completions and /v1/completions share beyond the sampling options."""
 
@@ -193,9 +202,7 @@ class ChatCompletionRequest(_OpenAIFields):
         self.check_api_limits(vocab_size)
         if not self.messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise APIError(400, "continue_final_message needs add_generation_prompt false: the output cannot both "
-                                "continue the last message and start a new one", "continue_final_message")
+        messages = chat_turns(self.messages, self.add_generation_prompt, self.continue_final_message)
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
@@ -213,7 +220,7 @@ class ChatCompletionRequest(_OpenAIFields):
         if reserved:
             raise APIError(400, f"chat_template_kwargs.{reserved[0]} is set by the request itself, not here",
                            f"chat_template_kwargs.{reserved[0]}")
-        return PromptRequest(messages=[(m.role, m.text()) for m in self.messages], params=params, n=self.n,
+        return PromptRequest(messages=messages, params=params, n=self.n,
                              stop=stop_strings(self.stop, "stop"), add_generation_prompt=self.add_generation_prompt,
                              continue_final_message=self.continue_final_message,
                              template_kwarg_names=list(kwargs),

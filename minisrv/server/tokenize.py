@@ -11,7 +11,7 @@ import asyncio
 from typing import Callable
 
 from minisrv.server.errors import APIError
-from minisrv.server.protocol import ChatMessage, Schema, TokenId, check_token_ids
+from minisrv.server.protocol import ChatMessage, Schema, TokenId, chat_turns, check_token_ids
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer
 
 
@@ -51,10 +51,7 @@ class Tokenization:
         prompts = await self.prompts()
         try:
             if isinstance(req, TokenizeChatRequest):
-                if req.continue_final_message and req.add_generation_prompt:
-                    raise APIError(400, "continue_final_message needs add_generation_prompt false",
-                                   "continue_final_message")
-                messages = [(m.role, m.text()) for m in req.messages]
+                messages = chat_turns(req.messages, req.add_generation_prompt, req.continue_final_message)
                 ids = await asyncio.to_thread(prompts.token_ids, messages, True, req.add_generation_prompt,
                                               req.continue_final_message)
             else:

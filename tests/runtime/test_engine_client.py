@@ -200,15 +200,21 @@ def test_refused_before_ready() -> None:
     run(test)
 
 
+async def two_choices_after_a_delta(h: Harness):
+    """A stream of a request with n=2 whose first choice has received one delta (already consumed)."""
+    h.start()
+    gen = h.client.stream(PromptRequest(text="x", params=params(), n=2))
+    first = asyncio.ensure_future(anext(gen))
+    await asyncio.sleep(0.05)
+    rid = PromptRequest.decode(h.requests()[0][1]).rid
+    h.send_rows([(choice_rid(rid, 0), "partial", 0, [5])])
+    await first
+    return gen
+
+
 def test_end_streams_finishes_everything_with_abort() -> None:
     async def test(h: Harness) -> None:
-        h.start()
-        gen = h.client.stream(PromptRequest(text="x", params=params(), n=2))
-        first = asyncio.ensure_future(anext(gen))
-        await asyncio.sleep(0.05)
-        rid = PromptRequest.decode(h.requests()[0][1]).rid
-        h.send_rows([(choice_rid(rid, 0), "partial", 0, [5])])
-        await first
+        gen = await two_choices_after_a_delta(h)
         h.client.end_streams()
         rest = [d async for d in gen]
         assert sorted((d.index, d.finish_reason) for d in rest) == [(0, "abort"), (1, "abort")]
@@ -218,13 +224,7 @@ def test_end_streams_finishes_everything_with_abort() -> None:
 
 def test_a_failure_ends_every_stream_with_an_error_not_a_finish() -> None:
     async def test(h: Harness) -> None:
-        h.start()
-        gen = h.client.stream(PromptRequest(text="x", params=params(), n=2))
-        first = asyncio.ensure_future(anext(gen))
-        await asyncio.sleep(0.05)
-        rid = PromptRequest.decode(h.requests()[0][1]).rid
-        h.send_rows([(choice_rid(rid, 0), "partial", 0, [5])])
-        await first
+        gen = await two_choices_after_a_delta(h)
         h.client.worker_died("scheduler")
         with pytest.raises(RequestError) as exc:
             await anext(gen)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -107,12 +108,8 @@ def server(request: pytest.FixtureRequest):
 LONG_REQUEST = {"prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "temperature": 0}
 
 
-# The second server runs two tokenizer workers: the two requests take one each, and the scheduler and
-# the detokenizer wait on two input rings each.
-@pytest.mark.parametrize(("server", "sig"), [((), signal.SIGINT), (("--num-tokenizers", "2"), signal.SIGTERM)],
-                         indirect=["server"])
-def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: signal.Signals) -> None:
-    assert 503 in server.statuses or server.statuses == [200]   # 503 while the model loads
+def post_in_background(server: Server) -> tuple[threading.Thread, dict[str, object]]:
+    """LONG_REQUEST without streaming, from a thread; whole["response"] is its response or transport error."""
     whole: dict[str, object] = {}
 
     def post_whole() -> None:
@@ -123,16 +120,33 @@ def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: 
 
     thread = threading.Thread(target=post_whole)
     thread.start()
+    return thread, whole
+
+
+def first_events(lines: Iterator[str], count: int) -> list[dict]:
+    """The first `count` data events of an SSE stream (the rest stay unread in `lines`)."""
+    events = []
+    for line in lines:
+        if line.startswith("data: {"):
+            events.append(json.loads(line[6:]))
+            if len(events) == count:
+                break
+    return events
+
+
+# The second server runs two tokenizer workers: the two requests take one each, and the scheduler and
+# the detokenizer wait on two input rings each.
+@pytest.mark.parametrize(("server", "sig"), [((), signal.SIGINT), (("--num-tokenizers", "2"), signal.SIGTERM)],
+                         indirect=["server"])
+def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: signal.Signals) -> None:
+    assert 503 in server.statuses or server.statuses == [200]   # 503 while the model loads
+    thread, whole = post_in_background(server)
     chunks, done = [], False
     with httpx.stream("POST", f"{server.url}/v1/completions", json={**LONG_REQUEST, "stream": True},
                       timeout=30) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
-        for line in lines:   # both requests run once the stream has a few tokens
-            if line.startswith("data: {"):
-                chunks.append(json.loads(line[6:]))
-                if len(chunks) == 3:
-                    break
+        chunks += first_events(lines, 3)   # both requests run once the stream has a few tokens
         running_both = time.monotonic() + 60
         while _metric(server, "minisrv:num_requests_running") < 2 and time.monotonic() < running_both:
             time.sleep(0.05)
@@ -157,25 +171,11 @@ def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: 
 def test_a_dead_worker_takes_the_server_down_and_clients_see_an_error(server: Server, victim: str) -> None:
     """Requests in flight when a worker dies get an error, never a normal-looking result: the stream an error
     event then [DONE] (its status was already 200), the non-stream request a 503."""
-    whole: dict[str, object] = {}
-
-    def post_whole() -> None:
-        try:
-            whole["response"] = httpx.post(f"{server.url}/v1/completions", json=LONG_REQUEST, timeout=60)
-        except httpx.HTTPError as exc:
-            whole["response"] = exc
-
-    thread = threading.Thread(target=post_whole)
-    thread.start()
-    events = []
+    thread, whole = post_in_background(server)
     with httpx.stream("POST", f"{server.url}/v1/completions", json={**LONG_REQUEST, "stream": True},
                       timeout=30) as response:
         lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("data: {"):
-                events.append(json.loads(line[6:]))
-                if len(events) == 3:
-                    break
+        events = first_events(lines, 3)
         os.kill(server.workers[victim], signal.SIGKILL)
         killed = time.monotonic()
         events += [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
