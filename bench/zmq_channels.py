@@ -75,10 +75,12 @@ class ZmqChannels:
     def __init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="minisrv-zmq-")
 
-    def create(self, label: str, capacity: int, wakeup: Wakeup = Wakeup.SEMAPHORE) -> ChannelEnds:
+    def create(self, label: str, capacity: int, wakeup: Wakeup = Wakeup.SEMAPHORE, num_readers: int = 1) -> ChannelEnds:
+        if num_readers != 1:
+            raise ValueError(f"channel {label!r}: the ZeroMQ pipeline has PUSH/PULL channels only, no broadcast")
         address = f"ipc://{os.path.join(self.directory, label)}"
         ack = f"{address}-ack" if label.startswith(ACKED_PREFIX) else None
-        return ChannelEnds(ZmqChannel(address, Role.PRODUCER, ack), ZmqChannel(address, Role.READER, ack))
+        return ChannelEnds(ZmqChannel(address, Role.PRODUCER, ack), (ZmqChannel(address, Role.READER, ack),))
 
     def unlink(self) -> None:
         """Remove the socket files; sockets already bound and connected keep working, as rings do."""

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from minisrv.config import DEFAULT_MODEL, EngineConfig
 from minisrv.engine.llm_engine import LLMEngine
 from minisrv.models.source import resolve_source
+from minisrv.runtime.tensor_parallel import TensorParallelRanks, TPLeader
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import SampleResult
 from minisrv.tokenizer.loading import load_tokenizer
@@ -33,9 +34,23 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args) -> None:
         config = EngineConfig(model=model, **engine_args)
         self.source = resolve_source(config)
-        self.engine = LLMEngine(config, self.source)
+        self._ranks: TensorParallelRanks | None = None
+        if config.tp_size > 1:
+            self._ranks = TensorParallelRanks(config, self.source)
+            self.engine: LLMEngine | TPLeader = self._ranks.leader
+        else:
+            self.engine = LLMEngine(config, self.source)
         self.tokenizer = load_tokenizer(self.source)
         self._next_rid = 0
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (also done when the LLM is collected or the process exits)."""
+        if self._ranks is not None:
+            self._ranks.close()
+            self._ranks = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def generate(
         self,

@@ -14,6 +14,7 @@ import random
 from minisrv.config import EngineConfig
 from minisrv.engine.model_runner import LaunchedStep, ModelRunner
 from minisrv.engine.penalties import uses_penalties
+from minisrv.layers.parallel import TensorParallel
 from minisrv.models.loader import LoadedModel, load_model
 from minisrv.models.source import ModelSource
 from minisrv.sampling_params import SamplingParams
@@ -25,11 +26,14 @@ from minisrv.wire.terms import SchedulerStats
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None,
-                 loaded: LoadedModel | None = None, overlap: bool | None = None) -> None:
+                 loaded: LoadedModel | None = None, overlap: bool | None = None,
+                 tp: TensorParallel = TensorParallel()) -> None:
         """`overlap` overrides the config's choice (overlap_schedule, on CUDA only: on the CPU the forward
-        runs on the calling thread, so there is nothing to overlap and tokens would only come a step late)."""
+        runs on the calling thread, so there is nothing to overlap and tokens would only come a step late).
+        Under tensor parallelism every rank runs an engine of its own, fed the same requests, aborts and steps
+        in the same order: their schedulers then decide alike (minisrv/runtime/tensor_parallel.py)."""
         self.config = config
-        self.loaded = loaded if loaded is not None else load_model(config, source)
+        self.loaded = loaded if loaded is not None else load_model(config, source, tp)
         self.runner = ModelRunner(config, self.loaded)
         self.scheduler = Scheduler(
             config,

@@ -31,7 +31,8 @@ CPU_DEFAULT_KV_GIB = 2.0
 
 
 def cpu_threads(config: EngineConfig) -> int:
-    """Intra-op threads for the CPU engine: EngineConfig.cpu_threads, else every core we may run on.
+    """Intra-op threads for the CPU engine: EngineConfig.cpu_threads, else every core we may run on (shared
+    among tensor-parallel ranks).
 
     Lower it when other busy processes share the cores: an OpenMP parallel region waits at its barriers
     for every one of its threads, so a thread preempted by another process stalls the whole matmul for a
@@ -40,7 +41,8 @@ def cpu_threads(config: EngineConfig) -> int:
     """
     if config.cpu_threads is not None:
         return config.cpu_threads
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // config.tp_size)   # tensor-parallel ranks share the cores
 
 
 @dataclass
@@ -80,7 +82,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, sampler: Any | None = None) -> None:
         self.config = config
         self.model = loaded.model
-        self.model_config = loaded.model_config
+        self.model_config = loaded.model.rank_config   # this rank's heads: the KV pool's shape
+        self.tp = loaded.model.tp
         self.max_model_len = loaded.max_model_len
         first_param = next(self.model.parameters())
         self.device, self.dtype = first_param.device, first_param.dtype
@@ -177,7 +180,8 @@ class ModelRunner:
             field_name, pages = "kv_cache_memory", min(wanted, int(CPU_DEFAULT_KV_GIB * 2**30 // per_page))
         if pages < 1:
             raise ValueError(f"{field_name}: leaves room for {pages} KV pages of {per_page} bytes; need at least 1")
-        return pages
+        # Every rank's scheduler makes the same decisions only over the same pool: the smallest rank's.
+        return self.tp.min_int(pages, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult]:

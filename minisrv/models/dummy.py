@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from minisrv.models.config import ModelConfig
 from minisrv.models.llama import CausalLM
+from minisrv.models.weights import checkpoint_targets, load_weights
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_INIT_STD = 0.02
 LOGIT_STD = 3.0
-_VOCAB_MATRICES = ("embed_tokens.weight", "lm_head.weight")
+_VOCAB_MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
 
 NUM_BYTE_TOKENS = 256
 BYTE_VOCAB_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")   # ids 256, 257, 258
@@ -38,19 +41,27 @@ def load_preset(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@torch.no_grad()
-def init_dummy_weights(model: CausalLM, seed: int, std: float = DEFAULT_INIT_STD) -> None:
-    """Fill every parameter from one seeded generator on the model's device (fast even for 8B on a GPU).
+def dummy_checkpoint(config: ModelConfig, seed: int, device: torch.device,
+                     std: float = DEFAULT_INIT_STD) -> Iterator[tuple[str, torch.Tensor]]:
+    """A seeded random checkpoint of `config`, tensor by tensor, under Hugging Face's names (fast even for 8B on
+    a GPU). Every rank of a tensor-parallel group draws the same whole tensors and keeps its part, so a model
+    split over ranks is the very model one rank would hold.
 
     Norm weights are 1, projections N(0, std). The embedding / LM head rows get std LOGIT_STD / sqrt(hidden):
     the final norm makes the hidden state unit-RMS, so logits then spread with a standard deviation of about
     LOGIT_STD, like a trained model's: sampling neither degenerates to uniform noise nor to one token.
     """
-    device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    vocab_std = LOGIT_STD / math.sqrt(model.config.hidden_size)
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith("qk_norm"):
-            param.fill_(1.0)
+    vocab_std = LOGIT_STD / math.sqrt(config.hidden_size)
+    for name, target in checkpoint_targets(config).items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(target.shape, device=device)
         else:
-            param.normal_(0.0, vocab_std if name in _VOCAB_MATRICES else std, generator=generator)
+            tensor = torch.empty(target.shape, device=device)
+            yield name, tensor.normal_(0.0, vocab_std if name in _VOCAB_MATRICES else std, generator=generator)
+
+
+def init_dummy_weights(model: CausalLM, seed: int, std: float = DEFAULT_INIT_STD) -> None:
+    """Fill `model` (this rank's part) from dummy_checkpoint on the model's device."""
+    device = next(model.parameters()).device
+    load_weights(model, dummy_checkpoint(model.config, seed, device, std))

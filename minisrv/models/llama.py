@@ -1,13 +1,15 @@
 """The Llama family in one implementation: Llama 2/3, SmolLM2, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
 
 The model takes a flat batch, forward(input_ids [T], positions [T]) -> hidden [T, hidden_size], with the
-step's attention metadata in the forward context. q/k/v and gate/up projections are fused into one matmul
+step's attention metadata in the forward context. Under tensor parallelism each rank builds its slice of every
+layer (minisrv/layers/parallel.py) and the blocks end in an all-reduce. q/k/v and gate/up projections are fused into one matmul
 each at load time; q/k rows are stored in the interleaved RoPE layout (see minisrv/layers/rope.py).
 Forward methods call submodules' `forward` directly rather than through nn.Module.__call__: on a 2-core
 CPU decode step the hook machinery is a measurable share of the time.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 
 import torch
@@ -18,15 +20,17 @@ from minisrv.kernels import reference
 from minisrv.layers.attention import PagedAttention
 from minisrv.layers.linear import Linear
 from minisrv.layers.norm import RMSNorm
+from minisrv.layers.parallel import TensorParallel, partition
 from minisrv.layers.rope import RotaryEmbedding
 from minisrv.models.config import ModelConfig
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_size, self.kv_size = config.q_size, config.kv_size
+        _, self.num_heads, _, self.num_kv_heads = tp.heads(config.num_heads, config.num_kv_heads)
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size)
         # Qwen3's per-head q/k RMSNorm weights, one row per q head then per kv head, so the q and k heads
@@ -35,30 +39,33 @@ class Attention(nn.Module):
                         if config.qk_norm else None)
         self.eps = config.rms_norm_eps
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor, rope: object) -> torch.Tensor:
         qkv = self.qkv_proj.forward(x)
-        return self.o_proj.forward(self.attn(qkv, rope, self.qk_norm, self.eps))
+        return self.tp.all_reduce(self.o_proj.forward(self.attn(qkv, rope, self.qk_norm, self.eps)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        _, inter = partition(config.intermediate_size, tp.size, tp.rank)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * inter)
+        self.down_proj = Linear(inter, config.hidden_size)
         self.ops: ModuleType = reference
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.forward(self.ops.silu_and_mul(self.gate_up_proj.forward(x)))
+        return self.tp.all_reduce(self.down_proj.forward(self.ops.silu_and_mul(self.gate_up_proj.forward(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: object):
         if residual is None:
@@ -78,13 +85,20 @@ class CausalLM(nn.Module):
     checkpoints onto the fused ones. Build on the meta device and materialize (see minisrv/models/loader.py).
     """
 
-    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device | str) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device | str,
+                 tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.config, self.tp = config, tp
+        _, num_heads, _, num_kv_heads = tp.heads(config.num_heads, config.num_kv_heads)
+        # The shapes this rank holds (heads, MLP width); the vocabulary stays whole, as the gathered logits are.
+        self.rank_config = dataclasses.replace(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                               intermediate_size=partition(config.intermediate_size, tp.size,
+                                                                           tp.rank)[1])
+        self.vocab_start, vocab_rows = tp.vocab(config.vocab_size)
+        self.embed_tokens = nn.Embedding(vocab_rows, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = Linear(config.hidden_size, vocab_rows)
         self.tie_weights()
         # Built with an explicit device so it is real even while the rest is constructed on "meta".
         self.rope = RotaryEmbedding(config.rope, config.head_dim, max_positions, device)
@@ -126,14 +140,23 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rope = self.ops.rope_inputs(self.rope.table, positions)
-        hidden = F.embedding(input_ids, self.embed_tokens.weight)
+        hidden = self.embed(input_ids)
         residual = None
         for layer in self.layers:
             hidden, residual = layer.forward(hidden, residual, rope)
         hidden, _ = self.norm.forward(hidden, residual)
         return hidden
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight
+        if self.tp.size == 1:
+            return F.embedding(input_ids, weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= weight.shape[0])
+        hidden = F.embedding(local.masked_fill(outside, 0), weight).masked_fill_(outside.unsqueeze(1), 0)
+        return self.tp.all_reduce(hidden)
+
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [rows, hidden_size] -> float32 logits [rows, vocab_size] (into `out` when given)."""
-        logits = self.lm_head.forward(hidden)
+        logits = self.tp.all_gather_vocab(self.lm_head.forward(hidden), self.config.vocab_size)
         return logits.float() if out is None else out.copy_(logits)

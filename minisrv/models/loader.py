@@ -4,6 +4,7 @@ The loader reads weights and shapes only; tokenizers are the tokenizer side's (m
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from minisrv.config import EngineConfig
+from minisrv.layers.parallel import TensorParallel
 from minisrv.models.config import ModelConfig, as_id_list
 from minisrv.models.llama import CausalLM
 from minisrv.models.source import ModelSource, resolve_source
@@ -38,41 +40,47 @@ def resolve_dtype(config: EngineConfig) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(config: EngineConfig, source: ModelSource | None = None) -> LoadedModel:
-    """The model `config` names (resolved here unless the caller resolved it already), on its device."""
+def load_model(config: EngineConfig, source: ModelSource | None = None,
+               tp: TensorParallel = TensorParallel()) -> LoadedModel:
+    """The model `config` names (resolved here unless the caller resolved it already), on its device; under
+    tensor parallelism, this rank's part of it (every checkpoint tensor is read, its part kept)."""
     source = source or resolve_source(config)
     dtype, device = resolve_dtype(config), torch.device(config.resolved_device())
+    load = functools.partial(_finish, config=config, dtype=dtype, device=device, tp=tp)
     if source.format == "preset":
         from minisrv.models.dummy import BYTE_VOCAB_EOS_IDS, load_preset
 
         # The byte-level vocabulary's end-of-turn ids replace the preset's, which index a vocabulary we lack.
         hf_config = {**load_preset(source.name), "eos_token_id": BYTE_VOCAB_EOS_IDS}
-        return _finish(ModelConfig.from_hf_dict(hf_config), None, config, dtype, device, source.name)
+        return load(ModelConfig.from_hf_dict(hf_config), None, name=source.name)
     if source.format == "gguf":
         from minisrv.models.gguf import GGUFCheckpoint
 
         checkpoint = GGUFCheckpoint(source.path)
         weights = tqdm(checkpoint.tensors(), total=len(checkpoint), desc="Loading GGUF", unit="tensor")
-        return _finish(ModelConfig.from_hf_dict(checkpoint.hf_config), weights, config, dtype, device, source.name)
+        return load(ModelConfig.from_hf_dict(checkpoint.hf_config), weights, name=source.name)
     path = source.path
     model_config = ModelConfig.from_hf_dict(_read_json(path / "config.json", "model"))
     weights = None if source.dummy else _safetensors_weights(path, _safetensors_files(path))
-    return _finish(model_config, weights, config, dtype, device, source.name, _extra_eos_ids(path, model_config))
+    return load(model_config, weights, name=source.name, extra_eos=_extra_eos_ids(path, model_config))
 
 
-def build_model(model_config: ModelConfig, max_model_len: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Allocate the model on `device` without initializing it (weights are about to be overwritten)."""
+def build_model(model_config: ModelConfig, max_model_len: int, dtype: torch.dtype, device: torch.device,
+                tp: TensorParallel = TensorParallel()) -> CausalLM:
+    """Allocate the model (this rank's part) on `device` without initializing it (weights are about to be
+    overwritten)."""
     with torch.device("meta"):
-        model = CausalLM(model_config, max_model_len, device)
+        model = CausalLM(model_config, max_model_len, device, tp)
     model = model.to(dtype).to_empty(device=device).eval()
     model.tie_weights()
     return model
 
 
-def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | None, config: EngineConfig,
-            dtype: torch.dtype, device: torch.device, name: str, extra_eos: Iterable[int] = ()) -> LoadedModel:
+def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | None, *, config: EngineConfig,
+            dtype: torch.dtype, device: torch.device, tp: TensorParallel, name: str,
+            extra_eos: Iterable[int] = ()) -> LoadedModel:
     max_model_len = _max_model_len(config, model_config)
-    model = build_model(model_config, max_model_len, dtype, device)
+    model = build_model(model_config, max_model_len, dtype, device, tp)
     if weights is None:
         from minisrv.models.dummy import init_dummy_weights
 

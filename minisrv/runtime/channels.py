@@ -74,15 +74,22 @@ class ChannelSpec(Protocol):
 @dataclass(frozen=True)
 class ChannelEnds:
     producer: ChannelSpec
-    reader: ChannelSpec
+    readers: tuple[ChannelSpec, ...]
+
+    @property
+    def reader(self) -> ChannelSpec:
+        """The only reader of a one-reader channel."""
+        (only,) = self.readers
+        return only
 
 
 class Channels(Protocol):
     """Creates the channels of one server instance and removes their names when everyone has attached."""
 
-    def create(self, label: str, capacity: int, wakeup: Wakeup = Wakeup.SEMAPHORE) -> ChannelEnds:
+    def create(self, label: str, capacity: int, wakeup: Wakeup = Wakeup.SEMAPHORE, num_readers: int = 1) -> ChannelEnds:
         """`capacity` bounds the bytes in flight (a record may use half); `wakeup`: FIFO for an end read by
-        a process that waits on several channels or inside an event loop."""
+        a process that waits on several channels or inside an event loop; with `num_readers` > 1 every reader
+        gets every record (a broadcast)."""
 
     def unlink(self) -> None: ...
 
@@ -98,9 +105,9 @@ class RingChannels:
     def __init__(self) -> None:
         self.rings = RingSet()
 
-    def create(self, label: str, capacity: int, wakeup: Wakeup = Wakeup.SEMAPHORE) -> ChannelEnds:
-        specs = self.rings.create(label, capacity, wakeup=wakeup)
-        return ChannelEnds(RingChannel(specs.producer), RingChannel(specs.reader))
+    def create(self, label: str, capacity: int, wakeup: Wakeup = Wakeup.SEMAPHORE, num_readers: int = 1) -> ChannelEnds:
+        specs = self.rings.create(label, capacity, num_readers, wakeup=wakeup)
+        return ChannelEnds(RingChannel(specs.producer), tuple(RingChannel(r) for r in specs.readers))
 
     def unlink(self) -> None:
         self.rings.unlink()

@@ -38,14 +38,12 @@ CULPRIT_WAIT_S = 1.0      # after a failure, how long to wait for the worker tha
 def check_config(config: ServerConfig) -> None:
     """Refuse what cannot run before starting anything; messages name the flag."""
     engine = config.engine
-    if engine.tp_size > 1:
+    if engine.tp_size > 1 and engine.resolved_device() == "cuda":
         import torch
 
-        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        found = torch.cuda.device_count()
         if found < engine.tp_size:
-            raise ValueError(f"--tp-size {engine.tp_size}: needs {engine.tp_size} CUDA devices, found {found} "
-                             "(tensor parallelism is not built yet either: use --tp-size 1)")
-        raise ValueError(f"--tp-size {engine.tp_size}: tensor parallelism is not built yet; use --tp-size 1")
+            raise ValueError(f"--tp-size {engine.tp_size}: needs {engine.tp_size} CUDA devices, found {found}")
 
 
 def serve(config: ServerConfig) -> int:

@@ -3,6 +3,7 @@
     api ──req{i}──► tokenizer-i ──tok{i}──► scheduler ──tokens──► detokenizer ──text──► api
                          └───────detok{i}─────────────────────────►    │
                                                 scheduler ◄──stops─────┘
+                                                scheduler ──tp──► scheduler-1 .. scheduler-{tp_size-1}
 
 `req{i}` wakes its tokenizer through a semaphore (its only input); every ring into the scheduler, the
 detokenizer or the API server's event loop wakes through a FIFO, since those wait on several rings
@@ -21,9 +22,10 @@ from typing import TYPE_CHECKING, Callable
 from minisrv.config import EngineConfig, ServerConfig
 from minisrv.ipc import Wakeup, instance_prefix, sweep_dead_instances
 from minisrv.models.source import ModelSource
-from minisrv.runtime import detokenizer_process, scheduler_process, tokenizer_process
+from minisrv.runtime import detokenizer_process, scheduler_process, tensor_parallel, tokenizer_process
 from minisrv.runtime.channels import Channels, RingChannels
 from minisrv.runtime.status_block import StatusBlock
+from minisrv.runtime.tensor_parallel import TPGroup
 from minisrv.runtime.worker import WorkerInfo
 from minisrv.wire.records import Shutdown
 
@@ -52,6 +54,7 @@ class RingCapacities:
     # two could wait on each other only if this one filled: it holds ~10k aborts, far more than running requests.
     stops: int = 256 * 1024
     text: int = 8 * MiB           # detokenizer -> api: one batch's text (echo can be a whole prompt)
+    tp: int = 4 * MiB             # scheduler -> the other tensor-parallel ranks: its requests, aborts and steps
 
 
 @dataclass
@@ -77,8 +80,9 @@ class Pipeline:
             logger.info("removed %d shared-memory names left by a server that was killed while it started",
                         len(removed))
         self.channels = channels = channels or RingChannels()
-        num_tok = config.num_tokenizers
-        self.status = StatusBlock.create(f"{instance_prefix()}-status", num_workers=num_tok + 2)
+        num_tok, tp_size = config.num_tokenizers, config.engine.tp_size
+        self.tp_group = TPGroup.on_this_host(tp_size) if tp_size > 1 else None
+        self.status = StatusBlock.create(f"{instance_prefix()}-status", num_workers=num_tok + 1 + tp_size)
         try:
             fifo = Wakeup.FIFO
             requests = [channels.create(f"req{i}", capacities.requests) for i in range(num_tok)]
@@ -87,9 +91,11 @@ class Pipeline:
             tokens = channels.create("tokens", capacities.tokens, fifo)
             stops = channels.create("stops", capacities.stops, fifo)
             text = channels.create("text", capacities.text, fifo)
+            ranks = channels.create("tp", capacities.tp, num_readers=tp_size - 1) if tp_size > 1 else None
             self._channels = {
                 "scheduler": scheduler_process.SchedulerChannels(
-                    tuple(c.reader for c in tokenized), stops.reader, tokens.producer),
+                    tuple(c.reader for c in tokenized), stops.reader, tokens.producer, ranks and ranks.producer),
+                **{f"scheduler-{rank}": reader for rank, reader in enumerate(ranks.readers if ranks else (), 1)},
                 "detokenizer": detokenizer_process.DetokenizerChannels(
                     tuple(c.reader for c in detokenize), tokens.reader, text.producer, stops.producer),
                 **{f"tokenizer-{i}": tokenizer_process.TokenizerChannels(
@@ -112,7 +118,12 @@ class Pipeline:
         for slot, (name, channels) in enumerate(self._channels.items()):
             info = WorkerInfo(name, slot, os.getpid(), self.status.spec, config.log_level)
             if name == "scheduler":
-                target, args = scheduler_process.main, (info, config.engine, source, channels, self.make_engine)
+                args = (info, config.engine, source, channels, self.make_engine, self.tp_group)
+                target = scheduler_process.main
+            elif name.startswith("scheduler-"):
+                rank = int(name.removeprefix("scheduler-"))
+                args = (info, config.engine, source, self.tp_group.of_rank(rank), channels)
+                target = tensor_parallel.follower_main
             elif name == "detokenizer":
                 target, args = detokenizer_process.main, (info, source, channels, config.stream_interval)
             else:

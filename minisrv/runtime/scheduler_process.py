@@ -20,6 +20,7 @@ from minisrv.config import EngineConfig
 from minisrv.models.source import ModelSource
 from minisrv.runtime.channels import ChannelSpec, wait_any
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
+from minisrv.runtime.tensor_parallel import TPGroup, TPLeader, load_rank_engine
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 from minisrv.scheduler.request import RequestOutput
 from minisrv.wire.records import Abort, Error, Shutdown, StepTokens, TokenizedRequest
@@ -39,6 +40,7 @@ class SchedulerChannels:
     from_tokenizers: tuple[ChannelSpec, ...]   # TOKENIZED_REQUEST, ABORT, SHUTDOWN (one per tokenizer worker)
     from_detokenizer: ChannelSpec              # ABORT (stop strings)
     to_detokenizer: ChannelSpec                # STEP_TOKENS, ERROR
+    to_other_ranks: ChannelSpec | None = None  # tensor parallelism: TOKENIZED_REQUEST, ABORT, STEP, SHUTDOWN
 
 
 def step_tokens(outputs: list[RequestOutput]) -> StepTokens:
@@ -69,6 +71,7 @@ class SchedulerLoop:
         self.from_tokenizers = [spec.open() for spec in channels.from_tokenizers]
         self.from_detokenizer = channels.from_detokenizer.open()
         self.to_detokenizer = channels.to_detokenizer.open()
+        self.to_other_ranks = channels.to_other_ranks.open() if channels.to_other_ranks is not None else None
         self.inputs = [*self.from_tokenizers, self.from_detokenizer]
         self.watch = watch
         self.engine: LLMEngine | None = None    # (or anything with its interface) set before run()
@@ -121,6 +124,8 @@ class SchedulerLoop:
             self.to_detokenizer.send(Error(req.rid, 400, message))
 
     def close(self) -> None:
+        if isinstance(self.engine, TPLeader):
+            self.engine.close()   # SHUTDOWN to the other ranks
         for channel in (*self.inputs, self.to_detokenizer):
             channel.close()
 
@@ -132,12 +137,17 @@ def load_engine(config: EngineConfig, source: ModelSource) -> LLMEngine:
 
 
 def main(info: WorkerInfo, config: EngineConfig, source: ModelSource, channels: SchedulerChannels,
-         make_engine: Callable[[EngineConfig, ModelSource], LLMEngine] = load_engine) -> None:
+         make_engine: Callable[[EngineConfig, ModelSource], LLMEngine] = load_engine,
+         tp_group: TPGroup | None = None) -> None:
     """Entry point of the spawned scheduler. `make_engine` may build anything with LLMEngine's interface
-    (and its `loaded` facts), e.g. a model-free engine to measure the pipeline alone."""
+    (and its `loaded` facts), e.g. a model-free engine to measure the pipeline alone. With `tp_group` this is
+    rank 0 of a tensor-parallel group, its engine a TPLeader over the `to_other_ranks` channel."""
 
     def set_up(loop: SchedulerLoop, status: StatusBlock) -> None:
-        engine = make_engine(config, source)
+        if tp_group is not None:
+            engine = TPLeader(load_rank_engine(config, source, tp_group), loop.to_other_ranks)
+        else:
+            engine = make_engine(config, source)
         loaded = engine.loaded
         loop.engine, loop.status = engine, status
         status.publish_model(ModelFacts(loaded.name, loaded.max_model_len, loaded.model_config.vocab_size))

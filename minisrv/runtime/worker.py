@@ -70,16 +70,21 @@ class ParentWatch:
             self._status.beat(self._slot)
 
 
-def start_worker(info: WorkerInfo) -> tuple[StatusBlock, ParentWatch]:
-    """Signals, logging and the status block of a freshly spawned worker."""
+def start_process(name: str, log_level: str) -> None:
+    """Signals and logging of a freshly spawned process of ours; it dies with its parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # tqdm's default lock is a named multiprocessing semaphore, which a killed worker would leave in
     # /dev/shm; progress bars of one process need only a thread lock.
     tqdm.set_lock(threading.RLock())
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 <pid>` prints every thread's stack, for diagnosis
     _die_with_parent()
-    logging.basicConfig(level=info.log_level.upper(), stream=sys.stderr, force=True,
-                        format=f"%(asctime)s {info.name} %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr, force=True,
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+
+
+def start_worker(info: WorkerInfo) -> tuple[StatusBlock, ParentWatch]:
+    """start_process, and the status block of a server's worker."""
+    start_process(info.name, info.log_level)
     ParentWatch(info).check()   # the parent may have died before PR_SET_PDEATHSIG took effect
     status = StatusBlock(info.status)
     status.attach_worker(info.slot, os.getpid())

@@ -27,6 +27,7 @@ class Kind(enum.IntEnum):
     TEXT_DELTAS = 6
     ERROR = 7
     SHUTDOWN = 8
+    STEP = 9
 
 
 class Record:
@@ -167,6 +168,13 @@ class Error(Record):
 @record(Kind.SHUTDOWN, "api -> tokenizer -> scheduler, detokenizer")
 class Shutdown(Record):
     pass
+
+
+@record(Kind.STEP, "scheduler rank 0 -> the other tensor-parallel ranks")
+class Step(Record):
+    """Run one engine step. The ranks compare what their previous steps produced (outputs_digest)."""
+
+    outputs_digest: int = scalar("Q")
 
 
 def peek_kind(buffer: bytes | bytearray | memoryview) -> Kind:

@@ -23,7 +23,7 @@ import pytest
 from tests.server.live_server import STARTUP_TIMEOUT_S, free_port
 
 EXIT_WITHIN_S = 5.0
-WORKERS = ("scheduler", "detokenizer", "tokenizer-0", "tokenizer-1")
+WORKERS = ("scheduler", "scheduler-1", "detokenizer", "tokenizer-0", "tokenizer-1")
 
 
 class Server:
@@ -167,7 +167,9 @@ def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: 
     server.assert_nothing_left()
 
 
-@pytest.mark.parametrize("victim", ["scheduler", "detokenizer", "tokenizer-0"])
+@pytest.mark.parametrize(("server", "victim"), [((), "scheduler"), ((), "detokenizer"), ((), "tokenizer-0"),
+                                                 (("--tp-size", "2", "--device", "cpu"), "scheduler-1")],
+                         indirect=["server"])
 def test_a_dead_worker_takes_the_server_down_and_clients_see_an_error(server: Server, victim: str) -> None:
     """Requests in flight when a worker dies get an error, never a normal-looking result: the stream an error
     event then [DONE] (its status was already 200), the non-stream request a 503."""
@@ -233,11 +235,11 @@ def test_a_bad_model_is_a_clear_error_and_leaves_nothing() -> None:
     assert [n for n in os.listdir("/dev/shm") if n.removeprefix("sem.").startswith(f"minisrv-{process.pid}-")] == []
 
 
-def test_tp_size_without_gpus_is_a_clear_error() -> None:
-    out = subprocess.run([sys.executable, "-m", "minisrv.cli", "serve", "--tp-size", "2", "--port", str(free_port())],
-                         capture_output=True, text=True, timeout=120)
+def test_tp_size_over_the_gpus_there_are_is_a_clear_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "minisrv.cli", "serve", "--device", "cuda", "--tp-size", "2",
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert "--tp-size 2" in out.stderr and "tensor parallelism is not built yet" in out.stderr
+    assert "--tp-size 2: needs 2 CUDA devices, found" in out.stderr, out.stderr
 
 
 def _metric(server: Server, name: str) -> float:
