@@ -26,7 +26,7 @@ from minisrv.config import EngineConfig
 from minisrv.engine.llm_engine import LLMEngine
 from minisrv.layers.parallel import TensorParallel, init_tensor_parallel
 from minisrv.models.source import resolve_source
-from minisrv.runtime.tensor_parallel import TPGroup
+from minisrv.runtime.tensor_parallel import TPGroup, free_tcp_port
 from minisrv.sampling_params import SamplingParams
 
 PROMPT_LEN = 32
@@ -83,10 +83,10 @@ def collectives_ms(tp: TensorParallel, batch: int, hidden: int, vocab: int, laye
     return statistics.median(times[5:])
 
 
-def rank_main(rank: int, group: TPGroup, args: argparse.Namespace, results) -> None:
+def rank_main(rank: int, group: TPGroup, custom: bool, args: argparse.Namespace, results) -> None:
     config = EngineConfig(model=args.preset, load_format="dummy", tp_size=group.size, max_model_len=1024,
-                          cuda_graph_max_bs=max(args.batches))
-    tp = init_tensor_parallel(rank, group.size, group.init_method, "cuda")
+                          cuda_graph_max_bs=max(args.batches), custom_all_reduce=custom)
+    tp = init_tensor_parallel(rank, group.size, group.init_method, "cuda", group.ranks_per_node, custom)
     engine = LLMEngine(config, resolve_source(config), tp=tp)
     model_config = engine.loaded.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in engine.runner.model.parameters()}.values())
@@ -95,7 +95,8 @@ def rank_main(rank: int, group: TPGroup, args: argparse.Namespace, results) -> N
         step = decode_ms(engine, batch, model_config.vocab_size, args.repeats)
         comm = collectives_ms(tp, batch, model_config.hidden_size, model_config.vocab_size,
                               model_config.num_layers) if group.size > 1 else 0.0
-        rows.append(dict(tp=group.size, batch=batch, decode_ms=step, collectives_ms=comm))
+        all_reduce = "one-shot" if tp.fast_all_reduce is not None else "nccl" if group.size > 1 else "-"
+        rows.append(dict(tp=group.size, all_reduce=all_reduce, batch=batch, decode_ms=step, collectives_ms=comm))
     if rank == 0:
         bandwidth = copy_bandwidth(5)
         for row in rows:
@@ -106,11 +107,11 @@ def rank_main(rank: int, group: TPGroup, args: argparse.Namespace, results) -> N
         results.put(rows)
 
 
-def run_size(size: int, args: argparse.Namespace) -> list[dict]:
+def run_size(size: int, custom: bool, args: argparse.Namespace) -> list[dict]:
     spawn = multiprocessing.get_context("spawn")
     results = spawn.Queue()
-    group = TPGroup.on_this_host(size)
-    ranks = [spawn.Process(target=rank_main, args=(rank, group, args, results)) for rank in range(size)]
+    group = TPGroup(size, f"tcp://127.0.0.1:{free_tcp_port()}", size)
+    ranks = [spawn.Process(target=rank_main, args=(rank, group, custom, args, results)) for rank in range(size)]
     for process in ranks:
         process.start()
     rows = results.get(timeout=args.timeout)
@@ -128,7 +129,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=480)
     parser.add_argument("--json", help="write the rows and the machine here")
     args = parser.parse_args()
-    rows = [row for size in args.tp for row in run_size(size, args)]
+    runs = [(size, custom) for size in args.tp for custom in ((True, False) if size > 1 else (False,))]
+    rows = [row for size, custom in runs for row in run_size(size, custom, args)]
     base = {row["batch"]: row["decode_ms"] for row in rows if row["tp"] == 1}
     for row in rows:
         if row["batch"] in base:
@@ -138,11 +140,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "preset": args.preset, "results": rows}, f, indent=1)
     print(f"\n{args.preset}, bfloat16, CUDA graphs + overlap, {torch.cuda.get_device_name(0)}")
-    print("| tp | batch | decode ms/step | floor ms (weights/rank / copy bw) | floor share | collectives ms | "
-          "collectives share | vs tp=1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tp | all-reduce | batch | decode ms/step | floor ms (weights/rank / copy bw) | floor share | "
+          "collectives ms | collectives share | vs tp=1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tp']} | {r['batch']} | {r['decode_ms']:.3f} | {r['floor_ms']:.3f} | {r['floor_share']:.0%} | "
+        print(f"| {r['tp']} | {r['all_reduce']} | {r['batch']} | {r['decode_ms']:.3f} | {r['floor_ms']:.3f} | {r['floor_share']:.0%} | "
               f"{r['collectives_ms']:.3f} | {r['collectives_share']:.0%} | {r.get('vs_tp1', float('nan')):.2f} |")
 
 

@@ -20,7 +20,8 @@ from minisrv import __version__
 from minisrv.config import API_KEY_ENV, EngineConfig, ServerConfig, flag_name
 from minisrv.fields import Range, check_value
 
-FLAG_GROUPS = {"model": "model", "engine": "engine (scheduler, KV cache, device)", "server": "server (HTTP, workers)"}
+FLAG_GROUPS = {"model": "model", "engine": "engine (scheduler, KV cache, device)",
+               "parallel": "parallelism (GPUs, hosts)", "server": "server (HTTP, workers)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,8 +59,20 @@ class EngineConfig:
     device: str = setting(
         "auto", group="engine", choices=("auto", "cpu", "cuda"), help="auto: cuda when a GPU is visible, else cpu")
     tp_size: int = setting(
-        1, group="engine", flags=("--tensor-parallel-size",), range=Range(1),
-        help="tensor-parallel ranks (one scheduler process per GPU)")
+        1, group="parallel", flags=("--tensor-parallel-size",), range=Range(1),
+        help="tensor-parallel ranks (one scheduler process per GPU; on the CPU, ranks share the cores)")
+    custom_all_reduce: bool = setting(
+        True, group="parallel", negative_flags=("--disable-custom-all-reduce",),
+        help="on one host's GPUs, the small all-reduces of decode steps through peer memory (one kernel, a few "
+             "microseconds) instead of NCCL; larger ones always take NCCL")
+    nnodes: int = setting(
+        1, group="parallel", range=Range(1),
+        help="hosts the tensor-parallel ranks span, --tp-size / --nnodes each; node 0 also runs the API server, "
+             "tokenizers and detokenizer")
+    node_rank: int = setting(0, group="parallel", range=Range(0), help="this host's index among --nnodes")
+    dist_init_addr: str | None = setting(
+        None, group="parallel",
+        help="host:port on node 0 where the ranks meet (torch.distributed's TCP store); needed with --nnodes > 1")
     max_running_requests: int = setting(
         256, group="engine", flags=("--max-num-seqs",), range=Range(1),
         help="most requests in the running batch at once")
@@ -108,6 +120,18 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self, _name_the_flag)
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank (--node-rank) {self.node_rank}: must be below --nnodes {self.nnodes}")
+        if self.nnodes > 1 and self.tp_size % self.nnodes:
+            raise ValueError(f"nnodes (--nnodes) {self.nnodes}: must divide --tp-size {self.tp_size} (the same "
+                             "number of ranks on every node)")
+        if self.nnodes > 1 and not _host_port(self.dist_init_addr):
+            raise ValueError(f"dist_init_addr (--dist-init-addr) {self.dist_init_addr!r}: --nnodes > 1 needs the "
+                             "host:port of node 0")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -125,6 +149,11 @@ class EngineConfig:
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.resolved_device() == "cuda" else "float32"
+
+
+def _host_port(address: str | None) -> bool:
+    host, _, port = (address or "").rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 API_KEY_ENV = "MINISRV_API_KEY"

@@ -41,15 +41,17 @@ def check_config(config: ServerConfig) -> None:
     if engine.tp_size > 1 and engine.resolved_device() == "cuda":
         import torch
 
-        found = torch.cuda.device_count()
-        if found < engine.tp_size:
-            raise ValueError(f"--tp-size {engine.tp_size}: needs {engine.tp_size} CUDA devices, found {found}")
+        found, needed = torch.cuda.device_count(), engine.ranks_per_node
+        if found < needed:
+            per_node = f" on each of --nnodes {engine.nnodes}" if engine.nnodes > 1 else ""
+            raise ValueError(f"--tp-size {engine.tp_size}: needs {needed} CUDA devices{per_node}, found {found}")
 
 
 def serve(config: ServerConfig) -> int:
     """Run the server until a signal or a worker's death; the process exit code."""
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s api-server %(levelname)s %(message)s")
+                        format=f"%(asctime)s {'api-server' if config.engine.node_rank == 0 else 'node'} "
+                               "%(levelname)s %(message)s")
     try:
         check_config(config)
         from minisrv.models.source import resolve_source
@@ -59,6 +61,10 @@ def serve(config: ServerConfig) -> int:
     except ValueError as exc:
         print(f"minisrv serve: error: {exc}", file=sys.stderr)
         return 2
+    if config.engine.node_rank > 0:   # another host's tensor-parallel ranks: no HTTP, no tokenizers
+        from minisrv.runtime.tensor_parallel import serve_node
+
+        return serve_node(config.engine, source)
     import uvloop
 
     return uvloop.run(_serve(config, source))

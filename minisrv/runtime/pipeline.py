@@ -3,7 +3,7 @@
     api ──req{i}──► tokenizer-i ──tok{i}──► scheduler ──tokens──► detokenizer ──text──► api
                          └───────detok{i}─────────────────────────►    │
                                                 scheduler ◄──stops─────┘
-                                                scheduler ──tp──► scheduler-1 .. scheduler-{tp_size-1}
+                                                scheduler ──tp──► scheduler-1 .. (this host's other tensor-parallel ranks)
 
 `req{i}` wakes its tokenizer through a semaphore (its only input); every ring into the scheduler, the
 detokenizer or the API server's event loop wakes through a FIFO, since those wait on several rings
@@ -80,9 +80,9 @@ class Pipeline:
             logger.info("removed %d shared-memory names left by a server that was killed while it started",
                         len(removed))
         self.channels = channels = channels or RingChannels()
-        num_tok, tp_size = config.num_tokenizers, config.engine.tp_size
-        self.tp_group = TPGroup.on_this_host(tp_size) if tp_size > 1 else None
-        self.status = StatusBlock.create(f"{instance_prefix()}-status", num_workers=num_tok + 1 + tp_size)
+        num_tok, local_ranks = config.num_tokenizers, config.engine.ranks_per_node
+        self.tp_group = TPGroup.for_config(config.engine) if config.engine.tp_size > 1 else None
+        self.status = StatusBlock.create(f"{instance_prefix()}-status", num_workers=num_tok + 1 + local_ranks)
         try:
             fifo = Wakeup.FIFO
             requests = [channels.create(f"req{i}", capacities.requests) for i in range(num_tok)]
@@ -91,7 +91,7 @@ class Pipeline:
             tokens = channels.create("tokens", capacities.tokens, fifo)
             stops = channels.create("stops", capacities.stops, fifo)
             text = channels.create("text", capacities.text, fifo)
-            ranks = channels.create("tp", capacities.tp, num_readers=tp_size - 1) if tp_size > 1 else None
+            ranks = channels.create("tp", capacities.tp, num_readers=local_ranks - 1) if local_ranks > 1 else None
             self._channels = {
                 "scheduler": scheduler_process.SchedulerChannels(
                     tuple(c.reader for c in tokenized), stops.reader, tokens.producer, ranks and ranks.producer),

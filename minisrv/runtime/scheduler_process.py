@@ -141,11 +141,12 @@ def main(info: WorkerInfo, config: EngineConfig, source: ModelSource, channels: 
          tp_group: TPGroup | None = None) -> None:
     """Entry point of the spawned scheduler. `make_engine` may build anything with LLMEngine's interface
     (and its `loaded` facts), e.g. a model-free engine to measure the pipeline alone. With `tp_group` this is
-    rank 0 of a tensor-parallel group, its engine a TPLeader over the `to_other_ranks` channel."""
+    rank 0 of a tensor-parallel group, its engine a TPLeader over the `to_other_ranks` channel (and gloo to
+    other hosts' ranks)."""
 
     def set_up(loop: SchedulerLoop, status: StatusBlock) -> None:
         if tp_group is not None:
-            engine = TPLeader(load_rank_engine(config, source, tp_group), loop.to_other_ranks)
+            engine = TPLeader.of(load_rank_engine(config, source, tp_group), loop.to_other_ranks)
         else:
             engine = make_engine(config, source)
         loaded = engine.loaded

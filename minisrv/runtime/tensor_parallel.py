@@ -11,26 +11,31 @@ garbage in lockstep.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
+import multiprocessing.connection
+import signal
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from minisrv.config import EngineConfig
 from minisrv.models.source import ModelSource
-from minisrv.runtime.channels import ChannelSpec, RecordWriter
+from minisrv.runtime.channels import ChannelSpec, RecordReader, RecordWriter
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_quickly, run_until_peers_leave,
                                     serve_worker, start_process)
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import RequestOutput
-from minisrv.wire.records import Abort, Shutdown, Step, TokenizedRequest
+from minisrv.wire.records import Abort, Record, Shutdown, Step, TokenizedRequest
 from minisrv.wire.terms import SchedulerStats
 
 if TYPE_CHECKING:
     from minisrv.engine.llm_engine import LLMEngine
+    from minisrv.runtime.remote_ranks import RemoteRanks
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +55,21 @@ def free_tcp_port() -> int:
 
 @dataclass(frozen=True)
 class TPGroup:
-    """Where rank `rank` of `size` meets the others (torch.distributed's init_method)."""
+    """Where rank `rank` of `size` meets the others (torch.distributed's init_method), `ranks_per_node` a host."""
 
     size: int
     init_method: str
+    ranks_per_node: int
     rank: int = 0
 
     def of_rank(self, rank: int) -> TPGroup:
-        return TPGroup(self.size, self.init_method, rank)
+        return dataclasses.replace(self, rank=rank)
 
     @classmethod
-    def on_this_host(cls, size: int) -> TPGroup:
-        return cls(size, f"tcp://127.0.0.1:{free_tcp_port()}")
+    def for_config(cls, config: EngineConfig) -> TPGroup:
+        """--dist-init-addr across hosts; on one host, a free local port."""
+        address = config.dist_init_addr if config.nnodes > 1 else f"127.0.0.1:{free_tcp_port()}"
+        return cls(config.tp_size, f"tcp://{address}", config.ranks_per_node)
 
 
 def load_rank_engine(config: EngineConfig, source: ModelSource, group: TPGroup) -> LLMEngine:
@@ -69,28 +77,60 @@ def load_rank_engine(config: EngineConfig, source: ModelSource, group: TPGroup) 
     from minisrv.engine.llm_engine import LLMEngine
     from minisrv.layers.parallel import init_tensor_parallel
 
-    tp = init_tensor_parallel(group.rank, group.size, group.init_method, config.resolved_device())
+    tp = init_tensor_parallel(group.rank, group.size, group.init_method, config.resolved_device(),
+                              group.ranks_per_node, config.custom_all_reduce)
+    if group.size > group.ranks_per_node:
+        check_same_settings(config, group.rank)
     return LLMEngine(config, source, tp=tp)
 
 
-class TPLeader:
-    """Rank 0's engine: LLMEngine's interface, each call broadcast to the other ranks before it is applied."""
+def check_same_settings(config: EngineConfig, rank: int) -> None:
+    """Ranks started by separate commands (one per node) must agree on every engine setting, or their schedulers
+    part ways: refuse at start, naming the flag."""
+    import torch.distributed as dist
 
-    def __init__(self, engine: LLMEngine, followers: RecordWriter) -> None:
-        self.engine, self.followers = engine, followers
+    from minisrv.config import flag_name
+
+    ours = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "node_rank"}
+    everyone: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, ours)
+    for other_rank, theirs in enumerate(everyone):
+        for name, value in ours.items():
+            if theirs[name] != value:
+                raise ValueError(f"{name} ({flag_name(name)}): rank {rank} has {value!r}, rank {other_rank} has "
+                                 f"{theirs[name]!r}; every node must be started with the same engine flags")
+
+
+class TPLeader:
+    """Rank 0's engine: LLMEngine's interface, each call sent to the other ranks before it is applied."""
+
+    def __init__(self, engine: LLMEngine, followers: Sequence[RecordWriter | RemoteRanks]) -> None:
+        self.engine, self.followers = engine, list(followers)
         self.loaded = engine.loaded
         self._digest = 0
 
+    @classmethod
+    def of(cls, engine: LLMEngine, local: RecordWriter | None) -> TPLeader:
+        """Rank 0 over the ring to this host's ranks (`local`) and gloo to the other hosts' (if any)."""
+        from minisrv.runtime.remote_ranks import RemoteRanks
+
+        remote = engine.loaded.model.tp.remote_group
+        return cls(engine, [w for w in (local, remote and RemoteRanks(remote)) if w is not None])
+
+    def _send(self, record: Record) -> None:
+        for followers in self.followers:
+            followers.send(record)
+
     def add_request(self, rid: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        self.followers.send(TokenizedRequest(rid, params, list(prompt_ids)))
+        self._send(TokenizedRequest(rid, params, list(prompt_ids)))
         self.engine.add_request(rid, prompt_ids, params)   # a ValueError here is raised on every rank alike
 
     def abort(self, rid: int) -> RequestOutput | None:
-        self.followers.send(Abort(rid))
+        self._send(Abort(rid))
         return self.engine.abort(rid)
 
     def step(self) -> list[RequestOutput]:
-        self.followers.send(Step(self._digest))
+        self._send(Step(self._digest))
         outputs = self.engine.step()
         self._digest = outputs_digest(outputs)
         return outputs
@@ -102,8 +142,9 @@ class TPLeader:
         return self.engine.stats()
 
     def close(self) -> None:
-        self.followers.try_send(Shutdown())
-        self.followers.close()
+        for followers in self.followers:
+            followers.try_send(Shutdown())
+            followers.close()
 
 
 class RankDiverged(SystemExit):
@@ -115,8 +156,10 @@ class RankDiverged(SystemExit):
 class FollowerLoop:
     """A rank other than 0: apply rank 0's records in order until SHUTDOWN."""
 
-    def __init__(self, leader: ChannelSpec, watch: ParentWatch | None, name: str) -> None:
-        self.leader = leader.open()
+    def __init__(self, leader: ChannelSpec | None, watch: ParentWatch | None, name: str) -> None:
+        # A rank on rank 0's host attaches its ring end now; one on another host gets RemoteRanks once it
+        # has joined the process group.
+        self.leader: RecordReader | RemoteRanks | None = leader.open() if leader is not None else None
         self.watch, self.name = watch, name
         self.engine: LLMEngine | None = None   # set before run()
         self._digest = 0
@@ -144,7 +187,8 @@ class FollowerLoop:
                 self.leader.wait(IDLE_WAIT_S)
 
     def close(self) -> None:
-        self.leader.close()
+        if self.leader is not None:
+            self.leader.close()
 
 
 def follower_main(info: WorkerInfo, config: EngineConfig, source: ModelSource, group: TPGroup,
@@ -157,16 +201,54 @@ def follower_main(info: WorkerInfo, config: EngineConfig, source: ModelSource, g
     serve_worker(info, lambda status, watch: FollowerLoop(leader, watch, info.name), set_up)
 
 
-def offline_follower_main(config: EngineConfig, source: ModelSource, group: TPGroup, leader: ChannelSpec) -> None:
-    """Entry point of a rank the offline `LLM` spawns: no status block; it dies with its parent."""
-    start_process(f"rank-{group.rank}", "warning")
+def detached_follower_main(config: EngineConfig, source: ModelSource, group: TPGroup,
+                           leader: ChannelSpec | None) -> None:
+    """Entry point of a rank spawned by the offline `LLM` (`leader`: its ring) or by `minisrv serve` on a node
+    other than 0 (no ring: rank 0's records come over gloo). No status block; it dies with its parent."""
+    start_process(f"rank-{group.rank}", "info")
     loop = FollowerLoop(leader, None, f"rank {group.rank}")
     try:
         loop.engine = load_rank_engine(config, source, group)
+        if loop.leader is None:
+            from minisrv.runtime.remote_ranks import RemoteRanks
+
+            loop.leader = RemoteRanks(loop.engine.loaded.model.tp.remote_group)
         run_until_peers_leave(loop.run)
+        if leader is not None:   # the offline LLM's rank: it leaves the group with rank 0 (see leave_group)
+            leave_group(loop.engine)
     finally:
         loop.close()
     exit_quickly()
+
+
+def serve_node(config: EngineConfig, source: ModelSource) -> int:
+    """`minisrv serve --node-rank K` (K > 0): run this host's ranks until rank 0 ends them (exit 0) or one of
+    them fails (the others are killed, exit 1 naming it); SIGINT/SIGTERM stop them."""
+    group = TPGroup.for_config(config)
+    first = config.node_rank * config.ranks_per_node
+    spawn = multiprocessing.get_context("spawn")
+    ranks = {rank: spawn.Process(target=detached_follower_main, args=(config, source, group.of_rank(rank), None),
+                                 name=f"minisrv-rank-{rank}") for rank in range(first, first + config.ranks_per_node)}
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    for process in ranks.values():
+        process.start()
+    logger.info("node %d of %d: ranks %s, meeting at %s", config.node_rank, config.nnodes,
+                ", ".join(f"{rank} (pid {p.pid})" for rank, p in ranks.items()), config.dist_init_addr)
+    code = 0
+    while not stop.is_set() and all(p.is_alive() for p in ranks.values()):
+        multiprocessing.connection.wait([p.sentinel for p in ranks.values()], timeout=0.5)
+    for rank, process in ranks.items():
+        if process.exitcode:
+            logger.error("rank %d (pid %d) exited with code %d; stopping this node", rank, process.pid,
+                         process.exitcode)
+            code = 1
+    for process in ranks.values():
+        if process.is_alive():
+            process.kill()
+        process.join()
+    return code
 
 
 class TensorParallelRanks:
@@ -176,32 +258,47 @@ class TensorParallelRanks:
     def __init__(self, config: EngineConfig, source: ModelSource, capacity: int = 4 << 20) -> None:
         from minisrv.runtime.channels import RingChannels
 
-        group = TPGroup.on_this_host(config.tp_size)
+        if config.nnodes > 1:
+            raise ValueError(f"nnodes (--nnodes) {config.nnodes}: the offline LLM runs its ranks on one host")
+        group = TPGroup.for_config(config)
         self.channels = RingChannels()
         self.processes: list[multiprocessing.process.BaseProcess] = []
         try:
             ends = self.channels.create("tp", capacity, num_readers=config.tp_size - 1)
             spawn = multiprocessing.get_context("spawn")
             for rank, reader in enumerate(ends.readers, start=1):
-                process = spawn.Process(target=offline_follower_main, name=f"minisrv-rank-{rank}", daemon=True,
+                process = spawn.Process(target=detached_follower_main, name=f"minisrv-rank-{rank}", daemon=True,
                                         args=(config, source, group.of_rank(rank), reader))
                 process.start()
                 self.processes.append(process)
-            self.leader = TPLeader(load_rank_engine(config, source, group), ends.producer.open())
+            self.leader = TPLeader(load_rank_engine(config, source, group), [ends.producer.open()])
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        import torch.distributed as dist
-
         leader = getattr(self, "leader", None)
         if leader is not None:
-            leader.close()
+            leader.close()   # SHUTDOWN: every rank now leaves the group with this one
+            leave_group(leader.engine)
         for process in self.processes:
-            process.join(5.0)
+            process.join(10.0)
             if process.is_alive():
                 process.kill()
         self.channels.unlink()
-        if dist.is_initialized():
-            dist.destroy_process_group()   # so this process can join a new group for another LLM
+
+
+def leave_group(engine: LLMEngine) -> None:
+    """Free what this rank holds of the group (graphs with collectives inside, the peer-memory buffers), then
+    leave it with the others, so that this process may join another (the offline LLM's)."""
+    import torch
+    import torch.distributed as dist
+
+    engine.runner.graphs = None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    fast = engine.loaded.model.tp.fast_all_reduce
+    if fast is not None:
+        fast.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
