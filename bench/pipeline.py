@@ -41,16 +41,18 @@ from minisrv.wire.terms import FinishReason, SchedulerStats
 TRANSPORTS = ("ring", "zmq")
 PROFILE_ENV = "BENCH_PIPELINE_PROFILE"   # --profile-api: where the API process writes its cProfile stats
 PROMPT = "Hello"
-TOKEN_TEXT = b"world"   # NullEngine.TOKEN's text
+TOKEN_TEXTS = (b"world", b"~")   # NullEngine.TOKEN's text, NullEngine.BYTE_TOKEN's
 
 
 class NullEngine:
     """LLMEngine's interface without a model: every running request gets one token per step."""
 
     TOKEN = 905   # " world" in the embedded model's vocabulary
+    BYTE_TOKEN = ord("~")   # in a preset's byte-level vocabulary (minisrv/models/dummy.py); in no JSON we send
 
     def __init__(self, config: EngineConfig, source: ModelSource, step_s: float = 0.0) -> None:
         self.step_s = step_s   # stands in for the model's time per step
+        self.token = self.BYTE_TOKEN if source.format == "preset" else self.TOKEN
         self.loaded = SimpleNamespace(name="null", max_model_len=config.max_model_len or 8192,
                                       model_config=SimpleNamespace(vocab_size=49152))
         self.requests: dict[int, tuple[int, int, list[int]]] = {}
@@ -70,9 +72,9 @@ class NullEngine:
             time.sleep(self.step_s)
         outputs = []
         for rid, (prompt, max_tokens, out) in list(self.requests.items()):
-            out.append(self.TOKEN)
+            out.append(self.token)
             finish = FinishReason.LENGTH if len(out) == max_tokens else FinishReason.NONE
-            outputs.append(RequestOutput(rid, [self.TOKEN], [SampleResult(self.TOKEN)], finish, prompt, 0, len(out)))
+            outputs.append(RequestOutput(rid, [self.token], [SampleResult(self.token)], finish, prompt, 0, len(out)))
             if finish:
                 del self.requests[rid]
         return outputs
@@ -83,7 +85,7 @@ class NullEngine:
 
 # --- the server (a subprocess: `--serve`) -------------------------------------------------------------------
 
-def serve(transport: str, step_ms: float, port: int, stream_interval: int) -> int:
+def serve(transport: str, step_ms: float, port: int, stream_interval: int, model: str) -> int:
     import logging
 
     import uvloop
@@ -95,7 +97,8 @@ def serve(transport: str, step_ms: float, port: int, stream_interval: int) -> in
     from zmq_channels import ZmqChannels
 
     logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(asctime)s api-server %(levelname)s %(message)s")
-    config = ServerConfig(engine=EngineConfig(max_model_len=8192), port=port, log_level="warning",
+    engine = EngineConfig(model=model, load_format="auto" if model == "embedded" else "dummy", max_model_len=8192)
+    config = ServerConfig(engine=engine, port=port, log_level="warning",
                           sse_timestamps=True, stream_interval=stream_interval)
     channels = ZmqChannels() if transport == "zmq" else RingChannels()
     pipeline = Pipeline(config, resolve_source(config.engine), channels=channels,
@@ -112,14 +115,15 @@ def serve(transport: str, step_ms: float, port: int, stream_interval: int) -> in
 
 
 class Server:
-    def __init__(self, transport: str, step_ms: float, stream_interval: int, profile: str | None = None) -> None:
+    def __init__(self, transport: str, step_ms: float, stream_interval: int, model: str,
+                 profile: str | None = None) -> None:
         with socket.socket() as probe:   # a free port
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **({PROFILE_ENV: f"{profile}.{transport}-{step_ms:g}ms"} if profile else {})}
         self.process = subprocess.Popen([sys.executable, __file__, "--serve", transport, str(step_ms), str(self.port),
-                                         str(stream_interval)], env=env)
+                                         str(stream_interval), model], env=env)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         import httpx
@@ -165,7 +169,7 @@ async def stream_requests(url: str, streams: int, tokens: int, start_ns: int) ->
                 elif line.startswith(b"data: {"):
                     # A chunk may carry several tokens (the server merges those that queue up); each is
                     # NullEngine's " world", and each gets the latency of the chunk's first, an upper bound.
-                    now, tokens_in_chunk = time.monotonic_ns(), line.count(TOKEN_TEXT)
+                    now, tokens_in_chunk = time.monotonic_ns(), sum(line.count(text) for text in TOKEN_TEXTS)
                     latencies.extend([now - emitted] * tokens_in_chunk)
                     received += tokens_in_chunk
                     last_ns = max(last_ns, now)
@@ -254,11 +258,14 @@ def plot(results: list[Result], path: str) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         transport, step_ms, port, interval = sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-        sys.exit(serve(transport, step_ms, port, interval))
+        sys.exit(serve(transport, step_ms, port, interval, sys.argv[6]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer stream counts and tokens (a few minutes)")
     parser.add_argument("--streams", help="comma-separated concurrent streams (default 1,4,16,64,256; quick 1,16,256)")
     parser.add_argument("--step-ms", default="0,1", help="comma-separated NullEngine step times")
+    parser.add_argument("--model", default="embedded",
+                        help="whose tokenizer the pipeline runs: 'embedded', or a preset name (a byte-level vocabulary, "
+                             "for machines that cannot fetch the embedded model)")
     parser.add_argument("--tokens", type=int, help="tokens per stream (default 256; quick 64)")
     parser.add_argument("--clients", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="client processes (default: half the cores)")
@@ -276,7 +283,7 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
         for step_ms in steps:
             for transport in args.transports.split(","):
-                server = Server(transport, step_ms, args.stream_interval, args.profile_api)
+                server = Server(transport, step_ms, args.stream_interval, args.model, args.profile_api)
                 try:
                     server.wait_ready()
                     measure(pool, server.url, transport, step_ms, 4, 8, args.clients)   # warm-up
