@@ -61,6 +61,10 @@ class EngineConfig:
     tp_size: int = setting(
         1, group="parallel", flags=("--tensor-parallel-size",), range=Range(1),
         help="tensor-parallel ranks (one scheduler process per GPU; on the CPU, ranks share the cores)")
+    dp_size: int = setting(
+        1, group="parallel", flags=("--data-parallel-size",), range=Range(1, 64),
+        help="scheduler replicas behind the one API server, each on its own GPU (or --tp-size GPUs); a request "
+             "goes to the least loaded, or to one whose prefix cache holds its prompt's start")
     custom_all_reduce: bool = setting(
         True, group="parallel", negative_flags=("--disable-custom-all-reduce",),
         help="on one host's GPUs, the small all-reduces of decode steps through peer memory (one kernel, a few "
@@ -122,6 +126,9 @@ class EngineConfig:
         validate_fields(self, _name_the_flag)
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank (--node-rank) {self.node_rank}: must be below --nnodes {self.nnodes}")
+        if self.nnodes > 1 and self.dp_size > 1:
+            raise ValueError(f"dp_size (--dp-size) {self.dp_size}: replicas run on one host; across hosts, put "
+                             "one `minisrv serve` per host behind a router (README)")
         if self.nnodes > 1 and self.tp_size % self.nnodes:
             raise ValueError(f"nnodes (--nnodes) {self.nnodes}: must divide --tp-size {self.tp_size} (the same "
                              "number of ranks on every node)")

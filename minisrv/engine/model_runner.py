@@ -32,7 +32,7 @@ CPU_DEFAULT_KV_GIB = 2.0
 
 def cpu_threads(config: EngineConfig) -> int:
     """Intra-op threads for the CPU engine: EngineConfig.cpu_threads, else every core we may run on (shared
-    among tensor-parallel ranks).
+    among tensor-parallel ranks and data-parallel replicas).
 
     Lower it when other busy processes share the cores: an OpenMP parallel region waits at its barriers
     for every one of its threads, so a thread preempted by another process stalls the whole matmul for a
@@ -42,7 +42,7 @@ def cpu_threads(config: EngineConfig) -> int:
     if config.cpu_threads is not None:
         return config.cpu_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // config.tp_size)   # tensor-parallel ranks share the cores
+    return max(1, cores // (config.tp_size * config.dp_size))   # every rank of every replica shares the cores
 
 
 @dataclass

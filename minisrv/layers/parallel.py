@@ -93,25 +93,30 @@ class TensorParallel:
         return int(t.item())
 
 
-def init_tensor_parallel(rank: int, size: int, init_method: str, device: str,
-                         ranks_per_node: int | None = None, custom_all_reduce: bool = True) -> TensorParallel:
-    """Join the process group (NCCL on CUDA, gloo on the CPU) and, on CUDA, bind this process to its GPU (the
-    local rank: a node's ranks fill its visible GPUs in order) for PyTorch and for CuPy, which loads our
-    kernels. Ranks on `size / ranks_per_node` hosts also make the gloo group rank 0 sends its records on."""
+def bind_gpu(index: int) -> None:
+    """Make GPU `index` this process's device, for PyTorch and for CuPy (which loads our kernels)."""
+    torch.cuda.set_device(index)
+    try:
+        import cupy
+
+        cupy.cuda.Device(index).use()
+    except ImportError:
+        pass
+
+
+def init_tensor_parallel(rank: int, size: int, init_method: str, device: str, ranks_per_node: int | None = None,
+                         custom_all_reduce: bool = True, first_gpu: int = 0) -> TensorParallel:
+    """Join the process group (NCCL on CUDA, gloo on the CPU) and, on CUDA, bind this process to its GPU: a
+    node's ranks fill its visible GPUs in order from `first_gpu` (a data-parallel replica's first). Ranks on
+    `size / ranks_per_node` hosts also make the gloo group rank 0 sends its records on."""
     if size == 1:
         return TensorParallel()
     ranks_per_node = ranks_per_node or size
     for name, value in NCCL_ENV.items():
         os.environ.setdefault(name, value)
     if device == "cuda":
-        local = rank % ranks_per_node
-        torch.cuda.set_device(local)
-        try:
-            import cupy
-
-            cupy.cuda.Device(local).use()
-        except ImportError:
-            pass
+        local = first_gpu + rank % ranks_per_node
+        bind_gpu(local)
         dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=size,
                                 device_id=torch.device("cuda", local))
     else:

@@ -1,8 +1,9 @@
 """The detokenizer process: STEP_TOKENS records (one per scheduler step) in, TEXT_DELTAS records (one per
 batch) out, around the Detokenizer state machine (minisrv/tokenizer/detokenizer.py).
 
-A stop string that matched becomes an ABORT to the scheduler, which frees the choice's pages. ERROR
-records from the tokenizers and the scheduler pass through to the API server, in order with the text.
+A stop string that matched becomes an ABORT to the scheduler that ran the choice (one of several with
+--dp-size), which frees its pages. ERROR records from the tokenizers and the schedulers pass through to the
+API server, in order with the text.
 """
 from __future__ import annotations
 
@@ -20,18 +21,18 @@ from minisrv.wire.records import Abort, DetokenizeRequest, Error, Shutdown, Step
 @dataclass(frozen=True)
 class DetokenizerChannels:
     from_tokenizers: tuple[ChannelSpec, ...]   # DETOKENIZE_REQUEST, ERROR, SHUTDOWN (one per tokenizer worker)
-    from_scheduler: ChannelSpec                # STEP_TOKENS, ERROR
+    from_schedulers: tuple[ChannelSpec, ...]   # STEP_TOKENS, ERROR (one per scheduler replica)
     to_api: ChannelSpec                        # TEXT_DELTAS, ERROR
-    to_scheduler: ChannelSpec                  # ABORT when a stop string matched
+    to_schedulers: tuple[ChannelSpec, ...]     # ABORT when a stop string matched (one per replica)
 
 
 class DetokenizerLoop:
     def __init__(self, channels: DetokenizerChannels, watch: ParentWatch) -> None:
         self.from_tokenizers = [spec.open() for spec in channels.from_tokenizers]
-        self.from_scheduler = channels.from_scheduler.open()
+        self.from_schedulers = [spec.open() for spec in channels.from_schedulers]
         self.to_api = channels.to_api.open()
-        self.to_scheduler = channels.to_scheduler.open()
-        self.inputs = [*self.from_tokenizers, self.from_scheduler]
+        self.to_schedulers = [spec.open() for spec in channels.to_schedulers]
+        self.inputs = [*self.from_tokenizers, *self.from_schedulers]
         self.watch = watch
         self.core: Detokenizer | None = None   # set once the tokenizer is loaded, before run()
 
@@ -40,23 +41,25 @@ class DetokenizerLoop:
         while True:
             if not self.drain_tokenizers():
                 return
-            batch, stopped = TextDeltas(), []
-            for record in self.from_scheduler.drain():
-                if isinstance(record, StepTokens):
-                    # A choice's DETOKENIZE_REQUEST was published before its TOKENIZED_REQUEST, hence before
-                    # its tokens: draining the tokenizer channels now guarantees every row's choice is known.
-                    if not self.drain_tokenizers():
+            batch, stopped = TextDeltas(), False
+            for replica, channel in enumerate(self.from_schedulers):
+                for record in channel.drain():
+                    if isinstance(record, StepTokens):
+                        # A choice's DETOKENIZE_REQUEST was published before its TOKENIZED_REQUEST, hence before
+                        # its tokens: draining the tokenizer channels now guarantees every row's choice is known.
+                        if not self.drain_tokenizers():
+                            return
+                        rids = self.core.process(record, batch)
+                        if rids:
+                            self.to_schedulers[replica].send_many(Abort(rid) for rid in rids)
+                            stopped = True
+                    elif isinstance(record, Error):
+                        self.flush(batch)
+                        batch = TextDeltas()
+                        self.forward_error(record)
+                    elif isinstance(record, Shutdown):
                         return
-                    stopped += self.core.process(record, batch)
-                elif isinstance(record, Error):
-                    self.flush(batch)
-                    batch = TextDeltas()
-                    self.forward_error(record)
-                elif isinstance(record, Shutdown):
-                    return
             self.flush(batch)
-            if stopped:
-                self.to_scheduler.send_many(Abort(rid) for rid in stopped)
             self.watch.check()
             if not batch.rids and not stopped:
                 wait_any(self.inputs, IDLE_WAIT_S)
@@ -82,7 +85,7 @@ class DetokenizerLoop:
             self.to_api.send(batch)
 
     def close(self) -> None:
-        for channel in (*self.inputs, self.to_api, self.to_scheduler):
+        for channel in (*self.inputs, self.to_api, *self.to_schedulers):
             channel.close()
 
 

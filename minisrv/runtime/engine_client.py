@@ -132,7 +132,7 @@ class EngineClient:
 
     def stats(self) -> SchedulerStats:
         """The scheduler's latest published stats, read from shared memory (cheap: no syscall)."""
-        return self._status.stats()
+        return self._status.total_stats()
 
     # -- channels ---------------------------------------------------------------------------------
     async def _send(self, channel: int, request: PromptRequest) -> None:

@@ -38,13 +38,15 @@ CULPRIT_WAIT_S = 1.0      # after a failure, how long to wait for the worker tha
 def check_config(config: ServerConfig) -> None:
     """Refuse what cannot run before starting anything; messages name the flag."""
     engine = config.engine
-    if engine.tp_size > 1 and engine.resolved_device() == "cuda":
+    needed = engine.dp_size * engine.ranks_per_node
+    if needed > 1 and engine.resolved_device() == "cuda":
         import torch
 
-        found, needed = torch.cuda.device_count(), engine.ranks_per_node
+        found = torch.cuda.device_count()
         if found < needed:
+            flags = f"--tp-size {engine.tp_size}" + (f" --dp-size {engine.dp_size}" if engine.dp_size > 1 else "")
             per_node = f" on each of --nnodes {engine.nnodes}" if engine.nnodes > 1 else ""
-            raise ValueError(f"--tp-size {engine.tp_size}: needs {needed} CUDA devices{per_node}, found {found}")
+            raise ValueError(f"{flags}: needs {needed} CUDA devices{per_node}, found {found}")
 
 
 def serve(config: ServerConfig) -> int:

@@ -1,9 +1,13 @@
 """The worker processes of one server instance: their rings, spawning them, and stopping them.
 
-    api ──req{i}──► tokenizer-i ──tok{i}──► scheduler ──tokens──► detokenizer ──text──► api
-                         └───────detok{i}─────────────────────────►    │
-                                                scheduler ◄──stops─────┘
-                                                scheduler ──tp──► scheduler-1 .. (this host's other tensor-parallel ranks)
+    api ──req{i}──► tokenizer-i ──tok{i}_{d}──► scheduler ──tokens{d}──► detokenizer ──text──► api
+                         └───────detok{i}───────────────────────────────►    │
+                                                    scheduler ◄──stops{d}────┘
+                                                    scheduler ──tp{d}──► scheduler-1 .. (this host's other
+                                                                         tensor-parallel ranks)
+
+One scheduler per data-parallel replica d (--dp-size; named scheduler-dp{d} when there are several), each
+with its own rings to and from the others.
 
 `req{i}` wakes its tokenizer through a semaphore (its only input); every ring into the scheduler, the
 detokenizer or the API server's event loop wakes through a FIFO, since those wait on several rings
@@ -26,6 +30,7 @@ from minisrv.runtime import detokenizer_process, scheduler_process, tensor_paral
 from minisrv.runtime.channels import Channels, RingChannels
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.tensor_parallel import TPGroup
+from minisrv.scheduler.routing import RoutingPolicy
 from minisrv.runtime.worker import WorkerInfo
 from minisrv.wire.records import Shutdown
 
@@ -80,27 +85,40 @@ class Pipeline:
             logger.info("removed %d shared-memory names left by a server that was killed while it started",
                         len(removed))
         self.channels = channels = channels or RingChannels()
-        num_tok, local_ranks = config.num_tokenizers, config.engine.ranks_per_node
-        self.tp_group = TPGroup.for_config(config.engine) if config.engine.tp_size > 1 else None
-        self.status = StatusBlock.create(f"{instance_prefix()}-status", num_workers=num_tok + 1 + local_ranks)
+        engine, num_tok = config.engine, config.num_tokenizers
+        replicas, local_ranks = range(engine.dp_size), engine.ranks_per_node
+        self.status = StatusBlock.create(f"{instance_prefix()}-status", num_tok + 1 + len(replicas) * local_ranks,
+                                         num_replicas=len(replicas))
+        # name -> (entry point, its arguments after WorkerInfo), in status-block slot order
+        self._workers: dict[str, tuple[Callable, tuple]] = {}
         try:
             fifo = Wakeup.FIFO
             requests = [channels.create(f"req{i}", capacities.requests) for i in range(num_tok)]
-            tokenized = [channels.create(f"tok{i}", capacities.tokenized, fifo) for i in range(num_tok)]
+            tokenized = [[channels.create(f"tok{i}_{d}", capacities.tokenized, fifo) for d in replicas]
+                         for i in range(num_tok)]
             detokenize = [channels.create(f"detok{i}", capacities.detokenize, fifo) for i in range(num_tok)]
-            tokens = channels.create("tokens", capacities.tokens, fifo)
-            stops = channels.create("stops", capacities.stops, fifo)
+            tokens = [channels.create(f"tokens{d}", capacities.tokens, fifo) for d in replicas]
+            stops = [channels.create(f"stops{d}", capacities.stops, fifo) for d in replicas]
             text = channels.create("text", capacities.text, fifo)
-            ranks = channels.create("tp", capacities.tp, num_readers=local_ranks - 1) if local_ranks > 1 else None
-            self._channels = {
-                "scheduler": scheduler_process.SchedulerChannels(
-                    tuple(c.reader for c in tokenized), stops.reader, tokens.producer, ranks and ranks.producer),
-                **{f"scheduler-{rank}": reader for rank, reader in enumerate(ranks.readers if ranks else (), 1)},
-                "detokenizer": detokenizer_process.DetokenizerChannels(
-                    tuple(c.reader for c in detokenize), tokens.reader, text.producer, stops.producer),
-                **{f"tokenizer-{i}": tokenizer_process.TokenizerChannels(
-                    requests[i].reader, tokenized[i].producer, detokenize[i].producer) for i in range(num_tok)},
-            }
+            for d in replicas:
+                name = "scheduler" if len(replicas) == 1 else f"scheduler-dp{d}"
+                group = TPGroup.for_config(engine, first_gpu=d * local_ranks) if engine.tp_size > 1 else None
+                ranks = channels.create(f"tp{d}", capacities.tp, num_readers=local_ranks - 1) if local_ranks > 1 else None
+                scheduler = scheduler_process.SchedulerChannels(
+                    tuple(tok[d].reader for tok in tokenized), stops[d].reader, tokens[d].producer,
+                    ranks and ranks.producer)
+                self._workers[name] = (scheduler_process.main, (engine, source, scheduler, make_engine, group, d))
+                for rank, reader in enumerate(ranks.readers if ranks else (), 1):
+                    self._workers[f"{name}-{rank}"] = (tensor_parallel.follower_main,
+                                                       (engine, source, group.of_rank(rank), reader))
+            self._workers["detokenizer"] = (detokenizer_process.main, (source, detokenizer_process.DetokenizerChannels(
+                tuple(c.reader for c in detokenize), tuple(c.reader for c in tokens), text.producer,
+                tuple(c.producer for c in stops)), config.stream_interval))
+            policy = RoutingPolicy(page_size=engine.page_size)
+            for i in range(num_tok):
+                ends = tokenizer_process.TokenizerChannels(requests[i].reader, tuple(c.producer for c in tokenized[i]),
+                                                           detokenize[i].producer)
+                self._workers[f"tokenizer-{i}"] = (tokenizer_process.main, (source, config.chat_template, ends, policy))
             # The API server's own ends.
             self.to_tokenizers = [c.producer.open() for c in requests]
             self.from_detokenizer = text.reader.open_async()
@@ -111,24 +129,12 @@ class Pipeline:
 
     def start(self) -> None:
         """Spawn every worker (a fresh interpreter each: no inherited locks, threads or CUDA state)."""
-        config, source = self.config, self.source
         spawn = multiprocessing.get_context("spawn")
         for name, value in WORKER_THREAD_ENV.items():   # inherited by the spawned interpreters; a user's choice wins
             os.environ.setdefault(name, value)
-        for slot, (name, channels) in enumerate(self._channels.items()):
-            info = WorkerInfo(name, slot, os.getpid(), self.status.spec, config.log_level)
-            if name == "scheduler":
-                args = (info, config.engine, source, channels, self.make_engine, self.tp_group)
-                target = scheduler_process.main
-            elif name.startswith("scheduler-"):
-                rank = int(name.removeprefix("scheduler-"))
-                args = (info, config.engine, source, self.tp_group.of_rank(rank), channels)
-                target = tensor_parallel.follower_main
-            elif name == "detokenizer":
-                target, args = detokenizer_process.main, (info, source, channels, config.stream_interval)
-            else:
-                target, args = tokenizer_process.main, (info, source, config.chat_template, channels)
-            process = spawn.Process(target=target, args=args, name=f"minisrv-{name}")
+        for slot, (name, (target, args)) in enumerate(self._workers.items()):
+            info = WorkerInfo(name, slot, os.getpid(), self.status.spec, self.config.log_level)
+            process = spawn.Process(target=target, args=(info, *args), name=f"minisrv-{name}")
             process.start()
             self.workers.append(WorkerProcess(name, process))
 

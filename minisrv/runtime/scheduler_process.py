@@ -76,6 +76,7 @@ class SchedulerLoop:
         self.watch = watch
         self.engine: LLMEngine | None = None    # (or anything with its interface) set before run()
         self.status: StatusBlock | None = None  # where the stats go, set before run()
+        self.replica = 0                        # which replica's stats slot (--dp-size)
 
     def run(self) -> None:
         """Step the engine until a SHUTDOWN record arrives or the parent goes away."""
@@ -90,7 +91,7 @@ class SchedulerLoop:
             # Stats first: a client that sees its request finish then sees its pages freed in /metrics.
             stats = engine.stats()
             if stats != published:
-                self.status.publish_stats(stats)
+                self.status.publish_stats(stats, self.replica)
                 published = stats
             if outputs:
                 record = step_tokens(outputs)
@@ -138,17 +139,22 @@ def load_engine(config: EngineConfig, source: ModelSource) -> LLMEngine:
 
 def main(info: WorkerInfo, config: EngineConfig, source: ModelSource, channels: SchedulerChannels,
          make_engine: Callable[[EngineConfig, ModelSource], LLMEngine] = load_engine,
-         tp_group: TPGroup | None = None) -> None:
+         tp_group: TPGroup | None = None, replica: int = 0) -> None:
     """Entry point of the spawned scheduler. `make_engine` may build anything with LLMEngine's interface
     (and its `loaded` facts), e.g. a model-free engine to measure the pipeline alone. With `tp_group` this is
     rank 0 of a tensor-parallel group, its engine a TPLeader over the `to_other_ranks` channel (and gloo to
-    other hosts' ranks)."""
+    other hosts' ranks). `replica` is its index among --dp-size replicas (its stats slot, its GPUs)."""
 
     def set_up(loop: SchedulerLoop, status: StatusBlock) -> None:
         if tp_group is not None:
             engine = TPLeader.of(load_rank_engine(config, source, tp_group), loop.to_other_ranks)
         else:
+            if replica and config.resolved_device() == "cuda":
+                from minisrv.layers.parallel import bind_gpu
+
+                bind_gpu(replica)
             engine = make_engine(config, source)
+        loop.replica = replica
         loaded = engine.loaded
         loop.engine, loop.status = engine, status
         status.publish_model(ModelFacts(loaded.name, loaded.max_model_len, loaded.model_config.vocab_size))

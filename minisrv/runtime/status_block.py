@@ -6,11 +6,12 @@ scheduler writes the model's facts once and its stats after every step. The API 
 /health, its watchdog and each /metrics scrape with plain memory loads (no message, no syscall).
 Layout, u64 words (64-byte lines):
 
-    line 0   magic, layout version, worker count
-    line 1   stats sequence number (odd while the scheduler writes: a seqlock)
-    line 2   SchedulerStats (minisrv/wire/terms.py), one word per field in its order (floats as f64 bits)
+    line 0   magic, layout version, worker count, scheduler replica count (--dp-size)
     line 3   max_model_len, vocab_size, model name length; then lines 4-7: the model name (UTF-8)
     line 8+  per worker: attached pid, ready pid, last heartbeat (time.monotonic_ns) (one word each)
+    then, per scheduler replica, two lines: its stats sequence number (odd while the scheduler writes: a
+             seqlock), then SchedulerStats (minisrv/wire/terms.py), one word per field in its order (floats as
+             f64 bits)
 
 Like the rings, the name is unlinked as soon as every worker has attached, so no exit leaves it behind.
 """
@@ -29,13 +30,13 @@ from minisrv.ipc.wakeup import full_fence
 from minisrv.wire.terms import SchedulerStats
 
 MAGIC = int.from_bytes(b"MSRVSTAT", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 WORKER_WORDS = 3              # attached pid, ready pid, heartbeat
 LINE = 8                      # words per 64-byte line
-SEQ, STATS, MODEL, NAME, WORKERS = LINE, 2 * LINE, 3 * LINE, 4 * LINE, 8 * LINE
+MODEL, NAME, WORKERS = 3 * LINE, 4 * LINE, 8 * LINE
 NAME_BYTES = 4 * LINE * 8
-# (word, is a float) per SchedulerStats field, in declaration order
-STATS_WORDS = [(STATS + i, typing.get_type_hints(SchedulerStats)[f.name] is float)
+# (word after a replica's stats line start, is a float) per SchedulerStats field, in declaration order
+STATS_WORDS = [(i, typing.get_type_hints(SchedulerStats)[f.name] is float)
                for i, f in enumerate(dataclasses.fields(SchedulerStats))]
 assert len(STATS_WORDS) <= LINE
 
@@ -55,12 +56,22 @@ class StatusBlockSpec:
 
     name: str
     num_workers: int
+    num_replicas: int = 1
+
+    def replica_seq(self, replica: int) -> int:
+        """The word of a replica's stats sequence number; its stats start a line later."""
+        workers_end = WORKERS + WORKER_WORDS * self.num_workers
+        return -(-workers_end // LINE) * LINE + 2 * LINE * replica
+
+    @property
+    def size(self) -> int:
+        return self.replica_seq(self.num_replicas) * 8
 
 
 class StatusBlock:
     def __init__(self, spec: StatusBlockSpec, create: bool = False) -> None:
         self.spec = spec
-        size = (WORKERS + WORKER_WORDS * spec.num_workers) * 8
+        size = spec.size
         flags = posix_ipc.O_CREX if create else 0
         shm = posix_ipc.SharedMemory(spec.name, flags, mode=0o600, size=size if create else 0)
         mapped = shm.size   # attaching: the creator's size, checked below
@@ -69,17 +80,17 @@ class StatusBlock:
         self._words = memoryview(self._mmap).cast("Q")
         self._doubles = memoryview(self._mmap).cast("d")   # the same words, for the one f64 field
         self._fence_lock = threading.Lock()   # private and never contended: see full_fence
+        header = (MAGIC, LAYOUT_VERSION, spec.num_workers, spec.num_replicas)
         if create:
-            self._words[1], self._words[2] = LAYOUT_VERSION, spec.num_workers
+            self._words[1], self._words[2], self._words[3] = header[1:]
             self._words[0] = MAGIC
-        elif mapped != size or (self._words[0], self._words[1], self._words[2]) != (MAGIC, LAYOUT_VERSION,
-                                                                                      spec.num_workers):
-            raise ValueError(f"status block {spec.name}: header does not match this build "
-                             f"(layout version {LAYOUT_VERSION}, {spec.num_workers} workers)")
+        elif mapped != size or tuple(self._words[0:4]) != header:
+            raise ValueError(f"status block {spec.name}: header does not match this build (layout version "
+                             f"{LAYOUT_VERSION}, {spec.num_workers} workers, {spec.num_replicas} replicas)")
 
     @classmethod
-    def create(cls, name: str, num_workers: int) -> StatusBlock:
-        return cls(StatusBlockSpec(name, num_workers), create=True)
+    def create(cls, name: str, num_workers: int, num_replicas: int = 1) -> StatusBlock:
+        return cls(StatusBlockSpec(name, num_workers, num_replicas), create=True)
 
     # -- workers ----------------------------------------------------------------------------------
     def attach_worker(self, slot: int, pid: int) -> None:
@@ -118,24 +129,36 @@ class StatusBlock:
         name = self._mmap[NAME * 8 : NAME * 8 + name_len].decode(errors="replace")
         return ModelFacts(name, max_model_len, vocab_size)
 
-    def publish_stats(self, stats: SchedulerStats) -> None:
-        words, seq = self._words, self._words[SEQ]
-        words[SEQ] = seq + 1          # odd: a write is in progress
+    def publish_stats(self, stats: SchedulerStats, replica: int = 0) -> None:
+        words, at = self._words, self.spec.replica_seq(replica)
+        seq, base = words[at], at + LINE
+        words[at] = seq + 1          # odd: a write is in progress
         for (word, is_float), value in zip(STATS_WORDS, dataclasses.astuple(stats)):
-            (self._doubles if is_float else words)[word] = value
-        words[SEQ] = seq + 2          # x86-64 keeps these stores in order (TSO); ARM needs a release fence
+            (self._doubles if is_float else words)[base + word] = value
+        words[at] = seq + 2          # x86-64 keeps these stores in order (TSO); ARM needs a release fence
 
-    # -- API server -------------------------------------------------------------------------------
-    def stats(self) -> SchedulerStats:
-        """A consistent snapshot: retried while the scheduler is mid-write (a seqlock read)."""
-        words = self._words
+    # -- API server, tokenizers -------------------------------------------------------------------
+    def stats(self, replica: int = 0) -> SchedulerStats:
+        """A consistent snapshot of one replica's: retried while its scheduler is mid-write (a seqlock read)."""
+        words, at = self._words, self.spec.replica_seq(replica)
+        base = at + LINE
         while True:
-            seq = words[SEQ]
+            seq = words[at]
             if seq & 1:
                 continue
-            snapshot = SchedulerStats(*((self._doubles if is_float else words)[word] for word, is_float in STATS_WORDS))
-            if words[SEQ] == seq:
+            snapshot = SchedulerStats(*((self._doubles if is_float else words)[base + word]
+                                        for word, is_float in STATS_WORDS))
+            if words[at] == seq:
                 return snapshot
+
+    def total_stats(self) -> SchedulerStats:
+        """Every replica's stats together: counts added, the KV cache usage averaged (replicas' pools are alike)."""
+        each = [self.stats(r) for r in range(self.spec.num_replicas)]
+        if len(each) == 1:
+            return each[0]
+        sums = [sum(values) for values in zip(*(dataclasses.astuple(s) for s in each))]
+        total = SchedulerStats(*sums)
+        return dataclasses.replace(total, kv_cache_usage=total.kv_cache_usage / len(each))
 
     def unlink(self) -> None:
         try:

@@ -61,15 +61,16 @@ class TPGroup:
     init_method: str
     ranks_per_node: int
     rank: int = 0
+    first_gpu: int = 0   # a data-parallel replica's: its ranks take the GPUs from here
 
     def of_rank(self, rank: int) -> TPGroup:
         return dataclasses.replace(self, rank=rank)
 
     @classmethod
-    def for_config(cls, config: EngineConfig) -> TPGroup:
+    def for_config(cls, config: EngineConfig, first_gpu: int = 0) -> TPGroup:
         """--dist-init-addr across hosts; on one host, a free local port."""
         address = config.dist_init_addr if config.nnodes > 1 else f"127.0.0.1:{free_tcp_port()}"
-        return cls(config.tp_size, f"tcp://{address}", config.ranks_per_node)
+        return cls(config.tp_size, f"tcp://{address}", config.ranks_per_node, first_gpu=first_gpu)
 
 
 def load_rank_engine(config: EngineConfig, source: ModelSource, group: TPGroup) -> LLMEngine:
@@ -78,7 +79,7 @@ def load_rank_engine(config: EngineConfig, source: ModelSource, group: TPGroup) 
     from minisrv.layers.parallel import init_tensor_parallel
 
     tp = init_tensor_parallel(group.rank, group.size, group.init_method, config.resolved_device(),
-                              group.ranks_per_node, config.custom_all_reduce)
+                              group.ranks_per_node, config.custom_all_reduce, group.first_gpu)
     if group.size > group.ranks_per_node:
         check_same_settings(config, group.rank)
     return LLMEngine(config, source, tp=tp)

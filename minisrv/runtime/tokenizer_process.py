@@ -3,7 +3,9 @@
 For each request it renders the chat template (the model's or --chat-template), tokenizes, tells
 the detokenizer about the request (before the scheduler can produce its first token), then sends
 one TOKENIZED_REQUEST per choice. An ABORT travels on the same ring as its request, so it is
-forwarded after that request's records and can never overtake them.
+forwarded after that request's records and can never overtake them. With data-parallel scheduler replicas
+(--dp-size) a ReplicaRouter picks each request's replica (minisrv/scheduler/routing.py); an ABORT goes to
+every replica (the others ignore a request they do not have).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from minisrv.models.source import ModelSource
 from minisrv.runtime.channels import ChannelSpec
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
+from minisrv.scheduler.routing import ReplicaRouter, RoutingPolicy
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, load_prompt_tokenizer
 from minisrv.wire.records import Abort, DetokenizeRequest, Error, PromptRequest, Shutdown, TokenizedRequest
 from minisrv.wire.terms import choice_rid, choice_seed, unpack_template_value
@@ -23,17 +26,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TokenizerChannels:
-    requests: ChannelSpec          # api -> this worker: PROMPT_REQUEST, ABORT, SHUTDOWN
-    to_scheduler: ChannelSpec      # TOKENIZED_REQUEST, ABORT, SHUTDOWN
-    to_detokenizer: ChannelSpec    # DETOKENIZE_REQUEST, ERROR, SHUTDOWN
+    requests: ChannelSpec                  # api -> this worker: PROMPT_REQUEST, ABORT, SHUTDOWN
+    to_schedulers: tuple[ChannelSpec, ...]  # TOKENIZED_REQUEST, ABORT, SHUTDOWN (one per scheduler replica)
+    to_detokenizer: ChannelSpec            # DETOKENIZE_REQUEST, ERROR, SHUTDOWN
 
 
 class TokenizerLoop:
-    def __init__(self, channels: TokenizerChannels, watch: ParentWatch) -> None:
+    def __init__(self, channels: TokenizerChannels, watch: ParentWatch, status: StatusBlock | None = None,
+                 policy: RoutingPolicy = RoutingPolicy()) -> None:
         self.requests = channels.requests.open()
-        self.to_scheduler = channels.to_scheduler.open()
+        self.to_schedulers = [spec.open() for spec in channels.to_schedulers]
         self.to_detokenizer = channels.to_detokenizer.open()
         self.watch = watch
+        self.status = status   # the replicas' published load, read when routing
+        self.router = ReplicaRouter(len(self.to_schedulers), policy) if len(self.to_schedulers) > 1 else None
         self.prompts: PromptTokenizer | None = None   # set once the tokenizer is loaded, before run()
 
     def run(self) -> None:
@@ -48,9 +54,11 @@ class TokenizerLoop:
                 if isinstance(record, PromptRequest):
                     self.handle(record)
                 elif isinstance(record, Abort):
-                    self.to_scheduler.send(record)
+                    for channel in self.to_schedulers:
+                        channel.send(record)
                 elif isinstance(record, Shutdown):
-                    self.to_scheduler.send(record)
+                    for channel in self.to_schedulers:
+                        channel.send(record)
                     self.to_detokenizer.send(record)
                     return
                 else:
@@ -69,9 +77,16 @@ class TokenizerLoop:
             include_stop_str_in_output=req.include_stop_str_in_output, prompt_ids=prompt_ids if req.echo else []))
         # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
         params = req.params
-        self.to_scheduler.send_many(
+        self.to_schedulers[self.replica_for(prompt_ids, req.n)].send_many(
             TokenizedRequest(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)), prompt_ids)
             for i in range(req.n))
+
+    def replica_for(self, prompt_ids: list[int], choices: int) -> int:
+        if self.router is None:
+            return 0
+        for replica in range(len(self.to_schedulers)):
+            self.router.observe(replica, self.status.stats(replica))
+        return self.router.route(prompt_ids, choices)
 
     def token_ids(self, req: PromptRequest) -> list[int]:
         if req.messages is not None:
@@ -84,14 +99,15 @@ class TokenizerLoop:
         return self.prompts.token_ids(req.text, is_chat=False)
 
     def close(self) -> None:
-        for channel in (self.requests, self.to_scheduler, self.to_detokenizer):
+        for channel in (self.requests, *self.to_schedulers, self.to_detokenizer):
             channel.close()
 
 
-def main(info: WorkerInfo, source: ModelSource, chat_template: str | None, channels: TokenizerChannels) -> None:
+def main(info: WorkerInfo, source: ModelSource, chat_template: str | None, channels: TokenizerChannels,
+         policy: RoutingPolicy = RoutingPolicy()) -> None:
     """Entry point of a spawned tokenizer worker."""
 
     def set_up(loop: TokenizerLoop, status: StatusBlock) -> None:
         loop.prompts = load_prompt_tokenizer(source, chat_template)
 
-    serve_worker(info, lambda status, watch: TokenizerLoop(channels, watch), set_up)
+    serve_worker(info, lambda status, watch: TokenizerLoop(channels, watch, status, policy), set_up)

@@ -107,12 +107,13 @@ class StreamOptions(Schema):
 
 # Accepted and ignored: bookkeeping for OpenAI's platform (store, metadata, service_tier, user), and options
 # that cannot change a text-only reply of a model without tools or reasoning (parallel_tool_calls,
-# reasoning_effort; modalities only as ["text"]).
+# reasoning_effort; modalities only as ["text"]; SGLang's separate_reasoning and stream_reasoning, which
+# sglang-router sets on every request it forwards, and which act only where a reasoning parser runs).
 # What the renderer passes to a chat template itself: chat_template_kwargs may not set these.
 RESERVED_TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tokenize",
                                     "chat_template", "tools", "documents", "return_dict"})
 IGNORED_FIELDS = ("store", "metadata", "service_tier", "parallel_tool_calls", "user", "reasoning_effort",
-                  "modalities")
+                  "modalities", "separate_reasoning", "stream_reasoning")
 
 
 class TextContentPart(Schema):
@@ -155,9 +156,15 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     user: str | None = None
     reasoning_effort: str | None = None
     modalities: list[Literal["text"]] | None = None
+    separate_reasoning: bool | None = None
+    stream_reasoning: bool | None = None
     # vLLM's extensions for the output text and the prompt.
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # SGLang's, which sglang-router also sets on every request: no_stop_trim is include_stop_str_in_output;
+    # hidden states are not returned (true is a 400).
+    no_stop_trim: bool = False
+    return_hidden_states: bool = False
     truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens; -1: the context length
 
     def ignored_fields(self) -> list[str]:
@@ -170,6 +177,9 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
         check_n(self.n, "n")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        if self.return_hidden_states:
+            raise APIError(400, "return_hidden_states: this server does not return hidden states",
+                           "return_hidden_states", "unsupported_field")
 
     def output_options(self, max_model_len: int) -> dict:
         """The PromptRequest fields of the text and prompt options, checked."""
@@ -178,7 +188,7 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
             raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or >= 1, got {k}",
                            "truncate_prompt_tokens")
         return dict(skip_special_tokens=self.skip_special_tokens,
-                    include_stop_str_in_output=self.include_stop_str_in_output,
+                    include_stop_str_in_output=self.include_stop_str_in_output or self.no_stop_trim,
                     truncate_prompt_tokens=0 if k is None else (max_model_len if k == -1 else min(k, max_model_len)))
 
     def include_usage(self) -> bool:

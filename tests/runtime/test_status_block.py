@@ -78,3 +78,19 @@ def test_model_facts_and_stats_round_trip(block: StatusBlock) -> None:
 def test_a_block_of_another_shape_is_refused(block: StatusBlock) -> None:
     with pytest.raises(ValueError, match="does not match"):
         StatusBlock(type(block.spec)(block.spec.name, num_workers=5))
+
+
+def test_each_replica_publishes_its_own_stats_and_the_total_adds_them() -> None:
+    block = StatusBlock.create(f"/minisrv-test-{os.getpid()}-{secrets.token_hex(4)}-status", num_workers=5,
+                               num_replicas=2)
+    try:
+        block.publish_stats(SchedulerStats(num_running=3, kv_cache_usage=0.5, num_preemptions=1), replica=0)
+        block.publish_stats(SchedulerStats(num_running=4, num_waiting=2, kv_cache_usage=0.25), replica=1)
+        assert block.stats(1) == SchedulerStats(num_running=4, num_waiting=2, kv_cache_usage=0.25)
+        assert block.total_stats() == SchedulerStats(num_running=7, num_waiting=2, kv_cache_usage=0.375,
+                                                     num_preemptions=1)
+        block.beat(4)   # the last worker's slot is not overwritten by the replicas' lines
+        assert block.stats(0).num_running == 3
+    finally:
+        block.unlink()
+        block.close()

@@ -30,7 +30,8 @@ def pipeline(hf_tokenizer):
         detok = rings.create("detok", 1 << 16, wakeup=Wakeup.FIFO)
         status = StatusBlock.create(f"{rings.prefix}-status", num_workers=1)
         info = WorkerInfo("tokenizer-0", 0, os.getppid(), status.spec, "info")
-        channels = TokenizerChannels(*map(RingChannel, (requests.reader, tokenized.producer, detok.producer)))
+        channels = TokenizerChannels(RingChannel(requests.reader), (RingChannel(tokenized.producer),),
+                                     RingChannel(detok.producer))
         worker = TokenizerLoop(channels, ParentWatch(info))
         worker.prompts = PromptTokenizer(hf_tokenizer, CHATML)
         ends = RingWriter(requests.producer), RingReader(tokenized.reader), RingReader(detok.reader)

@@ -191,6 +191,17 @@ def test_output_and_prompt_options_reach_the_prompt_request() -> None:
     assert capped.truncate_prompt_tokens == CONTEXT and capped.include_stop_str_in_output
 
 
+def test_what_sglang_router_adds_to_every_request_is_accepted() -> None:
+    """sglang-router 0.3 forwards requests with SGLang's defaults filled in (captured from the router)."""
+    router = {"no_stop_trim": False, "ignore_eos": False, "skip_special_tokens": True, "separate_reasoning": True,
+              "stream_reasoning": True, "return_hidden_states": False}
+    assert not chat(router).include_stop_str_in_output
+    [kept] = completions({**router, "echo": False, "no_stop_trim": True})
+    assert kept.include_stop_str_in_output   # SGLang's name for keeping the stop string
+    with pytest.raises(APIError, match="return_hidden_states: this server does not return hidden states"):
+        chat({"return_hidden_states": True})
+
+
 @pytest.mark.parametrize("body, field", [
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
