@@ -32,9 +32,9 @@ class LLM:
     """`LLM()` serves the embedded default model; keyword arguments are EngineConfig fields."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args) -> None:
+        self._ranks: TensorParallelRanks | None = None   # first: __del__ runs even when __init__ fails
         config = EngineConfig(model=model, **engine_args)
         self.source = resolve_source(config)
-        self._ranks: TensorParallelRanks | None = None
         if config.tp_size > 1:
             self._ranks = TensorParallelRanks(config, self.source)
             self.engine: LLMEngine | TPLeader = self._ranks.leader

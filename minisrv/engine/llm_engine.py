@@ -47,6 +47,7 @@ class LLMEngine:
         self._seed_source = random.Random(config.seed)
         self.overlap = (config.overlap_schedule and self.runner.device.type == "cuda") if overlap is None else overlap
         self._in_flight: LaunchedStep | None = None
+        self.last_batch: ScheduledBatch | None = None   # what the last step scheduled (tensor-parallel ranks compare it)
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ValueError (with a message fit for a client) when it is invalid."""
@@ -61,7 +62,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns what it learnt (under overlap: the previous step's tokens)."""
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         if not self.overlap:
             results = self.runner.execute(batch) if batch else []
             return self.scheduler.postprocess(batch, results)

@@ -6,8 +6,8 @@ given is first written to a broadcast ring (one producer, a reader per other ran
 ranks (`FollowerLoop`) apply the same records in the same order, so their schedulers make the same decisions,
 their models meet rank 0's in every collective, and their sampled tokens (drawn from the same gathered
 logits with the same seeds) are the same. Only rank 0's results leave. Each STEP record carries a digest
-of what rank 0's previous step produced; a rank whose own differs stops the server instead of computing
-garbage in lockstep.
+of rank 0's previous step (the batch it scheduled and the tokens it drew); a rank whose own differs stops
+the server instead of computing garbage in lockstep.
 """
 from __future__ import annotations
 
@@ -42,9 +42,12 @@ logger = logging.getLogger(__name__)
 DIGEST_MASK = (1 << 64) - 1
 
 
-def outputs_digest(outputs: Sequence[RequestOutput]) -> int:
-    """A 64-bit summary of one step's results: which requests got which tokens, and which finished."""
-    return hash(tuple((o.rid, *o.new_token_ids, int(o.finish_reason)) for o in outputs)) & DIGEST_MASK
+def step_digest(engine: LLMEngine, outputs: Sequence[RequestOutput]) -> int:
+    """A 64-bit summary of one step: the batch it scheduled (each sequence's request, first position and token
+    count) and its results (which requests got which tokens, which finished)."""
+    batch = engine.last_batch
+    scheduled = tuple((s.request.rid, s.start, s.num_tokens) for s in batch.seqs) if batch is not None else ()
+    return hash((scheduled, tuple((o.rid, *o.new_token_ids, int(o.finish_reason)) for o in outputs))) & DIGEST_MASK
 
 
 def free_tcp_port() -> int:
@@ -133,7 +136,7 @@ class TPLeader:
     def step(self) -> list[RequestOutput]:
         self._send(Step(self._digest))
         outputs = self.engine.step()
-        self._digest = outputs_digest(outputs)
+        self._digest = step_digest(self.engine, outputs)
         return outputs
 
     def has_unfinished(self) -> bool:
@@ -170,9 +173,9 @@ class FollowerLoop:
             records = self.leader.drain()
             for record in records:
                 if isinstance(record, Step):
-                    if record.outputs_digest != self._digest:
+                    if record.previous_digest != self._digest:
                         raise RankDiverged(self.name)
-                    self._digest = outputs_digest(self.engine.step())
+                    self._digest = step_digest(self.engine, self.engine.step())
                 elif isinstance(record, TokenizedRequest):
                     try:
                         self.engine.add_request(record.rid, record.prompt_ids.tolist(), record.params)

@@ -172,9 +172,9 @@ class Shutdown(Record):
 
 @record(Kind.STEP, "scheduler rank 0 -> the other tensor-parallel ranks")
 class Step(Record):
-    """Run one engine step. The ranks compare what their previous steps produced (outputs_digest)."""
+    """Run one engine step. The ranks compare digests of their previous steps (batch and results)."""
 
-    outputs_digest: int = scalar("Q")
+    previous_digest: int = scalar("Q")
 
 
 def peek_kind(buffer: bytes | bytearray | memoryview) -> Kind:

@@ -11,7 +11,7 @@ import pytest
 
 from minisrv.llm import LLM
 from minisrv.runtime.channels import RingChannels
-from minisrv.runtime.tensor_parallel import FollowerLoop, RankDiverged, outputs_digest
+from minisrv.runtime.tensor_parallel import FollowerLoop, RankDiverged, step_digest
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import RequestOutput
 from minisrv.wire.records import Abort, Shutdown, Step, TokenizedRequest
@@ -35,8 +35,8 @@ def test_two_ranks_generate_what_one_does(one_rank: list[list[int]]) -> None:
     llm = LLM(device="cpu", tp_size=2, max_num_batched_tokens=128, max_model_len=1024)
     try:
         assert [out.token_ids for out in llm.generate(PROMPTS, GREEDY)] == one_rank
-        # Sampled, seeded requests: whatever the draws, the ranks stay in step (a divergence ends rank 1, and
-        # the next collective would hang rank 0: this generate returning is the proof).
+        # Sampled, seeded requests. Rank 1 checks every step's digest (the batch scheduled, the tokens drawn)
+        # against rank 0's and exits on a difference: alive at the end means every batch was the same.
         sampled = llm.generate(PROMPTS, SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=16))
         assert all(len(out.token_ids) >= 1 for out in sampled)
         assert [p.is_alive() for p in llm._ranks.processes] == [True]
@@ -110,6 +110,7 @@ class RecordingEngine:
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self.last_batch = None
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
         self.calls.append(("add", rid, prompt_ids))
@@ -141,7 +142,7 @@ def _follow(records: list) -> RecordingEngine:
 
 
 def test_a_follower_applies_rank_0s_records_in_order() -> None:
-    one_token = outputs_digest([_one_token(1)])
+    one_token = step_digest(RecordingEngine(), [_one_token(1)])
     engine = _follow([TokenizedRequest(1, SamplingParams(), np.array([5, 6], dtype=np.int32)), Step(0),
                       Abort(1), Step(one_token), Shutdown()])
     assert engine.calls == [("add", 1, [5, 6]), ("step",), ("abort", 1), ("step",)]
