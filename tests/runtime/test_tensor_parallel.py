@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU (gloo, 2 ranks): the same tokens as one rank, and ranks that cannot diverge."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -163,12 +164,12 @@ GPU_MODEL = dict(model="llama-3.2-1b", load_format="dummy", device="cuda", max_m
 GPU_PROMPTS = [[(7 * i + 3 * j) % 250 for j in range(5 + 9 * i)] for i in range(6)]
 
 
-def _generate_on_gpus(params: SamplingParams, **engine_args):
+def _generate_on_gpus(params: SamplingParams, prompts: list[list[int]] = GPU_PROMPTS, **engine_args):
     import torch
 
     llm = LLM(**GPU_MODEL, **engine_args)
     try:
-        return llm.generate(GPU_PROMPTS, params)
+        return llm.generate(prompts, params)
     finally:
         llm.close()
         del llm
@@ -202,3 +203,34 @@ def test_two_gpus_with_cuda_graphs_and_the_one_shot_all_reduce_match_eager_nccl_
         assert [s.logprob for s in a.logprobs] == [s.logprob for s in b.logprobs]
     first = [out.logprobs[0].logprob for out in one]
     assert [out.logprobs[0].logprob for out in fast] == pytest.approx(first, abs=0.15)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _two_gpus(), reason="needs two CUDA devices")
+def test_two_nodes_with_one_gpu_each_serve_what_two_local_ranks_compute(monkeypatch) -> None:
+    """`--nnodes 2` simulated on one host, each "node" seeing one GPU: rank 1 gets rank 0's records over gloo
+    and the logprobs of a greedy completion are those of the same two ranks run by the offline LLM (on the
+    same prompt alone: batched with others, bfloat16 GEMMs round differently)."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    [expected] = _generate_on_gpus(params, [GPU_PROMPTS[3]], tp_size=2, custom_all_reduce=False)
+    address = f"127.0.0.1:{free_port()}"
+    nodes = ["--model", "llama-3.2-1b", "--load-format", "dummy", "--tp-size", "2", "--nnodes", "2",
+             "--dist-init-addr", address, "--max-model-len", "512"]
+    node1 = subprocess.Popen([sys.executable, "-m", "minisrv.cli", "serve", *nodes, "--node-rank", "1"],
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    server = None
+    try:
+        server = Server(*nodes)
+        body = {"prompt": GPU_PROMPTS[3], "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+        served = reply["choices"][0]["logprobs"]["token_logprobs"]
+        assert served == pytest.approx([s.logprob for s in expected.logprobs], abs=1e-3), reply
+        server.process.send_signal(signal.SIGINT)
+        assert server.wait_exit() == 0
+        assert node1.wait(30) == 0, node1.stdout.read()
+    finally:
+        node1.kill()
+        if server is not None:
+            server.close()
