@@ -166,7 +166,12 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from minisrv.runtime.launch import serve  # imports the engine stack; keep `minisrv --help` light
 
-    return serve(server_config(args))
+    try:
+        config = server_config(args)
+    except ValueError as exc:   # settings that contradict each other (each alone passed argparse)
+        print(f"minisrv serve: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(config)
 
 
 # --- chat -----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import typing
 import pytest
 
 from minisrv import __version__
-from minisrv.cli import build_parser, main, server_config
+from minisrv.cli import build_parser, main, run_serve, server_config
 from minisrv.config import EngineConfig, ServerConfig, flag_name
 
 
@@ -96,6 +96,13 @@ def _some_value(cls: type, f: dataclasses.Field, rng: random.Random) -> object:
     return rng.choice([v for v in range(int(low) + 1, min(int(high), int(low) + 1000) + 1) if v != f.default])
 
 
+# Settings valid only with others: what makes a value of theirs valid.
+COMPANIONS = {
+    "nnodes": lambda n: ["--tp-size", str(n), "--dist-init-addr", "node0:5000"],
+    "node_rank": lambda k: ["--nnodes", str(k + 1), "--tp-size", str(k + 1), "--dist-init-addr", "node0:5000"],
+}
+
+
 @pytest.mark.parametrize("cls, field", SETTINGS, ids=[f.name for _, f in SETTINGS])
 def test_every_setting_has_a_flag_and_each_of_its_names_reaches_the_config(cls: type, field: dataclasses.Field,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,7 +112,7 @@ def test_every_setting_has_a_flag_and_each_of_its_names_reaches_the_config(cls: 
     for name in names:
         text = ",".join(value) if isinstance(value, tuple) else str(value)
         argv = [name] if value is True else [f"--no-{name[2:]}"] if value is False else [name, text]
-        config = server_config(parse(["serve", *argv]))
+        config = server_config(parse(["serve", *argv, *COMPANIONS.get(field.name, lambda v: [])(value)]))
         assert getattr(config if cls is ServerConfig else config.engine, field.name) == value, name
     for name in field.metadata["negative_flags"]:
         assert getattr(server_config(parse(["serve", name])).engine, field.name) is False, name
@@ -136,10 +143,6 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--port", "70000"], "--port"),
     (["--port", "eighty"], "--port"),
     (["--tp-size", "0"], "--tp-size"),
-    (["--tp-size", "2", "--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:1"], "--node-rank"),
-    (["--tp-size", "2", "--nnodes", "2"], "--dist-init-addr"),
-    (["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "node0"], "--dist-init-addr"),
-    (["--tp-size", "3", "--nnodes", "2", "--dist-init-addr", "h:1"], "--nnodes"),
     (["--num-tokenizers", "-1"], "--num-tokenizers"),
     (["--max-model-len", "1.5"], "--max-model-len"),
     (["--kv-cache-memory", "0"], "--kv-cache-memory"),
@@ -160,6 +163,20 @@ def test_bad_values_are_one_line_errors(argv: list[str], flag: str, capsys: pyte
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and flag in err and err.startswith("minisrv serve: error: argument")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--tp-size", "2", "--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:1"], "--node-rank"),
+    (["--tp-size", "2", "--nnodes", "2"], "--dist-init-addr"),
+    (["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "node0"], "--dist-init-addr"),
+    (["--tp-size", "3", "--nnodes", "2", "--dist-init-addr", "h:1"], "--nnodes"),
+    (["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "h:1", "--dp-size", "2"], "--dp-size"),
+])
+def test_contradicting_settings_are_one_line_errors(argv: list[str], flag: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_serve(parse(["serve", *argv])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and err.startswith("minisrv serve: error: ")
 
 
 def test_help_documents_every_flag() -> None:
