@@ -45,8 +45,9 @@ class LLM:
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (also done when the LLM is collected or the process exits)."""
-        if self._ranks is not None:
-            self._ranks.close()
+        ranks = getattr(self, "_ranks", None)   # absent on an LLM made without __init__ (tests do)
+        if ranks is not None:
+            ranks.close()
             self._ranks = None
 
     def __del__(self) -> None:
