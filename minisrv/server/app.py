@@ -97,6 +97,7 @@ class ApiRoutes:
             route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest),
             route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest)),
             route("/detokenize", self.detokenize, ["POST"], DetokenizeRequest),
+            route("/v1/embeddings", self.embeddings, ["POST"]),
         ]
 
     # --- routes ----------------------------------------------------------------------------------------
@@ -191,6 +192,13 @@ class ApiRoutes:
         req = parse_request(schema, body)
         self._check_model(req.model)
         return json_response(await self.tokenization.tokenize(req, self.engine.max_model_len))
+
+    async def embeddings(self, request: Request) -> Response:
+        """Not served: a 404 saying why, rather than an unexplained one."""
+        self._authorize(request)
+        raise APIError(404, "/v1/embeddings is not served: minisrv runs generative models, and its engine "
+                            "returns sampled tokens, not hidden states; use an embedding server for vectors",
+                       code="embeddings_not_supported")
 
     async def detokenize(self, request: Request) -> Response:
         """The text of token ids (vLLM's /detokenize)."""

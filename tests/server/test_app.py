@@ -429,6 +429,12 @@ def test_cors_is_off_by_default_and_follows_the_allowed_origins(server) -> None:
         assert r.headers["access-control-allow-origin"] == "https://app.example"
 
 
+def test_embeddings_are_a_404_that_says_why(server) -> None:
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": "hello"})
+    error = assert_error(r, 404)
+    assert error["code"] == "embeddings_not_supported" and "/v1/embeddings is not served" in error["message"]
+
+
 def test_version_and_ping(server) -> None:
     import importlib.metadata
 
