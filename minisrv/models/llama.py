@@ -25,12 +25,21 @@ from minisrv.layers.rope import RotaryEmbedding
 from minisrv.models.config import ModelConfig
 
 
+def rank_config(config: ModelConfig, tp: TensorParallel) -> ModelConfig:
+    """The shapes rank `tp.rank` holds (its heads, its MLP width); the vocabulary stays whole, as the gathered
+    logits are."""
+    _, num_heads, _, num_kv_heads = tp.heads(config.num_heads, config.num_kv_heads)
+    _, intermediate_size = partition(config.intermediate_size, tp.size, tp.rank)
+    return dataclasses.replace(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               intermediate_size=intermediate_size)
+
+
+# The blocks take the rank's config (rank_config): their heads and widths are this rank's part.
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        _, self.num_heads, _, self.num_kv_heads = tp.heads(config.num_heads, config.num_kv_heads)
-        self.head_dim = config.head_dim
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size)
         # Qwen3's per-head q/k RMSNorm weights, one row per q head then per kv head, so the q and k heads
@@ -49,9 +58,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        _, inter = partition(config.intermediate_size, tp.size, tp.rank)
-        self.gate_up_proj = Linear(config.hidden_size, 2 * inter)
-        self.down_proj = Linear(inter, config.hidden_size)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
         self.ops: ModuleType = reference
         self.tp = tp
 
@@ -89,14 +97,10 @@ class CausalLM(nn.Module):
                  tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
         self.config, self.tp = config, tp
-        _, num_heads, _, num_kv_heads = tp.heads(config.num_heads, config.num_kv_heads)
-        # The shapes this rank holds (heads, MLP width); the vocabulary stays whole, as the gathered logits are.
-        self.rank_config = dataclasses.replace(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                               intermediate_size=partition(config.intermediate_size, tp.size,
-                                                                           tp.rank)[1])
+        self.rank_config = rank_config(config, tp)
         self.vocab_start, vocab_rows = tp.vocab(config.vocab_size)
         self.embed_tokens = nn.Embedding(vocab_rows, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(self.rank_config, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, vocab_rows)
         self.tie_weights()
