@@ -1,9 +1,9 @@
 """Tensor parallelism on one host: decode ms/step of a dummy preset at tp=1 and tp=N, each against its floor.
 
 For each tensor-parallel size, one process per rank (spawned here) loads its part of the model and runs the
-same requests through its own engine in lockstep (deterministic greedy decoding: every rank schedules alike),
-as the server's ranks do. Decode ms/step = (time of 129 output tokens - time of 1) / 128 at each batch size,
-CUDA graphs and overlap on. The floor is a rank's weight bytes over the device copy bandwidth measured in the
+same requests through its own engine in lockstep, as the server's ranks do (offline_cuda's decode_ms, greedy:
+every rank schedules alike; their request ids differ, which no scheduling decision reads). Decode ms/step =
+(time of 129 output tokens - time of 1) / 128 at each batch size, CUDA graphs and overlap on. The floor is a rank's weight bytes over the device copy bandwidth measured in the
 same run. The collectives' share: the step's own all-reduces (2 per layer) and logits all-gather, captured in
 one CUDA graph on the same ranks and shapes, timed alone, over the step time.
 
@@ -14,47 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import random
 import statistics
-import time
 
 import torch
 from kernels import copy_bandwidth
 from machine import machine
+from offline_cuda import decode_ms, weight_bytes
 
 from minisrv.config import EngineConfig
 from minisrv.engine.llm_engine import LLMEngine
 from minisrv.layers.parallel import TensorParallel, init_tensor_parallel
 from minisrv.models.source import resolve_source
 from minisrv.runtime.tensor_parallel import TPGroup, free_tcp_port
-from minisrv.sampling_params import SamplingParams
-
-PROMPT_LEN = 32
-
-
-def generate_seconds(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, first_rid: int) -> float:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(first_rid + i, prompt, params)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        engine.step()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def decode_ms(engine: LLMEngine, batch: int, vocab: int, repeats: int) -> float:
-    rng, rid, results = random.Random(batch), 0, []
-    for repeat in range(-1, repeats):   # -1 warms the batch's shapes up
-        times = []
-        for tokens in (1, 129):
-            prompts = [[rng.randrange(vocab) for _ in range(PROMPT_LEN)] for _ in range(batch)]
-            times.append(generate_seconds(engine, prompts, tokens, rid))
-            rid += batch
-        if repeat >= 0:
-            results.append((times[1] - times[0]) / 128 * 1e3)
-    return statistics.median(results)
 
 
 def collectives_ms(tp: TensorParallel, batch: int, hidden: int, vocab: int, layers: int) -> float:
@@ -89,10 +60,10 @@ def rank_main(rank: int, group: TPGroup, custom: bool, args: argparse.Namespace,
     tp = init_tensor_parallel(rank, group.size, group.init_method, "cuda", group.ranks_per_node, custom)
     engine = LLMEngine(config, resolve_source(config), tp=tp)
     model_config = engine.loaded.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in engine.runner.model.parameters()}.values())
+    rank_weight_bytes = weight_bytes(engine.loaded)
     rows = []
     for batch in args.batches:
-        step = decode_ms(engine, batch, model_config.vocab_size, args.repeats)
+        step = decode_ms(engine, batch, model_config.vocab_size, args.repeats)   # greedy: every rank draws alike
         comm = collectives_ms(tp, batch, model_config.hidden_size, model_config.vocab_size,
                               model_config.num_layers) if group.size > 1 else 0.0
         all_reduce = "one-shot" if tp.fast_all_reduce is not None else "nccl" if group.size > 1 else "-"
@@ -100,8 +71,8 @@ def rank_main(rank: int, group: TPGroup, custom: bool, args: argparse.Namespace,
     if rank == 0:
         bandwidth = copy_bandwidth(5)
         for row in rows:
-            row.update(weight_gb_per_rank=weight_bytes / 1e9, copy_gb_s=bandwidth,
-                       floor_ms=weight_bytes / (bandwidth * 1e9) * 1e3)
+            row.update(weight_gb_per_rank=rank_weight_bytes / 1e9, copy_gb_s=bandwidth,
+                       floor_ms=rank_weight_bytes / (bandwidth * 1e9) * 1e3)
             row["floor_share"] = row["floor_ms"] / row["decode_ms"]
             row["collectives_share"] = row["collectives_ms"] / row["decode_ms"]
         results.put(rows)
