@@ -11,8 +11,8 @@ so it can be captured in a CUDA graph, and it never synchronizes with the host.
 Rules for callers: construction and close() are collective (every rank of the default process group, which
 must be initialized, with this process's GPU current); every rank calls all_reduce on tensors of the same
 shapes and dtypes in the same order, on one stream (or stream-ordered), and only on tensors `supports` accepts;
-every rank passes the same max_bytes and max_blocks; ranks are the GPUs of one host (rank r on GPU r, as
-minisrv.layers.parallel.init_tensor_parallel binds them).
+every rank passes the same max_bytes and max_blocks; ranks are the GPUs of one host (rank r on GPU first + r,
+as minisrv.layers.parallel.init_tensor_parallel binds them).
 """
 from __future__ import annotations
 
@@ -42,7 +42,10 @@ class CustomAllReduce:
 
     def __init__(self, rank: int, world_size: int, device: torch.device, max_bytes: int = 8 << 20,
                  max_blocks: int = DEFAULT_BLOCKS) -> None:
-        problem = self.available(world_size)
+        device = torch.device(device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        problem = self.available(world_size, device.index - rank)   # rank r on GPU first + r
         if problem:
             raise RuntimeError(f"custom all-reduce unavailable: {problem}")
         if not 1 <= max_blocks <= MAX_BLOCKS:
@@ -50,9 +53,6 @@ class CustomAllReduce:
         import cupy
 
         runtime = cupy.cuda.runtime
-        device = torch.device(device)
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world_size, self.device = rank, world_size, device
         self.max_bytes, self.max_blocks = max_bytes, max_blocks
         # A block's slot holds the largest run of the message a block gets: a launch takes one block per THREADS
@@ -97,18 +97,20 @@ class CustomAllReduce:
             raise
 
     @staticmethod
-    def available(world_size: int) -> str | None:
-        """Why the custom all-reduce cannot run over `world_size` ranks here, or None."""
+    def available(world_size: int, first_gpu: int = 0) -> str | None:
+        """Why the custom all-reduce cannot run over `world_size` ranks on GPUs first_gpu.. here, or None."""
         if world_size not in WORLD_SIZES:
             return f"{world_size} ranks: the kernel is built for {', '.join(map(str, WORLD_SIZES))}"
         problem = unsupported()
         if problem:
             return problem
         count = torch.cuda.device_count()
-        if count < world_size:
-            return f"{world_size} ranks but {count} visible GPUs: IPC peer memory needs every rank on one host"
-        for i in range(world_size):
-            for j in range(world_size):
+        gpus = range(first_gpu, first_gpu + world_size)
+        if first_gpu < 0 or count < gpus.stop:
+            return (f"{world_size} ranks from GPU {first_gpu} but {count} visible GPUs: IPC peer memory needs every "
+                    "rank on one host")
+        for i in gpus:
+            for j in gpus:
                 if i != j and not torch.cuda.can_device_access_peer(i, j):
                     return f"GPU {i} cannot access GPU {j}'s memory directly (no peer-to-peer path)"
         return None

@@ -128,7 +128,7 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: str, ra
     if device == "cuda" and custom_all_reduce and ranks_per_node == size:
         from minisrv.kernels.all_reduce import CustomAllReduce
 
-        problem = CustomAllReduce.available(size)
+        problem = CustomAllReduce.available(size, first_gpu)
         if problem is None:
             fast = CustomAllReduce(rank, size, torch.device("cuda", torch.cuda.current_device()))
         elif rank == 0:
