@@ -11,11 +11,20 @@ from tests.conftest import random_text
 TOKENIZERS = ["byte_level_tokenizer", "byte_fallback_tokenizer"]
 
 
-def stream(tok: Tokenizer, ids: list[int], stop: list[str]) -> tuple[list[str], IncrementalDetokenizer]:
-    detok = IncrementalDetokenizer(tok, stop)
+def stream(tok: Tokenizer, ids: list[int], stop: list[str],
+           include_stop: bool = False) -> tuple[list[str], IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tok, stop, include_stop=include_stop)
     deltas = [detok.step(i) for i in ids]
     deltas.append(detok.flush())
     return deltas, detok
+
+
+def text_with_a_stop_inside(tok: Tokenizer, rng: random.Random) -> tuple[list[int], str, str]:
+    """Random text's token ids, its decode, and 2-6 of its characters from anywhere in it (a stop string)."""
+    ids = tok.encode(random_text(rng, rng.randint(10, 60))).ids
+    text = tok.decode(ids)
+    start = rng.randrange(len(text) - 1)
+    return ids, text, text[start:start + rng.randint(2, 6)]
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
@@ -42,11 +51,8 @@ def test_split_characters_really_occur(byte_level_tokenizer: Tokenizer, byte_fal
 @pytest.mark.parametrize("seed", range(20))
 def test_stop_strings_are_cut_even_across_tokens(name: str, seed: int, request) -> None:
     tok = request.getfixturevalue(name)
-    rng = random.Random(100 + seed)
-    ids = tok.encode(random_text(rng, rng.randint(10, 60))).ids
-    text = tok.decode(ids)
-    start = rng.randrange(len(text) - 1)
-    stop = [text[start:start + rng.randint(2, 6)], "never occurs ~~"]
+    ids, text, inside = text_with_a_stop_inside(tok, random.Random(100 + seed))
+    stop = [inside, "never occurs ~~"]
     deltas, detok = stream(tok, ids, stop)
     first = min(i for i in (text.find(s) for s in stop) if i >= 0)
     assert "".join(deltas) == text[:first]
@@ -104,12 +110,8 @@ def test_byte_fallback_token_bytes(byte_fallback_tokenizer: Tokenizer) -> None:
 @pytest.mark.parametrize("seed", range(10))
 def test_include_stop_str_in_output_ends_the_output_with_the_stop_string(name: str, seed: int, request) -> None:
     tok = request.getfixturevalue(name)
-    rng = random.Random(300 + seed)
-    ids = tok.encode(random_text(rng, rng.randint(10, 60))).ids
-    text = tok.decode(ids)
-    start = rng.randrange(len(text) - 1)
-    stop = ["never occurs ~~", text[start:start + rng.randint(2, 6)]]
-    detok = IncrementalDetokenizer(tok, stop, include_stop=True)
-    deltas = [detok.step(i) for i in ids] + [detok.flush()]
+    ids, text, inside = text_with_a_stop_inside(tok, random.Random(300 + seed))
+    stop = ["never occurs ~~", inside]
+    deltas, detok = stream(tok, ids, stop, include_stop=True)
     first, matched = min((text.find(s), s) for s in stop if text.find(s) >= 0)
     assert "".join(deltas) == text[: first + len(matched)] and detok.stopped
