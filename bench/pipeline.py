@@ -41,7 +41,9 @@ from minisrv.wire.terms import FinishReason, SchedulerStats
 TRANSPORTS = ("ring", "zmq")
 PROFILE_ENV = "BENCH_PIPELINE_PROFILE"   # --profile-api: where the API process writes its cProfile stats
 PROMPT = "Hello"
-TOKEN_TEXTS = (b"world", b"~")   # NullEngine.TOKEN's text, NullEngine.BYTE_TOKEN's
+TOKEN_TEXTS = (b"world", b"~")
+START_DELAY_NS = 300_000_000   # every client of a run starts at once, this long after the run is handed out
+LATE_START_MS = 5.0   # NullEngine.TOKEN's text, NullEngine.BYTE_TOKEN's
 
 
 class NullEngine:
@@ -178,8 +180,15 @@ async def stream_requests(url: str, streams: int, tokens: int, start_ns: int) ->
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         while time.monotonic_ns() < start_ns:
             await asyncio.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
+        late_ns = time.monotonic_ns() - start_ns
         await asyncio.gather(*(one(session) for _ in range(streams)))
-    return {"latencies": latencies, "received": received, "last_ns": last_ns}
+    return {"latencies": latencies, "received": received, "last_ns": last_ns, "late_ns": late_ns}
+
+
+def import_client_libraries() -> None:
+    """Each client process imports these when the pool starts, not inside a timed run."""
+    import aiohttp  # noqa: F401
+    import uvloop  # noqa: F401
 
 
 def client_process(url: str, streams: int, tokens: int, start_ns: int) -> dict:
@@ -200,12 +209,15 @@ class Result:
 
 def measure(pool, url: str, transport: str, step_ms: float, streams: int, tokens: int, clients: int) -> Result:
     shares = [streams // clients + (i < streams % clients) for i in range(min(clients, streams))]
-    start_ns = time.monotonic_ns() + 300_000_000   # every client starts at once, 0.3 s from now
+    start_ns = time.monotonic_ns() + START_DELAY_NS
     parts = pool.starmap(client_process, [(url, share, tokens, start_ns) for share in shares])
     latencies = sorted(lat for part in parts for lat in part["latencies"])
     received = sum(part["received"] for part in parts)
     if received != streams * tokens:
         raise SystemExit(f"{transport}, {streams} streams: received {received} tokens, expected {streams * tokens}")
+    late_ms = max(part["late_ns"] for part in parts) / 1e6
+    if late_ms > LATE_START_MS:   # the run's clock started without that client: its tokens/s would read low
+        print(f"warning: {transport}, {streams} streams: a client started {late_ms:.0f} ms late", file=sys.stderr)
     seconds = (max(part["last_ns"] for part in parts) - start_ns) / 1e9
     return Result(transport, streams, step_ms, latencies[len(latencies) // 2] / 1e3,
                   latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1e3, received / seconds)
@@ -280,13 +292,13 @@ def main() -> None:
     tokens = args.tokens or (64 if args.quick else 256)
     steps = [float(s) for s in args.step_ms.split(",")]
     results: list[Result] = []
-    with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
+    with multiprocessing.get_context("spawn").Pool(args.clients, import_client_libraries) as pool:
         for step_ms in steps:
             for transport in args.transports.split(","):
                 server = Server(transport, step_ms, args.stream_interval, args.model, args.profile_api)
                 try:
                     server.wait_ready()
-                    measure(pool, server.url, transport, step_ms, 4, 8, args.clients)   # warm-up
+                    measure(pool, server.url, transport, step_ms, args.clients, 8, args.clients)   # warm-up
                     for count in streams:
                         result = measure(pool, server.url, transport, step_ms, count, tokens, args.clients)
                         print(f"{transport:4} step {step_ms:g} ms, {count:3} streams: p50 "
