@@ -2,7 +2,7 @@
 
 This is the API server process's side of the pipeline (tokenizer workers -> scheduler -> detokenizer):
 PROMPT_REQUEST records out, one per request, round-robin over the tokenizer channels; TEXT_DELTAS and
-ERROR records in from the detokenizer, fanned out to each request's queue by its id.
+ERROR records in from the detokenizer, fanned out to each request by its id.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
@@ -25,14 +26,40 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Stream:
-    """One request in flight: its choices' deltas arrive on `queue`, fanned in from TEXT_DELTAS rows."""
+    """One request in flight: its choices' deltas, fanned in from TEXT_DELTAS rows, wait in `pending`.
+
+    A delta that arrives while the previous one of its choice still waits is merged into it, so when the
+    API process falls behind it frames, encodes and sends once for many tokens. A plain deque and one
+    future rather than an asyncio.Queue: the queue's bookkeeping was a fifth of this process's time per
+    token at saturation (bench/pipeline.py --profile-api)."""
 
     n: int
     channel: int                                # the tokenizer channel it went to; its aborts follow it
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)   # OutputDelta | RequestError
+    pending: deque = field(default_factory=deque)   # OutputDelta | RequestError
+    waiter: asyncio.Future | None = None        # the response waiting for `pending` to fill
     finished: set[int] = field(default_factory=set)
     counts: tuple[int, int, int] = (0, 0, 0)    # last (prompt, cached, output) token counts seen
     sent: bool = False                          # the request reached its tokenizer channel
+
+    def post(self, item: OutputDelta | RequestError) -> None:
+        pending = self.pending
+        last = pending[-1] if pending else None
+        if (isinstance(item, OutputDelta) and isinstance(last, OutputDelta) and last.index == item.index
+                and last.finish_reason is None):
+            pending[-1] = _merge(last, item)
+        else:
+            pending.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next(self) -> OutputDelta | RequestError:
+        while not self.pending:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.pending.popleft()
 
 
 class EngineClient:
@@ -87,7 +114,7 @@ class EngineClient:
         self.ready = False
         for stream in self._streams.values():
             if error is not None:
-                stream.queue.put_nowait(error)
+                stream.post(error)
             else:
                 _finish_with_abort(stream)
 
@@ -109,18 +136,10 @@ class EngineClient:
         try:
             await self._send(channel, replace(request, rid=base))
             stream.sent = True
-            held = None   # an item taken from the queue while merging, not yet handled
             while len(stream.finished) < stream.n:
-                delta, held = (held if held is not None else await stream.queue.get()), None
+                delta = await stream.next()
                 if isinstance(delta, RequestError):
                     raise delta
-                # Deltas of a choice that queued up while the response was busy go out as one: when the API
-                # process falls behind, it then frames, encodes and sends once for many tokens.
-                while delta.finish_reason is None and not stream.queue.empty():
-                    held = stream.queue.get_nowait()
-                    if not isinstance(held, OutputDelta) or held.index != delta.index:
-                        break
-                    delta, held = _merge(delta, held), None
                 if delta.finish_reason is not None:
                     stream.finished.add(delta.index)
                 if want_logprobs and delta.logprobs is None:
@@ -171,7 +190,7 @@ class EngineClient:
                     elif isinstance(record, Error):
                         stream = self._streams.get(split_rid(record.rid)[0])
                         if stream is not None:
-                            stream.queue.put_nowait(RequestError(record.status, record.message))
+                            stream.post(RequestError(record.status, record.message))
         except PeerGone:
             logger.debug("the detokenizer's channel closed")
 
@@ -196,7 +215,7 @@ class EngineClient:
             stream = self._streams.get(base)
             if stream is not None:
                 stream.counts = (prompt, cached, output)
-                stream.queue.put_nowait(OutputDelta(
+                stream.post(OutputDelta(
                     index, delta_text, ids[token : token + count], entries or None,
                     FINISH_API_NAMES[finish], prompt, cached, output, emitted_ns))
             token += count
@@ -215,7 +234,7 @@ def _finish_with_abort(stream: _Stream) -> None:
     prompt, cached, output = stream.counts
     for index in range(stream.n):
         if index not in stream.finished:
-            stream.queue.put_nowait(OutputDelta(index, "", [], None, "abort", prompt, cached, output))
+            stream.post(OutputDelta(index, "", [], None, "abort", prompt, cached, output))
 
 
 def _as_text(raw: bytes) -> str:
