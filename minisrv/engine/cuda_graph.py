@@ -116,11 +116,13 @@ class DecodeGraphs:
         """Pinned host buffers for one step: `rows` holds each INT_ROWS row for the real rows, in order."""
         n = len(rows["input_ids"])
         pad = bucket - n
-        ints = torch.tensor([rows[name] + [PADDING[name]] * pad for name in INT_ROWS], dtype=torch.int64)
-        floats_t = torch.tensor([row + [0.0] * pad for row in floats], dtype=torch.float32)
+        ints = torch.tensor([rows[name] + [PADDING[name]] * pad for name in INT_ROWS], dtype=torch.int64,
+                            pin_memory=True)
+        floats_t = torch.tensor([row + [0.0] * pad for row in floats], dtype=torch.float32, pin_memory=True)
         width = max(len(p) for p in page_table)
-        pages = torch.tensor([p + [0] * (width - len(p)) for p in page_table] + [[0] * width] * pad, dtype=torch.int64)
-        return DecodeInputs(ints.pin_memory(), floats_t.pin_memory(), pages.pin_memory())
+        pages = torch.tensor([p + [0] * (width - len(p)) for p in page_table] + [[0] * width] * pad, dtype=torch.int64,
+                             pin_memory=True)
+        return DecodeInputs(ints, floats_t, pages)
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
         """Copy the inputs in and replay; returns the bucket's float32 logits (valid until the next step)."""
