@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 from tqdm import tqdm
@@ -12,7 +13,7 @@ from minisrv.models.source import resolve_source
 from minisrv.runtime.tensor_parallel import TensorParallelRanks, TPLeader
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import SampleResult
-from minisrv.tokenizer.loading import load_tokenizer
+from minisrv.tokenizer.loading import load_fast_tokenizer, load_tokenizer
 from minisrv.wire.terms import FinishReason
 
 Prompt = str | Sequence[int]
@@ -39,7 +40,7 @@ class LLM:
             self._ranks = TensorParallelRanks(config, self.source)
             self.engine: LLMEngine | TPLeader = self._ranks.leader
         else:
-            self.engine = LLMEngine(config, self.source)
+            self.engine = LLMEngine(config, self.source, load_tokenizer=partial(load_fast_tokenizer, self.source))
         self.tokenizer = load_tokenizer(self.source)
         self._next_rid = 0
 

@@ -22,8 +22,9 @@ Api = Literal["openai", "sglang"]
 def option(default: Any, wire: str, range: Range | None = None, *, openai: bool = True,
            sglang: str | None = "") -> Any:
     """A sampling option. `wire`: its struct code in records ("d", "i", "I", "Q", "B", "?"), "ids" for a
-    list of token ids, or "bias" for a {token id: float} map. `openai`: whether the OpenAI endpoints take it
-    under its own name (False where each endpoint declares it itself, its name or default differing).
+    list of token ids, "bias" for a {token id: float} map, or "text" for a string. `openai`: whether the OpenAI
+    endpoints take it under its own name (False where each endpoint declares it itself, its name or default
+    differing).
     `sglang`: its name in /generate's sampling_params, "" for the same name, None where SGLang has none."""
     metadata = dict(wire=wire, range=range, openai=openai, sglang=sglang)
     if default in (list, dict):
@@ -39,7 +40,9 @@ class SamplingParams:
     seed None means the engine draws one at admission: every request samples from noise that is a pure
     function of (seed, output position), so a seeded request gives the same tokens whatever else runs.
     max_tokens None generates up to the context length. logprobs None returns no logprobs; an int n
-    returns the chosen token's logprob and the top n.
+    returns the chosen token's logprob and the top n. grammar None leaves the output free; else an llguidance
+    grammar (minisrv/structured_output.py makes one from a JSON schema, a regex, choices or GBNF/Lark) that
+    every sampled token must follow; the request stops once the grammar is complete.
     """
 
     temperature: float = option(1.0, "d", Range(0.0))
@@ -56,6 +59,7 @@ class SamplingParams:
     ignore_eos: bool = option(False, "?")
     logprobs: int | None = option(None, "B", Range(0, MAX_TOP_LOGPROBS), openai=False, sglang=None)
     logit_bias: dict[int, float] = option(dict, "bias")   # added to the logits (OpenAI's range: [-100, 100])
+    grammar: str | None = option(None, "text", openai=False, sglang=None)   # the APIs take their own fields
 
     def __post_init__(self) -> None:
         self.validate()

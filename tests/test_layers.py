@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parents[1] / "minisrv"
 # Lowest first. Packages in one layer may not import each other.
 LAYERS = [
     {"fields"},
-    {"config", "sampling_params"},
+    {"config", "sampling_params", "structured_output"},
     {"wire", "ipc", "kernels"},
     {"layers"},
     {"models"},

@@ -12,6 +12,7 @@ import pytest
 
 from minisrv.sampling_params import OPTIONS, SamplingParams, api_names
 from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from minisrv import structured_output
 from minisrv.server.sglang import SGLangGenerateRequest
 from minisrv.wire.records import PromptRequest, TokenizedRequest, decode
 
@@ -25,6 +26,8 @@ def some_value(option: dataclasses.Field, rng: random.Random) -> object:
         return {rng.randrange(1000): rng.choice([-100.0, -2.5, 0.5, 7.25, 100.0]) for _ in range(3)}
     if wire == "?":
         return not option.default
+    if wire == "text":   # the one such option is grammar
+        return structured_output.regex(f"[a-z]{{{rng.randint(1, 9)}}}", "test").text
     high = allowed.high if allowed.high is not None and allowed.high < 1000 else (allowed.low or 0) + 1000
     if wire == "d":
         return round(rng.uniform(allowed.low + 0.01, high), 3)
@@ -73,5 +76,6 @@ def test_every_option_reaches_each_api_under_its_names(seed: int) -> None:
                            (generate, api_names("sglang"))):
         for option in names.values():
             assert getattr(request.params, option) == values[option], option
-    # Every option is reachable somewhere; those the OpenAI endpoints declare themselves are max_tokens and logprobs.
-    assert {o.name for o in OPTIONS} - set(api_names("openai").values()) == {"max_tokens", "logprobs"}
+    # Every option is reachable somewhere; those the OpenAI endpoints declare themselves are max_tokens and logprobs,
+    # and grammar comes from each API's structured-output fields (tests/server/test_protocol.py).
+    assert {o.name for o in OPTIONS} - set(api_names("openai").values()) == {"max_tokens", "logprobs", "grammar"}

@@ -5,13 +5,15 @@ step N's tokens, then records those: the CPU's scheduling, input building and ri
 the GPU computes, and the one wait per step is the read of the previous step's tokens. Step N+1 takes the
 tokens it needs from the device (minisrv/engine/model_runner.py), so outputs are those of the plain loop;
 only a request that step N stopped (EOS, a stop token) computes one row for nothing. A step whose batch
-needs its requests' recorded tokens on the host (penalties) waits for step N first.
+needs its requests' recorded tokens on the host (penalties, grammars) waits for step N first.
 """
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 from minisrv.config import EngineConfig
+from minisrv.engine.grammar import GrammarCompiler, RequestGrammar
 from minisrv.engine.model_runner import LaunchedStep, ModelRunner
 from minisrv.engine.penalties import uses_penalties
 from minisrv.layers.parallel import TensorParallel
@@ -27,9 +29,11 @@ from minisrv.wire.terms import SchedulerStats
 class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None,
                  loaded: LoadedModel | None = None, overlap: bool | None = None,
-                 tp: TensorParallel = TensorParallel()) -> None:
+                 tp: TensorParallel = TensorParallel(), load_tokenizer: Callable[[], object] | None = None) -> None:
         """`overlap` overrides the config's choice (overlap_schedule, on CUDA only: on the CPU the forward
         runs on the calling thread, so there is nothing to overlap and tokens would only come a step late).
+        `load_tokenizer` gives the model's `tokenizers` Tokenizer, which structured output compiles grammars
+        against (without it, a request with a grammar is refused).
         Under tensor parallelism every rank runs an engine of its own, fed the same requests, aborts and steps
         in the same order: their schedulers then decide alike (minisrv/runtime/tensor_parallel.py)."""
         self.config = config
@@ -47,12 +51,23 @@ class LLMEngine:
         self._seed_source = random.Random(config.seed)
         self.overlap = (config.overlap_schedule and self.runner.device.type == "cuda") if overlap is None else overlap
         self._in_flight: LaunchedStep | None = None
+        self.grammars = GrammarCompiler(load_tokenizer or _no_tokenizer, self.loaded.model_config.vocab_size,
+                                        self.loaded.eos_token_ids)
         self.last_batch: ScheduledBatch | None = None   # what the last step scheduled (tensor-parallel ranks compare it)
 
-    def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises ValueError (with a message fit for a client) when it is invalid."""
+    def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams,
+                    grammar: RequestGrammar | None = None) -> None:
+        """Queue a request; raises ValueError (with a message fit for a client) when it is invalid. A request
+        with params.grammar has it compiled here, unless the caller compiled it already (compile_grammar)."""
+        if params.grammar is not None and grammar is None:
+            grammar = self.compile_grammar(params.grammar)
         seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
-        self.scheduler.add_request(Request(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed))
+        self.scheduler.add_request(Request(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed,
+                                           grammar=grammar))
+
+    def compile_grammar(self, grammar: str) -> RequestGrammar:
+        """A request's matcher for `grammar` (ValueError if it cannot be used); safe to call from another thread."""
+        return self.grammars.compile(grammar)
 
     def abort(self, rid: int) -> RequestOutput | None:
         return self.scheduler.abort(rid)
@@ -86,5 +101,11 @@ class LLMEngine:
 
 
 def _needs_recorded_tokens(batch: ScheduledBatch, previous: LaunchedStep) -> bool:
-    """Whether a request of `batch` with a token in flight from `previous` uses penalties, which read output_ids."""
-    return any(seq.request.rid in previous.token_rows and uses_penalties(seq.request) for seq in batch.seqs)
+    """Whether a request of `batch` with a token in flight from `previous` uses penalties or a grammar, which
+    read its recorded tokens."""
+    return any(seq.request.rid in previous.token_rows
+               and (uses_penalties(seq.request) or seq.request.grammar is not None) for seq in batch.seqs)
+
+
+def _no_tokenizer() -> object:
+    raise ValueError("grammar: this engine was built without the model's tokenizer, so it cannot constrain output")

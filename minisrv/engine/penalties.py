@@ -1,7 +1,9 @@
-"""Logit adjustments that can change the greedy choice: min_tokens bans, logit_bias and repetition/presence/frequency
-penalties.
+"""Logit adjustments that can change the greedy choice: grammar masks, min_tokens bans, logit_bias and
+repetition/presence/frequency penalties.
 
-Semantics and order follow vLLM V1 (its logits processors: min-tokens, logit bias; then penalties):
+Semantics and order follow vLLM V1 (the structured-output bitmask first; then its logits processors: min-tokens,
+logit bias; then penalties):
+- grammar: tokens a request's grammar does not allow get -inf (minisrv/engine/grammar.py).
 - min_tokens: while a request has fewer than params.min_tokens output tokens, its stop_token_ids and
   (unless ignore_eos) the EOS ids get -inf, so it cannot stop early.
 - logit_bias: each listed token's logit gets its bias added.
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from minisrv.engine.grammar import apply_grammar_masks
 from minisrv.scheduler.request import Request
 
 
@@ -45,17 +48,20 @@ def banned_stop_ids(request: Request, eos_token_ids: Sequence[int], position: in
 def apply_logit_adjustments(logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int],
                             positions: Sequence[int] | None = None) -> torch.Tensor:
     """logits [rows, vocab] (row i is requests[i], whose token will have output index positions[i]) with
-    min_tokens bans and penalties applied; penalties see output_ids, so a penalised request has no token in
-    flight. Returns `logits` itself when no row needs anything, else a new contiguous tensor.
+    grammar masks, min_tokens bans and penalties applied; grammars and penalties see output_ids, so such a
+    request has no token in flight. Returns `logits` itself when no row needs anything, else a new contiguous tensor.
     """
     vocab_size = logits.shape[1]
     positions = output_positions(requests) if positions is None else positions
     bans = [banned_stop_ids(request, eos_token_ids, pos) for request, pos in zip(requests, positions)]
     penalised = [uses_penalties(request) for request in requests]
     biased = [request.params.logit_bias for request in requests]
-    if not any(penalised) and not any(bans) and not any(biased):
+    constrained = any(request.grammar is not None for request in requests)
+    if not any(penalised) and not any(bans) and not any(biased) and not constrained:
         return logits
     adjusted = logits.clone(memory_format=torch.contiguous_format)
+    if constrained:
+        apply_grammar_masks(adjusted, requests)
     if any(bans):
         rows, ids = _flatten_token_lists(bans, "stop_token_ids", requests, vocab_size, logits.device)
         adjusted[rows, ids] = float("-inf")

@@ -1,7 +1,7 @@
 """Batched next-token sampling: greedy or random per row, with vLLM V1's semantics and order.
 
 Per step, for rows with mixed parameters:
-  1. min_tokens bans, logit_bias and repetition/presence/frequency penalties (penalties.py);
+  1. grammar masks, min_tokens bans, logit_bias and repetition/presence/frequency penalties (penalties.py);
   2. greedy rows (temperature < 1e-5, vLLM's cut-off) take the argmax and stop there;
   3. random rows: logits / temperature, then min-p, top-k, top-p, each masking tokens to -inf;
   4. one draw per row by inverse transform over the kept tokens in vocabulary order, with the uniform
@@ -220,8 +220,10 @@ class FusedSampler(Sampler):
                                out=out)
 
     def needs_adjustment(self, requests: list[Request], positions: list[int]) -> bool:
-        """Whether some row has min_tokens bans, logit_bias or penalties (which `draw` alone does not apply)."""
-        return any(uses_penalties(r) or r.params.logit_bias or banned_stop_ids(r, self.eos_token_ids, pos)
+        """Whether some row has a grammar, min_tokens bans, logit_bias or penalties (which `draw` alone does not
+        apply)."""
+        return any(r.grammar is not None or uses_penalties(r) or r.params.logit_bias
+                   or banned_stop_ids(r, self.eos_token_ids, pos)
                    for r, pos in zip(requests, positions))
 
     def launch(self, logits: torch.Tensor, requests: list[Request], positions: list[int],

@@ -4,8 +4,9 @@ Between steps it polls its input rings (TOKENIZED_REQUEST / ABORT from the token
 from the detokenizer for stop strings): shared-memory loads only, no system call when nothing is
 there. With no work left it sleeps on the rings' doorbells. Each step's news goes out as one
 STEP_TOKENS record, and the engine's stats go to the status block for /metrics. A request the engine
-refuses (ValueError: too long for the context, token ids outside the vocabulary...) comes back as an
-ERROR record.
+refuses (ValueError: too long for the context, token ids outside the vocabulary, a grammar llguidance
+rejects...) comes back as an ERROR record. A request with a grammar first has it compiled on a worker
+thread (GrammarCompiles), so that a large grammar never holds up the steps of the requests running.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import logging
 import math
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 from minisrv.config import EngineConfig
@@ -23,16 +26,19 @@ from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.runtime.tensor_parallel import TPGroup, TPLeader, load_rank_engine
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 from minisrv.scheduler.request import RequestOutput
+from minisrv.tokenizer.loading import load_fast_tokenizer
 from minisrv.wire.records import Abort, Error, Shutdown, StepTokens, TokenizedRequest
 from minisrv.wire.terms import FinishReason
 
 if TYPE_CHECKING:
+    from minisrv.engine.grammar import RequestGrammar
     from minisrv.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
 # The engine names requests by their internal id in its messages; the client never sees those ids.
 _INTERNAL_RID = re.compile(r"^request \d+: ")
+COMPILE_POLL_S = 0.001   # how often an idle loop looks for finished grammar compiles
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,43 @@ def step_tokens(outputs: list[RequestOutput]) -> StepTokens:
     return record
 
 
+class GrammarCompiles:
+    """Requests whose grammars compile on one worker thread (llguidance releases the GIL meanwhile); `done()`
+    hands back those finished, in arrival order, with their matcher or the error that refuses them."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None   # started at the first grammar
+        self._pending: dict[int, tuple[TokenizedRequest, Future]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def submit(self, req: TokenizedRequest, compile_grammar: Callable[[str], RequestGrammar]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        self._pending[req.rid] = (req, self._pool.submit(compile_grammar, req.params.grammar))
+
+    def cancel(self, rid: int) -> bool:
+        """Forget a request aborted while its grammar compiles; False if it is not here."""
+        return self._pending.pop(rid, None) is not None
+
+    def done(self) -> list[tuple[TokenizedRequest, RequestGrammar | None, ValueError | None]]:
+        finished = []
+        for rid, (req, future) in list(self._pending.items()):
+            if not future.done():
+                break   # one thread compiles in order: the rest are not done either
+            del self._pending[rid]
+            error = future.exception()
+            if error is not None and not isinstance(error, ValueError):
+                raise error
+            finished.append((req, None if error else future.result(), error))
+        return finished
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class SchedulerLoop:
     def __init__(self, channels: SchedulerChannels, watch: ParentWatch) -> None:
         self.from_tokenizers = [spec.open() for spec in channels.from_tokenizers]
@@ -77,6 +120,7 @@ class SchedulerLoop:
         self.engine: LLMEngine | None = None    # (or anything with its interface) set before run()
         self.status: StatusBlock | None = None  # where the stats go, set before run()
         self.replica = 0                        # which replica's stats slot (--dp-size)
+        self.compiles = GrammarCompiles()
 
     def run(self) -> None:
         """Step the engine until a SHUTDOWN record arrives or the parent goes away."""
@@ -86,6 +130,12 @@ class SchedulerLoop:
             outputs: list[RequestOutput] = []
             if not self.poll_inputs(outputs):
                 return
+            if self.compiles:
+                for req, grammar, error in self.compiles.done():
+                    if error is None:
+                        self.add(req, grammar)
+                    else:
+                        self.refuse(req, error)
             if engine.has_unfinished():
                 outputs += engine.step()
             # Stats first: a client that sees its request finish then sees its pages freed in /metrics.
@@ -99,15 +149,20 @@ class SchedulerLoop:
                 self.to_detokenizer.send(record)
             self.watch.check()
             if not engine.has_unfinished():
-                wait_any(self.inputs, IDLE_WAIT_S)
+                wait_any(self.inputs, COMPILE_POLL_S if self.compiles else IDLE_WAIT_S)
 
     def poll_inputs(self, outputs: list[RequestOutput]) -> bool:
         """Apply every pending TOKENIZED_REQUEST and ABORT; False once a SHUTDOWN arrived."""
         for channel in self.inputs:
             for record in channel.drain():
                 if isinstance(record, TokenizedRequest):
-                    self.add(record)
+                    if record.params.grammar is not None:
+                        self.compiles.submit(record, self.engine.compile_grammar)
+                    else:
+                        self.add(record)
                 elif isinstance(record, Abort):
+                    if self.compiles.cancel(record.rid):
+                        continue
                     out = self.engine.abort(record.rid)
                     if out is not None:
                         outputs.append(out)
@@ -117,14 +172,20 @@ class SchedulerLoop:
                     logger.error("unexpected %s record on channel %s; ignored", record.KIND.name, channel.name)
         return True
 
-    def add(self, req: TokenizedRequest) -> None:
+    def add(self, req: TokenizedRequest, grammar: RequestGrammar | None = None) -> None:
         try:
-            self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params)
+            if grammar is None:
+                self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params)
+            else:
+                self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params, grammar)
         except ValueError as exc:
-            message = _INTERNAL_RID.sub("", str(exc))
-            self.to_detokenizer.send(Error(req.rid, 400, message))
+            self.refuse(req, exc)
+
+    def refuse(self, req: TokenizedRequest, error: ValueError) -> None:
+        self.to_detokenizer.send(Error(req.rid, 400, _INTERNAL_RID.sub("", str(error))))
 
     def close(self) -> None:
+        self.compiles.close()
         if isinstance(self.engine, TPLeader):
             self.engine.close()   # SHUTDOWN to the other ranks
         for channel in (*self.inputs, self.to_detokenizer):
@@ -134,7 +195,7 @@ class SchedulerLoop:
 def load_engine(config: EngineConfig, source: ModelSource) -> LLMEngine:
     from minisrv.engine.llm_engine import LLMEngine   # torch and the model: only in this process
 
-    return LLMEngine(config, source)
+    return LLMEngine(config, source, load_tokenizer=partial(load_fast_tokenizer, source))
 
 
 def main(info: WorkerInfo, config: EngineConfig, source: ModelSource, channels: SchedulerChannels,

@@ -20,6 +20,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from minisrv.config import EngineConfig
@@ -30,10 +31,12 @@ from minisrv.runtime.worker import (IDLE_WAIT_S, ParentWatch, WorkerInfo, exit_q
                                     serve_worker, start_process)
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import RequestOutput
+from minisrv.tokenizer.loading import load_fast_tokenizer
 from minisrv.wire.records import Abort, Record, Shutdown, Step, TokenizedRequest
 from minisrv.wire.terms import SchedulerStats
 
 if TYPE_CHECKING:
+    from minisrv.engine.grammar import RequestGrammar
     from minisrv.engine.llm_engine import LLMEngine
     from minisrv.runtime.remote_ranks import RemoteRanks
 
@@ -85,7 +88,7 @@ def load_rank_engine(config: EngineConfig, source: ModelSource, group: TPGroup) 
                               group.ranks_per_node, config.custom_all_reduce, group.first_gpu)
     if group.size > group.ranks_per_node:
         check_same_settings(config, group.rank)
-    return LLMEngine(config, source, tp=tp)
+    return LLMEngine(config, source, tp=tp, load_tokenizer=partial(load_fast_tokenizer, source))
 
 
 def check_same_settings(config: EngineConfig, rank: int) -> None:
@@ -125,9 +128,15 @@ class TPLeader:
         for followers in self.followers:
             followers.send(record)
 
-    def add_request(self, rid: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def add_request(self, rid: int, prompt_ids: Sequence[int], params: SamplingParams,
+                    grammar: RequestGrammar | None = None) -> None:
+        """The other ranks compile the request's grammar themselves, when its record reaches them: every rank
+        then admits it at the same step."""
         self._send(TokenizedRequest(rid, params, list(prompt_ids)))
-        self.engine.add_request(rid, prompt_ids, params)   # a ValueError here is raised on every rank alike
+        self.engine.add_request(rid, prompt_ids, params, grammar)   # a ValueError here is raised on every rank alike
+
+    def compile_grammar(self, grammar: str) -> RequestGrammar:
+        return self.engine.compile_grammar(grammar)
 
     def abort(self, rid: int) -> RequestOutput | None:
         self._send(Abort(rid))

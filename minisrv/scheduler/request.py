@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from minisrv.sampling_params import SamplingParams
 from minisrv.wire.terms import FinishReason
@@ -12,6 +13,16 @@ class RequestStatus(enum.Enum):
     WAITING = enum.auto()    # queued, or preempted and waiting to recompute
     RUNNING = enum.auto()
     FINISHED = enum.auto()
+
+
+class TokenConstraint(Protocol):
+    """What limits a request's next token (structured output: minisrv/engine/grammar.py's RequestGrammar)."""
+
+    def fill_bitmask(self, row: Any) -> None:
+        """Write the allowed next tokens into a bitmask row (bit b of int32 word w: token 32 * w + b)."""
+
+    def advance(self, token_id: int) -> bool:
+        """Record the sampled token; True once the output is complete. ValueError for a refused token."""
 
 
 @dataclass(eq=False)
@@ -31,6 +42,7 @@ class Request:
     num_cached_tokens: int = 0                  # prompt tokens served by the prefix cache (first admission)
     max_tokens: int = 0                         # params.max_tokens, or the room the context leaves (add_request)
     finish_reason: FinishReason = FinishReason.NONE
+    grammar: TokenConstraint | None = None      # params.grammar, compiled: its state follows output_ids
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -20,6 +20,7 @@ always makes progress.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from minisrv.scheduler.kv_pages import PagePool, pages_for_tokens
 from minisrv.scheduler.prefix_cache import CacheNode, PrefixCache
 from minisrv.scheduler.request import Request, RequestOutput, RequestStatus, SampleResult
 from minisrv.wire.terms import FinishReason, SchedulerStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -167,6 +170,8 @@ class Scheduler:
             req.num_in_flight -= 1
             req.output_ids.append(result.token_id)
             reason = self._finish_reason(req, result.token_id)
+            if req.grammar is not None and reason is not FinishReason.STOP and self._grammar_complete(req, result):
+                reason = FinishReason.STOP   # a complete grammar ends the output, min_tokens or not
             if reason is not FinishReason.NONE:
                 self._finish(req, reason)
             outputs.append(self._output(req, [result]))
@@ -279,6 +284,14 @@ class Scheduler:
         if num_output >= req.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             return FinishReason.LENGTH
         return FinishReason.NONE
+
+    @staticmethod
+    def _grammar_complete(req: Request, result: SampleResult) -> bool:
+        try:
+            return req.grammar.advance(result.token_id)
+        except ValueError as exc:   # only a row whose every token was masked can sample a refused one
+            logger.error("request %d: %s; it stops here", req.rid, exc)
+            return True
 
     def _length_reached(self, req: Request) -> bool:
         """Whether the request's in-flight tokens already bring it to max_tokens or the context length."""

@@ -33,6 +33,7 @@ from minisrv.server.metrics import ServerMetrics
 from minisrv.server.openapi import openapi_document
 from minisrv.server.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest, Tokenization
 from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from minisrv.structured_output import Grammar, GrammarError, GrammarValidator
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext, choice_deltas, collect, to_json
 from minisrv.tokenizer.prompts import PromptTokenizer
 from minisrv.wire.records import PromptRequest
@@ -78,6 +79,7 @@ class ApiRoutes:
         self.tokenization = tokenization
         self.metrics = ServerMetrics(engine.stats, lambda: engine.model_name)
         self.started = int(time.time())
+        self.grammars = GrammarValidator()
         self._api_key = config.api_key.encode() if config.api_key else None
         self._ignored_seen: set[str] = set()   # IGNORED_FIELDS already logged
         self._openapi: dict | None = None
@@ -159,7 +161,8 @@ class ApiRoutes:
         req = parse_request(ChatCompletionRequest, await read_body(request, self.config.body_read_timeout))
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
-        prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len)
+        grammar = await self._checked(req.grammar())
+        prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, grammar)
         ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage())
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
                                    responses.chat_completion)
@@ -170,8 +173,9 @@ class ApiRoutes:
         req = parse_request(CompletionRequest, await read_body(request, self.config.body_read_timeout))
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
+        grammar = await self._checked(req.grammar())
         prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len,
-                                         self.config.max_choices_per_request)
+                                         self.config.max_choices_per_request, grammar)
         ctx = self._context("cmpl", req.include_usage(), req.continuous_usage())
         return await self._respond(request, ctx, prompts, req.stream, responses.completion_stream,
                                    responses.completion)
@@ -180,7 +184,7 @@ class ApiRoutes:
         """SGLang's native generation endpoint."""
         self._authorize(request)
         req = parse_request(sglang.SGLangGenerateRequest, await read_body(request, self.config.body_read_timeout))
-        prompt = req.to_prompt_request(self.engine.vocab_size)
+        prompt = req.to_prompt_request(self.engine.vocab_size, await self._checked(req.grammar()))
         return await self._respond(request, self._context("gen", False), [prompt], req.stream,
                                    sglang.generate_stream, sglang.generate_result)
 
@@ -208,6 +212,14 @@ class ApiRoutes:
         return json_response(await self.tokenization.detokenize(req, self.engine.vocab_size))
 
     # --- shared steps ----------------------------------------------------------------------------------
+
+    async def _checked(self, grammar: Grammar | None) -> Grammar | None:
+        """`grammar`, once llguidance accepts it; else a 400 naming the field it came from."""
+        try:
+            await self.grammars.check(grammar)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
+        return grammar
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:

@@ -16,8 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, create_model
 from pydantic_core import PydanticCustomError
 
+from minisrv import structured_output
 from minisrv.sampling_params import MAX_TOP_LOGPROBS, OPTIONS, Api, SamplingParams, api_names
 from minisrv.server.errors import APIError, from_validation_error
+from minisrv.structured_output import Grammar, GrammarError
 from minisrv.wire.records import PromptRequest
 from minisrv.wire.terms import MAX_CHOICES, pack_template_value
 
@@ -140,6 +142,56 @@ def chat_turns(messages: list[ChatMessage], add_generation_prompt: bool, continu
     return [(m.role, m.text()) for m in messages]
 
 
+JsonSchemaValue = Annotated[dict[str, Any] | str, _one_of("a JSON schema: an object, or a string holding one")]
+
+
+class JsonSchemaFormat(Schema):
+    name: str | None = None          # OpenAI requires a name; it changes nothing here, so it is optional
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None       # the output always follows the schema, strict or not
+
+
+class ResponseFormat(Schema):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Schema):
+    """vLLM's structured_outputs (its guided_* fields, grouped): one of these."""
+
+    json_: JsonSchemaValue | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+def _given(value: Any, make, field: str) -> Grammar | None:
+    """make(value, field) for a field the request set, None for one it did not."""
+    return None if value is None else make(value, field)
+
+
+def _structured_outputs_grammar(so: StructuredOutputs | None, where: str) -> list[Grammar | None]:
+    if so is None:
+        return []
+    return [_given(so.json_, structured_output.json_schema, f"{where}.json"),
+            _given(so.regex, structured_output.regex, f"{where}.regex"),
+            _given(so.choice, structured_output.choice, f"{where}.choice"),
+            _given(so.grammar, structured_output.ebnf, f"{where}.grammar"),
+            structured_output.json_object(f"{where}.json_object") if so.json_object else None]
+
+
+def _response_format_grammar(rf: ResponseFormat | None) -> Grammar | None:
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return structured_output.json_object("response_format")
+    if rf.json_schema is None or rf.json_schema.schema_ is None:
+        raise APIError(400, "response_format: type json_schema needs json_schema.schema", "response_format.json_schema")
+    return structured_output.json_schema(rf.json_schema.schema_, "response_format.json_schema.schema")
+
+
 class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     """What /v1/chat/completions and /v1/completions share beyond the sampling options."""
 
@@ -166,10 +218,32 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     no_stop_trim: bool = False
     return_hidden_states: bool = False
     truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens; -1: the context length
+    # Structured output (minisrv/structured_output.py): OpenAI's response_format, vLLM's structured_outputs and
+    # its older guided_* fields; at most one of them. guided_decoding_backend names vLLM's engine: ignored.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSchemaValue | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
     def ignored_fields(self) -> list[str]:
         """The IGNORED_FIELDS this request set."""
-        return [name for name in IGNORED_FIELDS if name in self.model_fields_set]
+        return [name for name in (*IGNORED_FIELDS, "guided_decoding_backend") if name in self.model_fields_set]
+
+    def grammar(self) -> Grammar | None:
+        """The one constraint on the output this request asks for, as a grammar (not yet validated)."""
+        try:
+            return structured_output.one_grammar([
+                _response_format_grammar(self.response_format),
+                *_structured_outputs_grammar(self.structured_outputs, "structured_outputs"),
+                _given(self.guided_json, structured_output.json_schema, "guided_json"),
+                _given(self.guided_regex, structured_output.regex, "guided_regex"),
+                _given(self.guided_choice, structured_output.choice, "guided_choice"),
+                _given(self.guided_grammar, structured_output.ebnf, "guided_grammar")])
+        except GrammarError as exc:
+            raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
 
     def check_api_limits(self, vocab_size: int) -> None:
         check_token_ids(self.stop_token_ids or [], vocab_size, "stop_token_ids")
@@ -208,7 +282,8 @@ class ChatCompletionRequest(_OpenAIFields):
     continue_final_message: bool = False   # leave the last message open for the output to continue it
     chat_template_kwargs: dict[str, bool | int | float | str] | None = None   # e.g. {"enable_thinking": false}
 
-    def to_prompt_request(self, vocab_size: int, max_model_len: int) -> PromptRequest:
+    def to_prompt_request(self, vocab_size: int, max_model_len: int, grammar: Grammar | None = None) -> PromptRequest:
+        """`grammar`: self.grammar(), validated."""
         self.check_api_limits(vocab_size)
         if not self.messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
@@ -223,7 +298,8 @@ class ChatCompletionRequest(_OpenAIFields):
         # No limit given: OpenAI's chat default, up to the context length (max_tokens None).
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         params = build_sampling_params(
-            self, "openai", extra=dict(max_tokens=limit, logprobs=(self.top_logprobs or 0) if self.logprobs else None),
+            self, "openai", extra=dict(max_tokens=limit, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                                       grammar=grammar and grammar.text),
             renames={"max_tokens": limit_name, "logprobs": "top_logprobs"})
         kwargs = self.chat_template_kwargs or {}
         reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_ARGS)
@@ -253,7 +329,9 @@ class CompletionRequest(_OpenAIFields):
             return [p]
         return list(p)
 
-    def to_prompt_requests(self, vocab_size: int, max_model_len: int, max_choices: int) -> list[PromptRequest]:
+    def to_prompt_requests(self, vocab_size: int, max_model_len: int, max_choices: int,
+                           grammar: Grammar | None = None) -> list[PromptRequest]:
+        """`grammar`: self.grammar(), validated."""
         self.check_api_limits(vocab_size)
         prompts = self.prompts()
         if not prompts:
@@ -269,7 +347,8 @@ class CompletionRequest(_OpenAIFields):
                 check_token_ids(p, vocab_size, "prompt")
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", "echo")
-        params = build_sampling_params(self, "openai", extra=dict(max_tokens=self.max_tokens, logprobs=self.logprobs))
+        params = build_sampling_params(self, "openai", extra=dict(max_tokens=self.max_tokens, logprobs=self.logprobs,
+                                                                  grammar=grammar and grammar.text))
         common = dict(params=params, n=self.n, stop=stop_strings(self.stop, "stop"), echo=self.echo,
                       **self.output_options(max_model_len))
         return [PromptRequest(text=p, **common) if isinstance(p, str) else PromptRequest(prompt_ids=p, **common)

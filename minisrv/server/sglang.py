@@ -11,11 +11,13 @@ from typing import AsyncIterator
 
 from pydantic import Field
 
+from minisrv import structured_output
 from minisrv.server.errors import APIError
 from minisrv.server.protocol import (Schema, Stop, TokenIds, build_sampling_params, check_n, check_token_ids,
                                      sampling_schema, stop_strings)
 from minisrv.server.responses import sse_stream
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext
+from minisrv.structured_output import Grammar, GrammarError
 from minisrv.wire.records import PromptRequest
 
 DEFAULT_MAX_NEW_TOKENS = 128   # SGLang's default
@@ -26,6 +28,9 @@ class SGLangSamplingParams(sampling_schema("sglang", "_SGLangSampling")):
 
     stop: Stop = None
     n: int = 1
+    json_schema: str | None = None   # structured output, at most one of these three
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class SGLangGenerateRequest(Schema):
@@ -34,7 +39,20 @@ class SGLangGenerateRequest(Schema):
     sampling_params: SGLangSamplingParams = Field(default_factory=SGLangSamplingParams)
     stream: bool = False
 
-    def to_prompt_request(self, vocab_size: int) -> PromptRequest:
+    def grammar(self) -> Grammar | None:
+        """The output constraint sampling_params asks for (not yet validated)."""
+        sp, where = self.sampling_params, "sampling_params."
+        try:
+            return structured_output.one_grammar([
+                None if sp.json_schema is None
+                else structured_output.json_schema(sp.json_schema, where + "json_schema"),
+                None if sp.regex is None else structured_output.regex(sp.regex, where + "regex"),
+                None if sp.ebnf is None else structured_output.ebnf(sp.ebnf, where + "ebnf")])
+        except GrammarError as exc:
+            raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
+
+    def to_prompt_request(self, vocab_size: int, grammar: Grammar | None = None) -> PromptRequest:
+        """`grammar`: self.grammar(), validated."""
         if (self.text is None) == (self.input_ids is None):
             raise APIError(400, "give exactly one of text and input_ids", "text")
         if self.text == "":
@@ -45,7 +63,8 @@ class SGLangGenerateRequest(Schema):
         check_token_ids([int(t) for t in sp.logit_bias or {}], vocab_size, "sampling_params.logit_bias")
         check_n(sp.n, "sampling_params.n")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if sp.max_new_tokens is None else sp.max_new_tokens
-        params = build_sampling_params(sp, "sglang", extra=dict(max_tokens=max_new_tokens), prefix="sampling_params.")
+        params = build_sampling_params(sp, "sglang", prefix="sampling_params.",
+                                       extra=dict(max_tokens=max_new_tokens, grammar=grammar and grammar.text))
         stop = stop_strings(sp.stop, "sampling_params.stop")
         if self.text is not None:
             return PromptRequest(text=self.text, params=params, n=sp.n, stop=stop)

@@ -135,7 +135,7 @@ class RecordLayout:
                 option_hints = typing.get_type_hints(SamplingParams)
                 for option in OPTIONS:
                     code = option.metadata["wire"]
-                    kind = {"ids": "column", "bias": "bias", "?": "flag"}.get(code, "scalar")
+                    kind = {"ids": "column", "bias": "bias", "?": "flag", "text": "text"}.get(code, "scalar")
                     self._add(_Slot(option.name, Wire(kind, "<i4" if code == "ids" else code), f.name),
                               _optional(option_hints[option.name]), codes)
             else:

@@ -15,7 +15,7 @@ from minisrv.sampling_params import SamplingParams
 from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, column, flag, messages, sampling, scalar,
                                 strings, text)
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 
 
 class Kind(enum.IntEnum):

@@ -350,3 +350,70 @@ def test_tokenize_counts_what_the_engine_gets(server, sdk, model) -> None:
     chat = post(server, "/tokenize", {"messages": chat_messages("Hi")}).json()
     reply = sdk.chat.completions.create(model=model, messages=chat_messages("Hi"), max_tokens=1, **GREEDY)
     assert chat["count"] == reply.usage.prompt_tokens
+
+
+PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                                   "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+                 "required": ["name", "age"], "additionalProperties": False}
+
+
+def assert_person(text: str) -> None:
+    person = json.loads(text)
+    assert set(person) == {"name", "age"} and isinstance(person["name"], str) and len(person["name"]) <= 20
+    assert isinstance(person["age"], int) and 0 <= person["age"] <= 150
+
+
+def test_response_format_json_schema_is_followed(sdk, model) -> None:
+    """Greedy and sampled, whole and streamed: every output that stops is JSON valid against the schema."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    whole = sdk.chat.completions.create(model=model, messages=chat_messages("Describe Ada Lovelace as JSON."),
+                                        response_format=fmt, max_tokens=60, **GREEDY)
+    assert whole.choices[0].finish_reason == "stop", whole.choices[0]
+    assert_person(whole.choices[0].message.content)
+    sampled = sdk.chat.completions.create(model=model, messages=chat_messages("A person, as JSON:"), n=3, seed=11,
+                                          response_format=fmt, max_tokens=60, temperature=1.0)
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop", choice
+        assert_person(choice.message.content)
+    stream = sdk.chat.completions.create(model=model, messages=chat_messages("Describe Ada Lovelace as JSON."),
+                                         response_format=fmt, max_tokens=60, stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole.choices[0].message.content
+
+
+def test_guided_choice_regex_and_json_object(server, sdk, model) -> None:
+    yes_no = sdk.completions.create(model=model, prompt="Is the sky green? Answer:", max_tokens=8, n=4, seed=3,
+                                    temperature=1.0, extra_body={"guided_choice": ["yes", "no", "it depends"]})
+    assert {c.text for c in yes_no.choices} <= {"yes", "no", "it depends"}
+    assert all(c.finish_reason == "stop" for c in yes_no.choices)
+    date = sdk.completions.create(model=model, prompt="Today's date is", max_tokens=16, temperature=0.7, seed=5,
+                                  extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}})
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", date.choices[0].text), date.choices[0].text
+    obj = sdk.chat.completions.create(model=model, messages=chat_messages("Give me a JSON object."), max_tokens=48,
+                                      response_format={"type": "json_object"}, **GREEDY)
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:   # cut by max_tokens: still a prefix of a JSON object
+        assert obj.choices[0].message.content.lstrip().startswith("{")
+    generated = post(server, "/generate", {"text": "Ada Lovelace as JSON:", "sampling_params": {
+        "max_new_tokens": 60, "temperature": 0, "json_schema": json.dumps(PERSON_SCHEMA)}}).json()
+    assert generated["meta_info"]["finish_reason"] == {"type": "stop"}
+    assert_person(generated["text"])
+    gbnf = post(server, "/generate", {"text": "Pick a colour:", "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0, "ebnf": 'root ::= "red" | "green" | "blue"'}}).json()
+    assert gbnf["text"] in ("red", "green", "blue")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
+    ({"guided_regex": "[a-z"}, "guided_regex"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+])
+def test_invalid_grammars_are_400s_naming_the_field(server, model, body: dict, param: str) -> None:
+    r = post(server, "/v1/chat/completions", {"model": model, "messages": chat_messages("x"), **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()

@@ -1,0 +1,98 @@
+"""What structured output costs: decode time per token with a grammar against without, on the same engine.
+
+At each batch size, the same prompts run twice through one LLMEngine: free (ignore_eos), and constrained by a
+grammar of 500 comma-separated numbers, which cannot end (nor allow an EOS) within max_tokens, so both runs emit
+the same number of tokens (checked). ms/token is the wall time of the generation over its output tokens per
+sequence. Then grammar compilation:
+a first compile of a schema with many properties, and a cached copy.
+
+    python bench/structured.py                                   # the embedded model on the CPU
+    python bench/structured.py --model smollm2-135m --load-format dummy --device cuda --batches 1,16,64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+
+from machine import machine
+
+from minisrv import structured_output
+from minisrv.config import EngineConfig
+from minisrv.engine.llm_engine import LLMEngine
+from minisrv.models.source import resolve_source
+from minisrv.sampling_params import SamplingParams
+from minisrv.tokenizer.loading import load_fast_tokenizer
+
+NUMBERS = r"([0-9]{1,3}, ){500}"
+BIG_SCHEMA = {"type": "object", "properties": {f"field_{i}": {"type": ["string", "integer", "boolean", "null"]}
+                                               for i in range(200)}, "required": [f"field_{i}" for i in range(20)]}
+
+
+def timed(engine: LLMEngine, batch: int, tokens: int, grammar: str | None, seed: int) -> float:
+    """Seconds to generate `tokens` tokens for each of `batch` prompts (fresh prompts: no prefix-cache hits)."""
+    for i in range(batch):
+        prompt = list(f"[{seed}-{i}] Numbers: ".encode())
+        engine.add_request(seed * 10_000 + i, prompt, SamplingParams(temperature=0.0, max_tokens=tokens,
+                                                                     ignore_eos=True, grammar=grammar))
+    emitted = 0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        emitted += sum(len(out.new_token_ids) for out in engine.step())
+    seconds = time.perf_counter() - start
+    if emitted != batch * tokens:
+        raise SystemExit(f"batch {batch}: {emitted} tokens, expected {batch * tokens}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    config = EngineConfig(model=args.model, load_format=args.load_format, device=args.device, max_model_len=1024)
+    source = resolve_source(config)
+    engine = LLMEngine(config, source, load_tokenizer=partial(load_fast_tokenizer, source))
+    grammar = structured_output.regex(NUMBERS, "bench").text
+    engine.compile_grammar(grammar)   # the tokenizer's token trie is built once, outside the timings
+    rows = []
+    seed = 0
+    for batch in [int(b) for b in args.batches.split(",")]:
+        timed(engine, batch, 4, grammar, seed := seed + 1)   # warm-up of this batch's shapes
+        times = {"free": [], "grammar": []}
+        for _ in range(args.repeats):
+            for kind, g in (("free", None), ("grammar", grammar)):
+                times[kind].append(timed(engine, batch, args.tokens, g, seed := seed + 1) / args.tokens * 1e3)
+        free_ms, grammar_ms = statistics.median(times["free"]), statistics.median(times["grammar"])
+        rows.append(dict(batch=batch, free_ms_per_token=free_ms, grammar_ms_per_token=grammar_ms,
+                         ratio=grammar_ms / free_ms))
+        print(rows[-1], flush=True)
+    big = structured_output.json_schema(BIG_SCHEMA, "bench").text
+    start = time.perf_counter()
+    engine.compile_grammar(big)
+    first_ms = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    engine.compile_grammar(big)
+    cached_ms = (time.perf_counter() - start) * 1e3
+    setup = {**machine(), "model": args.model, "device": args.device, "tokens": args.tokens}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": setup, "decode": rows, "compile_first_ms": first_ms, "compile_cached_ms": cached_ms},
+                      f, indent=1)
+    print(f"\n{setup['cpu']}, {args.device}, {args.model}; {args.tokens} tokens a sequence, greedy, median of "
+          f"{args.repeats}")
+    print(f"{'batch':>5} | {'free ms/tok':>11} {'grammar':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['batch']:>5} | {r['free_ms_per_token']:>11.2f} {r['grammar_ms_per_token']:>9.2f} {r['ratio']:>5.2f}x")
+    print(f"compile a {len(json.dumps(BIG_SCHEMA))}-byte schema: first {first_ms:.1f} ms, cached {cached_ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Structured output in the engine: llguidance matchers that decide which tokens a request may sample.
+
+A request's grammar (SamplingParams.grammar, made by minisrv/structured_output.py) is compiled against the
+model's tokenizer once per distinct grammar; each request gets a copy of that compiled matcher (~40 us). Per
+step, every constrained row's matcher writes its row of a token bitmask (32 tokens per int32 word) and the
+tokens it leaves out get -inf before anything else touches the logits (apply_grammar_masks, on the logits'
+device), so greedy and sampled rows, logit_bias and penalties all choose among allowed tokens only. The
+sampled token then advances the matcher (Scheduler.postprocess); once the grammar is complete and only an
+end of sequence may follow, the request finishes with "stop" without spending a step on that token.
+
+The matcher's state follows the request's recorded output, so a preempted request (recomputed from its
+tokens) resumes with it unchanged; and a constrained request never has a token in flight when the next step
+is scheduled (LLMEngine waits for it), since its mask depends on that token.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from minisrv.scheduler.request import Request
+
+COMPILED_KEPT = 256   # distinct grammars whose compiled matchers are kept for copying
+
+
+class RequestGrammar:
+    """One request's matcher (the scheduler's TokenConstraint)."""
+
+    def __init__(self, matcher) -> None:
+        self.matcher = matcher   # llguidance.LLMatcher
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        """Write the allowed next tokens into `row`, a contiguous int32 CPU tensor of (vocab + 31) // 32 words."""
+        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+
+    def advance(self, token_id: int) -> bool:
+        """Consume the sampled token; True when the output is complete (nothing but an end may follow)."""
+        if not self.matcher.consume_token(token_id):
+            raise ValueError(f"the grammar refused token {token_id}: {self.matcher.get_error()}")
+        return self.matcher.is_stopped()
+
+
+class GrammarCompiler:
+    """Compiles grammars against the model's tokenizer, keeping the last COMPILED_KEPT compiled matchers.
+
+    `load_tokenizer` gives the `tokenizers` Tokenizer; it is read at the first grammar, not at start-up
+    (building llguidance's token trie takes about half a second). Thread-safe: the scheduler process compiles
+    on a worker thread, and llguidance releases the GIL while it builds a grammar."""
+
+    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, eos_token_ids: list[int],
+                 capacity: int = COMPILED_KEPT) -> None:
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.capacity = capacity
+        self._ll_tokenizer = None
+        self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, grammar: str) -> RequestGrammar:
+        """A fresh matcher for `grammar`; ValueError (fit for the client) when llguidance rejects it."""
+        from llguidance import LLMatcher
+
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return RequestGrammar(compiled.deep_copy())
+            tokenizer = self._tokenizer()
+        compiled = LLMatcher(tokenizer, grammar, log_level=0)   # outside the lock: this is the slow part
+        if compiled.is_error():
+            raise ValueError(f"grammar: {compiled.get_error()}")
+        with self._lock:
+            self._compiled[grammar] = compiled
+            if len(self._compiled) > self.capacity:
+                self._compiled.popitem(last=False)
+        return RequestGrammar(compiled.deep_copy())
+
+    def _tokenizer(self):
+        if self._ll_tokenizer is None:
+            from llguidance import LLTokenizer
+
+            # The model's vocabulary can be wider than the tokenizer's (padded); its EOS ids end a grammar.
+            self._ll_tokenizer = LLTokenizer(self._load_tokenizer().to_str(), n_vocab=self.vocab_size,
+                                             eos_token=self.eos_token_ids)
+        return self._ll_tokenizer
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def apply_grammar_masks(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Set to -inf, in place, every logit a row's grammar does not allow (rows without a grammar are kept)."""
+    rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+    if not rows:
+        return
+    vocab_size = logits.shape[1]
+    bitmask = torch.empty(len(rows), bitmask_words(vocab_size), dtype=torch.int32,
+                          pin_memory=logits.device.type == "cuda")
+    for j, i in enumerate(rows):
+        requests[i].grammar.fill_bitmask(bitmask[j])
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab_size)
+    index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, words] int32 -> [rows, vocab_size] bool; bit b of word w is token 32 * w + b."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()

@@ -1,0 +1,205 @@
+"""Structured output in the engine: the bitmask ops against plain references, then grammars on the embedded model
+(every output valid; greedy rows equal to a hand-masked greedy decode; preemption keeps the grammar's state)."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from functools import partial
+
+import pytest
+import torch
+
+from minisrv import structured_output
+from minisrv.config import EngineConfig
+from minisrv.engine.grammar import apply_grammar_masks, bitmask_words, unpack_bitmask
+from minisrv.engine.llm_engine import LLMEngine
+from minisrv.llm import LLM
+from minisrv.sampling_params import SamplingParams
+from minisrv.scheduler.request import Request
+from minisrv.tokenizer.loading import load_fast_tokenizer
+
+# Bounded strings and numbers: the grammar itself then ends every output within max_tokens.
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                           "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+                                           "coastal": {"type": "boolean"}},
+          "required": ["city", "population", "coastal"], "additionalProperties": False}
+PROMPTS = ["The largest city of France, as JSON:", "A city:", "Describe Tokyo in JSON.", "{"]
+
+
+class AllowedSet:
+    """A TokenConstraint allowing a fixed set of tokens, for testing the mask without llguidance."""
+
+    def __init__(self, allowed: set[int]) -> None:
+        self.allowed = allowed
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        words = [0] * row.numel()
+        for t in self.allowed:
+            words[t // 32] |= 1 << (t % 32)
+        row.copy_(torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32))
+
+    def advance(self, token_id: int) -> bool:
+        return False
+
+
+def test_unpack_bitmask_matches_bit_arithmetic() -> None:
+    rng = random.Random(0)
+    vocab = 1000
+    words = [[rng.getrandbits(32) for _ in range(bitmask_words(vocab))] for _ in range(3)]
+    signed = torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in words], dtype=torch.int32)
+    expected = torch.tensor([[bool(row[t // 32] >> (t % 32) & 1) for t in range(vocab)] for row in words])
+    assert torch.equal(unpack_bitmask(signed, vocab), expected)
+
+
+def test_masks_touch_only_constrained_rows_and_their_disallowed_tokens() -> None:
+    rng = random.Random(1)
+    vocab = 300
+    logits = torch.randn(3, vocab)
+    allowed = [set(rng.sample(range(vocab), 40)), None, set(rng.sample(range(vocab), 3))]
+    requests = [Request(i, [1], SamplingParams(), 0, grammar=None if a is None else AllowedSet(a))
+                for i, a in enumerate(allowed)]
+    masked = logits.clone()
+    apply_grammar_masks(masked, requests)
+    for row, a in enumerate(allowed):
+        expected = logits[row].clone()
+        if a is not None:
+            expected[[t for t in range(vocab) if t not in a]] = float("-inf")
+        assert torch.equal(masked[row], expected)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM()
+
+
+def grammar(kind: str, value) -> str:
+    return getattr(structured_output, kind)(value, "test").text
+
+
+def test_json_schema_outputs_are_valid_greedy_and_sampled(llm: LLM) -> None:
+    g = grammar("json_schema", SCHEMA)
+    params = [SamplingParams(temperature=0.0, max_tokens=80, grammar=g)] + \
+             [SamplingParams(temperature=1.0, seed=seed, max_tokens=80, grammar=g) for seed in range(6)]
+    outs = llm.generate([PROMPTS[i % len(PROMPTS)] for i in range(len(params))], params)
+    for out in outs:
+        assert out.finish_reason == "stop", out
+        city = json.loads(out.text)
+        assert set(city) == {"city", "population", "coastal"} and len(city["city"]) <= 16
+        assert isinstance(city["population"], int) and 0 <= city["population"] <= 99999999
+        assert isinstance(city["coastal"], bool)
+
+
+def test_greedy_with_a_grammar_is_the_argmax_of_the_allowed_tokens(llm: LLM) -> None:
+    """The engine's constrained greedy decode equals one by hand with transformers' model on the same weights:
+    a full forward per token, the grammar's mask, argmax."""
+    from llguidance import LLMatcher, LLTokenizer
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+    from transformers import AutoModelForCausalLM
+
+    pattern = r"(red|green|blue)( and (red|green|blue)){0,3}\."
+    g = grammar("regex", pattern)
+    prompt = "My favourite colours are"
+    ours = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, grammar=g))[0]
+    loaded = llm.engine.loaded
+    vocab = loaded.model_config.vocab_size
+    matcher = LLMatcher(LLTokenizer(load_fast_tokenizer(llm.source).to_str(), n_vocab=vocab,
+                                    eos_token=loaded.eos_token_ids), g)
+    bitmask = allocate_token_bitmask(1, vocab)
+    hf = AutoModelForCausalLM.from_pretrained(llm.source.path, dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+    by_hand: list[int] = []
+    with torch.inference_mode():
+        while not matcher.is_stopped() and len(by_hand) < 24:
+            logits = hf(torch.tensor([ids + by_hand])).logits[0, -1, :vocab]
+            fill_next_token_bitmask(matcher, bitmask, 0)
+            token = int(logits.masked_fill(~unpack_bitmask(bitmask, vocab)[0], float("-inf")).argmax())
+            if token in loaded.eos_token_ids:
+                break
+            by_hand.append(token)
+            assert matcher.consume_token(token)
+    assert ours.token_ids == by_hand
+    assert re.fullmatch(pattern, ours.text)
+
+
+def test_choices_and_preemption_keep_every_output_valid(llm: LLM) -> None:
+    """A tiny KV pool preempts constrained requests mid-output; each resumes with its grammar state intact."""
+    clone = object.__new__(LLM)
+    clone.engine = LLMEngine(EngineConfig(page_size=4, num_pages=40, enable_prefix_caching=False),
+                             loaded=llm.engine.loaded, load_tokenizer=partial(load_fast_tokenizer, llm.source))
+    clone.tokenizer, clone._next_rid, clone.source = llm.tokenizer, 0, llm.source
+    pattern = r"\[[0-9]{1,3}(, [0-9]{1,3}){3,9}\]"
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=60, grammar=grammar("regex", pattern))
+              for s in range(8)]
+    outs = clone.generate(["Ten numbers: " * (1 + i % 3) for i in range(8)], params)
+    assert clone.engine.scheduler.num_preemptions > 0
+    for out in outs:
+        assert out.finish_reason == "stop" and re.fullmatch(pattern, out.text), out
+
+
+def test_an_engine_without_a_tokenizer_or_with_a_bad_grammar_refuses_the_request(llm: LLM) -> None:
+    bare = LLMEngine(EngineConfig(), loaded=llm.engine.loaded)
+    with pytest.raises(ValueError, match="grammar: .*tokenizer"):
+        bare.add_request(0, [1, 2], SamplingParams(grammar=grammar("regex", "a+")))
+    with pytest.raises(ValueError, match="grammar: "):
+        llm.engine.add_request(0, [1, 2], SamplingParams(grammar='start: "a" undefined_rule'))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_fused_sampler_picks_only_allowed_tokens() -> None:
+    """On the GPU the masks go on the device logits before the fused kernel: greedy rows take the masked
+    argmax, sampled rows only ever an allowed token; rows without a grammar are untouched."""
+    from minisrv.engine.sampling import FusedSampler
+    from minisrv.kernels import select_ops
+
+    rng = random.Random(2)
+    vocab, rows = 49152, 12
+    sampler = FusedSampler(vocab, [0], "cuda", select_ops("cuda", torch.device("cuda")))
+    logits = torch.randn(rows, vocab, device="cuda") * 4
+    allowed = [set(rng.sample(range(vocab), rng.choice([1, 7, 500]))) if i % 3 else None for i in range(rows)]
+    requests = [Request(i, [1], SamplingParams(temperature=0.0 if i % 2 else 1.0, top_k=50 if i % 4 == 1 else -1),
+                        seed=i, grammar=None if a is None else AllowedSet(a)) for i, a in enumerate(allowed)]
+    for position in range(4):
+        tokens = [r.token_id for r in sampler.launch(logits, requests, [position] * rows).results()]
+        for i, (token, a) in enumerate(zip(tokens, allowed)):
+            if a is not None:
+                assert token in a, (i, token)
+                if requests[i].params.temperature == 0.0:
+                    assert token == max(a, key=lambda t: float(logits[i, t]))
+            elif requests[i].params.temperature == 0.0:
+                assert token == int(logits[i].argmax())
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_graphs_and_overlap_follow_grammars_on_cuda() -> None:
+    """A dummy-weight bf16 model with CUDA graphs and overlap scheduling: every constrained output is valid,
+    greedy and sampled, beside unconstrained requests in the same batches."""
+    from minisrv.models.source import resolve_source
+
+    config = EngineConfig(model="smollm2-135m", load_format="dummy", device="cuda", max_model_len=512)
+    source = resolve_source(config)
+    engine = LLMEngine(config, source, load_tokenizer=partial(load_fast_tokenizer, source))
+    pattern = r"[0-9]{2,5}(,[0-9]{2,5}){2}"
+    g = grammar("regex", pattern)
+    for rid in range(16):
+        constrained = rid % 4 != 3
+        engine.add_request(rid, list(b"Numbers: ") + [rid], SamplingParams(
+            temperature=0.0 if rid % 2 else 1.0, seed=rid, max_tokens=40, ignore_eos=not constrained,
+            grammar=g if constrained else None))
+    outputs: dict[int, list[int]] = {rid: [] for rid in range(16)}
+    finish = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.rid] += out.new_token_ids
+            if out.finished:
+                finish[out.rid] = out.finish_reason.api_name
+    for rid, ids in outputs.items():
+        if rid % 4 != 3:
+            assert finish[rid] == "stop" and re.fullmatch(pattern, bytes(ids).decode()), (rid, ids)
+        else:
+            assert finish[rid] == "length" and len(ids) == 40
