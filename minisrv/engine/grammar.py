@@ -2,8 +2,8 @@
 
 A request's grammar (SamplingParams.grammar, made by minisrv/structured_output.py) is compiled against the
 model's tokenizer once per distinct grammar; each request gets a copy of that compiled matcher (~40 us). Per
-step, every constrained row's matcher writes its row of a token bitmask (32 tokens per int32 word) and the
-tokens it leaves out get -inf before anything else touches the logits (apply_grammar_masks, on the logits'
+step, every constrained row's matcher writes its row of a token bitmask (32 tokens per int32 word; the rows
+in parallel on llguidance's thread pool, which runs without the GIL) and the tokens it leaves out get -inf before anything else touches the logits (apply_grammar_masks, on the logits'
 device), so greedy and sampled rows, logit_bias and penalties all choose among allowed tokens only. The
 sampled token then advances the matcher (Scheduler.postprocess); once the grammar is complete and only an
 end of sequence may follow, the request finishes with "stop" without spending a step on that token.
@@ -26,10 +26,11 @@ COMPILED_KEPT = 256   # distinct grammars whose compiled matchers are kept for c
 
 
 class RequestGrammar:
-    """One request's matcher (the scheduler's TokenConstraint)."""
+    """One request's matcher (the scheduler's TokenConstraint), and the thread pool that fills its masks."""
 
-    def __init__(self, matcher) -> None:
-        self.matcher = matcher   # llguidance.LLMatcher
+    def __init__(self, matcher, executor) -> None:
+        self.matcher = matcher     # llguidance.LLMatcher
+        self.executor = executor   # llguidance.LLExecutor, shared by every request of an engine
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         """Write the allowed next tokens into `row`, a contiguous int32 CPU tensor of (vocab + 31) // 32 words."""
@@ -56,6 +57,7 @@ class GrammarCompiler:
         self.eos_token_ids = list(eos_token_ids)
         self.capacity = capacity
         self._ll_tokenizer = None
+        self._executor = None
         self._compiled: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -67,7 +69,7 @@ class GrammarCompiler:
             compiled = self._compiled.get(grammar)
             if compiled is not None:
                 self._compiled.move_to_end(grammar)
-                return RequestGrammar(compiled.deep_copy())
+                return RequestGrammar(compiled.deep_copy(), self._executor)
             tokenizer = self._tokenizer()
         compiled = LLMatcher(tokenizer, grammar, log_level=0)   # outside the lock: this is the slow part
         if compiled.is_error():
@@ -76,12 +78,13 @@ class GrammarCompiler:
             self._compiled[grammar] = compiled
             if len(self._compiled) > self.capacity:
                 self._compiled.popitem(last=False)
-        return RequestGrammar(compiled.deep_copy())
+        return RequestGrammar(compiled.deep_copy(), self._executor)
 
     def _tokenizer(self):
         if self._ll_tokenizer is None:
-            from llguidance import LLTokenizer
+            from llguidance import LLExecutor, LLTokenizer
 
+            self._executor = LLExecutor()
             # The model's vocabulary can be wider than the tokenizer's (padded); its EOS ids end a grammar.
             self._ll_tokenizer = LLTokenizer(self._load_tokenizer().to_str(), n_vocab=self.vocab_size,
                                              eos_token=self.eos_token_ids)
@@ -100,11 +103,23 @@ def apply_grammar_masks(logits: torch.Tensor, requests: list[Request]) -> None:
     vocab_size = logits.shape[1]
     bitmask = torch.empty(len(rows), bitmask_words(vocab_size), dtype=torch.int32,
                           pin_memory=logits.device.type == "cuda")
-    for j, i in enumerate(rows):
-        requests[i].grammar.fill_bitmask(bitmask[j])
+    fill_bitmask_rows(bitmask, [requests[i].grammar for i in rows])
     allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab_size)
     index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def fill_bitmask_rows(bitmask: torch.Tensor, grammars: list) -> None:
+    """Row j of `bitmask` from grammars[j]: RequestGrammars on their thread pool, in one call, any other
+    TokenConstraint by itself."""
+    batched = [(g.matcher, j) for j, g in enumerate(grammars) if isinstance(g, RequestGrammar)]
+    if batched:
+        words = bitmask.shape[1]
+        grammars[batched[0][1]].executor.unsafe_compute_mask_ptr(batched, bitmask.data_ptr(), words * 4,
+                                                                  bitmask.shape[0])
+    for j, g in enumerate(grammars):
+        if not isinstance(g, RequestGrammar):
+            g.fill_bitmask(bitmask[j])
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

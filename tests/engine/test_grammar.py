@@ -12,7 +12,7 @@ import torch
 
 from minisrv import structured_output
 from minisrv.config import EngineConfig
-from minisrv.engine.grammar import apply_grammar_masks, bitmask_words, unpack_bitmask
+from minisrv.engine.grammar import apply_grammar_masks, bitmask_words, fill_bitmask_rows, unpack_bitmask
 from minisrv.engine.llm_engine import LLMEngine
 from minisrv.llm import LLM
 from minisrv.sampling_params import SamplingParams
@@ -88,6 +88,25 @@ def test_json_schema_outputs_are_valid_greedy_and_sampled(llm: LLM) -> None:
         assert set(city) == {"city", "population", "coastal"} and len(city["city"]) <= 16
         assert isinstance(city["population"], int) and 0 <= city["population"] <= 99999999
         assert isinstance(city["coastal"], bool)
+
+
+def test_masks_filled_in_parallel_equal_those_filled_one_by_one(llm: LLM) -> None:
+    rng = random.Random(4)
+    vocab = llm.engine.loaded.model_config.vocab_size
+    grammars = [llm.engine.compile_grammar(g) for g in
+                [grammar("json_schema", SCHEMA), grammar("regex", r"[a-z]{3,9}( [a-z]{3,9})*"),
+                 grammar("choice", ["alpha", "beta"]), structured_output.json_object("test").text]]
+    prefixes = [b'{"city": "Par', b"hello wor", b"al", b'{"a": [1, ']
+    for g, prefix in zip(grammars, prefixes):
+        for token in llm.tokenizer.encode(prefix.decode(), add_special_tokens=False):
+            g.advance(token)
+    order = rng.sample(range(len(grammars)), len(grammars))
+    together = torch.zeros(len(grammars), bitmask_words(vocab), dtype=torch.int32)
+    fill_bitmask_rows(together, [grammars[i] for i in order])
+    for row, i in enumerate(order):
+        alone = torch.zeros(bitmask_words(vocab), dtype=torch.int32)
+        grammars[i].fill_bitmask(alone)
+        assert torch.equal(together[row], alone) and bool(alone.any())
 
 
 def test_greedy_with_a_grammar_is_the_argmax_of_the_allowed_tokens(llm: LLM) -> None:
