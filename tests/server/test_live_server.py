@@ -417,3 +417,80 @@ def test_invalid_grammars_are_400s_naming_the_field(server, model, body: dict, p
     r = post(server, "/v1/chat/completions", {"model": model, "messages": chat_messages("x"), **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def bounded_schemas():
+    """JSON objects' schemas whose every value is bounded (strings, numbers, arrays), so the grammar ends each
+    output."""
+    from hypothesis import strategies as st
+
+    leaves = st.one_of(
+        st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(1, 8)),
+        st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+                  st.integers(-1000, 1000), st.integers(0, 5000)),
+        st.just({"type": "boolean"}),
+        st.builds(lambda values: {"enum": values}, st.lists(st.text("abcxyz _", min_size=1, max_size=6),
+                                                             min_size=1, max_size=4, unique=True)),
+        st.builds(lambda n: {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
+                             "maxItems": n}, st.integers(0, 4)))
+    names = st.text("abcdefghij_", min_size=1, max_size=6)
+
+    def obj(children):
+        return st.dictionaries(names, children, min_size=1, max_size=4).map(
+            lambda props: {"type": "object", "properties": props, "required": sorted(props),
+                           "additionalProperties": False})
+
+    return st.recursive(leaves, obj, max_leaves=6).filter(lambda s: s.get("type") == "object")
+
+
+def conforms(value, schema: dict) -> bool:
+    """Whether `value` follows `schema` (the subset bounded_schemas draws)."""
+    if "enum" in schema:
+        return value in schema["enum"]
+    kind = schema["type"]
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema["maxLength"]
+    if kind == "integer":
+        return type(value) is int and schema["minimum"] <= value <= schema["maximum"]
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list) and len(value) <= schema["maxItems"] and all(
+            conforms(v, schema["items"]) for v in value)
+    return (isinstance(value, dict) and set(value) == set(schema["properties"])
+            and all(conforms(value[k], s) for k, s in schema["properties"].items()))
+
+
+def test_random_schemas_give_valid_json_streamed_and_whole(server, model) -> None:
+    """50 schemas drawn by hypothesis (two draws of 25, sent at once), half streamed: every output stops and
+    follows its schema."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    async def one(client: openai.AsyncOpenAI, schema: dict, stream: bool, seed: int) -> tuple[str, str]:
+        args = dict(model=model, messages=chat_messages("Fill in this JSON."), max_tokens=200, seed=seed,
+                    temperature=0.7, response_format={"type": "json_schema", "json_schema": {
+                        "name": "s", "schema": schema}})
+        if not stream:
+            choice = (await client.chat.completions.create(**args)).choices[0]
+            return choice.message.content, choice.finish_reason
+        text, finish = [], None
+        async for chunk in await client.chat.completions.create(stream=True, **args):
+            if chunk.choices:
+                text.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        return "".join(text), finish
+
+    @settings(max_examples=2, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(bounded_schemas(), min_size=25, max_size=25))
+    def check(schemas: list[dict]) -> None:
+        async def all_of_them():   # a client per event loop: each asyncio.run makes a new one
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                                          timeout=300) as client:
+                return await asyncio.gather(*(one(client, s, i % 2 == 0, i) for i, s in enumerate(schemas)))
+
+        for schema, (text, finish) in zip(schemas, asyncio.run(all_of_them())):
+            assert finish == "stop", (schema, text)
+            assert conforms(json.loads(text), schema), (schema, text)
+
+    check()
