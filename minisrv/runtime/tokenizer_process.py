@@ -9,6 +9,7 @@ every replica (the others ignore a request they do not have).
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 
@@ -93,7 +94,9 @@ class TokenizerLoop:
             kwargs = {name: unpack_template_value(value)
                       for name, value in zip(req.template_kwarg_names, req.template_kwarg_values)}
             return self.prompts.token_ids(req.messages, is_chat=True, add_generation_prompt=req.add_generation_prompt,
-                                          continue_final_message=req.continue_final_message, template_kwargs=kwargs)
+                                          continue_final_message=req.continue_final_message, template_kwargs=kwargs,
+                                          tools=json.loads(req.tools) if req.tools else None,
+                                          message_extras=message_extras(req))
         if req.prompt_ids is not None:
             return req.prompt_ids.tolist()
         return self.prompts.token_ids(req.text, is_chat=False)
@@ -101,6 +104,23 @@ class TokenizerLoop:
     def close(self) -> None:
         for channel in (self.requests, *self.to_schedulers, self.to_detokenizer):
             channel.close()
+
+
+def message_extras(req: PromptRequest) -> list[dict] | None:
+    """What each chat message adds for the template beyond role and content: tool_calls, tool_call_id."""
+    if not req.message_tool_calls:
+        return None
+    if len(req.message_tool_calls) != len(req.messages):
+        raise PromptError(f"{len(req.message_tool_calls)} tool-call entries for {len(req.messages)} messages")
+    extras = []
+    for calls, call_id in zip(req.message_tool_calls, req.message_tool_call_ids):
+        extra: dict = {}
+        if calls:
+            extra["tool_calls"] = json.loads(calls)
+        if call_id:
+            extra["tool_call_id"] = call_id
+        extras.append(extra)
+    return extras
 
 
 def main(info: WorkerInfo, source: ModelSource, chat_template: str | None, channels: TokenizerChannels,

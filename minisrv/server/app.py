@@ -164,6 +164,8 @@ class ApiRoutes:
         grammar = await self._checked(req.grammar())
         prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, grammar)
         ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage())
+        ctx.tool_choice = req.resolved_tool_choice()
+        ctx.tool_names = frozenset(t.function.name for t in req.tools or [])
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
                                    responses.chat_completion)
 

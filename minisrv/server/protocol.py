@@ -10,6 +10,7 @@ this server generates, so they are accepted and ignored, and the server logs eac
 """
 from __future__ import annotations
 
+import json
 import typing
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from minisrv import structured_output
 from minisrv.sampling_params import MAX_TOP_LOGPROBS, OPTIONS, Api, SamplingParams, api_names
+from minisrv.server import tools as tool_calls
 from minisrv.server.errors import APIError, from_validation_error
 from minisrv.structured_output import Grammar, GrammarError
 from minisrv.wire.records import PromptRequest
@@ -123,22 +125,88 @@ class TextContentPart(Schema):
     text: str
 
 
+class FunctionDefinition(Schema):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None   # a JSON schema of the arguments object
+    strict: bool | None = None                 # forced calls always follow the schema, strict or not
+
+
+class ToolDefinition(Schema):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Schema):
+    name: str
+
+
+class NamedToolChoice(Schema):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice,
+                       _one_of('"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')]
+
+
+class CalledFunction(Schema):
+    name: str
+    arguments: str   # JSON text, as the API returned it
+
+
+class MessageToolCall(Schema):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(Schema):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str | list[TextContentPart],
-                       _one_of('a string or a list of {"type": "text", "text": ...} parts')]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str | list[TextContentPart] | None,
+                       _one_of('a string or a list of {"type": "text", "text": ...} parts')] = None
     name: str | None = None     # accepted and ignored: chat templates have no place for it
+    tool_calls: list[MessageToolCall] | None = None   # an assistant's calls (its content may then be null)
+    tool_call_id: str | None = None                   # a tool message: the call it answers
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+    def template_calls(self, where: str) -> str:
+        """The tool_calls as the chat template sees them (arguments as objects, as vLLM passes them), as JSON."""
+        if not self.tool_calls:
+            return ""
+        calls = []
+        for j, call in enumerate(self.tool_calls):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except json.JSONDecodeError as exc:
+                param = f"{where}.tool_calls.{j}.function.arguments"
+                raise APIError(400, f"{param}: not valid JSON ({exc})", param) from None
+            calls.append({"id": call.id, "type": "function",
+                          "function": {"name": call.function.name, "arguments": arguments}})
+        return json.dumps(calls, ensure_ascii=False)
 
 
 def chat_turns(messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
                ) -> list[tuple[str, str]]:
-    """A chat's (role, text) turns, once its two ways of ending the rendered prompt are checked to agree."""
+    """A chat's (role, text) turns, once its two ways of ending the rendered prompt are checked to agree and
+    each message has what its role needs."""
     if continue_final_message and add_generation_prompt:
         raise APIError(400, "continue_final_message needs add_generation_prompt false: the output cannot both "
                             "continue the last message and start a new one", "continue_final_message")
+    for i, m in enumerate(messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise APIError(400, f"messages.{i}.content may be null only in an assistant message with tool_calls",
+                           f"messages.{i}.content")
+        if m.role == "tool" and m.tool_call_id is None:
+            raise APIError(400, f"messages.{i}.tool_call_id: a tool message names the call it answers",
+                           f"messages.{i}.tool_call_id")
+        if m.tool_calls and m.role != "assistant":
+            raise APIError(400, f"messages.{i}.tool_calls: only an assistant message makes tool calls",
+                           f"messages.{i}.tool_calls")
     return [(m.role, m.text()) for m in messages]
 
 
@@ -236,6 +304,7 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
         """The one constraint on the output this request asks for, as a grammar (not yet validated)."""
         try:
             return structured_output.one_grammar([
+                *self.tool_grammar(),
                 _response_format_grammar(self.response_format),
                 *_structured_outputs_grammar(self.structured_outputs, "structured_outputs"),
                 _given(self.guided_json, structured_output.json_schema, "guided_json"),
@@ -244,6 +313,9 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
                 _given(self.guided_grammar, structured_output.ebnf, "guided_grammar")])
         except GrammarError as exc:
             raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
+
+    def tool_grammar(self) -> list[Grammar]:
+        return []
 
     def check_api_limits(self, vocab_size: int) -> None:
         check_token_ids(self.stop_token_ids or [], vocab_size, "stop_token_ids")
@@ -281,6 +353,34 @@ class ChatCompletionRequest(_OpenAIFields):
     add_generation_prompt: bool = True     # vLLM's extensions: end with the assistant's header, or
     continue_final_message: bool = False   # leave the last message open for the output to continue it
     chat_template_kwargs: dict[str, bool | int | float | str] | None = None   # e.g. {"enable_thinking": false}
+    tools: Annotated[list[ToolDefinition], Field(min_length=1)] | None = None
+    tool_choice: ToolChoice | None = None     # default: "auto" with tools, "none" without
+
+    def ignored_fields(self) -> list[str]:
+        ignored = super().ignored_fields()
+        return [name for name in ignored if name != "parallel_tool_calls"] if self.tools else ignored
+
+    def resolved_tool_choice(self) -> str:
+        """"none", "auto", "required" or the name of the function the request forces."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto" if self.tools else "none"
+        if choice != "none" and not self.tools:
+            raise APIError(400, "tool_choice needs tools: there is no function to call", "tool_choice")
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools]
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice.function.name: {choice.function.name!r} is not one of the "
+                                    f"tools ({', '.join(names)})", "tool_choice.function.name")
+            return choice.function.name
+        return choice
+
+    def tool_grammar(self) -> list[Grammar]:
+        choice = self.resolved_tool_choice()
+        if choice in ("none", "auto"):
+            return []
+        return [tool_calls.call_grammar([t.model_dump(exclude_none=True) for t in self.tools], choice,
+                                        self.parallel_tool_calls is not False, "tool_choice")]
 
     def to_prompt_request(self, vocab_size: int, max_model_len: int, grammar: Grammar | None = None) -> PromptRequest:
         """`grammar`: self.grammar(), validated."""
@@ -306,7 +406,15 @@ class ChatCompletionRequest(_OpenAIFields):
         if reserved:
             raise APIError(400, f"chat_template_kwargs.{reserved[0]} is set by the request itself, not here",
                            f"chat_template_kwargs.{reserved[0]}")
-        return PromptRequest(messages=messages, params=params, n=self.n,
+        choice = self.resolved_tool_choice()
+        tools = None if choice == "none" else json.dumps([t.model_dump(exclude_none=True) for t in self.tools],
+                                                         ensure_ascii=False)
+        calls = [m.template_calls(f"messages.{i}") for i, m in enumerate(self.messages)]
+        call_ids = [m.tool_call_id or "" for m in self.messages]
+        has_extras = any(calls) or any(call_ids)
+        return PromptRequest(messages=messages, params=params, n=self.n, tools=tools,
+                             message_tool_calls=calls if has_extras else [],
+                             message_tool_call_ids=call_ids if has_extras else [],
                              stop=stop_strings(self.stop, "stop"), add_generation_prompt=self.add_generation_prompt,
                              continue_final_message=self.continue_final_message,
                              template_kwarg_names=list(kwargs),

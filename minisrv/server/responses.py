@@ -10,10 +10,12 @@ import logging
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
+from minisrv.server import tools
 from minisrv.server.engine_handle import RequestError
 from minisrv.server.errors import error_body
 from minisrv.server.streams import (SSE_DONE, ChoiceDelta, ChoiceResult, ResponseContext, chat_logprobs,
                                     completion_logprobs, sse_event)
+from minisrv.server.tools import ToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -55,30 +57,76 @@ async def sse_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta],
 
 # --- /v1/chat/completions ---------------------------------------------------------------------------
 
+def _calls_of(ctx: ResponseContext, text: str, finish_reason: str | None) -> tuple[str, list[ToolCall], str | None]:
+    """(content, tool calls, finish_reason) of a whole chat output under the request's tool_choice."""
+    choice = ctx.tool_choice
+    if choice == "none" or finish_reason != "stop":   # a cut output is returned as it is
+        return text, [], finish_reason
+    if choice == "auto":
+        content, calls = tools.parse_calls(text, set(ctx.tool_names))
+    else:
+        content, calls = "", tools.forced_calls(text, choice)
+    # OpenAI's: a named function forced by tool_choice finishes with "stop", any other call with "tool_calls".
+    return content, calls, finish_reason if not calls or choice not in ("auto", "required") else "tool_calls"
+
+
 def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
-    choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                "logprobs": chat_logprobs(r.logprobs) if r.logprobs is not None else None,
-                "finish_reason": r.finish_reason}
-               for i, r in enumerate(results)]
+    choices = []
+    for i, r in enumerate(results):
+        content, calls, finish_reason = _calls_of(ctx, r.text, r.finish_reason)
+        message = {"role": "assistant", "content": None if calls and not content else content}
+        if calls:
+            message["tool_calls"] = [c.as_api() for c in calls]
+        choices.append({"index": i, "message": message,
+                        "logprobs": chat_logprobs(r.logprobs) if r.logprobs is not None else None,
+                        "finish_reason": finish_reason})
     return dict(_envelope(ctx, "chat.completion", choices), usage=ctx.usage())
 
 
 def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
+    """Text streams as it comes. With tools, what may be a call is held back (a forced call's whole output;
+    under "auto" from where a call may start, tools.AutoCallStream) and goes out as tool_calls deltas, one per
+    call with its whole arguments, in the choice's last chunk."""
     role_sent: set[int] = set()
+    auto: dict[int, tools.AutoCallStream] = {}
+    held: dict[int, list[str]] = {}   # forced calls: the text so far
+
+    def content_of(cd: ChoiceDelta) -> tuple[str, list[ToolCall], str | None]:
+        d = cd.delta
+        if ctx.tool_choice == "none":
+            return d.text, [], d.finish_reason
+        if ctx.tool_choice == "auto":
+            stream = auto.setdefault(cd.choice, tools.AutoCallStream(set(ctx.tool_names)))
+            text = stream.feed(d.text)
+            if d.finish_reason is None:
+                return text, [], None
+            if d.finish_reason != "stop":
+                return text + stream.text[stream.sent:], [], d.finish_reason
+            rest, calls = stream.finish()
+            return text + rest, calls, "tool_calls" if calls else d.finish_reason
+        parts = held.setdefault(cd.choice, [])
+        parts.append(d.text)
+        if d.finish_reason is None:
+            return "", [], None
+        content, calls, finish_reason = _calls_of(ctx, "".join(parts), d.finish_reason)
+        return content, calls, finish_reason
 
     def chunk_of(cd: ChoiceDelta) -> dict | None:
         d = cd.delta
+        text, calls, finish_reason = content_of(cd)
         delta: dict = {}
         if cd.choice not in role_sent:  # the first delta of every choice names the role
             role_sent.add(cd.choice)
             delta["role"] = "assistant"
-            delta["content"] = d.text
-        elif d.text:
-            delta["content"] = d.text
-        if not delta and d.finish_reason is None and not d.logprobs:
-            return None  # nothing new yet (e.g. half of a multi-byte character)
+            delta["content"] = text
+        elif text:
+            delta["content"] = text
+        if calls:
+            delta["tool_calls"] = [c.as_api(index=j) for j, c in enumerate(calls)]
+        if not delta and finish_reason is None and not d.logprobs:
+            return None  # nothing new yet (e.g. half of a multi-byte character, or text held back)
         choice = {"index": cd.choice, "delta": delta,
-                  "logprobs": chat_logprobs(d.logprobs) if d.logprobs else None, "finish_reason": d.finish_reason}
+                  "logprobs": chat_logprobs(d.logprobs) if d.logprobs else None, "finish_reason": finish_reason}
         return _envelope(ctx, CHAT_CHUNK, [choice], streaming=True)
 
     return sse_stream(ctx, deltas, chunk_of, CHAT_CHUNK)

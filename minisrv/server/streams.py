@@ -86,6 +86,8 @@ class ResponseContext:
     include_usage: bool = False
     continuous_usage: bool = False    # stream_options.continuous_usage_stats: the usage so far in every chunk
     sse_timestamps: bool = False      # --sse-timestamps: each chunk says when its first token left the scheduler
+    tool_choice: str = "none"         # chat: "none", "auto", "required" or a forced function's name
+    tool_names: frozenset[str] = frozenset()   # chat: the functions the request offers
     _choices: dict[int, ChoiceDelta] = field(default_factory=dict)   # latest delta of each choice
 
     @classmethod

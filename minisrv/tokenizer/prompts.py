@@ -36,14 +36,19 @@ class PromptTokenizer:
         self.chat_template = chat_template
 
     def render_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool,
-                    continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
+                    continue_final_message: bool = False, template_kwargs: dict | None = None,
+                    tools: list[dict] | None = None, message_extras: list[dict] | None = None) -> str:
+        """`tools`: OpenAI function definitions for templates that render them; `message_extras`: per message,
+        keys added to it (an assistant's tool_calls, a tool message's tool_call_id)."""
         if self.chat_template is None:
             raise PromptError("this model has no chat template; start the server with --chat-template")
         if not messages:
             raise PromptError("messages must not be empty")
         try:
+            extras = message_extras or [{}] * len(messages)
             return self.tokenizer.apply_chat_template(
-                [{"role": role, "content": content} for role, content in messages],
+                [{"role": role, "content": content, **extra} for (role, content), extra in zip(messages, extras)],
+                tools=tools,
                 chat_template=self.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
@@ -62,9 +67,11 @@ class PromptTokenizer:
 
     def token_ids(self, prompt: str | list[int] | list[tuple[str, str]], is_chat: bool,
                   add_generation_prompt: bool = True, continue_final_message: bool = False,
-                  template_kwargs: dict | None = None) -> list[int]:
+                  template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                  message_extras: list[dict] | None = None) -> list[int]:
         if is_chat:
-            rendered = self.render_chat(prompt, add_generation_prompt, continue_final_message, template_kwargs)
+            rendered = self.render_chat(prompt, add_generation_prompt, continue_final_message, template_kwargs,
+                                        tools, message_extras)
             return self.encode_text(rendered, rendered_chat=True)
         if isinstance(prompt, str):
             return self.encode_text(prompt, rendered_chat=False)

@@ -14,8 +14,9 @@ from typing import Callable, ClassVar, TypeVar
 from minisrv.sampling_params import SamplingParams
 from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, column, flag, messages, sampling, scalar,
                                 strings, text)
+from minisrv.wire.codec import text as text_field   # for a field declared after PromptRequest's own `text`
 
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 
 
 class Kind(enum.IntEnum):
@@ -83,6 +84,12 @@ class PromptRequest(Record):
     # chat_template_kwargs: names, and values packed by wire.terms.pack_template_value
     template_kwarg_names: list[str] = strings("template_kwarg")
     template_kwarg_values: list[str] = strings("template_kwarg")
+    # Tool calling, for the chat template. Function definitions and call arguments are JSON documents by nature
+    # (templates render them as JSON), so they travel as their JSON text: the tools list, and per message (none,
+    # or one entry for each of messages) its tool_calls and the tool_call_id it answers ("" where it has none).
+    tools: str | None = text_field()
+    message_tool_calls: list[str] = strings("message_extra")
+    message_tool_call_ids: list[str] = strings("message_extra")
 
     def __post_init__(self) -> None:
         given = [name for name in ("text", "prompt_ids", "messages") if getattr(self, name) is not None]

@@ -225,7 +225,8 @@ def test_harmless_client_fields_are_accepted_and_ignored(server, sdk, caplog) ->
     assert sorted(m.split("'")[1] for m in logged) == sorted(extras)   # each name once, over two requests
     # Malformed ignored fields and fields that would change the meaning are still a 400 naming them.
     for bad, param in (({"store": "yes"}, "store"), ({"modalities": ["audio"]}, "modalities.0"),
-                       ({"tools": [{"type": "function"}]}, "tools"), ({"logit_bias": {"5": 101}}, "logit_bias")):
+                       ({"tools": [{"type": "function"}]}, "tools.0.function"),
+                       ({"logit_bias": {"5": 101}}, "logit_bias")):
         assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**body, **bad}), 400, param)
     completion = sdk.completions.create(model=MODEL, prompt="x", max_tokens=2, user="u", extra_body={"store": True})
     assert completion.choices[0].text

@@ -494,3 +494,87 @@ def test_random_schemas_give_valid_json_streamed_and_whole(server, model) -> Non
             assert conforms(json.loads(text), schema), (schema, text)
 
     check()
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_forced_tool_calls_parse_whole_and_streamed(sdk, model) -> None:
+    """tool_choice "required" and a named function: the arguments always parse and follow the parameters;
+    a stream's tool_calls deltas reassemble to the whole response's."""
+    messages = chat_messages("What is the weather in Paris?")
+    for choice, parallel in (("required", False), ("required", True),
+                             ({"type": "function", "function": {"name": "get_weather"}}, True)):
+        args = dict(model=model, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice,
+                    parallel_tool_calls=parallel, max_tokens=120, **GREEDY)
+        whole = sdk.chat.completions.create(**args).choices[0]
+        assert whole.finish_reason == ("stop" if isinstance(choice, dict) else "tool_calls"), whole
+        calls = whole.message.tool_calls
+        assert calls and whole.message.content is None and (parallel or len(calls) == 1)
+        for call in calls:
+            arguments = json.loads(call.function.arguments)
+            if call.function.name == "get_weather":
+                assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+            else:
+                assert call.function.name == "get_time" and arguments["zone"] in ("UTC", "CET", "PST")
+            assert call.id.startswith("call_") and call.type == "function"
+        if isinstance(choice, dict):
+            assert [c.function.name for c in calls] == ["get_weather"]
+        streamed: dict[int, dict] = {}
+        finish = None
+        for chunk in sdk.chat.completions.create(stream=True, **args):
+            delta = chunk.choices[0].delta
+            assert not delta.content   # a forced call never streams as text
+            for call in delta.tool_calls or []:
+                entry = streamed.setdefault(call.index, {"name": "", "arguments": ""})
+                entry["name"] += call.function.name or ""
+                entry["arguments"] += call.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == whole.finish_reason
+        assert [(e["name"], json.loads(e["arguments"])) for _, e in sorted(streamed.items())] == \
+            [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+def test_a_tool_round_trip_is_rendered_and_answered(sdk, model) -> None:
+    """The assistant's tool_calls (content null) and the tool's answer go through the chat template; auto
+    with a model that writes no call gives plain content; tool_choice none ignores the tools."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "clear"}'}]
+    answer = sdk.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL], max_tokens=24,
+                                         **GREEDY).choices[0]
+    assert answer.message.content and answer.message.role == "assistant"
+    assert (answer.message.tool_calls is None) == (answer.finish_reason != "tool_calls")
+    none = sdk.chat.completions.create(model=model, messages=chat_messages("Hi"), tools=[WEATHER_TOOL],
+                                       tool_choice="none", max_tokens=8, **GREEDY).choices[0]
+    plain = sdk.chat.completions.create(model=model, messages=chat_messages("Hi"), max_tokens=8, **GREEDY).choices[0]
+    assert none.message.content == plain.message.content and none.message.tool_calls is None
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": []}, "tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "response_format"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages.0.content"),
+    ({"messages": [{"role": "tool", "content": "21 C"}]}, "messages.0.tool_call_id"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
+     "messages.0.tool_calls.0.function.arguments"),
+])
+def test_invalid_tool_requests_are_400s_naming_the_field(server, model, body: dict, param: str) -> None:
+    r = post(server, "/v1/chat/completions", {"model": model, "messages": chat_messages("x"), **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()

@@ -1,0 +1,78 @@
+"""Tool calling without a model: forced-call grammars, parsing calls out of text, holding them back in a stream."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from llguidance import LLMatcher
+
+from minisrv.server import tools
+from tests.test_structured_output import accepts
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+
+
+def test_forced_grammars_accept_calls_and_nothing_else() -> None:
+    named = tools.call_grammar([WEATHER, TIME], "get_weather", True, "tool_choice").text
+    assert accepts(named, '{"city": "Paris", "unit": "C"}')
+    assert not accepts(named, '{"zone": "UTC"}')
+    one = tools.call_grammar([WEATHER, TIME], "required", False, "tool_choice").text
+    assert accepts(one, '[{"name": "get_time", "parameters": {"zone": "UTC"}}]')
+    assert not accepts(one, '[{"name": "get_time", "parameters": {"zone": "UTC"}}, '
+                            '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    assert not accepts(one, '[{"name": "get_time", "parameters": {"city": "Oslo"}}]')
+    assert not accepts(one, "[]")
+    many = tools.call_grammar([WEATHER, TIME], "required", True, "tool_choice").text
+    text = ('[{"name": "get_time", "parameters": {"zone": "UTC"}}, '
+            '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    assert accepts(many, text)
+    calls = tools.forced_calls(text, "required")
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_time", {"zone": "UTC"}),
+                                                                   ("get_weather", {"city": "Oslo"})]
+    assert calls[0].id.startswith("call_") and calls[0].id != calls[1].id
+
+
+@pytest.mark.parametrize("text, content, expected", [
+    ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     "Let me check.\n", [("get_weather", {"city": "Paris"})]),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "A"}}</tool_call>\n<tool_call>{"name": "get_time", '
+     '"arguments": "{\\"zone\\": \\"UTC\\"}"}</tool_call>', "",
+     [("get_weather", {"city": "A"}), ("get_time", {"zone": "UTC"})]),
+    ('{"name": "get_time", "parameters": {"zone": "CET"}}', "", [("get_time", {"zone": "CET"})]),
+    ('<|python_tag|>{"name": "get_time", "parameters": {"zone": "X"}}; '
+     '{"name": "get_weather", "parameters": {"city": "Y"}}', "",
+     [("get_time", {"zone": "X"}), ("get_weather", {"city": "Y"})]),
+    ('{"name": "not_a_tool", "parameters": {}}', '{"name": "not_a_tool", "parameters": {}}', []),
+    ('<tool_call>{broken json</tool_call>', '<tool_call>{broken json</tool_call>', []),
+    ("Just text, no call.", "Just text, no call.", []),
+])
+def test_auto_calls_are_parsed_in_both_formats(text: str, content: str, expected: list) -> None:
+    got_content, calls = tools.parse_calls(text, {"get_weather", "get_time"})
+    assert got_content == content
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == expected
+
+
+@pytest.mark.parametrize("text", [
+    'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+    '{"name": "get_time", "parameters": {"zone": "CET"}}',
+    "Plain text with a < sign and <tool_ not a call.",
+    '{"not": "a call"}',
+])
+def test_a_stream_sends_the_same_content_and_calls_as_the_whole_text(text: str) -> None:
+    rng = random.Random(len(text))
+    stream = tools.AutoCallStream({"get_weather", "get_time"})
+    sent, i = [], 0
+    while i < len(text):
+        step = rng.randint(1, 6)
+        sent.append(stream.feed(text[i : i + step]))
+        assert "<tool_call>" not in "".join(sent)   # never streams a call as content
+        i += step
+    rest, calls = stream.finish()
+    content, expected = tools.parse_calls(text, {"get_weather", "get_time"})
+    assert "".join(sent) + rest == (content if expected else text)
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
