@@ -5,7 +5,8 @@ step N's tokens, then records those: the CPU's scheduling, input building and ri
 the GPU computes, and the one wait per step is the read of the previous step's tokens. Step N+1 takes the
 tokens it needs from the device (minisrv/engine/model_runner.py), so outputs are those of the plain loop;
 only a request that step N stopped (EOS, a stop token) computes one row for nothing. A step whose batch
-needs its requests' recorded tokens on the host (penalties, grammars) waits for step N first.
+needs its requests' recorded tokens on the host (penalties, grammars) launches its forward, records step N
+while the device runs it, then draws its tokens (ModelRunner.sample_deferred).
 """
 from __future__ import annotations
 
@@ -83,13 +84,14 @@ class LLMEngine:
             return self.scheduler.postprocess(batch, results)
         outputs: list[RequestOutput] = []
         previous, self._in_flight = self._in_flight, None
-        if previous is not None and batch and _needs_recorded_tokens(batch, previous):
-            outputs, previous = self._record(previous), None
-            # What the recorded tokens stopped has released its pages: it must not run.
-            batch = ScheduledBatch([seq for seq in batch.seqs if not seq.request.finished])
-        launched = self.runner.launch(batch, previous) if batch else None
+        # Grammars and penalties read a request's recorded tokens: such a step's forward is launched first and
+        # its tokens drawn once the previous step's are recorded, the host's part overlapping the forward.
+        defer = previous is not None and bool(batch) and _needs_recorded_tokens(batch, previous)
+        launched = self.runner.launch(batch, previous, defer_sampling=defer) if batch else None
         if previous is not None:
             outputs = self._record(previous)
+        if defer:
+            self.runner.sample_deferred(launched)
         self._in_flight = launched
         return outputs
 

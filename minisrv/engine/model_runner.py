@@ -57,13 +57,23 @@ class StepInputs:
 
 
 @dataclass
+class DeferredSampling:
+    """A launched step's sampling left for later (`ModelRunner.sample_deferred`): its logits stay valid until
+    the next step is launched."""
+
+    logits: torch.Tensor
+    positions: list[int]
+    params: tuple[torch.Tensor, torch.Tensor] | None   # the graph's parameter buffers, when it replayed one
+
+
+@dataclass
 class LaunchedStep:
     """A step queued on the device. Its sampled tokens are in last_tokens[:len(requests)] until the next step
     runs, and on their way to the host (`ModelRunner.collect` waits for them)."""
 
     batch: ScheduledBatch
     requests: list[Request]                          # the sampled sequences' requests, in batch order
-    samples: DeviceSamples | list[SampleResult]      # results already, on the CPU
+    samples: DeviceSamples | list[SampleResult] | DeferredSampling   # results already, on the CPU; or not drawn
     token_rows: dict[int, int] = field(default_factory=dict)   # rid -> its token's row in last_tokens
 
 
@@ -189,22 +199,40 @@ class ModelRunner:
         return self.collect(self.launch(batch)) if batch.seqs else []
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
+    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None,
+               defer_sampling: bool = False) -> LaunchedStep:
         """Queue one step on the device without waiting for it. Tokens still in flight (sampled by `previous`,
-        not yet recorded) are taken from last_tokens on the device."""
+        not yet recorded) are taken from last_tokens on the device. With `defer_sampling` the forward is queued
+        but the tokens are drawn only by `sample_deferred`, once the caller has recorded what grammars and
+        penalties need to see (`previous`'s tokens): the host does that while the device runs this forward."""
         decodes_only = all(seq.num_tokens == 1 for seq in batch.seqs)
         bucket = self.graphs.bucket(len(batch.seqs)) if self.graphs is not None and decodes_only else None
         if bucket is not None:
-            requests, samples = self._replay(batch, bucket, previous)
+            requests, samples = self._replay(batch, bucket, previous, defer_sampling)
         else:
-            requests, samples = self._run_eagerly(batch, previous)
+            requests, samples = self._run_eagerly(batch, previous, defer_sampling)
         return LaunchedStep(batch, requests, samples, {r.rid: i for i, r in enumerate(requests)})
+
+    @torch.inference_mode()
+    def sample_deferred(self, step: LaunchedStep) -> None:
+        """Draw a step launched with defer_sampling, from its logits adjusted as its requests now stand."""
+        deferred = step.samples
+        if not isinstance(deferred, DeferredSampling):
+            return
+        requests, tokens = step.requests, self.last_tokens[: len(step.requests)]
+        if hasattr(self.sampler, "launch"):
+            step.samples = self.sampler.launch(deferred.logits, requests, deferred.positions,
+                                               params=deferred.params, out=tokens)
+        else:
+            step.samples = self.sampler(deferred.logits, requests, deferred.positions)
+            tokens.copy_(torch.tensor([r.token_id for r in step.samples]))
 
     def collect(self, step: LaunchedStep) -> list[SampleResult]:
         """The step's results, waiting for the GPU if it is still running."""
+        self.sample_deferred(step)
         return step.samples if isinstance(step.samples, list) else step.samples.results()
 
-    def _run_eagerly(self, batch: ScheduledBatch, previous: LaunchedStep | None):
+    def _run_eagerly(self, batch: ScheduledBatch, previous: LaunchedStep | None, defer_sampling: bool = False):
         step = self.prepare(batch, previous)
         input_ids = step.input_ids
         if step.in_flight_rows:
@@ -217,6 +245,8 @@ class ModelRunner:
         if not requests:
             return requests, []
         logits = self.model.compute_logits(hidden.index_select(0, step.sample_rows))
+        if defer_sampling:
+            return requests, DeferredSampling(logits, step.sample_positions, None)
         tokens = self.last_tokens[: len(requests)]
         if hasattr(self.sampler, "launch"):
             return requests, self.sampler.launch(logits, requests, step.sample_positions, out=tokens)
@@ -224,7 +254,7 @@ class ModelRunner:
         tokens.copy_(torch.tensor([r.token_id for r in results]))
         return requests, results
 
-    def _replay(self, batch: ScheduledBatch, bucket: int, previous: LaunchedStep | None):
+    def _replay(self, batch: ScheduledBatch, bucket: int, previous: LaunchedStep | None, defer_sampling: bool):
         graphs, ps = self.graphs, self.page_size
         requests = [seq.request for seq in batch.seqs]
         rows: dict[str, list[int]] = {name: [] for name in INT_ROWS}
@@ -243,9 +273,11 @@ class ModelRunner:
         rows.update(zip(INT_PARAMS, ints))
         logits = graphs.run(graphs.host_inputs(bucket, rows, floats, page_tables))[: len(requests)]
         tokens = self.last_tokens[: len(requests)]
+        params = (graphs.floats[:, : len(requests)], graphs.ints[SAMPLER_ROWS, : len(requests)])
+        if defer_sampling:
+            return requests, DeferredSampling(logits, positions, params)
         if self.sampler.needs_adjustment(requests, positions):
             # The graph drew without bans or penalties: draw again from the adjusted logits, same parameters.
-            params = (graphs.floats[:, : len(requests)], graphs.ints[SAMPLER_ROWS, : len(requests)])
             return requests, self.sampler.launch(logits, requests, positions, params=params, out=tokens)
         return requests, self.sampler.finish(logits, tokens, requests)
 

@@ -12,7 +12,7 @@ import torch
 
 from minisrv import structured_output
 from minisrv.config import EngineConfig
-from minisrv.engine.grammar import apply_grammar_masks, bitmask_words, fill_bitmask_rows, unpack_bitmask
+from minisrv.engine.grammar import apply_grammar_masks, bitmask_words, unpack_bitmask
 from minisrv.engine.llm_engine import LLMEngine
 from minisrv.llm import LLM
 from minisrv.sampling_params import SamplingParams
@@ -90,25 +90,6 @@ def test_json_schema_outputs_are_valid_greedy_and_sampled(llm: LLM) -> None:
         assert isinstance(city["coastal"], bool)
 
 
-def test_masks_filled_in_parallel_equal_those_filled_one_by_one(llm: LLM) -> None:
-    rng = random.Random(4)
-    vocab = llm.engine.loaded.model_config.vocab_size
-    grammars = [llm.engine.compile_grammar(g) for g in
-                [grammar("json_schema", SCHEMA), grammar("regex", r"[a-z]{3,9}( [a-z]{3,9})*"),
-                 grammar("choice", ["alpha", "beta"]), structured_output.json_object("test").text]]
-    prefixes = [b'{"city": "Par', b"hello wor", b"al", b'{"a": [1, ']
-    for g, prefix in zip(grammars, prefixes):
-        for token in llm.tokenizer.encode(prefix.decode(), add_special_tokens=False):
-            g.advance(token)
-    order = rng.sample(range(len(grammars)), len(grammars))
-    together = torch.zeros(len(grammars), bitmask_words(vocab), dtype=torch.int32)
-    fill_bitmask_rows(together, [grammars[i] for i in order])
-    for row, i in enumerate(order):
-        alone = torch.zeros(bitmask_words(vocab), dtype=torch.int32)
-        grammars[i].fill_bitmask(alone)
-        assert torch.equal(together[row], alone) and bool(alone.any())
-
-
 def test_greedy_with_a_grammar_is_the_argmax_of_the_allowed_tokens(llm: LLM) -> None:
     """The engine's constrained greedy decode equals one by hand with transformers' model on the same weights:
     a full forward per token, the grammar's mask, argmax."""
@@ -154,6 +135,26 @@ def test_choices_and_preemption_keep_every_output_valid(llm: LLM) -> None:
     assert clone.engine.scheduler.num_preemptions > 0
     for out in outs:
         assert out.finish_reason == "stop" and re.fullmatch(pattern, out.text), out
+
+
+def test_overlap_scheduling_gives_the_plain_loops_outputs(llm: LLM) -> None:
+    """Overlap draws a constrained step's tokens after recording the previous step: same tokens as the plain
+    loop (float32 CPU, exact), for greedy and seeded rows, beside unconstrained and penalised ones."""
+    def run(overlap: bool) -> dict[int, list[int]]:
+        engine = LLMEngine(EngineConfig(), loaded=llm.engine.loaded, overlap=overlap,
+                           load_tokenizer=partial(load_fast_tokenizer, llm.source))
+        kinds = [grammar("json_schema", SCHEMA), grammar("regex", r"[a-z]+( [a-z]+){2,6}\."), None]
+        for rid in range(6):
+            engine.add_request(rid, llm.tokenizer.encode(PROMPTS[rid % 4], add_special_tokens=False), SamplingParams(
+                temperature=0.0 if rid % 2 else 0.9, seed=rid, max_tokens=40, grammar=kinds[rid % 3],
+                repetition_penalty=1.2 if rid == 5 else 1.0))
+        out: dict[int, list[int]] = {rid: [] for rid in range(6)}
+        while engine.has_unfinished():
+            for o in engine.step():
+                out[o.rid] += o.new_token_ids
+        return out
+
+    assert run(overlap=True) == run(overlap=False)
 
 
 def test_an_engine_without_a_tokenizer_or_with_a_bad_grammar_refuses_the_request(llm: LLM) -> None:

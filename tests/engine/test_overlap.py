@@ -67,9 +67,9 @@ def test_a_request_is_never_computed_past_its_length(loaded):
     ends = []
     launch = engine.runner.launch
 
-    def recording_launch(batch, previous=None):
+    def recording_launch(batch, previous=None, **options):
         ends.extend(seq.start + seq.num_tokens for seq in batch.seqs)
-        return launch(batch, previous)
+        return launch(batch, previous, **options)
 
     engine.runner.launch = recording_launch
     engine.add_request(0, [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
