@@ -54,7 +54,10 @@ def json_schema(schema: dict | str, field: str) -> Grammar:
             raise GrammarError(field, f"not valid JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise GrammarError(field, f"a JSON schema must be an object, got {type(schema).__name__}")
-    return Grammar(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS), field)
+    try:
+        return Grammar(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS), field)
+    except (ValueError, TypeError) as exc:   # e.g. an integer beyond 64 bits, which llguidance cannot carry
+        raise GrammarError(field, f"not a usable JSON schema: {exc}") from None
 
 
 def json_object(field: str) -> Grammar:

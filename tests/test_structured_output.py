@@ -42,6 +42,7 @@ def test_each_form_accepts_what_it_describes() -> None:
 
 @pytest.mark.parametrize("make, value, field", [
     (structured_output.json_schema, "{not json", "guided_json"),
+    (structured_output.json_schema, {"type": "integer", "minimum": -2**64}, "guided_json"),   # found by the fuzzer
     (structured_output.json_schema, "[1, 2]", "guided_json"),
     (structured_output.choice, [], "guided_choice"),
 ])

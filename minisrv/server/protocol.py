@@ -429,6 +429,7 @@ class CompletionRequest(_OpenAIFields):
     max_tokens: int | None = COMPLETIONS_DEFAULT_MAX_TOKENS   # null: up to the context length
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None   # fill-in-the-middle: no served model's template has it, so a clear 400
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or a list of token ids."""
@@ -453,6 +454,10 @@ class CompletionRequest(_OpenAIFields):
                 raise APIError(400, "prompt must not be an empty string", "prompt")
             if isinstance(p, list):
                 check_token_ids(p, vocab_size, "prompt")
+        if self.suffix:
+            raise APIError(400, "suffix: fill-in-the-middle needs a model whose template defines it, and this "
+                                "server has none for the served model; put the text in the prompt instead", "suffix",
+                           "unsupported_field")
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", "echo")
         params = build_sampling_params(self, "openai", extra=dict(max_tokens=self.max_tokens, logprobs=self.logprobs,
