@@ -35,6 +35,7 @@ from machine import machine
 from minisrv.config import EngineConfig, ServerConfig
 from minisrv.models.source import ModelSource
 from minisrv.sampling_params import SamplingParams
+from minisrv.scheduler.metrics import RequestMetrics
 from minisrv.scheduler.request import RequestOutput, SampleResult
 from minisrv.wire.terms import FinishReason, SchedulerStats
 
@@ -58,8 +59,10 @@ class NullEngine:
         self.loaded = SimpleNamespace(name="null", max_model_len=config.max_model_len or 8192,
                                       model_config=SimpleNamespace(vocab_size=49152))
         self.requests: dict[int, tuple[int, int, list[int]]] = {}
+        self._metrics = RequestMetrics()   # never observed: the pipeline is what this benchmark measures
 
-    def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams, grammar=None,
+                    arrival: float | None = None) -> None:
         self.requests[rid] = (len(prompt_ids), params.max_tokens or 16, [])
 
     def abort(self, rid: int) -> RequestOutput | None:
@@ -83,6 +86,9 @@ class NullEngine:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(num_running=len(self.requests))
+
+    def metrics(self) -> RequestMetrics:
+        return self._metrics
 
 
 # --- the server (a subprocess: `--serve`) -------------------------------------------------------------------

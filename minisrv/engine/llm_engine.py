@@ -11,6 +11,7 @@ while the device runs it, then draws its tokens (ModelRunner.sample_deferred).
 from __future__ import annotations
 
 import random
+import time
 from typing import Callable
 
 from minisrv.config import EngineConfig
@@ -22,7 +23,8 @@ from minisrv.models.loader import LoadedModel, load_model
 from minisrv.models.source import ModelSource
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.batch import ScheduledBatch
-from minisrv.scheduler.request import Request, RequestOutput
+from minisrv.scheduler.request import Request, RequestOutput, RequestTimes
+from minisrv.scheduler.metrics import RequestMetrics
 from minisrv.scheduler.scheduler import Scheduler
 from minisrv.wire.terms import SchedulerStats
 
@@ -57,14 +59,16 @@ class LLMEngine:
         self.last_batch: ScheduledBatch | None = None   # what the last step scheduled (tensor-parallel ranks compare it)
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams,
-                    grammar: RequestGrammar | None = None) -> None:
+                    grammar: RequestGrammar | None = None, arrival: float | None = None) -> None:
         """Queue a request; raises ValueError (with a message fit for a client) when it is invalid. A request
-        with params.grammar has it compiled here, unless the caller compiled it already (compile_grammar)."""
+        with params.grammar has it compiled here, unless the caller compiled it already (compile_grammar).
+        `arrival`: when it reached the server (time.monotonic()), for the latency metrics; default now."""
         if params.grammar is not None and grammar is None:
             grammar = self.compile_grammar(params.grammar)
         seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+        times = RequestTimes(time.monotonic() if arrival is None else arrival)
         self.scheduler.add_request(Request(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed,
-                                           grammar=grammar))
+                                           grammar=grammar, times=times))
 
     def compile_grammar(self, grammar: str) -> RequestGrammar:
         """A request's matcher for `grammar` (ValueError if it cannot be used); safe to call from another thread."""
@@ -100,6 +104,9 @@ class LLMEngine:
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    def metrics(self) -> RequestMetrics:
+        return self.scheduler.metrics
 
 
 def _needs_recorded_tokens(batch: ScheduledBatch, previous: LaunchedStep) -> bool:

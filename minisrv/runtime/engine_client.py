@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
@@ -19,7 +20,7 @@ from minisrv.runtime.channels import AsyncRecordReader, RecordWriter
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
 from minisrv.wire.records import Abort, Error, PromptRequest, TextDeltas
-from minisrv.wire.terms import FINISH_API_NAMES, SchedulerStats, choice_rid, split_rid
+from minisrv.wire.terms import FINISH_API_NAMES, HistogramValues, SchedulerStats, choice_rid, split_rid
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class EngineClient:
         stream = self._streams[base] = _Stream(request.n, channel)
         want_logprobs = request.params.logprobs is not None
         try:
-            await self._send(channel, replace(request, rid=base))
+            arrival_ns = request.arrival_ns or time.monotonic_ns()   # the scheduler's latency metrics start here
+            await self._send(channel, replace(request, rid=base, arrival_ns=arrival_ns))
             stream.sent = True
             while len(stream.finished) < stream.n:
                 delta = await stream.next()
@@ -152,6 +154,10 @@ class EngineClient:
     def stats(self) -> SchedulerStats:
         """The scheduler's latest published stats, read from shared memory (cheap: no syscall)."""
         return self._status.total_stats()
+
+    def histograms(self) -> HistogramValues:
+        """The scheduler's request and step histograms, as last published (every replica's added up)."""
+        return self._status.total_histograms()
 
     # -- channels ---------------------------------------------------------------------------------
     async def _send(self, channel: int, request: PromptRequest) -> None:

@@ -136,12 +136,13 @@ class SchedulerLoop:
                         self.add(req, grammar)
                     else:
                         self.refuse(req, error)
-            if engine.has_unfinished():
+            stepped = engine.has_unfinished()
+            if stepped:
                 outputs += engine.step()
             # Stats first: a client that sees its request finish then sees its pages freed in /metrics.
             stats = engine.stats()
-            if stats != published:
-                self.status.publish_stats(stats, self.replica)
+            if stats != published or stepped:   # a step's histograms change even where its stats do not
+                self.status.publish_stats(stats, engine.metrics(), self.replica)
                 published = stats
             if outputs:
                 record = step_tokens(outputs)
@@ -174,10 +175,8 @@ class SchedulerLoop:
 
     def add(self, req: TokenizedRequest, grammar: RequestGrammar | None = None) -> None:
         try:
-            if grammar is None:
-                self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params)
-            else:
-                self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params, grammar)
+            self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params, grammar,
+                                    req.arrival_ns / 1e9 if req.arrival_ns else None)
         except ValueError as exc:
             self.refuse(req, exc)
 

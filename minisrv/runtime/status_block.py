@@ -9,9 +9,10 @@ Layout, u64 words (64-byte lines):
     line 0   magic, layout version, worker count, scheduler replica count (--dp-size)
     line 3   max_model_len, vocab_size, model name length; then lines 4-7: the model name (UTF-8)
     line 8+  per worker: attached pid, ready pid, last heartbeat (time.monotonic_ns) (one word each)
-    then, per scheduler replica, two lines: its stats sequence number (odd while the scheduler writes: a
-             seqlock), then SchedulerStats (minisrv/wire/terms.py), one word per field in its order (floats as
-             f64 bits)
+    then, per scheduler replica: a line holding its sequence number (odd while the scheduler writes: a
+             seqlock); SchedulerStats (minisrv/wire/terms.py), one word per field in its order (floats as f64
+             bits); the bucket counts of REQUEST_HISTOGRAMS (minisrv/scheduler/metrics.py's flat array), then
+             one f64 sum per histogram; each part from a line of its own
 
 Like the rings, the name is unlinked as soon as every worker has attached, so no exit leaves it behind.
 """
@@ -27,10 +28,11 @@ from dataclasses import dataclass
 import posix_ipc
 
 from minisrv.ipc.wakeup import full_fence
-from minisrv.wire.terms import SchedulerStats
+from minisrv.scheduler.metrics import NUM_COUNTS, RequestMetrics
+from minisrv.wire.terms import REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
 
 MAGIC = int.from_bytes(b"MSRVSTAT", "little")
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 WORKER_WORDS = 3              # attached pid, ready pid, heartbeat
 LINE = 8                      # words per 64-byte line
 MODEL, NAME, WORKERS = 3 * LINE, 4 * LINE, 8 * LINE
@@ -38,7 +40,18 @@ NAME_BYTES = 4 * LINE * 8
 # (word after a replica's stats line start, is a float) per SchedulerStats field, in declaration order
 STATS_WORDS = [(i, typing.get_type_hints(SchedulerStats)[f.name] is float)
                for i, f in enumerate(dataclasses.fields(SchedulerStats))]
-assert len(STATS_WORDS) <= LINE
+
+
+def _lines(words: int) -> int:
+    return -(-words // LINE)
+
+
+# A replica's part, in words from its sequence number: stats, histogram counts, histogram sums.
+STATS_AT = LINE
+COUNTS_AT = STATS_AT + LINE * _lines(len(STATS_WORDS))
+SUMS_AT = COUNTS_AT + LINE * _lines(NUM_COUNTS)
+REPLICA_WORDS = SUMS_AT + LINE * _lines(len(REQUEST_HISTOGRAMS))
+
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,7 @@ class StatusBlockSpec:
     def replica_seq(self, replica: int) -> int:
         """The word of a replica's stats sequence number; its stats start a line later."""
         workers_end = WORKERS + WORKER_WORDS * self.num_workers
-        return -(-workers_end // LINE) * LINE + 2 * LINE * replica
+        return _lines(workers_end) * LINE + REPLICA_WORDS * replica
 
     @property
     def size(self) -> int:
@@ -129,19 +142,22 @@ class StatusBlock:
         name = self._mmap[NAME * 8 : NAME * 8 + name_len].decode(errors="replace")
         return ModelFacts(name, max_model_len, vocab_size)
 
-    def publish_stats(self, stats: SchedulerStats, replica: int = 0) -> None:
+    def publish_stats(self, stats: SchedulerStats, metrics: RequestMetrics | None = None, replica: int = 0) -> None:
         words, at = self._words, self.spec.replica_seq(replica)
-        seq, base = words[at], at + LINE
+        seq, base = words[at], at + STATS_AT
         words[at] = seq + 1          # odd: a write is in progress
         for (word, is_float), value in zip(STATS_WORDS, dataclasses.astuple(stats)):
             (self._doubles if is_float else words)[base + word] = value
+        if metrics is not None:      # two slice copies: a few microseconds
+            words[at + COUNTS_AT : at + COUNTS_AT + NUM_COUNTS] = memoryview(metrics.counts)
+            self._doubles[at + SUMS_AT : at + SUMS_AT + len(REQUEST_HISTOGRAMS)] = memoryview(metrics.sums)
         words[at] = seq + 2          # x86-64 keeps these stores in order (TSO); ARM needs a release fence
 
     # -- API server, tokenizers -------------------------------------------------------------------
     def stats(self, replica: int = 0) -> SchedulerStats:
         """A consistent snapshot of one replica's: retried while its scheduler is mid-write (a seqlock read)."""
         words, at = self._words, self.spec.replica_seq(replica)
-        base = at + LINE
+        base = at + STATS_AT
         while True:
             seq = words[at]
             if seq & 1:
@@ -159,6 +175,23 @@ class StatusBlock:
         sums = [sum(values) for values in zip(*(dataclasses.astuple(s) for s in each))]
         total = SchedulerStats(*sums)
         return dataclasses.replace(total, kv_cache_usage=total.kv_cache_usage / len(each))
+
+    def histograms(self, replica: int = 0) -> HistogramValues:
+        """A consistent snapshot of one replica's histograms (the seqlock of `stats`)."""
+        words, at = self._words, self.spec.replica_seq(replica)
+        while True:
+            seq = words[at]
+            if seq & 1:
+                continue
+            snapshot = HistogramValues(words[at + COUNTS_AT : at + COUNTS_AT + NUM_COUNTS].tolist(),
+                                       self._doubles[at + SUMS_AT : at + SUMS_AT + len(REQUEST_HISTOGRAMS)].tolist())
+            if words[at] == seq:
+                return snapshot
+
+    def total_histograms(self) -> HistogramValues:
+        each = [self.histograms(r) for r in range(self.spec.num_replicas)]
+        return HistogramValues([sum(c) for c in zip(*(h.counts for h in each))],
+                               [sum(s) for s in zip(*(h.sums for h in each))])
 
     def unlink(self) -> None:
         try:

@@ -37,6 +37,7 @@ from minisrv.wire.terms import SchedulerStats
 
 if TYPE_CHECKING:
     from minisrv.engine.grammar import RequestGrammar
+    from minisrv.scheduler.metrics import RequestMetrics
     from minisrv.engine.llm_engine import LLMEngine
     from minisrv.runtime.remote_ranks import RemoteRanks
 
@@ -129,11 +130,11 @@ class TPLeader:
             followers.send(record)
 
     def add_request(self, rid: int, prompt_ids: Sequence[int], params: SamplingParams,
-                    grammar: RequestGrammar | None = None) -> None:
+                    grammar: RequestGrammar | None = None, arrival: float | None = None) -> None:
         """The other ranks compile the request's grammar themselves, when its record reaches them: every rank
         then admits it at the same step."""
         self._send(TokenizedRequest(rid, params, list(prompt_ids)))
-        self.engine.add_request(rid, prompt_ids, params, grammar)   # a ValueError here is raised on every rank alike
+        self.engine.add_request(rid, prompt_ids, params, grammar, arrival)   # a ValueError: on every rank alike
 
     def compile_grammar(self, grammar: str) -> RequestGrammar:
         return self.engine.compile_grammar(grammar)
@@ -153,6 +154,9 @@ class TPLeader:
 
     def stats(self) -> SchedulerStats:
         return self.engine.stats()
+
+    def metrics(self) -> RequestMetrics:
+        return self.engine.metrics()
 
     def close(self) -> None:
         for followers in self.followers:

@@ -79,7 +79,8 @@ class TokenizerLoop:
         # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
         params = req.params
         self.to_schedulers[self.replica_for(prompt_ids, req.n)].send_many(
-            TokenizedRequest(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)), prompt_ids)
+            TokenizedRequest(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)), prompt_ids,
+                             req.arrival_ns)
             for i in range(req.n))
 
     def replica_for(self, prompt_ids: list[int], choices: int) -> int:

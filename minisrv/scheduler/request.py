@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +26,17 @@ class TokenConstraint(Protocol):
         """Record the sampled token; True once the output is complete. ValueError for a refused token."""
 
 
+@dataclass
+class RequestTimes:
+    """time.monotonic() seconds (minisrv/scheduler/metrics.py): arrival at the API server, then the scheduler."""
+
+    arrival: float
+    queued: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float = 0.0
+
+
 @dataclass(eq=False)
 class Request:
     rid: int
@@ -43,6 +55,7 @@ class Request:
     max_tokens: int = 0                         # params.max_tokens, or the room the context leaves (add_request)
     finish_reason: FinishReason = FinishReason.NONE
     grammar: TokenConstraint | None = None      # params.grammar, compiled: its state follows output_ids
+    times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -21,12 +21,14 @@ always makes progress.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from minisrv.config import EngineConfig
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.kv_pages import PagePool, pages_for_tokens
+from minisrv.scheduler.metrics import RequestMetrics
 from minisrv.scheduler.prefix_cache import CacheNode, PrefixCache
 from minisrv.scheduler.request import Request, RequestOutput, RequestStatus, SampleResult
 from minisrv.wire.terms import FinishReason, SchedulerStats
@@ -78,12 +80,16 @@ class Scheduler:
         self.prefix_cache_queries = 0                 # prompt tokens looked up at first admission
         self.prefix_cache_hits = 0                    # of those, tokens whose K/V came from the cache
         self.num_preemptions = 0
+        self.metrics = RequestMetrics()
 
     # ---- stats for metrics
     def stats(self) -> SchedulerStats:
         # Idle cached pages are evictable, so they count as free.
+        m = self.metrics
         return SchedulerStats(len(self.running), len(self.waiting), self.pool.num_in_use / self.pool.num_pages,
-                              self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions)
+                              self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions,
+                              m.prompt_tokens, m.generation_tokens, m.finished[FinishReason.STOP],
+                              m.finished[FinishReason.LENGTH], m.finished[FinishReason.ABORT])
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -123,6 +129,7 @@ class Scheduler:
                              "max_tokens or give the KV cache more memory")
         self._requests[rid] = req
         self.waiting.append(req)
+        self.metrics.admitted(req)
 
     def abort(self, rid: int) -> RequestOutput | None:
         """Finish a waiting or running request now and free its pages; None if it is not here."""
@@ -148,6 +155,7 @@ class Scheduler:
                and len(self.running) < self.max_running
                and not self._prefix_being_computed(self.waiting[0], step) and self._admit(self.waiting[0], step)):
             pass
+        self.metrics.step(self.token_budget - step.budget)
         return ScheduledBatch(step.seqs)
 
     def postprocess(self, batch: ScheduledBatch, results: list[SampleResult]) -> list[RequestOutput]:
@@ -158,6 +166,7 @@ class Scheduler:
                              f"{num_sampling} sampling sequences")
         outputs: list[RequestOutput] = []
         next_result = iter(results)
+        now = time.monotonic()
         for seq in batch.seqs:
             result = next(next_result) if seq.sample else None
             req = seq.request
@@ -169,6 +178,7 @@ class Scheduler:
                 continue
             req.num_in_flight -= 1
             req.output_ids.append(result.token_id)
+            self.metrics.sampled(req, now)
             reason = self._finish_reason(req, result.token_id)
             if req.grammar is not None and reason is not FinishReason.STOP and self._grammar_complete(req, result):
                 reason = FinishReason.STOP   # a complete grammar ends the output, min_tokens or not
@@ -229,6 +239,7 @@ class Scheduler:
                    and seq.request.prompt_ids[:self.page_size] == first_page for seq in step.seqs)
 
     def _add_seq(self, req: Request, start: int, num_tokens: int, step: _Step) -> None:
+        self.metrics.scheduled(req)
         req.num_computed = start + num_tokens
         sample = req.num_computed == req.num_tokens
         step.seqs.append(ScheduledSeq(req, start, num_tokens, sample=sample))
@@ -303,6 +314,7 @@ class Scheduler:
         self._drop_pages(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        self.metrics.finished_request(req, reason)
         del self._requests[req.rid]
         self._preempted_rids.discard(req.rid)
 

@@ -77,7 +77,7 @@ class ApiRoutes:
         self.engine = engine
         self.config = config
         self.tokenization = tokenization
-        self.metrics = ServerMetrics(engine.stats, lambda: engine.model_name)
+        self.metrics = ServerMetrics(engine.stats, engine.histograms, lambda: engine.model_name)
         self.started = int(time.time())
         self.grammars = GrammarValidator()
         self._api_key = config.api_key.encode() if config.api_key else None
@@ -248,7 +248,7 @@ class ApiRoutes:
                 "root": self.config.engine.model, "max_model_len": self.engine.max_model_len}
 
     def _context(self, id_prefix: str, include_usage: bool, continuous_usage: bool = False) -> ResponseContext:
-        return ResponseContext.new(id_prefix, self.engine.model_name, self.metrics.timer(), include_usage,
+        return ResponseContext.new(id_prefix, self.engine.model_name, include_usage,
                                    continuous_usage, self.config.sse_timestamps)
 
     def _log_ignored(self, names: list[str]) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from minisrv.wire.records import PromptRequest
-from minisrv.wire.terms import SchedulerStats
+from minisrv.wire.terms import HistogramValues, SchedulerStats
 
 
 @dataclass
@@ -66,3 +66,7 @@ class EngineHandle(Protocol):
         ...
 
     def stats(self) -> SchedulerStats: ...
+
+    def histograms(self) -> HistogramValues:
+        """The scheduler's request and step histograms (REQUEST_HISTOGRAMS), as last published."""
+        ...

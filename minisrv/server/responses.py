@@ -44,7 +44,6 @@ async def sse_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta],
                 chunk = chunk_of(cd)
                 if chunk is not None:
                     yield sse_event(chunk, cd.delta.emitted_ns if ctx.sse_timestamps else 0)
-        ctx.timer.on_finish()
         if ctx.include_usage and usage_object is not None:
             yield sse_event(dict(_envelope(ctx, usage_object, []), usage=ctx.usage()))
     except RequestError as exc:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, NamedTuple
 
 from minisrv.server.engine_handle import OutputDelta, TokenLogprob
-from minisrv.server.metrics import RequestTimer
 
 SSE_DONE = b"data: [DONE]\n\n"
 # JSON has no -inf; OpenAI reports a token the sampler could never pick with this logprob.
@@ -77,12 +76,11 @@ async def choice_deltas(streams: list[AsyncIterator[OutputDelta]], n: int) -> As
 
 @dataclass
 class ResponseContext:
-    """What every piece of one response needs: its identity, the usage so far, and the request's timer."""
+    """What every piece of one response needs: its identity and the usage so far."""
 
     id: str
     created: int
     model: str
-    timer: RequestTimer
     include_usage: bool = False
     continuous_usage: bool = False    # stream_options.continuous_usage_stats: the usage so far in every chunk
     sse_timestamps: bool = False      # --sse-timestamps: each chunk says when its first token left the scheduler
@@ -91,14 +89,13 @@ class ResponseContext:
     _choices: dict[int, ChoiceDelta] = field(default_factory=dict)   # latest delta of each choice
 
     @classmethod
-    def new(cls, id_prefix: str, model: str, timer: RequestTimer, include_usage: bool = False,
+    def new(cls, id_prefix: str, model: str, include_usage: bool = False,
             continuous_usage: bool = False, sse_timestamps: bool = False) -> ResponseContext:
-        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, timer, include_usage,
+        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, include_usage,
                    continuous_usage, sse_timestamps)
 
     def record(self, cd: ChoiceDelta) -> None:
         self._choices[cd.choice] = cd
-        self.timer.on_delta(cd.choice, cd.prompt, cd.delta)
 
     def usage(self) -> dict:
         """Prompt tokens count once per prompt however many choices it has; the counts are cumulative."""
@@ -144,7 +141,6 @@ async def collect(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta], num_
                 result.logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:
                 result.finish_reason = delta.finish_reason
-    ctx.timer.on_finish()
     return results
 
 

@@ -16,7 +16,7 @@ from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, colum
                                 strings, text)
 from minisrv.wire.codec import text as text_field   # for a field declared after PromptRequest's own `text`
 
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 
 
 class Kind(enum.IntEnum):
@@ -88,6 +88,9 @@ class PromptRequest(Record):
     # (templates render them as JSON), so they travel as their JSON text: the tools list, and per message (none,
     # or one entry for each of messages) its tool_calls and the tool_call_id it answers ("" where it has none).
     tools: str | None = text_field()
+    # When the API server received the request (time.monotonic_ns, one clock per host): the scheduler's
+    # latency metrics start here.
+    arrival_ns: int = scalar("Q")
     message_tool_calls: list[str] = strings("message_extra")
     message_tool_call_ids: list[str] = strings("message_extra")
 
@@ -104,6 +107,7 @@ class TokenizedRequest(Record):
     rid: int = scalar("Q")
     params: SamplingParams = sampling()
     prompt_ids: Column = column("<i4")
+    arrival_ns: int = scalar("Q")   # PromptRequest.arrival_ns
 
 
 @record(Kind.DETOKENIZE_REQUEST, "tokenizer -> detokenizer")

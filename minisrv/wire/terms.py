@@ -65,6 +65,52 @@ class SchedulerStats:
     prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0       # of those, tokens found (cumulative)
     num_preemptions: int = 0         # running requests sent back to wait for pages (cumulative)
+    prompt_tokens: int = 0           # prompt tokens of admitted requests (cumulative)
+    generation_tokens: int = 0       # tokens sampled (cumulative)
+    finished_stop: int = 0           # requests finished, by reason (cumulative)
+    finished_length: int = 0
+    finished_abort: int = 0
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    name: str                        # the Prometheus name, after the "minisrv:" prefix
+    doc: str
+    buckets: tuple[float, ...]       # upper bounds; a last +Inf bucket is implied
+
+
+# vLLM's bucket edges, so dashboards line up between the two servers.
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+         80.0, 160.0, 640.0, 2560.0)
+_ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_REQUEST_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+              480.0, 960.0, 1920.0, 7680.0)
+_TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+_ITERATION = (1, 8, 16, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+# Observed by the scheduler (minisrv/scheduler/metrics.py) from the API server's arrival time of each request,
+# so a slow or vanished client changes none of them; the status block carries them to /metrics.
+REQUEST_HISTOGRAMS = (
+    HistogramSpec("time_to_first_token_seconds", "Request arrival to its first sampled token.", _TTFT),
+    HistogramSpec("inter_token_latency_seconds", "Time between consecutive sampled tokens of a request.", _ITL),
+    HistogramSpec("e2e_request_latency_seconds", "Request arrival to its finish.", _REQUEST_S),
+    HistogramSpec("request_queue_time_seconds", "Reaching the scheduler to being first scheduled.", _REQUEST_S),
+    HistogramSpec("request_prefill_time_seconds", "First scheduled to its first sampled token.", _REQUEST_S),
+    HistogramSpec("request_decode_time_seconds", "First sampled token to the finish.", _REQUEST_S),
+    HistogramSpec("request_prompt_tokens", "Prompt tokens per finished request.", _TOKENS),
+    HistogramSpec("request_generation_tokens", "Generated tokens per finished request.", _TOKENS),
+    HistogramSpec("iteration_tokens_total", "Tokens computed per engine step.", _ITERATION),
+)
+HISTOGRAM_INDEX = {h.name: i for i, h in enumerate(REQUEST_HISTOGRAMS)}
+
+
+@dataclass(frozen=True)
+class HistogramValues:
+    """Every REQUEST_HISTOGRAMS' bucket counts (not cumulative; one flat list, each histogram's buckets in turn,
+    +Inf last) and their sums, as the status block carries them."""
+
+    counts: list[int]
+    sums: list[float]
 
 
 # chat_template_kwargs values travel as strings tagged with their type (a record carries strings, not JSON):

@@ -15,6 +15,7 @@ from minisrv.runtime.scheduler_process import SchedulerChannels, SchedulerLoop, 
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import ParentWatch, WorkerInfo
 from minisrv.sampling_params import SamplingParams
+from minisrv.scheduler.metrics import RequestMetrics
 from minisrv.scheduler.request import RequestOutput, SampleResult
 from minisrv.wire.records import Abort, Error, Kind, Shutdown, StepTokens, TokenizedRequest, peek_kind
 from minisrv.wire.terms import FinishReason, SchedulerStats
@@ -27,8 +28,12 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.requests: dict[int, tuple[list[int], SamplingParams, list[int]]] = {}
+        self.arrivals: dict[int, float | None] = {}
+        self._metrics = RequestMetrics()
 
-    def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams, grammar=None,
+                    arrival: float | None = None) -> None:
+        self.arrivals[rid] = arrival
         if not prompt_ids:
             raise ValueError(f"request {rid}: the prompt is empty; it needs at least one token")
         self.requests[rid] = (prompt_ids, params, [])
@@ -57,6 +62,9 @@ class FakeEngine:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.requests), 0, len(self.requests) / 10, 5, 2)
+
+    def metrics(self) -> RequestMetrics:
+        return self._metrics
 
 
 def expected_tokens(prompt: list[int], n: int) -> list[int]:

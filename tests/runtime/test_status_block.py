@@ -94,3 +94,28 @@ def test_each_replica_publishes_its_own_stats_and_the_total_adds_them() -> None:
     finally:
         block.unlink()
         block.close()
+
+
+def test_histograms_round_trip_and_add_up_over_replicas() -> None:
+    from minisrv.scheduler.metrics import RequestMetrics
+    from minisrv.wire.terms import REQUEST_HISTOGRAMS
+
+    block = StatusBlock.create(f"/minisrv-test-{os.getpid()}-{secrets.token_hex(4)}-status", num_workers=2,
+                               num_replicas=2)
+    try:
+        rng, each = random.Random(3), []
+        for replica in range(2):
+            metrics = RequestMetrics()
+            for _ in range(200):
+                metrics.observe(rng.randrange(len(REQUEST_HISTOGRAMS)), rng.random() * 100)
+            block.publish_stats(SchedulerStats(num_running=replica + 1), metrics, replica)
+            each.append(metrics)
+            assert block.histograms(replica).counts == metrics.counts.tolist()
+            assert block.histograms(replica).sums == metrics.sums.tolist()
+        total = block.total_histograms()
+        assert total.counts == [a + b for a, b in zip(each[0].counts, each[1].counts)]
+        assert total.sums == pytest.approx([a + b for a, b in zip(each[0].sums, each[1].sums)])
+        assert block.stats(1) == SchedulerStats(num_running=2)   # the histograms overwrite no stats
+    finally:
+        block.unlink()
+        block.close()

@@ -14,7 +14,8 @@ from typing import AsyncIterator
 
 from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
 from minisrv.wire.records import PromptRequest
-from minisrv.wire.terms import SchedulerStats
+from minisrv.scheduler.metrics import NUM_COUNTS
+from minisrv.wire.terms import REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
 
 REPLY = "Hello, world! 你好 🙂 The quick brown fox jumps over the lazy dog."
 MAX_MODEL_LEN = 256
@@ -63,7 +64,12 @@ class FakeEngineClient:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(num_running=len(self.running), num_waiting=0, kv_cache_usage=len(self.running) / 100,
-                              prefix_cache_queries=7, prefix_cache_hits=3)
+                              prefix_cache_queries=7, prefix_cache_hits=3, prompt_tokens=11, generation_tokens=13,
+                              finished_stop=2, finished_length=1)
+
+    def histograms(self) -> HistogramValues:
+        """Fixed values: bucket i of the flat array holds i observations, so the test can check the rendering."""
+        return HistogramValues(list(range(NUM_COUNTS)), [0.5 * i for i in range(len(REQUEST_HISTOGRAMS))])
 
     async def stream(self, inp: PromptRequest) -> AsyncIterator[OutputDelta]:
         if not self.ready:

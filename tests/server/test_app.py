@@ -15,6 +15,7 @@ from tests.server.conftest import FAKE_MODEL
 from tests.server.inprocess_server import InProcessServer
 
 from minisrv.config import ServerConfig
+from minisrv.wire.terms import REQUEST_HISTOGRAMS
 from minisrv.server.app import MAX_BODY_BYTES
 
 GREEDY = {"temperature": 0}
@@ -370,9 +371,18 @@ def test_metrics(server, sdk) -> None:
     for name in ("minisrv:num_requests_running", "minisrv:num_requests_waiting", "minisrv:kv_cache_usage_perc"):
         assert name in samples
     assert samples["minisrv:prefix_cache_queries_total"] == 7 and samples["minisrv:prefix_cache_hits_total"] == 3
-    assert samples["minisrv:prompt_tokens_total"] >= 3 and samples["minisrv:generation_tokens_total"] >= 4
-    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
-        assert samples[f"minisrv:{hist}_count"] >= 1
+    # Everything else is the scheduler's, as published: the fake's fixed values, rendered as Prometheus wants.
+    assert samples["minisrv:prompt_tokens_total"] == 11 and samples["minisrv:generation_tokens_total"] == 13
+    assert samples['minisrv:request_success_total{finished_reason="stop"}'] == 2
+    assert samples['minisrv:request_success_total{finished_reason="length"}'] == 1
+    start = 0
+    for index, spec in enumerate(REQUEST_HISTOGRAMS):
+        counts = list(range(start, start + len(spec.buckets) + 1))
+        start += len(counts)
+        name = f"minisrv:{spec.name}"
+        assert samples[f"{name}_count"] == sum(counts) and samples[f"{name}_sum"] == 0.5 * index
+        assert samples[f'{name}_bucket{{le="{spec.buckets[0]}"}}'] == counts[0]
+        assert samples[f'{name}_bucket{{le="+Inf"}}'] == sum(counts)
 
 
 def test_api_key() -> None:
