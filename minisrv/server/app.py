@@ -11,10 +11,14 @@ import hmac
 import importlib.metadata
 import logging
 import time
+import types
 from contextlib import aclosing
+from http import HTTPStatus
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
+import h11
 from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.protocol import h11 as hypercorn_h11
 from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -360,8 +364,27 @@ def build_app(engine: EngineHandle, config: ServerConfig, load_tokenizer: Callab
     return app
 
 
+class _H11WithReasonPhrases(types.ModuleType):
+    """The h11 module as hypercorn's HTTP/1.1 protocol sees it, except that a Response it makes without a reason
+    phrase gets the standard one: hypercorn passes none, so every status line read "HTTP/1.1 400 " (allowed by
+    RFC 9112, but shown blank by clients and proxies). The events are h11's own, so h11 handles them as ever."""
+
+    def __getattr__(self, name: str):
+        return getattr(h11, name)
+
+    @staticmethod
+    def Response(**fields) -> h11.Response:   # noqa: N802 (h11's class name, which hypercorn calls)
+        if not fields.get("reason") and fields["status_code"] in _REASONS:
+            fields["reason"] = _REASONS[fields["status_code"]]
+        return h11.Response(**fields)
+
+
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
 async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio.Event) -> None:
     """Serve until `shutdown_event` is set; call on the (uvloop) loop the EngineClient runs on."""
+    hypercorn_h11.h11 = _H11WithReasonPhrases("h11")
     hc = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]

@@ -287,6 +287,18 @@ def test_an_announced_oversized_body_is_refused_before_it_is_sent(server) -> Non
     assert time.monotonic() - start < 4.0   # answered and closed, not waiting for 32 MB
 
 
+@pytest.mark.parametrize("head, status_line", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"HTTP/1.1 200 OK\r\n"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"HTTP/1.1 404 Not Found\r\n"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+     b"Connection: close\r\n\r\n{}", b"HTTP/1.1 400 Bad Request\r\n"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+     b"HTTP/1.1 415 Unsupported Media Type\r\n"),
+])
+def test_status_lines_carry_the_standard_reason_phrase(server, head: bytes, status_line: bytes) -> None:
+    assert raw_exchange(server, head).startswith(status_line)
+
+
 def test_a_body_sent_too_slowly_is_a_408_and_the_connection_closes() -> None:
     config = ServerConfig(body_read_timeout=0.5)
     with InProcessServer(FakeEngineClient(MODEL), config) as s:
