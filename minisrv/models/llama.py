@@ -118,14 +118,17 @@ class CausalLM(nn.Module):
 
     def pack_linears(self, quantization: str = "none") -> None:
         """Switch every projection and the LM head to prepacked CPU weights (see minisrv/layers/linear.py), or
-        to int8 weights: all of them with quantization "int8", the LM head alone with "int8-lm-head". After this
-        the model is for inference only: the plain weights are gone (a tied LM head's lives on in the embedding)."""
+        to int8 weights: all of them with quantization "int8", the LM head alone with "int8-lm-head"; with
+        "int8-weight-only" each also gets an int8 copy for inputs of a few rows. After this the model is for
+        inference only: the plain weights are gone (a tied LM head's lives on in the embedding)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 if quantization == "int8" or (quantization == "int8-lm-head" and module is self.lm_head):
                     module.quantize_int8()
                 else:
-                    module.pack(single_row_copy=module is self.lm_head)
+                    if quantization == "int8-weight-only":
+                        module.quantize_int8_weight_only()
+                    module.pack(single_row_copy=module is self.lm_head and quantization != "int8-weight-only")
 
     def bind_kv_cache(self, kv_caches: list[torch.Tensor]) -> None:
         if len(kv_caches) != len(self.layers):

@@ -152,7 +152,7 @@ def test_inconsistent_batches_are_rejected(loaded):
         runner.execute(ScheduledBatch([ScheduledSeq(request, 8, 5, True)]))
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8-lm-head"])
+@pytest.mark.parametrize("quantization", ["int8", "int8-lm-head", "int8-weight-only"])
 def test_int8_weights_give_nearly_the_float32_logits(quantization):
     """A fresh model each: quantizing replaces the plain weights of the one it is given."""
     prompt = [random.Random(3).randrange(101) for _ in range(12)]
@@ -163,7 +163,8 @@ def test_int8_weights_give_nearly_the_float32_logits(quantization):
         runner = ModelRunner(EngineConfig(num_pages=8, quantization=mode), model_copy, sampler)
         runner.execute(ScheduledBatch([ScheduledSeq(new_request(0, prompt, [0, 1]), 0, len(prompt), True)]))
         logits[mode] = sampler.logits[0]
-        quantized = [m for m in model_copy.model.modules() if getattr(m, "int8", None) is not None]
+        quantized = [m for m in model_copy.model.modules()
+                     if getattr(m, "int8", None) is not None or getattr(m, "int8_weight", None) is not None]
         assert len(quantized) == (0 if mode == "none" else 1 if mode == "int8-lm-head" else 2 * 4 + 1)
     error = (logits[quantization] - logits["none"]).norm() / logits["none"].norm()
     assert error < 0.1, error

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisrv.layers.linear import PACK_MIN_ELEMENTS, Linear, onednn_packing_available
+from minisrv.layers.linear import INT8_MAX_ROWS, PACK_MIN_ELEMENTS, Linear, onednn_packing_available
 
 pytestmark = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packing")
 
@@ -49,3 +49,29 @@ def test_small_weights_stay_plain():
     layer = Linear(8, 8)
     layer.pack()
     assert layer.packed is None and layer.weight is not None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
+    """Up to INT8_MAX_ROWS rows the weight-only int8 path computes F.linear with the per-channel dequantized
+    weight, up to the bfloat16 rounding of its activations (the weight is off by at most half a step of its
+    channel's scale); larger inputs use the float32 weight as before."""
+    gen = torch.Generator().manual_seed(1)
+    layer = Linear(64, 48, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(48, 64, generator=gen) * 0.1)
+        if bias:
+            layer.bias.copy_(torch.randn(48, generator=gen))
+    weight = layer.weight.detach().clone()
+    bias_value = layer.bias.detach().clone() if bias else None
+    layer.quantize_int8_weight_only()
+    assert layer.int8_weight.dtype == torch.int8
+    scales = layer.int8_scales.float()
+    dequantized = layer.int8_weight.float() * scales[:, None]
+    assert ((dequantized - weight).abs() <= scales[:, None] * 0.5 + 1e-2 * scales[:, None]).all()
+    for rows in (1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 33):
+        x = torch.randn(rows, 64, generator=gen)
+        expected = F.linear(x, dequantized if rows <= INT8_MAX_ROWS else weight, bias_value)
+        got = layer(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, 48)
+        torch.testing.assert_close(got, expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
