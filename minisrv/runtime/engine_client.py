@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
-from minisrv.ipc import PeerGone, RecordTooLarge, RingError
+from minisrv.ipc import PeerGone, RecordTooLarge, RingError, RingTimeout
 from minisrv.runtime.channels import AsyncRecordReader, RecordWriter
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
@@ -23,6 +23,11 @@ from minisrv.wire.records import Abort, Error, PromptRequest, TextDeltas
 from minisrv.wire.terms import FINISH_API_NAMES, HistogramValues, SchedulerStats, choice_rid, split_rid
 
 logger = logging.getLogger(__name__)
+
+# How long a request or an abort waits for room in a tokenizer's request ring. A ring of several MiB that
+# stays full this long belongs to a tokenizer that is stuck or far behind: the client gets a 503 to retry
+# rather than a wait with no end (the watchdog deals with a stuck worker).
+SEND_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -162,11 +167,14 @@ class EngineClient:
     # -- channels ---------------------------------------------------------------------------------
     async def _send(self, channel: int, request: PromptRequest) -> None:
         try:
-            await self._to_tokenizers[channel].send_async(request)
+            await self._to_tokenizers[channel].send_async(request, timeout=SEND_TIMEOUT_S)
         except RecordTooLarge as exc:
             field = "messages" if request.messages is not None else "prompt"
             raise RequestError(413, f"{field}: the request takes {exc.length} bytes once encoded, more than the "
                                     f"{exc.limit} bytes one request may", field) from None
+        except RingTimeout:
+            raise RequestError(503, f"the tokenizer worker is not taking requests: its queue has been full for "
+                                    f"{SEND_TIMEOUT_S:g} s; retry later") from None
         except RingError as exc:
             raise RequestError(503, f"the tokenizer worker is not taking requests: {exc}") from None
         except ValueError as exc:   # a value the schemas let through that a record cannot carry
@@ -183,7 +191,7 @@ class EngineClient:
                 continue
             record = Abort(choice_rid(base, index))
             if not writer.try_send(record):
-                task = asyncio.get_running_loop().create_task(writer.send_async(record, timeout=5.0))
+                task = asyncio.get_running_loop().create_task(writer.send_async(record, timeout=SEND_TIMEOUT_S))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 
+from minisrv.ipc import RecordTooLarge
 from minisrv.models.source import ModelSource
 from minisrv.runtime.channels import ChannelSpec
 from minisrv.runtime.status_block import StatusBlock
@@ -73,15 +74,28 @@ class TokenizerLoop:
             return
         if req.truncate_prompt_tokens:
             prompt_ids = prompt_ids[-req.truncate_prompt_tokens:]
-        self.to_detokenizer.send(DetokenizeRequest(
-            rid=req.rid, n=req.n, stop=req.stop, echo=req.echo, skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output, prompt_ids=prompt_ids if req.echo else []))
-        # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
-        params = req.params
-        self.to_schedulers[self.replica_for(prompt_ids, req.n)].send_many(
-            TokenizedRequest(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)), prompt_ids,
-                             req.arrival_ns)
-            for i in range(req.n))
+        context = self.status.model().max_model_len if self.status is not None else 0
+        if context and len(prompt_ids) >= context:   # refused here: its ids might not even fit in a record
+            self.to_detokenizer.send(Error(choice_rid(req.rid, 0), 400, (
+                f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate: the context length "
+                f"is {context}; shorten it, or set truncate_prompt_tokens")))
+            return
+        try:
+            self.to_detokenizer.send(DetokenizeRequest(
+                rid=req.rid, n=req.n, stop=req.stop, echo=req.echo, skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                prompt_ids=prompt_ids if req.echo else []))
+            # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
+            params = req.params
+            self.to_schedulers[self.replica_for(prompt_ids, req.n)].send_many(
+                TokenizedRequest(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)),
+                                 prompt_ids, req.arrival_ns)
+                for i in range(req.n))
+        except RecordTooLarge as exc:   # a context too long for the rings: refuse it, never die of it
+            for i in range(req.n):
+                self.to_detokenizer.send(Error(choice_rid(req.rid, i), 400, (
+                    f"the prompt's {len(prompt_ids)} tokens take {exc.length} bytes in a record, more than the "
+                    f"{exc.limit} this server's rings carry; shorten it, or set truncate_prompt_tokens")))
 
     def replica_for(self, prompt_ids: list[int], choices: int) -> int:
         if self.router is None:

@@ -217,6 +217,43 @@ def test_a_stopped_worker_makes_health_503_then_the_watchdog_takes_the_server_do
     server.assert_nothing_left()
 
 
+@pytest.mark.parametrize("server", [("--watchdog-timeout", "120")], indirect=True)
+def test_a_full_request_ring_is_a_503_and_the_server_recovers_when_its_reader_resumes(server: Server) -> None:
+    """With the tokenizer stopped, two 3 MB prompts fill its 8 MiB request ring; the third request waits for
+    space, times out after 5 s and gets a 503 naming the tokenizer, while the API server keeps answering.
+    Once the tokenizer resumes, the queued requests get their answers (400: longer than the context) and
+    the server serves as before."""
+    tokenizer = server.workers["tokenizer-0"]
+    huge = {"prompt": "word " * 600_000, "max_tokens": 4}   # 3 MB of text, beyond any context
+    queued: list[httpx.Response | Exception] = []
+
+    def post_queued() -> None:
+        try:
+            queued.append(httpx.post(f"{server.url}/v1/completions", json=huge, timeout=120))
+        except httpx.HTTPError as exc:
+            queued.append(exc)
+
+    os.kill(tokenizer, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=post_queued) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            time.sleep(1.0)   # in order: both records are in the ring before the third comes
+        start = time.monotonic()
+        refused = httpx.post(f"{server.url}/v1/completions", json=huge, timeout=60)
+        waited = time.monotonic() - start
+        assert refused.status_code == 503, refused.text
+        assert "tokenizer" in refused.json()["error"]["message"] and 4.5 <= waited < 15, (waited, refused.text)
+        assert httpx.get(f"{server.url}/v1/models", timeout=5).status_code == 200   # the API kept serving
+    finally:
+        os.kill(tokenizer, signal.SIGCONT)
+    for thread in threads:
+        thread.join(60)
+    assert [r.status_code for r in queued if isinstance(r, httpx.Response)] == [400, 400], [getattr(r, "text", r) for r in queued]
+    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+
+
 def test_workers_exit_when_the_parent_is_killed(server: Server) -> None:
     server.process.kill()
     server.process.wait()
