@@ -249,7 +249,8 @@ def test_a_full_request_ring_is_a_503_and_the_server_recovers_when_its_reader_re
         os.kill(tokenizer, signal.SIGCONT)
     for thread in threads:
         thread.join(60)
-    assert [r.status_code for r in queued if isinstance(r, httpx.Response)] == [400, 400], [getattr(r, "text", r) for r in queued]
+    statuses = [r.status_code for r in queued if isinstance(r, httpx.Response)]
+    assert statuses == [400, 400], [getattr(r, "text", r) for r in queued]
     ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
 
