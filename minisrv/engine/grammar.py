@@ -4,10 +4,11 @@ A request's grammar (SamplingParams.grammar, made by minisrv/structured_output.p
 model's tokenizer once per distinct grammar; each request gets a copy of that compiled matcher (~40 us). Per
 step, every constrained row's matcher writes its row of a token bitmask (32 tokens per int32 word; one row
 after another: llguidance's thread pool made a step slower, 2.15x against 1.39x at batch 64 on the H200
-machine, its threads competing with the engine's own) and the tokens it leaves out get -inf before anything else touches the logits (apply_grammar_masks, on the logits'
-device), so greedy and sampled rows, logit_bias and penalties all choose among allowed tokens only. The
-sampled token then advances the matcher (Scheduler.postprocess); once the grammar is complete and only an
-end of sequence may follow, the request finishes with "stop" without spending a step on that token.
+machine, its threads competing with the engine's own) and the tokens it leaves out get -inf before anything
+else touches the logits (apply_grammar_masks, on the logits' device), so greedy and sampled rows, logit_bias
+and penalties all choose among allowed tokens only. The sampled token then advances the matcher
+(Scheduler.postprocess); once the grammar is complete and only an end of sequence may follow, the request
+finishes with "stop" without spending a step on that token.
 
 The matcher's state follows the request's recorded output, so a preempted request (recomputed from its
 tokens) resumes with it unchanged. Under overlap scheduling the mask of step N+1 depends on step N's token:

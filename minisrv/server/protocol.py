@@ -235,7 +235,7 @@ class StructuredOutputs(Schema):
     json_object: bool | None = None
 
 
-def _given(value: Any, make, field: str) -> Grammar | None:
+def given_grammar(value: Any, make, field: str) -> Grammar | None:
     """make(value, field) for a field the request set, None for one it did not."""
     return None if value is None else make(value, field)
 
@@ -243,10 +243,10 @@ def _given(value: Any, make, field: str) -> Grammar | None:
 def _structured_outputs_grammar(so: StructuredOutputs | None, where: str) -> list[Grammar | None]:
     if so is None:
         return []
-    return [_given(so.json_, structured_output.json_schema, f"{where}.json"),
-            _given(so.regex, structured_output.regex, f"{where}.regex"),
-            _given(so.choice, structured_output.choice, f"{where}.choice"),
-            _given(so.grammar, structured_output.ebnf, f"{where}.grammar"),
+    return [given_grammar(so.json_, structured_output.json_schema, f"{where}.json"),
+            given_grammar(so.regex, structured_output.regex, f"{where}.regex"),
+            given_grammar(so.choice, structured_output.choice, f"{where}.choice"),
+            given_grammar(so.grammar, structured_output.ebnf, f"{where}.grammar"),
             structured_output.json_object(f"{where}.json_object") if so.json_object else None]
 
 
@@ -307,10 +307,10 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
                 *self.tool_grammar(),
                 _response_format_grammar(self.response_format),
                 *_structured_outputs_grammar(self.structured_outputs, "structured_outputs"),
-                _given(self.guided_json, structured_output.json_schema, "guided_json"),
-                _given(self.guided_regex, structured_output.regex, "guided_regex"),
-                _given(self.guided_choice, structured_output.choice, "guided_choice"),
-                _given(self.guided_grammar, structured_output.ebnf, "guided_grammar")])
+                given_grammar(self.guided_json, structured_output.json_schema, "guided_json"),
+                given_grammar(self.guided_regex, structured_output.regex, "guided_regex"),
+                given_grammar(self.guided_choice, structured_output.choice, "guided_choice"),
+                given_grammar(self.guided_grammar, structured_output.ebnf, "guided_grammar")])
         except GrammarError as exc:
             raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
 
@@ -375,11 +375,15 @@ class ChatCompletionRequest(_OpenAIFields):
             return choice.function.name
         return choice
 
+    def tool_dicts(self) -> list[dict]:
+        """The tools as OpenAI's JSON objects, for the grammar of a forced call and for the chat template."""
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
     def tool_grammar(self) -> list[Grammar]:
         choice = self.resolved_tool_choice()
         if choice in ("none", "auto"):
             return []
-        return [tool_calls.call_grammar([t.model_dump(exclude_none=True) for t in self.tools], choice,
+        return [tool_calls.call_grammar(self.tool_dicts(), choice,
                                         self.parallel_tool_calls is not False, "tool_choice")]
 
     def to_prompt_request(self, vocab_size: int, max_model_len: int, grammar: Grammar | None = None) -> PromptRequest:
@@ -407,8 +411,7 @@ class ChatCompletionRequest(_OpenAIFields):
             raise APIError(400, f"chat_template_kwargs.{reserved[0]} is set by the request itself, not here",
                            f"chat_template_kwargs.{reserved[0]}")
         choice = self.resolved_tool_choice()
-        tools = None if choice == "none" else json.dumps([t.model_dump(exclude_none=True) for t in self.tools],
-                                                         ensure_ascii=False)
+        tools = None if choice == "none" else json.dumps(self.tool_dicts(), ensure_ascii=False)
         calls = [m.template_calls(f"messages.{i}") for i, m in enumerate(self.messages)]
         call_ids = [m.tool_call_id or "" for m in self.messages]
         has_extras = any(calls) or any(call_ids)

@@ -14,7 +14,7 @@ from pydantic import Field
 from minisrv import structured_output
 from minisrv.server.errors import APIError
 from minisrv.server.protocol import (Schema, Stop, TokenIds, build_sampling_params, check_n, check_token_ids,
-                                     sampling_schema, stop_strings)
+                                     given_grammar, sampling_schema, stop_strings)
 from minisrv.server.responses import sse_stream
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext
 from minisrv.structured_output import Grammar, GrammarError
@@ -44,10 +44,9 @@ class SGLangGenerateRequest(Schema):
         sp, where = self.sampling_params, "sampling_params."
         try:
             return structured_output.one_grammar([
-                None if sp.json_schema is None
-                else structured_output.json_schema(sp.json_schema, where + "json_schema"),
-                None if sp.regex is None else structured_output.regex(sp.regex, where + "regex"),
-                None if sp.ebnf is None else structured_output.ebnf(sp.ebnf, where + "ebnf")])
+                given_grammar(sp.json_schema, structured_output.json_schema, where + "json_schema"),
+                given_grammar(sp.regex, structured_output.regex, where + "regex"),
+                given_grammar(sp.ebnf, structured_output.ebnf, where + "ebnf")])
         except GrammarError as exc:
             raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
 
