@@ -27,6 +27,8 @@ class GenerationOutput:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     logprobs: list[SampleResult] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: one per prompt token after the first (vLLM puts None for the first)
+    prompt_logprobs: list[SampleResult] = field(default_factory=list)
 
 
 class LLM:
@@ -80,6 +82,7 @@ class LLM:
                 gen = outputs[out.rid]
                 gen.token_ids += out.new_token_ids
                 gen.logprobs += [s for s in out.new_samples if s.logprob is not None]
+                gen.prompt_logprobs += out.prompt_samples
                 gen.num_cached_tokens = out.num_cached_tokens
                 if out.finish_reason is not FinishReason.NONE:
                     gen.finish_reason = out.finish_reason.api_name

@@ -40,7 +40,8 @@ class SamplingParams:
     seed None means the engine draws one at admission: every request samples from noise that is a pure
     function of (seed, output position), so a seeded request gives the same tokens whatever else runs.
     max_tokens None generates up to the context length. logprobs None returns no logprobs; an int n
-    returns the chosen token's logprob and the top n. grammar None leaves the output free; else an llguidance
+    returns the chosen token's logprob and the top n; prompt_logprobs the same for every prompt token after the
+    first (such a request computes its whole prompt: the prefix cache cannot give logits). grammar None leaves the output free; else an llguidance
     grammar (minisrv/structured_output.py makes one from a JSON schema, a regex, choices or GBNF/Lark) that
     every sampled token must follow; the request stops once the grammar is complete.
     """
@@ -58,6 +59,7 @@ class SamplingParams:
     stop_token_ids: list[int] = option(list, "ids")
     ignore_eos: bool = option(False, "?")
     logprobs: int | None = option(None, "B", Range(0, MAX_TOP_LOGPROBS), openai=False, sglang=None)
+    prompt_logprobs: int | None = option(None, "B", Range(0, MAX_TOP_LOGPROBS), sglang=None)
     logit_bias: dict[int, float] = option(dict, "bias")   # added to the logits (OpenAI's range: [-100, 100])
     grammar: str | None = option(None, "text", openai=False, sglang=None)   # the APIs take their own fields
 

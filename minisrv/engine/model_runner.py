@@ -16,7 +16,7 @@ import torch
 from minisrv.config import EngineConfig
 from minisrv.engine.cuda_graph import INT_ROWS, SAMPLER_ROWS, DecodeGraphs
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
-from minisrv.engine.sampling import INT_PARAMS, DeviceSamples
+from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
 from minisrv.kernels import select_ops
 from minisrv.layers.attention import sdpa_backends
 from minisrv.layers.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
@@ -28,6 +28,9 @@ from minisrv.scheduler.request import Request, SampleResult
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_GIB = 2.0
+# Prompt positions whose logits exist at once when computing prompt logprobs: 1024 x 128k vocabulary x 4 bytes
+# is 512 MiB.
+PROMPT_LOGPROB_SLICE = 1024
 
 
 def cpu_threads(config: EngineConfig) -> int:
@@ -54,6 +57,7 @@ class StepInputs:
     sample_requests: list[Request]
     sample_positions: list[int]   # [S] the output index each sampled token will have
     in_flight_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, row in last_tokens) per unknown id
+    prompt_logprob_rows: list[tuple[ScheduledSeq, int]] = field(default_factory=list)   # (seq, its first row)
 
 
 @dataclass
@@ -205,7 +209,7 @@ class ModelRunner:
         not yet recorded) are taken from last_tokens on the device. With `defer_sampling` the forward is queued
         but the tokens are drawn only by `sample_deferred`, once the caller has recorded what grammars and
         penalties need to see (`previous`'s tokens): the host does that while the device runs this forward."""
-        decodes_only = all(seq.num_tokens == 1 for seq in batch.seqs)
+        decodes_only = all(seq.num_tokens == 1 and not _computes_prompt_logprobs(seq) for seq in batch.seqs)
         bucket = self.graphs.bucket(len(batch.seqs)) if self.graphs is not None and decodes_only else None
         if bucket is not None:
             requests, samples = self._replay(batch, bucket, previous, defer_sampling)
@@ -241,6 +245,8 @@ class ModelRunner:
                                              self.last_tokens.index_select(0, self._tensor(list(sources))))
         with forward_context(ForwardContext(step.attn)), sdpa_backends(self.device):
             hidden = self.model(input_ids, step.positions)
+        for seq, first_row in step.prompt_logprob_rows:
+            self._prompt_logprobs(seq, hidden[first_row: first_row + seq.num_tokens])
         requests = step.sample_requests
         if not requests:
             return requests, []
@@ -253,6 +259,17 @@ class ModelRunner:
         results = self.sampler(logits, requests, step.sample_positions)
         tokens.copy_(torch.tensor([r.token_id for r in results]))
         return requests, results
+
+    def _prompt_logprobs(self, seq: ScheduledSeq, hidden: torch.Tensor) -> None:
+        """Fill seq.prompt_logprobs from the hidden states of its tokens: the one at position p gives the
+        logprobs of prompt token p + 1. In slices, so that a long chunk's logits never all exist at once."""
+        request = seq.request
+        targets = request.prompt_ids[seq.start + 1: seq.start + 1 + seq.num_tokens]
+        for lo in range(0, len(targets), PROMPT_LOGPROB_SLICE):
+            chunk = targets[lo: lo + PROMPT_LOGPROB_SLICE]
+            logits = self.model.compute_logits(hidden[lo: lo + len(chunk)])
+            seq.prompt_logprobs += logprob_results(logits, self._tensor(chunk), [request.params.prompt_logprobs]
+                                                   * len(chunk), ranks=True)
 
     def _replay(self, batch: ScheduledBatch, bucket: int, previous: LaunchedStep | None, defer_sampling: bool):
         graphs, ps = self.graphs, self.page_size
@@ -333,9 +350,12 @@ class ModelRunner:
             attn.extend_query_start_loc = self._tensor(
                 [start - len(decodes) for start in query_starts] + [len(input_ids) - len(decodes)], torch.int32)
         sampled = [s for s in batch.seqs if s.sample]
+        prompt_logprob_rows = [(s, row_of[id(s)] - s.num_tokens + 1) for s in batch.seqs
+                               if _computes_prompt_logprobs(s)]
         return StepInputs(self._tensor(input_ids), self._tensor(positions), attn,
                           self._tensor([row_of[id(s)] for s in sampled]), [s.request for s in sampled],
-                          [s.start + s.num_tokens - s.request.num_prompt_tokens for s in sampled], in_flight_rows)
+                          [s.start + s.num_tokens - s.request.num_prompt_tokens for s in sampled], in_flight_rows,
+                          prompt_logprob_rows)
 
     def _decode_metadata(self, attn: AttentionMetadata, decodes: list[ScheduledSeq]) -> None:
         ps = self.page_size
@@ -362,6 +382,11 @@ class ModelRunner:
 
     def _tensor(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+
+def _computes_prompt_logprobs(seq: ScheduledSeq) -> bool:
+    """Whether `seq` computes tokens whose logits give prompt logprobs its request still needs."""
+    return seq.request.wants_prompt_logprobs and seq.start < seq.request.num_prompt_tokens - 1
 
 
 def _padded(rows: list[list[int]]) -> list[list[int]]:

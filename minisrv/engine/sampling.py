@@ -138,26 +138,29 @@ class Sampler:
     def _results(self, raw_logits: torch.Tensor, token_ids: torch.Tensor,
                  requests: list[Request]) -> list[SampleResult]:
         """One SampleResult per row, with logprobs (of the raw logits) for the rows that ask for them."""
-        ids = token_ids.tolist()
-        results = [SampleResult(token_id=t) for t in ids]
+        results = [SampleResult(token_id=t) for t in token_ids.tolist()]
         logprob_rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-        if not logprob_rows:
-            return results
-        index = self._index(logprob_rows)
-        logprobs = torch.log_softmax(raw_logits[index], dim=-1)
-        chosen = logprobs.gather(1, token_ids[index][:, None]).squeeze(1).tolist()
-        max_top = max(requests[i].params.logprobs for i in logprob_rows)
-        top_values, top_ids = logprobs.topk(max_top, dim=-1) if max_top else (None, None)
-        top_values_list = top_values.tolist() if max_top else []
-        top_ids_list = top_ids.tolist() if max_top else []
-        for j, row in enumerate(logprob_rows):
-            n = requests[row].params.logprobs
-            result = results[row]
-            result.logprob = chosen[j]
-            if n:
-                result.top_ids = top_ids_list[j][:n]
-                result.top_logprobs = top_values_list[j][:n]
+        if logprob_rows:
+            index = self._index(logprob_rows)
+            tops = [requests[i].params.logprobs for i in logprob_rows]
+            for row, result in zip(logprob_rows, logprob_results(raw_logits[index], token_ids[index], tops)):
+                results[row] = result
         return results
+
+
+def logprob_results(logits: torch.Tensor, token_ids: torch.Tensor, tops: list[int],
+                    ranks: bool = False) -> list[SampleResult]:
+    """Per row: the log-softmax of `logits` at its token, and its `tops` likeliest tokens with theirs; with
+    `ranks`, also the token's rank (1 + the tokens strictly likelier)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    rank = ((logprobs > chosen).sum(dim=-1) + 1).tolist() if ranks else [0] * len(tops)
+    max_top = max(tops, default=0)
+    top_values, top_ids = logprobs.topk(max_top, dim=-1) if max_top else (None, None)
+    top_values_list = top_values.tolist() if max_top else [[]] * len(tops)
+    top_ids_list = top_ids.tolist() if max_top else [[]] * len(tops)
+    return [SampleResult(token, logprob, top_ids_list[j][:n], top_values_list[j][:n], rank[j])
+            for j, (token, logprob, n) in enumerate(zip(token_ids.tolist(), chosen.squeeze(1).tolist(), tops))]
 
 
 @dataclass

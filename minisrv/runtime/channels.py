@@ -22,6 +22,23 @@ from minisrv.ipc.aio import AsyncRingReader
 from minisrv.ipc.wait_any import check_fifo_readers, wait_any as wait_any_ring
 from minisrv.wire.records import Record, decode
 
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RingCapacities:
+    """Bytes per ring (powers of two); a record may use half. Shared memory is touched only as used."""
+
+    requests: int = 8 * MiB       # api -> tokenizer: prompt text or ids, chat messages
+    tokenized: int = 4 * MiB      # tokenizer -> scheduler: prompt ids
+    detokenize: int = 4 * MiB     # tokenizer -> detokenizer: prompt ids for echo
+    tokens: int = 4 * MiB         # scheduler -> detokenizer: one step's rows
+    # detokenizer -> scheduler: aborts. The only ring against the flow (scheduler -> detokenizer), so the
+    # two could wait on each other only if this one filled: it holds ~10k aborts, far more than running requests.
+    stops: int = 256 * 1024
+    text: int = 8 * MiB           # detokenizer -> api: one batch's text (echo can be a whole prompt)
+    tp: int = 4 * MiB             # scheduler -> the other tensor-parallel ranks: its requests, aborts and steps
+
 
 class RecordWriter(Protocol):
     name: str

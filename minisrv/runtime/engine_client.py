@@ -212,26 +212,30 @@ class EngineClient:
         ids, logprobs, raw = deltas.token_ids.tolist(), deltas.token_logprobs.tolist(), deltas.token_bytes
         top_counts, top_ids = deltas.top_counts.tolist(), deltas.top_ids.tolist()
         top_logprobs, top_raw = deltas.top_logprobs.tolist(), deltas.top_bytes
+        in_prompt, ranks = deltas.token_in_prompt.tolist(), deltas.token_ranks.tolist()
         token, top = 0, 0
         rows = zip(deltas.rids.tolist(), deltas.emitted_ns.tolist(), deltas.finish_reasons.tolist(),
                    deltas.num_prompt_tokens.tolist(), deltas.num_cached_tokens.tolist(),
                    deltas.num_output_tokens.tolist(), deltas.texts, deltas.num_tokens.tolist())
         for rid, emitted_ns, finish, prompt, cached, output, delta_text, count in rows:
-            entries = []
+            entries, prompt_entries, output_ids = [], [], []
             for t in range(token, token + count):
                 alts = range(top, top + top_counts[t])
                 top = alts.stop
-                if not math.isnan(logprobs[t]):
-                    entries.append(TokenLogprob(
+                if not in_prompt[t]:
+                    output_ids.append(ids[t])
+                if in_prompt[t] or not math.isnan(logprobs[t]):
+                    (prompt_entries if in_prompt[t] else entries).append(TokenLogprob(
                         _as_text(raw[t]), ids[t], logprobs[t], raw[t],
-                        [TokenLogprob(_as_text(top_raw[a]), top_ids[a], top_logprobs[a], top_raw[a]) for a in alts]))
+                        [TokenLogprob(_as_text(top_raw[a]), top_ids[a], top_logprobs[a], top_raw[a], rank=i + 1)
+                         for i, a in enumerate(alts)], ranks[t]))
             base, index = split_rid(rid)
             stream = self._streams.get(base)
             if stream is not None:
                 stream.counts = (prompt, cached, output)
                 stream.post(OutputDelta(
-                    index, delta_text, ids[token : token + count], entries or None,
-                    FINISH_API_NAMES[finish], prompt, cached, output, emitted_ns))
+                    index, delta_text, output_ids, entries or None,
+                    FINISH_API_NAMES[finish], prompt, cached, output, emitted_ns, prompt_entries or None))
             token += count
 
 
@@ -241,7 +245,7 @@ def _merge(first: OutputDelta, then: OutputDelta) -> OutputDelta:
         (first.logprobs or []) + (then.logprobs or [])
     return OutputDelta(first.index, first.text + then.text, first.token_ids + then.token_ids, logprobs,
                        then.finish_reason, then.num_prompt_tokens, then.num_cached_tokens, then.num_output_tokens,
-                       first.emitted_ns)
+                       first.emitted_ns, first.prompt_logprobs)
 
 
 def _finish_with_abort(stream: _Stream) -> None:

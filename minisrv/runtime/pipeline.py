@@ -27,7 +27,7 @@ from minisrv.config import EngineConfig, ServerConfig
 from minisrv.ipc import Wakeup, instance_prefix, sweep_dead_instances
 from minisrv.models.source import ModelSource
 from minisrv.runtime import detokenizer_process, scheduler_process, tensor_parallel, tokenizer_process
-from minisrv.runtime.channels import Channels, RingChannels
+from minisrv.runtime.channels import Channels, RingCapacities, RingChannels
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.tensor_parallel import TPGroup
 from minisrv.scheduler.routing import RoutingPolicy
@@ -39,27 +39,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MiB = 1 << 20
 # Thread pools of the worker processes, set before any library starts its own. Each worker is one busy
 # Python thread; OpenMP and tokenizer pools sized to every core would only preempt the other processes'
 # threads (issue 9 measured a served token 10.7 -> 6.2 ms on the GPU machine with OMP_NUM_THREADS=1).
 # The CPU engine sizes its own intra-op pool explicitly (EngineConfig.cpu_threads).
 WORKER_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@dataclass(frozen=True)
-class RingCapacities:
-    """Bytes per ring (powers of two); a record may use half. Shared memory is touched only as used."""
-
-    requests: int = 8 * MiB       # api -> tokenizer: prompt text or ids, chat messages
-    tokenized: int = 4 * MiB      # tokenizer -> scheduler: prompt ids
-    detokenize: int = 4 * MiB     # tokenizer -> detokenizer: prompt ids for echo
-    tokens: int = 4 * MiB         # scheduler -> detokenizer: one step's rows
-    # detokenizer -> scheduler: aborts. The only ring against the flow (scheduler -> detokenizer), so the
-    # two could wait on each other only if this one filled: it holds ~10k aborts, far more than running requests.
-    stops: int = 256 * 1024
-    text: int = 8 * MiB           # detokenizer -> api: one batch's text (echo can be a whole prompt)
-    tp: int = 4 * MiB             # scheduler -> the other tensor-parallel ranks: its requests, aborts and steps
 
 
 @dataclass

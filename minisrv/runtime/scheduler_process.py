@@ -25,7 +25,7 @@ from minisrv.runtime.channels import ChannelSpec, wait_any
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.runtime.tensor_parallel import TPGroup, TPLeader, load_rank_engine
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
-from minisrv.scheduler.request import RequestOutput
+from minisrv.scheduler.request import RequestOutput, SampleResult
 from minisrv.tokenizer.loading import load_fast_tokenizer
 from minisrv.wire.records import Abort, Error, Shutdown, StepTokens, TokenizedRequest
 from minisrv.wire.terms import FinishReason
@@ -50,26 +50,39 @@ class SchedulerChannels:
 
 
 def step_tokens(outputs: list[RequestOutput]) -> StepTokens:
-    """One STEP_TOKENS record for a step: a row per new token, or one row with token -1 for a bare finish."""
+    """One STEP_TOKENS record for a step: per request, a row per prompt logprob computed, then a row per new
+    token, or one row with token -1 for a bare finish."""
     record = StepTokens()
     for out in outputs:
+        for sample in out.prompt_samples:
+            _add_row(record, out, sample.token_id, sample, FinishReason.NONE, out.num_output_tokens, in_prompt=True)
         samples = out.new_samples
-        new = [(t, samples[j] if j < len(samples) else None) for j, t in enumerate(out.new_token_ids)] or [(-1, None)]
+        new = [(t, samples[j] if j < len(samples) else None) for j, t in enumerate(out.new_token_ids)]
+        if not new and (out.finished or not out.prompt_samples):
+            new = [(-1, None)]
         for j, (token, sample) in enumerate(new):
-            record.rids.append(out.rid)
-            record.token_ids.append(token)
-            record.finish_reasons.append(out.finish_reason if j == len(new) - 1 else FinishReason.NONE)
-            record.num_prompt_tokens.append(out.num_prompt_tokens)
-            record.num_cached_tokens.append(out.num_cached_tokens)
-            record.num_output_tokens.append(out.num_output_tokens - (len(new) - 1 - j) if token >= 0
-                                            else out.num_output_tokens)
-            has_logprob = sample is not None and sample.logprob is not None
-            record.logprobs.append(sample.logprob if has_logprob else math.nan)
-            record.top_counts.append(len(sample.top_ids) if has_logprob else 0)
-            if has_logprob:
-                record.top_ids += sample.top_ids
-                record.top_logprobs += sample.top_logprobs
+            last = j == len(new) - 1
+            _add_row(record, out, token, sample, out.finish_reason if last else FinishReason.NONE,
+                     out.num_output_tokens - (len(new) - 1 - j) if token >= 0 else out.num_output_tokens)
     return record
+
+
+def _add_row(record: StepTokens, out: RequestOutput, token: int, sample: SampleResult | None,
+             finish_reason: FinishReason, num_output_tokens: int, in_prompt: bool = False) -> None:
+    record.rids.append(out.rid)
+    record.token_ids.append(token)
+    record.finish_reasons.append(finish_reason)
+    record.num_prompt_tokens.append(out.num_prompt_tokens)
+    record.num_cached_tokens.append(out.num_cached_tokens)
+    record.num_output_tokens.append(num_output_tokens)
+    has_logprob = sample is not None and sample.logprob is not None
+    record.logprobs.append(sample.logprob if has_logprob else math.nan)
+    record.top_counts.append(len(sample.top_ids) if has_logprob else 0)
+    if has_logprob:
+        record.top_ids += sample.top_ids
+        record.top_logprobs += sample.top_logprobs
+    record.in_prompt.append(in_prompt)
+    record.ranks.append(sample.rank if sample is not None else 0)
 
 
 class GrammarCompiles:

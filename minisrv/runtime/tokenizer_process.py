@@ -15,15 +15,20 @@ from dataclasses import dataclass, replace
 
 from minisrv.ipc import RecordTooLarge
 from minisrv.models.source import ModelSource
-from minisrv.runtime.channels import ChannelSpec
+from minisrv.runtime.channels import ChannelSpec, RingCapacities
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 from minisrv.scheduler.routing import ReplicaRouter, RoutingPolicy
+from minisrv.scheduler.scheduler import prompt_leaves_no_room
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, load_prompt_tokenizer
 from minisrv.wire.records import Abort, DetokenizeRequest, Error, PromptRequest, Shutdown, TokenizedRequest
 from minisrv.wire.terms import choice_rid, choice_seed, unpack_template_value
 
 logger = logging.getLogger(__name__)
+
+# A choice's prompt logprobs reach the API server in one TEXT_DELTAS row: at most ~32 bytes each (id, logprob,
+# rank, flags, the token's bytes), so this many fill at most a quarter of the 8 MiB text ring.
+MAX_PROMPT_LOGPROB_ENTRIES = RingCapacities.text // 4 // 32
 
 
 @dataclass(frozen=True)
@@ -74,17 +79,16 @@ class TokenizerLoop:
             return
         if req.truncate_prompt_tokens:
             prompt_ids = prompt_ids[-req.truncate_prompt_tokens:]
-        context = self.status.model().max_model_len if self.status is not None else 0
-        if context and len(prompt_ids) >= context:   # refused here: its ids might not even fit in a record
-            self.to_detokenizer.send(Error(choice_rid(req.rid, 0), 400, (
-                f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate: the context length "
-                f"is {context}; shorten it, or set truncate_prompt_tokens")))
+        problem = self.unservable(req, len(prompt_ids))
+        if problem:   # refused here: its ids or logprobs might not even fit in a record
+            self.to_detokenizer.send(Error(choice_rid(req.rid, 0), 400, problem))
             return
         try:
             self.to_detokenizer.send(DetokenizeRequest(
                 rid=req.rid, n=req.n, stop=req.stop, echo=req.echo, skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
-                prompt_ids=prompt_ids if req.echo else []))
+                prompt_ids=prompt_ids if req.echo else [],
+                echo_logprobs=req.echo and req.params.prompt_logprobs is not None))
             # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
             params = req.params
             self.to_schedulers[self.replica_for(prompt_ids, req.n)].send_many(
@@ -96,6 +100,20 @@ class TokenizerLoop:
                 self.to_detokenizer.send(Error(choice_rid(req.rid, i), 400, (
                     f"the prompt's {len(prompt_ids)} tokens take {exc.length} bytes in a record, more than the "
                     f"{exc.limit} this server's rings carry; shorten it, or set truncate_prompt_tokens")))
+
+    def unservable(self, req: PromptRequest, num_prompt_tokens: int) -> str | None:
+        """Why the rings cannot carry this request or its answer, or None."""
+        context = self.status.model().max_model_len if self.status is not None else 0
+        problem = prompt_leaves_no_room(num_prompt_tokens, context) if context else None
+        if problem:
+            return f"{problem}; shorten it, or set truncate_prompt_tokens"
+        k = req.params.prompt_logprobs
+        entries = num_prompt_tokens * (1 + (k or 0)) * req.n
+        if k is not None and entries > MAX_PROMPT_LOGPROB_ENTRIES:
+            return (f"prompt_logprobs: {num_prompt_tokens} prompt tokens x {1 + k} logprobs each x n={req.n} are "
+                    f"{entries} logprobs, more than the {MAX_PROMPT_LOGPROB_ENTRIES} one response may carry; ask for "
+                    "fewer alternatives or send a shorter prompt")
+        return None
 
     def replica_for(self, prompt_ids: list[int], choices: int) -> int:
         if self.router is None:

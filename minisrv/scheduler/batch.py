@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minisrv.scheduler.request import Request
+from minisrv.scheduler.request import Request, SampleResult
 
 
 @dataclass
@@ -13,12 +13,15 @@ class ScheduledSeq:
     Their K/V go to positions start.. of the request's page table (pages already allocated by the
     scheduler). `sample` is true when the last of them is the request's newest token, i.e. this step
     ends its prefill or is a decode step, so the engine samples the next token from its logits.
+    The engine fills `prompt_logprobs` for a request that wants them: the logprobs of its prompt tokens
+    start+1 .. start+num_tokens (those that are prompt tokens), from the logits of the tokens computed.
     """
 
     request: Request
     start: int
     num_tokens: int
     sample: bool
+    prompt_logprobs: list[SampleResult] = field(default_factory=list)
 
 
 @dataclass

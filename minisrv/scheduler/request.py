@@ -56,6 +56,12 @@ class Request:
     finish_reason: FinishReason = FinishReason.NONE
     grammar: TokenConstraint | None = None      # params.grammar, compiled: its state follows output_ids
     times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
+    num_prompt_logprobs: int = 0                # prompt tokens whose logprobs went out (params.prompt_logprobs)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt tokens still need their logprobs: every one after the first gets them once."""
+        return self.params.prompt_logprobs is not None and self.num_prompt_logprobs < len(self.prompt_ids) - 1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -88,6 +94,7 @@ class SampleResult:
     logprob: float | None = None                # log-softmax of the RAW model logits at token_id (vLLM V1 raw_logprobs)
     top_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
+    rank: int = 0                               # token_id's rank among all tokens (1: the likeliest), 0: not computed
 
 
 @dataclass
@@ -101,6 +108,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    # Logprobs of prompt tokens computed this step (params.prompt_logprobs), in order: they come before the
+    # first output token, the first of them for the prompt's second token.
+    prompt_samples: list[SampleResult] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -54,6 +54,14 @@ class _Step:
         return max(0, min(num_tokens, self.budget, self.prefill_cap - self.prefill_used))
 
 
+def prompt_leaves_no_room(num_prompt_tokens: int, max_model_len: int) -> str | None:
+    """Why a prompt this long cannot be served, or None."""
+    if num_prompt_tokens < max_model_len:
+        return None
+    return (f"the prompt has {num_prompt_tokens} tokens, which leaves no room to generate: the context length is "
+            f"{max_model_len}")
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, num_pages: int, eos_token_ids: list[int], max_model_len: int,
                  vocab_size: int, max_prefill_tokens: int | None = None) -> None:
@@ -110,9 +118,9 @@ class Scheduler:
                 raise ValueError(f"request {rid}: {field_name} token id {ids[bad]} at position {bad} is "
                                  f"outside the vocabulary [0, {self.vocab_size})")
         if params.max_tokens is None:   # up to the context length
-            if len(prompt) >= self.max_model_len:
-                raise ValueError(f"request {rid}: the prompt has {len(prompt)} tokens, which leaves no room to "
-                                 f"generate: the context length is {self.max_model_len}")
+            problem = prompt_leaves_no_room(len(prompt), self.max_model_len)
+            if problem:
+                raise ValueError(f"request {rid}: {problem}")
             req.max_tokens = self.max_model_len - len(prompt)
         else:
             req.max_tokens = params.max_tokens
@@ -174,7 +182,10 @@ class Scheduler:
                 continue
             if req.rid in self._cursors:
                 self._cache_full_pages(req, seq.start + seq.num_tokens)
+            prompt_samples = self._new_prompt_logprobs(seq)
             if result is None:
+                if prompt_samples:
+                    outputs.append(self._output(req, [], prompt_samples))
                 continue
             req.num_in_flight -= 1
             req.output_ids.append(result.token_id)
@@ -184,8 +195,18 @@ class Scheduler:
                 reason = FinishReason.STOP   # a complete grammar ends the output, min_tokens or not
             if reason is not FinishReason.NONE:
                 self._finish(req, reason)
-            outputs.append(self._output(req, [result]))
+            outputs.append(self._output(req, [result], prompt_samples))
         return outputs
+
+    @staticmethod
+    def _new_prompt_logprobs(seq: ScheduledSeq) -> list[SampleResult]:
+        """The prompt logprobs `seq` computed that have not gone out yet (a recomputation after preemption
+        computes some again)."""
+        req = seq.request
+        skip = req.num_prompt_logprobs - seq.start   # seq.prompt_logprobs[0] is for prompt token seq.start + 1
+        new = seq.prompt_logprobs[max(0, skip):]
+        req.num_prompt_logprobs += len(new)
+        return new
 
     # ---- internals
     def _schedule_running(self, req: Request, step: _Step) -> None:
@@ -201,7 +222,7 @@ class Scheduler:
 
     def _admit(self, req: Request, step: _Step) -> bool:
         cursor = None
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and req.params.prompt_logprobs is None:
             # The last token is always computed, so that the step has logits to sample from. Its page
             # is never taken from the cache, even when the whole prompt is there: recomputing up to a
             # page of tokens is cheaper than a request writing into a page that others are reading.
@@ -232,7 +253,8 @@ class Scheduler:
         computing a copy. This is how the n choices of one request (n TOKENIZED_REQUEST records with one prompt,
         arriving together) and concurrent requests with one system prompt share their prompt's KV pages.
         """
-        if self.prefix_cache is None or req.num_prompt_tokens <= self.page_size:
+        if (self.prefix_cache is None or req.num_prompt_tokens <= self.page_size
+                or req.params.prompt_logprobs is not None):   # it never attaches cached pages
             return False
         first_page = req.prompt_ids[:self.page_size]
         return any(seq.start < self.page_size <= seq.request.num_prompt_tokens
@@ -318,7 +340,9 @@ class Scheduler:
         del self._requests[req.rid]
         self._preempted_rids.discard(req.rid)
 
-    def _output(self, req: Request, samples: list[SampleResult]) -> RequestOutput:
+    def _output(self, req: Request, samples: list[SampleResult],
+                prompt_samples: list[SampleResult] | None = None) -> RequestOutput:
         return RequestOutput(rid=req.rid, new_token_ids=[s.token_id for s in samples], new_samples=samples,
                              finish_reason=req.finish_reason, num_prompt_tokens=req.num_prompt_tokens,
-                             num_cached_tokens=req.num_cached_tokens, num_output_tokens=len(req.output_ids))
+                             num_cached_tokens=req.num_cached_tokens, num_output_tokens=len(req.output_ids),
+                             prompt_samples=prompt_samples or [])

@@ -168,6 +168,7 @@ class ApiRoutes:
         grammar = await self._checked(req.grammar())
         prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, grammar)
         ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage())
+        ctx.prompt_logprobs = req.prompt_logprobs
         ctx.tool_choice = req.resolved_tool_choice()
         ctx.tool_names = frozenset(t.function.name for t in req.tools or [])
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
@@ -183,6 +184,8 @@ class ApiRoutes:
         prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len,
                                          self.config.max_choices_per_request, grammar)
         ctx = self._context("cmpl", req.include_usage(), req.continuous_usage())
+        ctx.prompt_logprobs = req.prompt_logprobs
+        ctx.echo_logprobs = req.logprobs if req.echo else None
         return await self._respond(request, ctx, prompts, req.stream, responses.completion_stream,
                                    responses.completion)
 

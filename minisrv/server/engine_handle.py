@@ -21,6 +21,7 @@ class TokenLogprob:
     logprob: float
     token_bytes: bytes    # the token's exact bytes, for OpenAI's `bytes` field
     top_logprobs: list[TokenLogprob] = field(default_factory=list)
+    rank: int = 0         # among all tokens, 1 the likeliest (computed for prompt tokens; 0: not computed)
 
 
 @dataclass
@@ -36,6 +37,8 @@ class OutputDelta:
     num_cached_tokens: int
     num_output_tokens: int                  # tokens generated so far for this choice (cumulative)
     emitted_ns: int = 0                     # time.monotonic_ns() when the scheduler sent its first token (0: unknown)
+    # With prompt_logprobs: one per prompt token after the first, all in the choice's first delta.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class RequestError(Exception):

@@ -323,6 +323,9 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
         check_n(self.n, "n")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        if self.stream and self.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs: not available when stream is true (as in vLLM); for a "
+                                "completion, echo with logprobs streams them", "prompt_logprobs")
         if self.return_hidden_states:
             raise APIError(400, "return_hidden_states: this server does not return hidden states",
                            "return_hidden_states", "unsupported_field")
@@ -461,9 +464,12 @@ class CompletionRequest(_OpenAIFields):
             raise APIError(400, "suffix: fill-in-the-middle needs a model whose template defines it, and this "
                                 "server has none for the served model; put the text in the prompt instead", "suffix",
                            "unsupported_field")
+        # echo with logprobs shows the prompt's tokens with theirs first (the legacy OpenAI API, vLLM).
+        prompt_logprobs = self.prompt_logprobs
         if self.echo and self.logprobs is not None:
-            raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", "echo")
+            prompt_logprobs = max(self.logprobs, prompt_logprobs or 0)
         params = build_sampling_params(self, "openai", extra=dict(max_tokens=self.max_tokens, logprobs=self.logprobs,
+                                                                  prompt_logprobs=prompt_logprobs,
                                                                   grammar=grammar and grammar.text))
         common = dict(params=params, n=self.n, stop=stop_strings(self.stop, "stop"), echo=self.echo,
                       **self.output_options(max_model_len))

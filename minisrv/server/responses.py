@@ -14,7 +14,7 @@ from minisrv.server import tools
 from minisrv.server.engine_handle import RequestError
 from minisrv.server.errors import error_body
 from minisrv.server.streams import (SSE_DONE, ChoiceDelta, ChoiceResult, ResponseContext, chat_logprobs,
-                                    completion_logprobs, sse_event)
+                                    completion_logprobs, echoed_logprobs, prompt_logprobs_of, sse_event)
 from minisrv.server.tools import ToolCall
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,10 @@ def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
         choices.append({"index": i, "message": message,
                         "logprobs": chat_logprobs(r.logprobs) if r.logprobs is not None else None,
                         "finish_reason": finish_reason})
-    return dict(_envelope(ctx, "chat.completion", choices), usage=ctx.usage())
+    body = dict(_envelope(ctx, "chat.completion", choices), usage=ctx.usage())
+    if ctx.prompt_logprobs is not None:   # vLLM's: one list for the response (its choices share the prompt)
+        body["prompt_logprobs"] = prompt_logprobs_of(results[0].prompt_logprobs, ctx.prompt_logprobs)
+    return body
 
 
 def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
@@ -134,10 +137,15 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
 # --- /v1/completions --------------------------------------------------------------------------------
 
 def completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
-    choices = [{"index": i, "text": r.text,
-                "logprobs": completion_logprobs(r.logprobs, 0) if r.logprobs is not None else None,
-                "finish_reason": r.finish_reason}
-               for i, r in enumerate(results)]
+    choices = []
+    for i, r in enumerate(results):
+        logprobs = echoed_logprobs(ctx, r.prompt_logprobs, r.logprobs)
+        choice = {"index": i, "text": r.text,
+                  "logprobs": completion_logprobs(logprobs, 0, ctx.echo_logprobs) if logprobs is not None else None,
+                  "finish_reason": r.finish_reason}
+        if ctx.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs_of(r.prompt_logprobs, ctx.prompt_logprobs)
+        choices.append(choice)
     return dict(_envelope(ctx, COMPLETION, choices), usage=ctx.usage())
 
 
@@ -146,12 +154,13 @@ def completion_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) 
 
     def chunk_of(cd: ChoiceDelta) -> dict | None:
         d = cd.delta
-        if not d.text and d.finish_reason is None and not d.logprobs:
+        logprobs = echoed_logprobs(ctx, d.prompt_logprobs, d.logprobs)
+        if not d.text and d.finish_reason is None and not logprobs:
             return None
         offset = text_offset.get(cd.choice, 0)
         text_offset[cd.choice] = offset + len(d.text)
         choice = {"index": cd.choice, "text": d.text,
-                  "logprobs": completion_logprobs(d.logprobs, offset) if d.logprobs else None,
+                  "logprobs": completion_logprobs(logprobs, offset, ctx.echo_logprobs) if logprobs else None,
                   "finish_reason": d.finish_reason}
         return _envelope(ctx, COMPLETION, [choice], streaming=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from contextlib import aclosing
@@ -86,6 +87,8 @@ class ResponseContext:
     sse_timestamps: bool = False      # --sse-timestamps: each chunk says when its first token left the scheduler
     tool_choice: str = "none"         # chat: "none", "auto", "required" or a forced function's name
     tool_names: frozenset[str] = frozenset()   # chat: the functions the request offers
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token, None: not asked
+    echo_logprobs: int | None = None    # completions with echo and logprobs: the prompt's tokens lead the logprobs
     _choices: dict[int, ChoiceDelta] = field(default_factory=dict)   # latest delta of each choice
 
     @classmethod
@@ -120,6 +123,7 @@ class ChoiceResult:
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
 
     @property
@@ -139,13 +143,15 @@ async def collect(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta], num_
                 if result.logprobs is None:
                     result.logprobs = []
                 result.logprobs.extend(delta.logprobs)
+            if delta.prompt_logprobs is not None:
+                result.prompt_logprobs = delta.prompt_logprobs
             if delta.finish_reason is not None:
                 result.finish_reason = delta.finish_reason
     return results
 
 
-def _logprob(value: float) -> float:
-    return max(value, MIN_LOGPROB)
+def _logprob(value: float) -> float | None:
+    return None if math.isnan(value) else max(value, MIN_LOGPROB)
 
 
 def chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
@@ -157,13 +163,39 @@ def chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
         for lp in logprobs]}
 
 
-def completion_logprobs(logprobs: list[TokenLogprob], text_offset: int) -> dict:
-    """OpenAI completions shape: parallel lists; `text_offset` is where the first token's text starts."""
+def completion_logprobs(logprobs: list[TokenLogprob], text_offset: int, top: int | None = None) -> dict:
+    """OpenAI completions shape: parallel lists; `text_offset` is where the first token's text starts. A token
+    without a logprob (an echoed prompt's first) has null for it and its alternatives; `top` trims those."""
     offsets = []
     for lp in logprobs:
         offsets.append(text_offset)
         text_offset += len(lp.token)
     return {"tokens": [lp.token for lp in logprobs],
             "token_logprobs": [_logprob(lp.logprob) for lp in logprobs],
-            "top_logprobs": [{t.token: _logprob(t.logprob) for t in lp.top_logprobs} for lp in logprobs],
+            "top_logprobs": [None if math.isnan(lp.logprob) else
+                             {t.token: _logprob(t.logprob) for t in lp.top_logprobs[:top]} for lp in logprobs],
             "text_offset": offsets}
+
+
+def echoed_logprobs(ctx: ResponseContext, prompt: list[TokenLogprob] | None,
+                    output: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
+    """A completion's logprobs: with echo, its prompt's first."""
+    if ctx.echo_logprobs is None or prompt is None:
+        return output
+    return prompt + (output or [])
+
+
+def prompt_logprobs_of(prompt: list[TokenLogprob] | None, top: int) -> list[dict | None] | None:
+    """vLLM's prompt_logprobs: per prompt token, null for the first, then {token id: {logprob, rank,
+    decoded_token}} for the token and its `top` likeliest alternatives."""
+    if prompt is None:
+        return None
+    entries: list[dict | None] = [None]
+    for lp in prompt:
+        if math.isnan(lp.logprob):
+            continue   # the first token, echoed
+        entry = {str(t.token_id): {"logprob": _logprob(t.logprob), "rank": t.rank, "decoded_token": t.token}
+                 for t in lp.top_logprobs[:top]}
+        entry[str(lp.token_id)] = {"logprob": _logprob(lp.logprob), "rank": lp.rank, "decoded_token": lp.token}
+        entries.append(entry)
+    return entries

@@ -32,12 +32,15 @@ class PendingRow:
     top_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
     top_bytes: list[bytes] = field(default_factory=list)
+    token_in_prompt: list[bool] = field(default_factory=list)
+    token_ranks: list[int] = field(default_factory=list)
 
 
 @dataclass
 class ChoiceStream:
     detok: IncrementalDetokenizer
     prefix: str = ""                  # the prompt's text for echo, sent with the choice's first row
+    prompt_tokens: PendingRow | None = None   # prompt logprobs, sent with the choice's first row
     pending: PendingRow | None = None
     started: bool = False             # its first row went out (that one is never held back)
 
@@ -59,7 +62,10 @@ class Detokenizer:
         for index in range(req.n):
             detok = IncrementalDetokenizer(self.tokenizer, req.stop, req.skip_special_tokens,
                                            req.include_stop_str_in_output)
-            self.streams[choice_rid(req.rid, index)] = ChoiceStream(detok, prefix)
+            stream = self.streams[choice_rid(req.rid, index)] = ChoiceStream(detok, prefix)
+            if req.echo_logprobs:   # the prompt's first token has no logprob, but an echo shows it
+                stream.prompt_tokens = PendingRow(0)
+                self._add_token(stream.prompt_tokens, int(req.prompt_ids[0]), math.nan, 0, [], [], True)
 
     def drop(self, rid: int) -> None:
         self.streams.pop(rid, None)
@@ -74,6 +80,7 @@ class Detokenizer:
         top_start = 0
         counts = zip(step.num_prompt_tokens.tolist(), step.num_cached_tokens.tolist(),
                      step.num_output_tokens.tolist())
+        in_prompt, ranks = step.in_prompt.tolist(), step.ranks.tolist()
         for row, (rid, token, reason, logprob, (prompt, cached, output)) in enumerate(zip(
                 step.rids.tolist(), step.token_ids.tolist(), step.finish_reasons.tolist(), step.logprobs.tolist(),
                 counts)):
@@ -81,6 +88,11 @@ class Detokenizer:
             top_start = tops.stop
             stream = self.streams.get(rid)
             if stream is None:   # finished here by a stop string, or refused: nothing to report
+                continue
+            if in_prompt[row]:
+                stream.prompt_tokens = stream.prompt_tokens or PendingRow(step.emitted_ns)
+                self._add_token(stream.prompt_tokens, token, logprob, top_counts[row], top_ids[tops],
+                                top_logprobs[tops], True, ranks[row])
                 continue
             text = stream.detok.step(token) if token >= 0 else ""
             if stream.detok.stopped:
@@ -111,25 +123,27 @@ class Detokenizer:
             out.num_prompt_tokens.append(prompt)
             out.num_cached_tokens.append(cached)
             out.num_output_tokens.append(output)
-            out.num_tokens.append((len(held.token_ids) if held else 0) + has_token)
-            if held:
-                out.emitted_ns.append(held.emitted_ns)
-                out.texts.append(held.text + text)
+            before = [part for part in (stream.prompt_tokens, held) if part]
+            stream.prompt_tokens = None
+            out.num_tokens.append(sum(len(part.token_ids) for part in before) + has_token)
+            out.emitted_ns.append(held.emitted_ns if held else step.emitted_ns)
+            out.texts.append(held.text + text if held else text)
+            for part in before:
                 for name in TOKEN_COLUMNS:
-                    getattr(out, name).extend(getattr(held, name))
-            else:
-                out.emitted_ns.append(step.emitted_ns)
-                out.texts.append(text)
+                    getattr(out, name).extend(getattr(part, name))
             if has_token:
                 self._add_token(out, token, logprob, *tops_of_token)
         return stopped
 
     def _add_token(self, dst: TextDeltas | PendingRow, token: int, logprob: float, top_count: int,
-                   top_ids: list[int], top_logprobs: list[float]) -> None:
-        """Append one token to `dst`'s token columns; its bytes only when logprobs were asked for."""
+                   top_ids: list[int], top_logprobs: list[float], in_prompt: bool = False, rank: int = 0) -> None:
+        """Append one token to `dst`'s token columns; its bytes only when logprobs were asked for (prompt
+        tokens come only then)."""
+        dst.token_in_prompt.append(in_prompt)
+        dst.token_ranks.append(rank)
         dst.token_ids.append(token)
         dst.token_logprobs.append(logprob)
-        dst.token_bytes.append(self.token_texts[token].raw if not math.isnan(logprob) else b"")
+        dst.token_bytes.append(self.token_texts[token].raw if in_prompt or not math.isnan(logprob) else b"")
         dst.top_counts.append(top_count)
         dst.top_ids += top_ids
         dst.top_logprobs += top_logprobs

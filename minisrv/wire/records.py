@@ -16,7 +16,7 @@ from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, colum
                                 strings, text)
 from minisrv.wire.codec import text as text_field   # for a field declared after PromptRequest's own `text`
 
-LAYOUT_VERSION = 8
+LAYOUT_VERSION = 9
 
 
 class Kind(enum.IntEnum):
@@ -121,6 +121,7 @@ class DetokenizeRequest(Record):
     skip_special_tokens: bool = flag(True)
     include_stop_str_in_output: bool = flag()
     prompt_ids: Column = column("<i4")            # only with echo
+    echo_logprobs: bool = flag()                  # echo with prompt logprobs: the first prompt token leads them
 
 
 @record(Kind.ABORT, "api -> tokenizer -> scheduler; detokenizer -> scheduler")
@@ -131,7 +132,9 @@ class Abort(Record):
 @record(Kind.STEP_TOKENS, "scheduler -> detokenizer", counts={"top": "top_counts"})
 class StepTokens(Record):
     """One scheduler step: a row per new token of a request (token -1: the row only reports a finish).
-    Rows of requests that asked for no logprobs have logprob NaN and no alternatives."""
+    Rows of requests that asked for no logprobs have logprob NaN and no alternatives. Rows with in_prompt
+    set carry a prompt token's logprobs (SamplingParams.prompt_logprobs) and come before the request's
+    output rows; rank is the token's among all (0: not computed, as for output tokens)."""
 
     rids: Column = column("<u8", "row")
     token_ids: Column = column("<i4", "row")
@@ -144,13 +147,16 @@ class StepTokens(Record):
     top_ids: Column = column("<i4", "top")
     top_logprobs: Column = column("<f4", "top")
     emitted_ns: int = scalar("Q")   # time.monotonic_ns() as the scheduler sent it (latency tracing)
+    in_prompt: Column = column("u1", "row")
+    ranks: Column = column("<u4", "row")
 
 
 @record(Kind.TEXT_DELTAS, "detokenizer -> api", counts={"token": "num_tokens", "top": "top_counts"})
 class TextDeltas(Record):
     """One detokenizer batch: a row per request with news, its text delta and the tokens behind it, each
     token with its logprob (NaN when not asked for), its bytes (b"" then) and its alternatives. The API
-    server has no tokenizer: token texts travel as bytes."""
+    server has no tokenizer: token texts travel as bytes. A choice's prompt tokens with logprobs (flagged
+    token_in_prompt) come in its first row, before its output tokens."""
 
     rids: Column = column("<u8", "row")
     finish_reasons: Column = column("u1", "row")
@@ -167,6 +173,8 @@ class TextDeltas(Record):
     top_logprobs: Column = column("<f4", "top")
     top_bytes: list[bytes] = strings("top", raw=True)
     emitted_ns: Column = column("<u8", "row")   # the STEP_TOKENS emitted_ns of each row's first token
+    token_in_prompt: Column = column("u1", "token")
+    token_ranks: Column = column("<u4", "token")
 
 
 @record(Kind.ERROR, "tokenizer, scheduler -> detokenizer -> api")

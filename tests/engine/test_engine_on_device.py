@@ -182,3 +182,28 @@ def test_kernels_match_the_torch_path_logits_and_greedy_tokens(loaded, prompts) 
     assert rel < 2e-2
     assert (first_cuda.argmax(-1) == first_torch.argmax(-1))[separated].all()
     assert torch_tokens[0][:1] == cuda_tokens[0][:1] or not bool(separated[0])
+
+
+def test_prompt_logprobs_match_the_oracle(oracle, loaded, prompts, backend) -> None:
+    """Chunked prefill with CUDA graphs and overlap as served: every prompt token's logprob is the oracle's."""
+    hf, _ = oracle
+    engine = LLMEngine(EngineConfig(device=DEVICE, kernel_backend=backend, max_num_batched_tokens=13, page_size=4),
+                       loaded=loaded)
+    collected: dict[int, list] = {}
+    for rid, ids in enumerate(prompts):
+        engine.add_request(rid, ids, SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2))
+        collected[rid] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            collected[out.rid] += out.prompt_samples
+    worst = 0.0
+    with torch.inference_mode():
+        for rid, ids in enumerate(prompts):
+            expected = torch.log_softmax(hf(torch.tensor([ids], device=DEVICE)).logits[0, :-1].float(), dim=-1)
+            got = collected[rid]
+            assert [s.token_id for s in got] == ids[1:]
+            chosen = expected.gather(1, torch.tensor(ids[1:], device=DEVICE)[:, None])[:, 0].cpu()
+            worst = max(worst, (torch.tensor([s.logprob for s in got]) - chosen).abs().max().item())
+            assert all(len(s.top_ids) == 2 and s.rank >= 1 for s in got)
+    print(f"largest prompt logprob difference from the oracle: {worst:.4f} (tolerance {TOLERANCE})")
+    assert worst <= TOLERANCE

@@ -35,11 +35,16 @@ def prompt_ids(llm: LLM) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def reference(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
-    """transformers' own Llama on the very weights our loader converted, one prompt at a time."""
+def hf(llm: LLM):
+    """transformers' own Llama on the very weights our loader converted."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(llm.source.path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(llm.source.path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(hf, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """transformers' greedy output, one prompt at a time."""
     # Like our ignore_eos: generate past EOS without masking it (min_new_tokens would mask it).
     hf.generation_config.eos_token_id = None
     outs = []
@@ -95,3 +100,31 @@ def test_tiny_kv_pool_preempts(llm: LLM, prompt_ids: list[list[int]], reference:
     outs = engine.generate(prompt_ids, GREEDY)
     assert [o.token_ids for o in outs] == reference
     assert engine.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(max_num_batched_tokens=7, page_size=4),            # prefill in chunks of up to 7 tokens
+    dict(page_size=4, num_pages=40, enable_prefix_caching=False),   # preemption recomputes prompts
+], ids=["whole", "chunked", "preempted"])
+def test_prompt_logprobs_match_transformers(llm: LLM, hf, prompt_ids: list[list[int]], settings: dict) -> None:
+    top = 3
+    engine = _engine(llm, **settings)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=top)
+    engine.generate(prompt_ids[:2], SamplingParams(max_tokens=2))   # their pages now in the prefix cache
+    outs = engine.generate(prompt_ids, params)
+    with torch.inference_mode():
+        for ids, out in zip(prompt_ids, outs):
+            expected = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+            got = out.prompt_logprobs
+            assert [s.token_id for s in got] == ids[1:]
+            chosen = expected.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+            assert torch.allclose(torch.tensor([s.logprob for s in got]), chosen, atol=2e-3)
+            ranks = (expected > chosen[:, None]).sum(dim=1) + 1
+            assert [s.rank for s in got] == ranks.tolist()
+            top_values, _ = expected.topk(top, dim=-1)
+            assert torch.allclose(torch.tensor([s.top_logprobs for s in got]), top_values, atol=2e-3)
+            for s, row in zip(got, expected):
+                assert all(abs(row[t] - v) < 2e-3 for t, v in zip(s.top_ids, s.top_logprobs))
+    if "num_pages" in settings:
+        assert engine.engine.scheduler.num_preemptions > 0

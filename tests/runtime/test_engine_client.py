@@ -49,7 +49,8 @@ class Harness:
             token_logprobs=[-0.5 if logprobs else math.nan] * len(ids),
             token_bytes=[b"\xe4\xbd" if logprobs else b"" for _ in ids], top_counts=[1 if logprobs else 0] * len(ids),
             top_ids=[3] * len(ids) if logprobs else [], top_logprobs=[-2.0] * len(ids) if logprobs else [],
-            top_bytes=[b"x" for _ in ids] if logprobs else [], emitted_ns=[1000 + r for r, _, _, _ in rows]).encode())
+            top_bytes=[b"x" for _ in ids] if logprobs else [], emitted_ns=[1000 + r for r, _, _, _ in rows],
+            token_in_prompt=[False] * len(ids), token_ranks=[0] * len(ids)).encode())
 
     def close(self) -> None:
         for ring in (*self.tokenizers, self.detokenizer, *self.api_ends, self.text_reader):

@@ -178,3 +178,18 @@ def test_step_tokens_rows_and_logprobs() -> None:
     assert lps[:2] == pytest.approx([-0.1, -0.2]) and math.isnan(lps[2]) and math.isnan(lps[3])
     assert step.top_counts.tolist() == [2, 1, 0, 0]
     assert step.top_ids.tolist() == [7, 2, 8]
+
+
+def test_prompt_logprob_rows_come_before_the_output_rows() -> None:
+    prompt = [SampleResult(11, -1.0, [4], [-0.5], rank=3), SampleResult(12, -2.0, [12], [-2.0], rank=1)]
+    outputs = [
+        RequestOutput(1, [], [], FinishReason.NONE, 3, 0, 0, prompt_samples=prompt[:1]),   # a prefill chunk
+        RequestOutput(2, [7], [SampleResult(7)], FinishReason.NONE, 3, 0, 1, prompt_samples=prompt),
+    ]
+    step = StepTokens.decode(step_tokens(outputs).encode())
+    assert step.rids.tolist() == [1, 2, 2, 2]   # a chunk's prompt rows need no bare row after them
+    assert step.token_ids.tolist() == [11, 11, 12, 7]
+    assert step.in_prompt.tolist() == [1, 1, 1, 0]
+    assert step.ranks.tolist() == [3, 3, 1, 0]
+    assert step.top_ids.tolist() == [4, 4, 12]
+    assert step.finish_reasons.tolist() == [0, 0, 0, 0]

@@ -169,6 +169,52 @@ def test_logprobs(sdk, model) -> None:
     assert all(len(top) <= 2 for top in lp.top_logprobs)
 
 
+def test_prompt_logprobs_echoed_and_in_vllm_shape(server, sdk, model) -> None:
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    ids = post(server, "/tokenize", {"model": model, "prompt": prompt}).json()["tokens"]
+    body = dict(model=model, prompt=prompt, max_tokens=3, logprobs=2, echo=True, **GREEDY)
+    comp = post(server, "/v1/completions", dict(body, prompt_logprobs=4)).json()
+    choice = comp["choices"][0]
+    lp = choice["logprobs"]
+    assert comp["usage"]["prompt_tokens"] == len(ids)
+    assert len(lp["tokens"]) == len(ids) + comp["usage"]["completion_tokens"]
+    assert choice["text"].startswith(prompt) and "".join(lp["tokens"]) == choice["text"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:]) and all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+    # vLLM's prompt_logprobs: null, then per token {id: {logprob, rank, decoded_token}} with 4 alternatives
+    shaped = choice["prompt_logprobs"]
+    assert len(shaped) == len(ids) and shaped[0] is None
+    for i, entry in enumerate(shaped[1:], 1):
+        mine = entry[str(ids[i])]
+        assert mine["logprob"] == pytest.approx(lp["token_logprobs"][i], abs=1e-6) and mine["rank"] >= 1
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        assert [e["rank"] for e in ranked][:4] == [1, 2, 3, 4] and len(entry) <= 5
+        assert all(a["logprob"] >= b["logprob"] for a, b in zip(ranked, ranked[1:]))
+    # Streamed, the echo's logprobs come with the first chunk and add up to the same lists.
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=dict(body, stream=True), headers=AUTH,
+                      timeout=120) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert sum((s["tokens"] for s in streamed), []) == lp["tokens"]
+    assert sum((s["text_offset"] for s in streamed), []) == lp["text_offset"]
+    assert sum((s["token_logprobs"] for s in streamed), [])[1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+    # Chat: one prompt_logprobs list for the response, as vLLM's; streaming cannot carry it.
+    chat = post(server, "/v1/chat/completions", {"model": model, "messages": chat_messages("Hi"), "max_tokens": 2,
+                                                 "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    refused = post(server, "/v1/chat/completions", {"model": model, "messages": chat_messages("Hi"),
+                                                    "stream": True, "prompt_logprobs": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
+    # More logprobs than a response may carry: a clear 400, not a broken ring.
+    long_prompt = " ".join(["word"] * 200)
+    too_many = post(server, "/v1/completions", {"model": model, "prompt": long_prompt, "max_tokens": 1, "n": 16,
+                                                "prompt_logprobs": 20})
+    assert too_many.status_code == 400 and "prompt_logprobs" in too_many.json()["error"]["message"]
+
+
 def test_generate_endpoint(server) -> None:
     r = post(server, "/generate", {"text": "The capital of France is",
                                    "sampling_params": {"max_new_tokens": 5, "temperature": 0}})

@@ -82,6 +82,11 @@ def test_completion_prompt_forms() -> None:
     assert inp.echo and inp.params.max_tokens == 16 and inp.messages is None
     assert completions({"max_tokens": None})[0].params.max_tokens is None
     assert completions({"logprobs": 3})[0].params.logprobs == 3
+    # echo with logprobs asks for the prompt's logprobs too, as many alternatives as either field asks
+    assert completions({"logprobs": 3})[0].params.prompt_logprobs is None
+    assert completions({"echo": True, "logprobs": 3})[0].params.prompt_logprobs == 3
+    assert completions({"echo": True, "logprobs": 1, "prompt_logprobs": 4})[0].params.prompt_logprobs == 4
+    assert completions({"echo": True, "stream": True, "logprobs": 2})[0].params.prompt_logprobs == 2
 
 
 @pytest.mark.parametrize("body, param", [
@@ -129,7 +134,8 @@ def test_chat_rejects(body: dict, param: str) -> None:
     ({"prompt": [5, VOCAB]}, "prompt"),
     ({"prompt": [[5], [VOCAB + 1]]}, "prompt"),
     ({"prompt": 7}, "prompt"),
-    ({"echo": True, "logprobs": 1}, "echo"),
+    ({"stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"logprobs": 21}, "logprobs"),
     ({"suffix": "x"}, "suffix"),
     ({"best_of": 2}, "best_of"),

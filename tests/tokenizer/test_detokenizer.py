@@ -25,7 +25,8 @@ def step(rows: list[tuple[int, int, int]], prompt: int = 7, logprobs: dict[int, 
         rids=[r for r, _, _ in rows], token_ids=[t for _, t, _ in rows], finish_reasons=[f for _, _, f in rows],
         num_prompt_tokens=[prompt] * len(rows), num_cached_tokens=[3] * len(rows), num_output_tokens=[1] * len(rows),
         logprobs=lps, top_counts=[len(t) for t in tops], top_ids=[i for t in tops for i in t],
-        top_logprobs=[-1.5 - k for t in tops for k in range(len(t))], emitted_ns=emitted_ns)
+        top_logprobs=[-1.5 - k for t in tops for k in range(len(t))], emitted_ns=emitted_ns,
+        in_prompt=[False] * len(rows), ranks=[0] * len(rows))
 
 
 def run(detok: Detokenizer, steps: list[StepTokens]) -> tuple[list[TextDeltas], list[int]]:
@@ -106,6 +107,28 @@ def test_echo_prefixes_the_prompt_text(byte_level_tokenizer: Tokenizer) -> None:
     texts, _ = run(detok, steps)
     for c in range(2):
         assert joined(texts, choice_rid(1, c)) == "prompt 🚀 text reply"
+
+
+def test_prompt_logprobs_go_out_with_the_first_output_row(byte_level_tokenizer: Tokenizer) -> None:
+    tok = byte_level_tokenizer
+    detok = Detokenizer(tok)
+    prompt = tok.encode("ab cd").ids
+    detok.add_request(DetokenizeRequest(rid=1, echo=True, echo_logprobs=True, prompt_ids=np.array(prompt, np.int32)))
+    rid = choice_rid(1, 0)
+    prompt_rows = step([(rid, t, 0) for t in prompt[1:]], logprobs={rid: (-0.75, [prompt[0]])})
+    prompt_rows.in_prompt = [True] * (len(prompt) - 1)
+    prompt_rows.ranks = list(range(2, len(prompt) + 1))
+    texts, _ = run(detok, [prompt_rows, step([(rid, prompt[0], FinishReason.LENGTH)])])
+    [row] = texts    # nothing goes out before the first output token
+    assert row.texts == ["ab cda"]
+    assert row.num_tokens.tolist() == [len(prompt) + 1]
+    assert row.token_ids.tolist() == prompt + [prompt[0]]
+    assert row.token_in_prompt.tolist() == [1] * len(prompt) + [0]
+    assert row.token_ranks.tolist() == [0, *range(2, len(prompt) + 1), 0]
+    # The echoed first token has no logprob but its bytes; the output token asked for no logprobs.
+    lps = row.token_logprobs.tolist()
+    assert math.isnan(lps[0]) and lps[1:-1] == [-0.75] * (len(prompt) - 1) and math.isnan(lps[-1])
+    assert b"".join(row.token_bytes) == b"ab cd"
 
 
 def test_logprob_rows_carry_token_bytes_and_others_do_not(byte_level_tokenizer: Tokenizer) -> None:

@@ -107,7 +107,8 @@ def step_tokens_records(draw: st.DrawFn) -> StepTokens:
     tops = sum(top_counts)
     return StepTokens(column(st.integers(0, 2**64 - 1)), column(i32), column(st.integers(0, 3)), column(u32),
                       column(u32), column(u32), column(f32 if with_logprobs else st.just(math.nan)), top_counts,
-                      column(i32, tops), column(f32, tops), draw(st.integers(0, 2**64 - 1)))
+                      column(i32, tops), column(f32, tops), draw(st.integers(0, 2**64 - 1)), column(st.booleans()),
+                      column(u32))
 
 
 @SETTINGS
@@ -130,7 +131,7 @@ def text_deltas_records(draw: st.DrawFn) -> TextDeltas:
                       column(f32 if with_logprobs else st.just(math.nan), tokens),
                       column(st.binary(max_size=8) if with_logprobs else st.just(b""), tokens), top_counts,
                       column(i32, tops), column(f32, tops), column(st.binary(max_size=8), tops),
-                      column(st.integers(0, 2**64 - 1)))
+                      column(st.integers(0, 2**64 - 1)), column(st.booleans(), tokens), column(u32, tokens))
 
 
 @SETTINGS
@@ -173,7 +174,8 @@ def test_torn_or_corrupt_records_are_refused() -> None:
     struct.pack_into("<d", encoded, 16, -1.0)                  # temperature, byte 16
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         decode(encoded)
-    bad = StepTokens([1, 2], [3, 4], [0, 0], [1, 1], [0, 0], [1, 1], [math.nan] * 2, [0, 0]).encode()
+    bad = StepTokens([1, 2], [3, 4], [0, 0], [1, 1], [0, 0], [1, 1], [math.nan] * 2, [0, 0], in_prompt=[0, 0],
+                     ranks=[0, 0]).encode()
     struct.pack_into("<I", bad, 8 + 8 + 4, 1)                  # after emitted_ns: token_ids count 1, not 2
     with pytest.raises(RecordError):
         decode(bad)
@@ -187,7 +189,7 @@ def test_bad_fields_are_named() -> None:
     with pytest.raises(RecordError, match="STEP_TOKENS: the row columns differ in length"):
         StepTokens([1, 2], [3], [0, 0], [1, 1], [0, 0], [1, 1], [math.nan] * 2, [0, 0]).encode()
     with pytest.raises(RecordError, match="STEP_TOKENS: top_counts adds up to 3, but the top columns have 1"):
-        StepTokens([1], [3], [0], [1], [0], [1], [0.5], [3], [7], [0.25]).encode()
+        StepTokens([1], [3], [0], [1], [0], [1], [0.5], [3], [7], [0.25], in_prompt=[0], ranks=[0]).encode()
     with pytest.raises(ValueError, match="PROMPT_REQUEST: a field is out of range"):
         PromptRequest(1, n=70_000, text="a").encode()
 
