@@ -8,8 +8,9 @@
 // - top-k up to CANDIDATES (and top-p whose nucleus lies among the CANDIDATES largest) are finished in
 //   shared memory, a small top-k straight from the level-1 histogram when its bin fits there; a flatter
 //   nucleus is found by bisection over the keys, one pass per step.
-// NaN counts as -inf. A row whose maximum is not finite is greedy: all -inf gives token 0, +inf the first
-// +inf; never an out-of-range id.
+// NaN counts as -inf, and so does a token that the row's grammar bitmask refuses (structured output: bit b of
+// word w allows token 32 * w + b). A row whose maximum is not finite is greedy: all -inf gives token 0, +inf the
+// first +inf; never an out-of-range id.
 #include "common.cuh"
 
 constexpr int SAMPLE_THREADS = 1024;
@@ -20,6 +21,11 @@ constexpr float GREEDY_TEMPERATURE = 1e-5f;  // vLLM's _SAMPLING_EPS
 constexpr u32 NO_BIN = 0xffffffffu;
 
 __device__ __forceinline__ float clean(float x) { return x != x ? NEG_INF : x; }
+
+// Token i's value under a grammar bitmask (nullptr: every token allowed).
+__device__ __forceinline__ float allow(float v, const u32* __restrict__ allowed, int i) {
+    return allowed == nullptr || ((allowed[i >> 5] >> (i & 31)) & 1u) ? v : NEG_INF;
+}
 
 // Larger float, larger key (for non-NaN values).
 __device__ __forceinline__ u32 order_key(float f) {
@@ -139,7 +145,7 @@ constexpr int UNROLL = 4;   // 16-byte loads each thread has in flight before it
 // thread, so warp-synchronous work inside visit is safe. Threads take 4-value groups g = threadIdx.x + j *
 // blockDim.x (16-byte loads when the row allows), so a thread meets its indices in increasing order.
 template <typename Visit>
-__device__ __forceinline__ void scan_row(const float* x, int vocab, Visit visit) {
+__device__ __forceinline__ void scan_row(const float* x, int vocab, Visit visit, const u32* allowed = nullptr) {
     if ((reinterpret_cast<size_t>(x) & 15) == 0 && (vocab & 3) == 0) {
         const float4* x4 = reinterpret_cast<const float4*>(x);
         const int groups = vocab >> 2;
@@ -154,10 +160,11 @@ __device__ __forceinline__ void scan_row(const float* x, int vocab, Visit visit)
             for (int j = 0; j < UNROLL; ++j) {
                 const int g = start + j * blockDim.x + threadIdx.x;
                 const bool valid = g < groups;
-                visit(clean(v[j].x), 4 * g, valid);
-                visit(clean(v[j].y), 4 * g + 1, valid);
-                visit(clean(v[j].z), 4 * g + 2, valid);
-                visit(clean(v[j].w), 4 * g + 3, valid);
+                const u32* a = valid ? allowed : nullptr;   // past the row: already -inf, and no word to read
+                visit(allow(clean(v[j].x), a, 4 * g), 4 * g, valid);
+                visit(allow(clean(v[j].y), a, 4 * g + 1), 4 * g + 1, valid);
+                visit(allow(clean(v[j].z), a, 4 * g + 2), 4 * g + 2, valid);
+                visit(allow(clean(v[j].w), a, 4 * g + 3), 4 * g + 3, valid);
             }
         }
     } else {
@@ -166,7 +173,7 @@ __device__ __forceinline__ void scan_row(const float* x, int vocab, Visit visit)
 #pragma unroll
             for (int j = 0; j < 4 * UNROLL; ++j) {
                 const int i = start + j * blockDim.x + threadIdx.x;
-                v[j] = i < vocab ? clean(x[i]) : NEG_INF;
+                v[j] = i < vocab ? allow(clean(x[i]), allowed, i) : NEG_INF;
             }
 #pragma unroll
             for (int j = 0; j < 4 * UNROLL; ++j) {
@@ -179,7 +186,8 @@ __device__ __forceinline__ void scan_row(const float* x, int vocab, Visit visit)
 
 // visit(value, index) over elements [begin, end) in order (16-byte loads where aligned): a thread's own chunk.
 template <typename Visit>
-__device__ __forceinline__ void scan_chunk(const float* x, int begin, int end, Visit visit) {
+__device__ __forceinline__ void scan_chunk(const float* x, int begin, int end, Visit visit,
+                                           const u32* allowed = nullptr) {
     int i = begin;
     if ((reinterpret_cast<size_t>(x + i) & 15) == 0)
         for (; i + 4 * UNROLL <= end; i += 4 * UNROLL) {
@@ -188,13 +196,13 @@ __device__ __forceinline__ void scan_chunk(const float* x, int begin, int end, V
             for (int j = 0; j < UNROLL; ++j) v[j] = reinterpret_cast<const float4*>(x + i)[j];
 #pragma unroll
             for (int j = 0; j < UNROLL; ++j) {
-                visit(clean(v[j].x), i + 4 * j);
-                visit(clean(v[j].y), i + 4 * j + 1);
-                visit(clean(v[j].z), i + 4 * j + 2);
-                visit(clean(v[j].w), i + 4 * j + 3);
+                visit(allow(clean(v[j].x), allowed, i + 4 * j), i + 4 * j);
+                visit(allow(clean(v[j].y), allowed, i + 4 * j + 1), i + 4 * j + 1);
+                visit(allow(clean(v[j].z), allowed, i + 4 * j + 2), i + 4 * j + 2);
+                visit(allow(clean(v[j].w), allowed, i + 4 * j + 3), i + 4 * j + 3);
             }
         }
-    for (; i < end; ++i) visit(clean(x[i]), i);
+    for (; i < end; ++i) visit(allow(clean(x[i]), allowed, i), i);
 }
 
 // Count a value in its histogram bin. Plain shared-memory atomics: grouping a warp's lanes by bin with
@@ -224,7 +232,8 @@ __device__ void find_rank_bin(int bins, u32 rank, SampleShared& sh) {
 
 // The key of the k-th largest (1-based) value of the row: three histogram levels of 11, 11 and 10 bits, one pass
 // each; level 1 may come ready in sh.hist (built while looking for the maximum).
-__device__ u32 kth_largest_key(const float* x, int vocab, u32 k, bool level1_ready, SampleShared& sh) {
+__device__ u32 kth_largest_key(const float* x, int vocab, u32 k, bool level1_ready, SampleShared& sh,
+                               const u32* allowed = nullptr) {
     u32 prefix = 0, rank = k;
     int known = 0;
     const int widths[3] = {11, 11, 10};
@@ -237,7 +246,7 @@ __device__ u32 kth_largest_key(const float* x, int vocab, u32 k, bool level1_rea
                 const u32 key = order_key(v);
                 const bool in = valid && (known == 0 || (key >> (32 - known)) == prefix);
                 if (in) histogram_add((key >> shift) & (bins - 1), sh.hist);
-            });
+            }, allowed);
             __syncthreads();
         }
         find_rank_bin(bins, rank, sh);
@@ -285,17 +294,18 @@ struct Keep {
     }
 };
 
-__device__ float kept_mass(const float* x, int vocab, const Keep& keep, SampleShared& sh) {
+__device__ float kept_mass(const float* x, int vocab, const Keep& keep, SampleShared& sh, const u32* allowed) {
     float sum = 0.0f, w;
     scan_row(x, vocab, [&](float v, int, bool valid) {
         if (valid && keep.weight(v, w)) sum += w;
-    });
+    }, allowed);
     return block_sum(sum, sh.f);
 }
 
 // Inverse transform in vocabulary order over the kept values: each thread sums a contiguous chunk, the block
 // scans the sums, the thread whose chunk holds the target walks it again.
-__device__ int sample_over_row(const float* x, int vocab, const Keep& keep, float u, SampleShared& sh) {
+__device__ int sample_over_row(const float* x, int vocab, const Keep& keep, float u, SampleShared& sh,
+                               const u32* allowed) {
     const int chunk = (((vocab + blockDim.x - 1) / blockDim.x) + 3) & ~3;   // whole 16-byte groups
     const int begin = min(vocab, (int)threadIdx.x * chunk), end = min(vocab, begin + chunk);
     float own = 0.0f, w;
@@ -305,7 +315,7 @@ __device__ int sample_over_row(const float* x, int vocab, const Keep& keep, floa
             own += w;
             last_kept = i;
         }
-    });
+    }, allowed);
     const float before = block_prefix_exclusive(own, sh.f);
     const float total = block_sum(own, sh.f);
     const float target = u * total;
@@ -318,7 +328,7 @@ __device__ int sample_over_row(const float* x, int vocab, const Keep& keep, floa
                 cumulative += w;
                 if (cumulative > target) chosen = i;
             }
-        });
+        }, allowed);
         sh.chosen = chosen;
     }
     __syncthreads();
@@ -372,14 +382,17 @@ __device__ int sample_candidates(int n, float top_p, float total, float u, Sampl
 
 // tokens[row] for every row. Per-row parameters are device tensors: top_k <= 0 means off, top_p 1 and
 // min_p 0 likewise; temperature < GREEDY_TEMPERATURE is greedy. Top-k and top-p select in the order of the
-// logits themselves (the temperature keeps it); only kept values are divided and exponentiated.
+// logits themselves (the temperature keeps it); only kept values are divided and exponentiated. `bitmasks`
+// ([rows, bitmask_stride] words, or nullptr) are the grammars' allowed tokens, applied before everything.
 __global__ void __launch_bounds__(SAMPLE_THREADS, 1) sample_tokens(
         i64* __restrict__ tokens, const float* __restrict__ logits, i64 logits_stride, int vocab,
         const float* __restrict__ temperatures, const i64* __restrict__ top_ks, const float* __restrict__ top_ps,
-        const float* __restrict__ min_ps, const u64* __restrict__ seeds, const i64* __restrict__ positions) {
+        const float* __restrict__ min_ps, const u64* __restrict__ seeds, const i64* __restrict__ positions,
+        const u32* __restrict__ bitmasks, i64 bitmask_stride) {
     __shared__ SampleShared sh;
     const int row = blockIdx.x;
     const float* x = logits + row * logits_stride;
+    const u32* allowed = bitmasks == nullptr ? nullptr : bitmasks + row * bitmask_stride;
     const float temperature = temperatures[row], top_p = top_ps[row], min_p = min_ps[row];
     const i64 top_k = top_ks[row];
     const bool greedy = temperature < GREEDY_TEMPERATURE;
@@ -398,7 +411,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1) sample_tokens(
             best_index = i;
         }
         if (histogram) histogram_add(valid ? order_key(v) >> 21 : NO_BIN, sh.hist);
-    });
+    }, allowed);
     __syncthreads();
     block_argmax(best, best_index, sh);
     // Greedy rows, and rows without a finite maximum (all -inf: token 0; +inf: the first of them).
@@ -418,18 +431,18 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1) sample_tokens(
         const u32 bin = sh.bin;
         select_among_candidates = sh.above + sh.hist[bin] <= CANDIDATES;
         __syncthreads();
-        keep.keep_key = select_among_candidates ? bin << 21 : kth_largest_key(x, vocab, (u32)top_k, true, sh);
+        keep.keep_key = select_among_candidates ? bin << 21 : kth_largest_key(x, vocab, (u32)top_k, true, sh, allowed);
     } else if (use_top_k) {
-        keep.keep_key = kth_largest_key(x, vocab, (u32)top_k, true, sh);
+        keep.keep_key = kth_largest_key(x, vocab, (u32)top_k, true, sh, allowed);
     }
     int token;
     if (!use_top_p && !small_k) {
-        token = sample_over_row(x, vocab, keep, u, sh);
+        token = sample_over_row(x, vocab, keep, u, sh, allowed);
     } else {
         // Candidates: the kept values when top-k is small, else the CANDIDATES largest (top-p's nucleus).
         u32 candidate_key = keep.keep_key;
         if (!small_k && vocab > CANDIDATES)
-            candidate_key = max(candidate_key, kth_largest_key(x, vocab, CANDIDATES, !use_top_k, sh));
+            candidate_key = max(candidate_key, kth_largest_key(x, vocab, CANDIDATES, !use_top_k, sh, allowed));
         if (threadIdx.x == 0) sh.count = 0;
         __syncthreads();
         float total = 0.0f;
@@ -449,7 +462,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1) sample_tokens(
                     }
                 }
             }
-        });
+        }, allowed);
         total = block_sum(total, sh.f);
         const int n = sh.count;
         if (select_among_candidates) kth_key_among_candidates(n, (u32)top_k, sh);
@@ -466,11 +479,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 1) sample_tokens(
                 const u32 mid = lo + (hi - lo + 1) / 2;
                 Keep probe = keep;
                 probe.s_key = mid;
-                if (kept_mass(x, vocab, probe, sh) >= target) lo = mid;
+                if (kept_mass(x, vocab, probe, sh, allowed) >= target) lo = mid;
                 else hi = mid - 1;
             }
             keep.s_key = lo;
-            token = sample_over_row(x, vocab, keep, u, sh);
+            token = sample_over_row(x, vocab, keep, u, sh, allowed);
         }
     }
     if (threadIdx.x == 0) tokens[row] = token;

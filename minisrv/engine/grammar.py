@@ -4,9 +4,10 @@ A request's grammar (SamplingParams.grammar, made by minisrv/structured_output.p
 model's tokenizer once per distinct grammar; each request gets a copy of that compiled matcher (~40 us). Per
 step, every constrained row's matcher writes its row of a token bitmask (32 tokens per int32 word; one row
 after another: llguidance's thread pool made a step slower, 2.15x against 1.39x at batch 64 on the H200
-machine, its threads competing with the engine's own) and the tokens it leaves out get -inf before anything
-else touches the logits (apply_grammar_masks, on the logits' device), so greedy and sampled rows, logit_bias
-and penalties all choose among allowed tokens only. The sampled token then advances the matcher
+machine, its threads competing with the engine's own) and the tokens it leaves out are -inf to everything
+that chooses (apply_grammar_masks on the CPU; on the GPU the fused sampling kernel reads the bitmask itself, no
+masked copy of the logits made), so greedy and sampled rows, logit_bias and penalties all choose among allowed
+tokens only. The sampled token then advances the matcher
 (Scheduler.postprocess); once the grammar is complete and only an end of sequence may follow, the request
 finishes with "stop" without spending a step on that token.
 
@@ -32,11 +33,10 @@ class RequestGrammar:
     """One request's matcher (the scheduler's TokenConstraint)."""
 
     def __init__(self, matcher) -> None:
-        self.matcher = matcher   # llguidance.LLMatcher
+        self.matcher = matcher     # llguidance.LLMatcher
 
-    def fill_bitmask(self, row: torch.Tensor) -> None:
-        """Write the allowed next tokens into `row`, a contiguous int32 CPU tensor of (vocab + 31) // 32 words."""
-        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+    def fill_bitmask(self, address: int, num_bytes: int) -> None:
+        self.matcher.unsafe_compute_mask_ptr(address, num_bytes)
 
     def advance(self, token_id: int) -> bool:
         """Consume the sampled token; True when the output is complete (nothing but an end may follow)."""
@@ -95,22 +95,32 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def grammar_bitmasks(requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """Every row's allowed tokens as a bitmask on `device` (all allowed for rows without a grammar), or None
+    when no row has a grammar. The fused sampling kernel takes it as it is."""
+    if all(r.grammar is None for r in requests):
+        return None
+    # A fresh pinned buffer per step: the caching host allocator reuses one only once its copy has run.
+    bitmask = torch.empty(len(requests), bitmask_words(vocab_size), dtype=torch.int32,
+                          pin_memory=device.type == "cuda")
+    # Rows by address, not as tensor views: a view per row cost more than llguidance's ~6 us mask at batch 64.
+    address, row_bytes = bitmask.data_ptr(), bitmask.shape[1] * 4
+    unconstrained = []
+    for i, request in enumerate(requests):
+        if request.grammar is None:
+            unconstrained.append(i)
+        else:
+            request.grammar.fill_bitmask(address + i * row_bytes, row_bytes)
+    if unconstrained:
+        bitmask[unconstrained] = -1
+    return bitmask.to(device, non_blocking=True)
+
+
 def apply_grammar_masks(logits: torch.Tensor, requests: list[Request]) -> None:
     """Set to -inf, in place, every logit a row's grammar does not allow (rows without a grammar are kept)."""
-    rows = [i for i, r in enumerate(requests) if r.grammar is not None]
-    if not rows:
-        return
-    vocab_size = logits.shape[1]
-    bitmask = torch.empty(len(rows), bitmask_words(vocab_size), dtype=torch.int32,
-                          pin_memory=logits.device.type == "cuda")
-    for j, i in enumerate(rows):
-        requests[i].grammar.fill_bitmask(bitmask[j])
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab_size)
-    if len(rows) == len(requests):
-        logits.masked_fill_(~allowed, float("-inf"))
-        return
-    index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    bitmask = grammar_bitmasks(requests, logits.shape[1], logits.device)
+    if bitmask is not None:
+        logits.masked_fill_(~unpack_bitmask(bitmask, logits.shape[1]), float("-inf"))
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

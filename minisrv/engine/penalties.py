@@ -46,17 +46,18 @@ def banned_stop_ids(request: Request, eos_token_ids: Sequence[int], position: in
 
 
 def apply_logit_adjustments(logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int],
-                            positions: Sequence[int] | None = None) -> torch.Tensor:
+                            positions: Sequence[int] | None = None, grammars: bool = True) -> torch.Tensor:
     """logits [rows, vocab] (row i is requests[i], whose token will have output index positions[i]) with
-    grammar masks, min_tokens bans and penalties applied; grammars and penalties see output_ids, so such a
-    request has no token in flight. Returns `logits` itself when no row needs anything, else a new contiguous tensor.
+    grammar masks (unless `grammars` is False: the fused kernel takes them itself), min_tokens bans and
+    penalties applied; grammars and penalties see output_ids, so such a request has no token in flight. Returns
+    `logits` itself when no row needs anything, else a new contiguous tensor.
     """
     vocab_size = logits.shape[1]
     positions = output_positions(requests) if positions is None else positions
     bans = [banned_stop_ids(request, eos_token_ids, pos) for request, pos in zip(requests, positions)]
     penalised = [uses_penalties(request) for request in requests]
     biased = [request.params.logit_bias for request in requests]
-    constrained = any(request.grammar is not None for request in requests)
+    constrained = grammars and any(request.grammar is not None for request in requests)
     if not any(penalised) and not any(bans) and not any(biased) and not constrained:
         return logits
     adjusted = logits.clone(memory_format=torch.contiguous_format)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minisrv.engine.grammar import grammar_bitmasks
 from minisrv.engine.penalties import apply_logit_adjustments, banned_stop_ids, output_positions, uses_penalties
 from minisrv.engine.philox import uniform_draws
 from minisrv.scheduler.request import Request, SampleResult
@@ -217,10 +218,11 @@ class FusedSampler(Sampler):
         return floats, [[r.params.top_k for r in requests], [r.seed for r in requests], list(positions)]
 
     def draw(self, logits: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-        """One launch: a token per row of float32 logits, parameters as device tensors [3, rows]."""
+             out: torch.Tensor | None = None, bitmasks: torch.Tensor | None = None) -> torch.Tensor:
+        """One launch: a token per row of float32 logits, parameters as device tensors [3, rows], grammar
+        bitmasks (engine/grammar.py) if any."""
         return self.ops.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2], self.vocab_size,
-                               out=out)
+                               out=out, bitmasks=bitmasks)
 
     def needs_adjustment(self, requests: list[Request], positions: list[int]) -> bool:
         """Whether some row has a grammar, min_tokens bans, logit_bias or penalties (which `draw` alone does not
@@ -234,12 +236,14 @@ class FusedSampler(Sampler):
                out: torch.Tensor | None = None) -> DeviceSamples:
         """Queue the whole sampling of a step; `params` are the parameter tensors when already on the device."""
         raw_logits = logits if logits.dtype == torch.float32 else logits.float()   # kernels read vocab_size columns
-        adjusted = apply_logit_adjustments(raw_logits[:, : self.vocab_size], requests, self.eos_token_ids, positions)
+        adjusted = apply_logit_adjustments(raw_logits[:, : self.vocab_size], requests, self.eos_token_ids, positions,
+                                           grammars=False)
         if params is None:
             floats, ints = self.params(requests, positions)
             params = (torch.tensor(floats, dtype=torch.float32).to(self.device, non_blocking=True),
                       torch.tensor(ints, dtype=torch.int64).to(self.device, non_blocking=True))
-        tokens = self.draw(adjusted, *params, out=out)
+        tokens = self.draw(adjusted, *params, out=out,
+                           bitmasks=grammar_bitmasks(requests, self.vocab_size, self.device))
         return self.finish(raw_logits, tokens, requests)
 
     def finish(self, raw_logits: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> DeviceSamples:

@@ -263,16 +263,22 @@ def extend_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
            min_ps: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, bitmasks: torch.Tensor | None = None) -> torch.Tensor:
     """Token ids [rows] int64 (into `out` when given) from float32 logits [rows, >= vocab_size]; per-row
     parameters as device tensors: temperatures f32 (< 1e-5: greedy), top_ks i64 (<= 0: off), top_ps f32,
-    min_ps f32, seeds u64 (as int64), positions i64 (the output index the token will have)."""
+    min_ps f32, seeds u64 (as int64), positions i64 (the output index the token will have). `bitmasks`: int32
+    [rows, >= ceil(vocab_size / 32)], bit b of word w allowing token 32 * w + b (structured output)."""
     rows = logits.shape[0]
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device) if out is None else out
+    if bitmasks is not None and (bitmasks.dtype != torch.int32 or bitmasks.shape[0] != rows
+                                 or bitmasks.shape[1] * 32 < vocab_size or bitmasks.stride(1) != 1):
+        raise ValueError(f"bitmasks: need int32 [{rows}, >= {(vocab_size + 31) // 32}] with unit column stride, got "
+                         f"{bitmasks.dtype} {list(bitmasks.shape)}")
     if rows:
         _launch("sampling.cu", "sample_tokens", (rows,), (SAMPLE_THREADS,), _ptr(tokens), _ptr(logits),
                 _i64(logits.stride(0)), _i32(vocab_size), _ptr(temperatures), _ptr(top_ks), _ptr(top_ps),
-                _ptr(min_ps), _ptr(seeds), _ptr(positions))
+                _ptr(min_ps), _ptr(seeds), _ptr(positions), _ptr(bitmasks),
+                _i64(0 if bitmasks is None else bitmasks.stride(0)))
     return tokens
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from minisrv.sampling_params import SamplingParams
 from minisrv.wire.terms import FinishReason
@@ -19,8 +19,9 @@ class RequestStatus(enum.Enum):
 class TokenConstraint(Protocol):
     """What limits a request's next token (structured output: minisrv/engine/grammar.py's RequestGrammar)."""
 
-    def fill_bitmask(self, row: Any) -> None:
-        """Write the allowed next tokens into a bitmask row (bit b of int32 word w: token 32 * w + b)."""
+    def fill_bitmask(self, address: int, num_bytes: int) -> None:
+        """Write the allowed next tokens as a bitmask of num_bytes at host memory `address` (bit b of int32 word w:
+        token 32 * w + b)."""
 
     def advance(self, token_id: int) -> bool:
         """Record the sampled token; True once the output is complete. ValueError for a refused token."""

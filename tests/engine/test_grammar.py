@@ -2,11 +2,13 @@
 (every output valid; greedy rows equal to a hand-masked greedy decode; preemption keeps the grammar's state)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import random
 import re
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,11 +35,12 @@ class AllowedSet:
     def __init__(self, allowed: set[int]) -> None:
         self.allowed = allowed
 
-    def fill_bitmask(self, row: torch.Tensor) -> None:
-        words = [0] * row.numel()
+    def fill_bitmask(self, address: int, num_bytes: int) -> None:
+        words = [0] * (num_bytes // 4)
         for t in self.allowed:
             words[t // 32] |= 1 << (t % 32)
-        row.copy_(torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32))
+        packed = np.array(words, dtype=np.uint32)   # held while copied: .ctypes.data does not keep it alive
+        ctypes.memmove(address, packed.ctypes.data, num_bytes)
 
     def advance(self, token_id: int) -> bool:
         return False
@@ -171,8 +174,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.cuda
 @needs_cuda
 def test_the_fused_sampler_picks_only_allowed_tokens() -> None:
-    """On the GPU the masks go on the device logits before the fused kernel: greedy rows take the masked
-    argmax, sampled rows only ever an allowed token; rows without a grammar are untouched."""
+    """On the GPU the fused kernel takes the masks: greedy rows take the masked argmax, sampled rows only ever an
+    allowed token; rows without a grammar are untouched."""
     from minisrv.engine.sampling import FusedSampler
     from minisrv.kernels import select_ops
 

@@ -6,6 +6,7 @@ Run on a GPU machine: `python -m pytest -m cuda tests/kernels`.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import random
 
@@ -276,6 +277,49 @@ def test_sampling_equals_the_reference_sampler(cuda, vocab):
     assert agree >= 0.97
     greedy = [i for i in range(rows) if requests[i].params.temperature == 0.0]
     assert all(got[i] == want[i] for i in greedy)
+
+
+class BitmaskRow:
+    """A grammar stand-in that allows a fixed set of tokens (a TokenConstraint)."""
+
+    def __init__(self, words: torch.Tensor) -> None:
+        self.words = words
+
+    def fill_bitmask(self, address: int, num_bytes: int) -> None:
+        ctypes.memmove(address, self.words.data_ptr(), num_bytes)
+
+
+@pytest.mark.parametrize("vocab", [1000, 49152, 128256])
+def test_grammar_bitmasks_inside_the_kernel_equal_masking_the_logits(cuda, vocab):
+    """Rows with random grammar bitmasks (some allowing a handful of tokens, some none but one, some without a
+    grammar) drawn by the kernel with the mask agree with the reference sampler on -inf-masked logits."""
+    from minisrv.engine.grammar import bitmask_words, unpack_bitmask
+
+    rows, words = 64, bitmask_words(vocab)
+    logits = randn(rows, vocab, dtype=torch.float32, seed=vocab + 7) * 3
+    requests = sampler_requests([KINDS[i % len(KINDS)] for i in range(rows)], seed=vocab + 7)
+    gen = torch.Generator().manual_seed(vocab)
+    allowed = torch.zeros(rows, words * 32, dtype=torch.bool)
+    for i, request in enumerate(requests):
+        if i % 4 == 3:
+            allowed[i, :vocab] = True
+            continue   # no grammar
+        density = [0.5, 0.01, 0.0][i % 3]
+        allowed[i, :vocab] = torch.rand(vocab, generator=gen) < density
+        allowed[i, torch.randint(vocab, (1,), generator=gen)] = True   # never an empty set
+        bits = allowed[i].view(words, 32).int() << torch.arange(32, dtype=torch.int32)
+        request.grammar = BitmaskRow(bits.sum(dim=1, dtype=torch.int64).to(torch.int32))
+    assert torch.equal(unpack_bitmask(torch.stack([r.grammar.words if r.grammar else torch.full((words,), -1,
+                                                   dtype=torch.int32) for r in requests]), vocab),
+                       allowed[:, :vocab])
+    fused, ref = fused_and_reference(vocab)
+    got = [r.token_id for r in fused(logits, requests)]
+    want = [r.token_id for r in ref(logits, requests)]   # the reference masks the logits (apply_grammar_masks)
+    assert all(allowed[i, t] for i, t in enumerate(got)), "the kernel drew a token the grammar refuses"
+    agree = sum(g == w for g, w in zip(got, want)) / rows
+    print(f"vocab {vocab}: {agree:.3f} of masked rows agree with the reference sampler")
+    assert agree >= 0.97
+    assert all(got[i] == want[i] for i in range(rows) if requests[i].params.temperature == 0.0)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(cuda):
