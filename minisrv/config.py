@@ -210,6 +210,10 @@ class ServerConfig:
     body_read_timeout: float = setting(
         30.0, group="server", range=Range(0, low_open=True),
         help="seconds a client may take to send a request's body; a slower one gets a 408 and is disconnected")
+    max_connections: int | None = setting(
+        None, group="server", range=Range(1),
+        help="open HTTP connections at most; a connection past it gets a 503 and is closed (default: the "
+             "process's open-file limit less 256)")
     enable_access_log: bool = setting(
         False, group="server", help="log one line per HTTP request: client, method, path, status, bytes, duration "
                                     "(never a body)")

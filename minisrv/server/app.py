@@ -33,6 +33,8 @@ from minisrv.sampling_params import SamplingParams
 from minisrv.server import responses, sglang
 from minisrv.server.engine_handle import EngineHandle, RequestError
 from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
+from minisrv.server import connections
+from minisrv.server.connections import Connections, default_limit
 from minisrv.server.metrics import ServerMetrics
 from minisrv.server.openapi import openapi_document
 from minisrv.server.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest, Tokenization
@@ -81,7 +83,8 @@ class ApiRoutes:
         self.engine = engine
         self.config = config
         self.tokenization = tokenization
-        self.metrics = ServerMetrics(engine.stats, engine.histograms, lambda: engine.model_name)
+        self.connections = Connections(config.max_connections or default_limit())
+        self.metrics = ServerMetrics(engine.stats, engine.histograms, lambda: engine.model_name, self.connections)
         self.started = int(time.time())
         self.grammars = GrammarValidator()
         self._api_key = config.api_key.encode() if config.api_key else None
@@ -364,6 +367,7 @@ def build_app(engine: EngineHandle, config: ServerConfig, load_tokenizer: Callab
         exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception,
                             ClientDisconnected: client_gone, Exception: handle_unexpected},
     )
+    app.state.connections = routes.connections
     return app
 
 
@@ -388,6 +392,7 @@ _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio.Event) -> None:
     """Serve until `shutdown_event` is set; call on the (uvloop) loop the EngineClient runs on."""
     hypercorn_h11.h11 = _H11WithReasonPhrases("h11")
+    connections.install(app.state.connections)
     hc = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hc.bind = [f"{host}:{config.port}"]

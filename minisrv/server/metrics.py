@@ -4,7 +4,8 @@ Names follow vLLM's (`vllm:num_requests_running` -> `minisrv:num_requests_runnin
 carries vLLM's `model_name` label, so existing dashboards need only the prefix changed. Nothing is counted
 here: gauges, counters and the request histograms (minisrv/scheduler/metrics.py) are the scheduler's, as it
 last published them (EngineHandle.stats() and .histograms()), so a slow or vanished client changes none of
-them, and several data-parallel replicas add up.
+them, and several data-parallel replicas add up. The HTTP connection counts are the API server's own
+(minisrv/server/connections.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from minisrv.server.connections import Connections
 from minisrv.wire.terms import REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
 
 MODEL_LABEL = ["model_name"]
@@ -64,13 +66,35 @@ class _SchedulerCollector:
             yield metric
 
 
+class _ConnectionCollector:
+    """The API server's own: its open HTTP connections and those refused past --max-connections."""
+
+    def __init__(self, connections: Connections, model_name: Callable[[], str]) -> None:
+        self._connections = connections
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        labels = [self._model_name()]
+        for family, name, doc, value in (
+                (GaugeMetricFamily, "http_connections", "Open HTTP connections.", self._connections.open),
+                (GaugeMetricFamily, "http_connections_limit", "Open HTTP connections allowed (--max-connections).",
+                 self._connections.limit),
+                (CounterMetricFamily, "http_connections_refused", "Connections answered 503 at the limit.",
+                 self._connections.refused)):
+            metric = family(f"minisrv:{name}", doc, labels=MODEL_LABEL)
+            metric.add_metric(labels, value)
+            yield metric
+
+
 class ServerMetrics:
     """Every metric the API server exports, in a private registry (two apps in one process never clash)."""
 
     def __init__(self, read_stats: Callable[[], SchedulerStats], read_histograms: Callable[[], HistogramValues],
-                 model_name: Callable[[], str]) -> None:
+                 model_name: Callable[[], str], connections: Connections | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_SchedulerCollector(read_stats, read_histograms, model_name))
+        if connections is not None:
+            self.registry.register(_ConnectionCollector(connections, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
