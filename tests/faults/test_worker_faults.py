@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.faults.harness import (EXIT_WITHIN_S, LONG_REQUEST, Server, first_events, post_in_background,
+from tests.faults.harness import (EXIT_WITHIN_S, LONG_REQUEST, Server, first_events, metric, post_in_background,
                                   server)  # noqa: F401 (server: the fixture)
 
 
@@ -105,7 +105,18 @@ def test_a_full_request_ring_is_a_503_and_the_server_recovers_when_its_reader_re
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
 
 
-def test_workers_exit_when_the_parent_is_killed(server: Server) -> None:
+@pytest.mark.parametrize("under_load", [False, True], ids=["idle", "under-load"])
+def test_workers_exit_when_the_parent_is_killed(server: Server, under_load: bool) -> None:
+    """kill -9 of the API server, idle or with streams running: every worker notices and goes within 5 s."""
+    if under_load:
+        threads = [post_in_background(server)[0] for _ in range(4)]
+        running_both = time.monotonic() + 30
+        while metric(server, "minisrv:num_requests_running") < 4 and time.monotonic() < running_both:
+            time.sleep(0.05)
+        assert metric(server, "minisrv:num_requests_running") == 4
     server.process.kill()
     server.process.wait()
     server.assert_nothing_left(within=EXIT_WITHIN_S)
+    if under_load:
+        for thread in threads:
+            thread.join(10)
