@@ -11,7 +11,7 @@ import httpx
 
 from minisrv.llm import LLM
 from minisrv.sampling_params import SamplingParams
-from tests.runtime.test_launch import EXIT_WITHIN_S, Server, _metric
+from tests.faults.harness import EXIT_WITHIN_S, Server, metric
 
 SYSTEM = "You are a terse assistant who answers in one line. " * 8   # several KV pages of shared prefix
 
@@ -31,11 +31,11 @@ def test_two_replicas_answer_like_one_route_by_prefix_and_go_down_together() -> 
     try:
         assert {"scheduler-dp0", "scheduler-dp1"} <= set(re.findall(r"(scheduler-dp\d) \(pid", server.log()))
         assert _complete(server, prompts[0]) == expected[0]
-        hits = _metric(server, "minisrv:prefix_cache_hits_total")
+        hits = metric(server, "minisrv:prefix_cache_hits_total")
         # Both replicas are idle: balance alone would send the next request to the other one (round robin);
         # its prefix is cached where the first went, so it goes there and hits the cache.
         assert _complete(server, prompts[1]) == expected[1]
-        assert _metric(server, "minisrv:prefix_cache_hits_total") - hits >= 64
+        assert metric(server, "minisrv:prefix_cache_hits_total") - hits >= 64
         assert _complete(server, prompts[2]) == expected[2]
         pid = int(re.search(r"scheduler-dp1 \(pid (\d+)\)", server.log()).group(1))
         os.kill(pid, signal.SIGKILL)

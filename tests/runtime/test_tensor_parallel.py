@@ -17,7 +17,7 @@ from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import RequestOutput
 from minisrv.wire.records import Abort, Shutdown, Step, TokenizedRequest
 from minisrv.wire.terms import FinishReason
-from tests.runtime.test_launch import Server
+from tests.faults.harness import Server
 from tests.server.live_server import free_port
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea:", "def fibonacci(n):",
