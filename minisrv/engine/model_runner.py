@@ -221,15 +221,18 @@ class ModelRunner:
     def sample_deferred(self, step: LaunchedStep) -> None:
         """Draw a step launched with defer_sampling, from its logits adjusted as its requests now stand."""
         deferred = step.samples
-        if not isinstance(deferred, DeferredSampling):
-            return
-        requests, tokens = step.requests, self.last_tokens[: len(step.requests)]
+        if isinstance(deferred, DeferredSampling):
+            step.samples = self._draw(deferred.logits, step.requests, deferred.positions, deferred.params)
+
+    def _draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int],
+              params: tuple[torch.Tensor, torch.Tensor] | None = None) -> DeviceSamples | list[SampleResult]:
+        """Sample a token per row into last_tokens: queued on the device (FusedSampler), or drawn at once."""
+        tokens = self.last_tokens[: len(requests)]
         if hasattr(self.sampler, "launch"):
-            step.samples = self.sampler.launch(deferred.logits, requests, deferred.positions,
-                                               params=deferred.params, out=tokens)
-        else:
-            step.samples = self.sampler(deferred.logits, requests, deferred.positions)
-            tokens.copy_(torch.tensor([r.token_id for r in step.samples]))
+            return self.sampler.launch(logits, requests, positions, params=params, out=tokens)
+        results = self.sampler(logits, requests, positions)
+        tokens.copy_(torch.tensor([r.token_id for r in results]))
+        return results
 
     def collect(self, step: LaunchedStep) -> list[SampleResult]:
         """The step's results, waiting for the GPU if it is still running."""
@@ -253,12 +256,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, step.sample_rows))
         if defer_sampling:
             return requests, DeferredSampling(logits, step.sample_positions, None)
-        tokens = self.last_tokens[: len(requests)]
-        if hasattr(self.sampler, "launch"):
-            return requests, self.sampler.launch(logits, requests, step.sample_positions, out=tokens)
-        results = self.sampler(logits, requests, step.sample_positions)
-        tokens.copy_(torch.tensor([r.token_id for r in results]))
-        return requests, results
+        return requests, self._draw(logits, requests, step.sample_positions)
 
     def _prompt_logprobs(self, seq: ScheduledSeq, hidden: torch.Tensor) -> None:
         """Fill seq.prompt_logprobs from the hidden states of its tokens: the one at position p gives the
@@ -289,14 +287,13 @@ class ModelRunner:
         floats, ints = self.sampler.params(requests, positions)
         rows.update(zip(INT_PARAMS, ints))
         logits = graphs.run(graphs.host_inputs(bucket, rows, floats, page_tables))[: len(requests)]
-        tokens = self.last_tokens[: len(requests)]
         params = (graphs.floats[:, : len(requests)], graphs.ints[SAMPLER_ROWS, : len(requests)])
         if defer_sampling:
             return requests, DeferredSampling(logits, positions, params)
         if self.sampler.needs_adjustment(requests, positions):
             # The graph drew without bans or penalties: draw again from the adjusted logits, same parameters.
-            return requests, self.sampler.launch(logits, requests, positions, params=params, out=tokens)
-        return requests, self.sampler.finish(logits, tokens, requests)
+            return requests, self._draw(logits, requests, positions, params)
+        return requests, self.sampler.finish(logits, self.last_tokens[: len(requests)], requests)
 
     @staticmethod
     def _input_token(request: Request, pos: int, previous: LaunchedStep | None) -> tuple[int, int]:
