@@ -41,9 +41,10 @@ class SamplingParams:
     function of (seed, output position), so a seeded request gives the same tokens whatever else runs.
     max_tokens None generates up to the context length. logprobs None returns no logprobs; an int n
     returns the chosen token's logprob and the top n; prompt_logprobs the same for every prompt token after the
-    first (such a request computes its whole prompt: the prefix cache cannot give logits). grammar None leaves the output free; else an llguidance
-    grammar (minisrv/structured_output.py makes one from a JSON schema, a regex, choices or GBNF/Lark) that
-    every sampled token must follow; the request stops once the grammar is complete.
+    first (such a request computes its whole prompt: the prefix cache cannot give logits). grammar None leaves
+    the output free; else an llguidance grammar (minisrv/structured_output.py makes one from a JSON schema, a
+    regex, choices or GBNF/Lark) that every sampled token must follow; the request stops once the grammar is
+    complete.
     """
 
     temperature: float = option(1.0, "d", Range(0.0))

@@ -7,9 +7,8 @@ after another: llguidance's thread pool made a step slower, 2.15x against 1.39x 
 machine, its threads competing with the engine's own) and the tokens it leaves out are -inf to everything
 that chooses (apply_grammar_masks on the CPU; on the GPU the fused sampling kernel reads the bitmask itself, no
 masked copy of the logits made), so greedy and sampled rows, logit_bias and penalties all choose among allowed
-tokens only. The sampled token then advances the matcher
-(Scheduler.postprocess); once the grammar is complete and only an end of sequence may follow, the request
-finishes with "stop" without spending a step on that token.
+tokens only. The sampled token then advances the matcher (Scheduler.postprocess); once the grammar is complete
+and only an end of sequence may follow, the request finishes with "stop" without spending a step on that token.
 
 The matcher's state follows the request's recorded output, so a preempted request (recomputed from its
 tokens) resumes with it unchanged. Under overlap scheduling the mask of step N+1 depends on step N's token:
