@@ -24,12 +24,15 @@ import threading
 import time
 import typing
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import posix_ipc
 
 from minisrv.ipc.wakeup import full_fence
-from minisrv.scheduler.metrics import NUM_COUNTS, RequestMetrics
-from minisrv.wire.terms import REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
+from minisrv.scheduler.metrics import RequestMetrics
+from minisrv.wire.terms import NUM_HISTOGRAM_COUNTS, REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
+
+T = TypeVar("T")
 
 MAGIC = int.from_bytes(b"MSRVSTAT", "little")
 LAYOUT_VERSION = 4
@@ -49,7 +52,7 @@ def _lines(words: int) -> int:
 # A replica's part, in words from its sequence number: stats, histogram counts, histogram sums.
 STATS_AT = LINE
 COUNTS_AT = STATS_AT + LINE * _lines(len(STATS_WORDS))
-SUMS_AT = COUNTS_AT + LINE * _lines(NUM_COUNTS)
+SUMS_AT = COUNTS_AT + LINE * _lines(NUM_HISTOGRAM_COUNTS)
 REPLICA_WORDS = SUMS_AT + LINE * _lines(len(REQUEST_HISTOGRAMS))
 
 
@@ -149,23 +152,27 @@ class StatusBlock:
         for (word, is_float), value in zip(STATS_WORDS, dataclasses.astuple(stats)):
             (self._doubles if is_float else words)[base + word] = value
         if metrics is not None:      # two slice copies: a few microseconds
-            words[at + COUNTS_AT : at + COUNTS_AT + NUM_COUNTS] = memoryview(metrics.counts)
+            words[at + COUNTS_AT : at + COUNTS_AT + NUM_HISTOGRAM_COUNTS] = memoryview(metrics.counts)
             self._doubles[at + SUMS_AT : at + SUMS_AT + len(REQUEST_HISTOGRAMS)] = memoryview(metrics.sums)
         words[at] = seq + 2          # x86-64 keeps these stores in order (TSO); ARM needs a release fence
 
     # -- API server, tokenizers -------------------------------------------------------------------
-    def stats(self, replica: int = 0) -> SchedulerStats:
-        """A consistent snapshot of one replica's: retried while its scheduler is mid-write (a seqlock read)."""
+    def _consistent(self, replica: int, read: Callable[[int], T]) -> T:
+        """read(the replica's first word), retried while its scheduler is mid-write (a seqlock read)."""
         words, at = self._words, self.spec.replica_seq(replica)
-        base = at + STATS_AT
         while True:
             seq = words[at]
             if seq & 1:
                 continue
-            snapshot = SchedulerStats(*((self._doubles if is_float else words)[base + word]
-                                        for word, is_float in STATS_WORDS))
+            snapshot = read(at)
             if words[at] == seq:
                 return snapshot
+
+    def stats(self, replica: int = 0) -> SchedulerStats:
+        """A consistent snapshot of one replica's stats."""
+        words, doubles = self._words, self._doubles
+        return self._consistent(replica, lambda at: SchedulerStats(*(
+            (doubles if is_float else words)[at + STATS_AT + word] for word, is_float in STATS_WORDS)))
 
     def total_stats(self) -> SchedulerStats:
         """Every replica's stats together: counts added, the KV cache usage averaged (replicas' pools are alike)."""
@@ -177,16 +184,11 @@ class StatusBlock:
         return dataclasses.replace(total, kv_cache_usage=total.kv_cache_usage / len(each))
 
     def histograms(self, replica: int = 0) -> HistogramValues:
-        """A consistent snapshot of one replica's histograms (the seqlock of `stats`)."""
-        words, at = self._words, self.spec.replica_seq(replica)
-        while True:
-            seq = words[at]
-            if seq & 1:
-                continue
-            snapshot = HistogramValues(words[at + COUNTS_AT : at + COUNTS_AT + NUM_COUNTS].tolist(),
-                                       self._doubles[at + SUMS_AT : at + SUMS_AT + len(REQUEST_HISTOGRAMS)].tolist())
-            if words[at] == seq:
-                return snapshot
+        """A consistent snapshot of one replica's histograms."""
+        words, doubles = self._words, self._doubles
+        return self._consistent(replica, lambda at: HistogramValues(
+            words[at + COUNTS_AT : at + COUNTS_AT + NUM_HISTOGRAM_COUNTS].tolist(),
+            doubles[at + SUMS_AT : at + SUMS_AT + len(REQUEST_HISTOGRAMS)].tolist()))
 
     def total_histograms(self) -> HistogramValues:
         each = [self.histograms(r) for r in range(self.spec.num_replicas)]

@@ -11,14 +11,11 @@ from __future__ import annotations
 import time
 from array import array
 from bisect import bisect_left
-from itertools import accumulate
 
 from minisrv.scheduler.request import Request
-from minisrv.wire.terms import HISTOGRAM_INDEX, REQUEST_HISTOGRAMS, FinishReason
+from minisrv.wire.terms import (HISTOGRAM_INDEX, HISTOGRAM_OFFSETS, NUM_HISTOGRAM_COUNTS, REQUEST_HISTOGRAMS,
+                                FinishReason)
 
-# Where each histogram's bucket counts start in the flat array, and the array's length.
-OFFSETS = [0, *accumulate(len(h.buckets) + 1 for h in REQUEST_HISTOGRAMS)]
-NUM_COUNTS = OFFSETS[-1]
 TTFT, ITL, E2E, QUEUE, PREFILL, DECODE, PROMPT_TOKENS, GENERATION_TOKENS, ITERATION = (
     HISTOGRAM_INDEX[name] for name in (
         "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
@@ -28,7 +25,7 @@ TTFT, ITL, E2E, QUEUE, PREFILL, DECODE, PROMPT_TOKENS, GENERATION_TOKENS, ITERAT
 
 class RequestMetrics:
     def __init__(self) -> None:
-        self.counts = array("Q", bytes(8 * NUM_COUNTS))
+        self.counts = array("Q", bytes(8 * NUM_HISTOGRAM_COUNTS))
         self.sums = array("d", bytes(8 * len(REQUEST_HISTOGRAMS)))
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -36,7 +33,7 @@ class RequestMetrics:
 
     def observe(self, histogram: int, value: float) -> None:
         # Prometheus buckets are "less than or equal": the first bound >= value.
-        self.counts[OFFSETS[histogram] + bisect_left(REQUEST_HISTOGRAMS[histogram].buckets, value)] += 1
+        self.counts[HISTOGRAM_OFFSETS[histogram] + bisect_left(REQUEST_HISTOGRAMS[histogram].buckets, value)] += 1
         self.sums[histogram] += value
 
     def admitted(self, req: Request) -> None:

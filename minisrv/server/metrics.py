@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from minisrv.server.connections import Connections
-from minisrv.wire.terms import REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
+from minisrv.wire.terms import HISTOGRAM_OFFSETS, REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
 
 MODEL_LABEL = ["model_name"]
 
@@ -53,10 +53,9 @@ class _SchedulerCollector:
         yield from self._histograms(labels)
 
     def _histograms(self, labels: list[str]) -> Iterator[Metric]:
-        values, start = self._read_histograms(), 0
-        for spec, total in zip(REQUEST_HISTOGRAMS, values.sums):
-            counts = values.counts[start : start + len(spec.buckets) + 1]
-            start += len(spec.buckets) + 1
+        values = self._read_histograms()
+        for i, (spec, total) in enumerate(zip(REQUEST_HISTOGRAMS, values.sums)):
+            counts = values.counts[HISTOGRAM_OFFSETS[i] : HISTOGRAM_OFFSETS[i + 1]]
             cumulative, buckets = 0, []
             for bound, count in zip([*map(str, spec.buckets), "+Inf"], counts):
                 cumulative += count

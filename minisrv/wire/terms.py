@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from itertools import accumulate
 
 
 class FinishReason(enum.IntEnum):
@@ -102,6 +103,9 @@ REQUEST_HISTOGRAMS = (
     HistogramSpec("iteration_tokens_total", "Tokens computed per engine step.", _ITERATION),
 )
 HISTOGRAM_INDEX = {h.name: i for i, h in enumerate(REQUEST_HISTOGRAMS)}
+# Where each histogram's bucket counts start in HistogramValues.counts (one slot per bucket, +Inf last), and its length.
+HISTOGRAM_OFFSETS = [0, *accumulate(len(h.buckets) + 1 for h in REQUEST_HISTOGRAMS)]
+NUM_HISTOGRAM_COUNTS = HISTOGRAM_OFFSETS[-1]
 
 
 @dataclass(frozen=True)

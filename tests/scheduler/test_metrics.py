@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from minisrv.scheduler.metrics import OFFSETS, RequestMetrics
+from minisrv.scheduler.metrics import RequestMetrics
+from minisrv.wire.terms import HISTOGRAM_OFFSETS
 from minisrv.scheduler.request import RequestTimes
 from minisrv.wire.terms import HISTOGRAM_INDEX, REQUEST_HISTOGRAMS, FinishReason
 from tests.scheduler.sched_harness import FakeEngine, drive, make_scheduler, request
@@ -13,7 +14,7 @@ from tests.scheduler.sched_harness import FakeEngine, drive, make_scheduler, req
 
 def count(metrics: RequestMetrics, name: str) -> int:
     i = HISTOGRAM_INDEX[name]
-    return sum(metrics.counts[OFFSETS[i] : OFFSETS[i + 1]])
+    return sum(metrics.counts[HISTOGRAM_OFFSETS[i] : HISTOGRAM_OFFSETS[i + 1]])
 
 
 def total(metrics: RequestMetrics, name: str) -> float:
@@ -25,7 +26,7 @@ def test_buckets_are_less_than_or_equal() -> None:
     spec = REQUEST_HISTOGRAMS[i]
     for value in (spec.buckets[0], spec.buckets[0] + 0.5, spec.buckets[-1] + 1):
         m.observe(i, value)
-    counts = m.counts[OFFSETS[i] : OFFSETS[i + 1]]
+    counts = m.counts[HISTOGRAM_OFFSETS[i] : HISTOGRAM_OFFSETS[i + 1]]
     assert counts[0] == 1 and counts[1] == 1 and counts[-1] == 1 and sum(counts) == 3
 
 

@@ -14,8 +14,7 @@ from typing import AsyncIterator
 
 from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
 from minisrv.wire.records import PromptRequest
-from minisrv.scheduler.metrics import NUM_COUNTS
-from minisrv.wire.terms import REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
+from minisrv.wire.terms import NUM_HISTOGRAM_COUNTS, REQUEST_HISTOGRAMS, HistogramValues, SchedulerStats
 
 REPLY = "Hello, world! 你好 🙂 The quick brown fox jumps over the lazy dog."
 MAX_MODEL_LEN = 256
@@ -69,7 +68,7 @@ class FakeEngineClient:
 
     def histograms(self) -> HistogramValues:
         """Fixed values: bucket i of the flat array holds i observations, so the test can check the rendering."""
-        return HistogramValues(list(range(NUM_COUNTS)), [0.5 * i for i in range(len(REQUEST_HISTOGRAMS))])
+        return HistogramValues(list(range(NUM_HISTOGRAM_COUNTS)), [0.5 * i for i in range(len(REQUEST_HISTOGRAMS))])
 
     async def stream(self, inp: PromptRequest) -> AsyncIterator[OutputDelta]:
         if not self.ready:
