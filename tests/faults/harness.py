@@ -64,9 +64,9 @@ class Server:
 
     def assert_nothing_left(self, within: float = 1.0) -> None:
         deadline = time.monotonic() + within
-        while (alive := [p for p in self.descendants if _alive(p)]) and time.monotonic() < deadline:
+        while (living := [p for p in self.descendants if alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert alive == [], f"processes left behind: {alive}\n{self.log()}"
+        assert living == [], f"processes left behind: {living}\n{self.log()}"
         ours = [n for n in os.listdir("/dev/shm") if n.removeprefix("sem.").startswith(f"minisrv-{self.process.pid}-")]
         assert ours == [], f"left in /dev/shm: {ours}"
 
@@ -75,7 +75,7 @@ class Server:
             self.process.kill()
             self.process.wait()
         for pid in self.descendants:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self._log.close()
 
@@ -87,7 +87,7 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):

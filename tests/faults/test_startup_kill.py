@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.faults.harness import EXIT_WITHIN_S, alive
 from tests.server.live_server import LiveServer, free_port
-
-EXIT_WITHIN_S = 5.0
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +24,6 @@ def descendants(pid: int) -> set[int]:
             found |= children
             todo += children
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def names_of(pid: int) -> list[str]:
