@@ -38,6 +38,8 @@ def test_two_replicas_answer_like_one_route_by_prefix_and_go_down_together() -> 
         assert metric(server, "minisrv:prefix_cache_hits_total") - hits >= 64
         assert _complete(server, prompts[2]) == expected[2]
         pid = int(re.search(r"scheduler-dp1 \(pid (\d+)\)", server.log()).group(1))
+        with open(f"/proc/{pid}/comm") as comm:   # top and ps name each worker's role
+            assert comm.read().strip() == "scheduler-dp1"
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         assert server.wait_exit() != 0
