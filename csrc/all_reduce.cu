@@ -55,8 +55,8 @@ template <typename T> union Pack {
     T v[16 / sizeof(T)];
 };
 
-// Plain 16-byte load and store of this rank's own memory (x, its staging slot). PTX because Vec<T> is only
-// as aligned as T, which does not promise the compiler a single 128-bit access.
+// Plain 16-byte load and store of this rank's own memory (x, its staging slot), volatile with a memory clobber so
+// that the compiler keeps them on their side of the flag barrier.
 __device__ __forceinline__ void ld_v4(const void* p, u32 (&w)[4]) {
     asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p) : "memory");

@@ -35,8 +35,11 @@ template <> __device__ __forceinline__ f16_t from_float<f16_t>(float f) {
     return f16_t{h};
 }
 
-// VEC elements of T in one 16-byte access.
-template <typename T> struct Vec {
+// VEC elements of T in one 16-byte access. Aligned to 16 so that a copy is one 128-bit load or store: aligned only
+// as T, it compiled to eight 16-bit accesses for bfloat16 (with csrc/norm.cu's batched loads, a one-row RMSNorm
+// went from 4.4 us to 2.3 on an H200).
+// Every address given to load_vec / store_vec must be a multiple of 16 bytes (minisrv/kernels/cuda.py checks).
+template <typename T> struct alignas(16) Vec {
     static constexpr int N = 16 / sizeof(T);
     T v[N];
 };

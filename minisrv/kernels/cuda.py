@@ -35,6 +35,7 @@ DECODE_TARGET_BLOCKS = 8192
 DECODE_MERGE_THREADS = 512    # csrc/decode_attention.cu MERGE_THREADS
 EXTEND_ROWS = 64              # csrc/extend_attention.cu ROWS
 SAMPLE_THREADS = 1024         # csrc/sampling.cu SAMPLE_THREADS
+NORM_THREADS = 512            # csrc/norm.cu NORM_THREADS
 
 
 def unsupported() -> str | None:
@@ -117,12 +118,21 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return flat, flat.stride(0)
 
 
+def _vectors(rows: torch.Tensor, width: int) -> bool:
+    """Whether csrc's 16-byte vector accesses (common.cuh load_vec) can read `width` elements of each row of `rows`:
+    the start, the row stride and the width all whole vectors. Other shapes run the reference."""
+    size = rows.element_size()
+    return rows.data_ptr() % 16 == 0 and rows.stride(0) * size % 16 == 0 and width * size % 16 == 0
+
+
 # --- norms and activation --------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows, stride = _rows(x)
+    if not _vectors(rows, rows.shape[1]):
+        return reference.rms_norm(x, weight, eps)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    _launch("norm.cu", f"rms_norm<{TYPE_NAMES[x.dtype]}>", (rows.shape[0],), (256,), _ptr(out), _ptr(rows),
+    _launch("norm.cu", f"rms_norm<{TYPE_NAMES[x.dtype]}>", (rows.shape[0],), (NORM_THREADS,), _ptr(out), _ptr(rows),
             _ptr(weight), _i32(rows.shape[1]), _i64(out.stride(0)), _i64(stride), _f32(eps))
     return out.view(x.shape)
 
@@ -131,8 +141,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, stride = _rows(x)
     res, res_stride = _rows(residual)
+    if not (_vectors(rows, rows.shape[1]) and _vectors(res, res.shape[1])):
+        return reference.add_rms_norm(x, residual, weight, eps)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    _launch("norm.cu", f"add_rms_norm<{TYPE_NAMES[x.dtype]}>", (rows.shape[0],), (256,), _ptr(out), _ptr(res),
+    _launch("norm.cu", f"add_rms_norm<{TYPE_NAMES[x.dtype]}>", (rows.shape[0],), (NORM_THREADS,), _ptr(out), _ptr(res),
             _ptr(rows), _ptr(weight), _i32(rows.shape[1]), _i64(out.stride(0)), _i64(res_stride), _i64(stride),
             _f32(eps))
     if res.data_ptr() != residual.data_ptr():
@@ -143,6 +155,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows, stride = _rows(x)
     inter = rows.shape[1] // 2
+    if not _vectors(rows, inter):
+        return reference.silu_and_mul(x)
     out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
     per_block = 256 * (16 // x.element_size())
     _launch("norm.cu", f"silu_and_mul<{TYPE_NAMES[x.dtype]}>", (rows.shape[0], -(-inter // per_block)), (256,),
