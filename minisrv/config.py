@@ -115,10 +115,12 @@ class EngineConfig:
         True, group="engine", negative_flags=("--disable-overlap", "--disable-overlap-schedule"),
         help="on CUDA, schedule and prepare step N+1 while the GPU runs step N")
     quantization: str = setting(
-        "none", group="engine", choices=("none", "int8", "int8-lm-head", "int8-weight-only"),
+        "none", group="engine", choices=("none", "int8", "int8-lm-head", "int8-weight-only", "int4"),
         help="CPU weights in int8 (one scale per output channel): through PyTorch's dynamic int8 linear, every "
              "projection and the LM head (int8) or the LM head alone (int8-lm-head); or weight-only, with "
-             "bfloat16 activations (int8-weight-only); quality per model: bench/perplexity.py (README)")
+             "bfloat16 activations, for decode steps of up to 4 rows (int8-weight-only; int4: projections in 4 bits "
+             "with a scale and a zero per 32 input columns, the LM head in 8); quality per model: "
+             "bench/perplexity.py (README)")
     cpu_threads: int | None = setting(
         None, group="engine", range=Range(1),
         help="PyTorch intra-op threads of the CPU engine (default: every core it may run on)")

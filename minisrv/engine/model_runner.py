@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
 from minisrv.kernels import select_ops
 from minisrv.layers.attention import sdpa_backends
 from minisrv.layers.forward_context import AttentionMetadata, ExtendSeq, ForwardContext, forward_context
+from minisrv.layers.linear import Linear
 from minisrv.models.loader import LoadedModel
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.kv_pages import pages_for_tokens
@@ -109,6 +111,10 @@ class ModelRunner:
         if config.quantization != "none" and self.device.type != "cpu":
             raise ValueError(f"quantization (--quantization) {config.quantization}: only the CPU engine quantizes")
         self.model.pack_linears(config.quantization)
+        if self.device.type == "cpu":
+            kinds = Counter(module.describe() for module in self.model.modules() if isinstance(module, Linear))
+            logger.info("CPU linear layers (--quantization %s): %s", config.quantization,
+                        "; ".join(f"{count} {kind}" for kind, count in kinds.items()))
         self.ops = select_ops(config.kernel_backend, self.device)
         self.model.use_ops(self.ops)
         if sampler is None:

@@ -21,8 +21,12 @@ PACK_BATCH_HINT = 16
 # weight elements (1 MB in float32) that outweighs the faster arithmetic.
 PACK_MIN_ELEMENTS = 1 << 18
 # Up to this many rows the weight-only int8 kernel beats the packed float32 weight (SmolLM2-135M shapes, 2-vCPU
-# VM, one thread: gate/up 0.60x at 1 row, 0.92x at 4, 1.66x at 16; the LM head 0.32x, 0.54x, 1.74x).
+# VM, one thread: gate/up 0.60x at 1 row, 0.92x at 4, 1.66x at 16; the LM head 0.32x, 0.54x, 1.74x). The int4
+# kernel shares the bound: alone it took as long as int8 on these shapes at 1 and 4 rows.
 INT8_MAX_ROWS = 4
+# Input columns that share one int4 scale and zero: the block of the embedded GGUF's Q4_1 weights, which this
+# grid of 16 levels from each block's minimum represents again almost exactly.
+INT4_GROUP = 32
 
 
 def onednn_packing_available() -> bool:
@@ -41,6 +45,8 @@ class Linear(nn.Module):
         self.int8: torch.nn.Module | None = None             # quantize_int8's dynamic int8 linear
         self.int8_weight: torch.Tensor | None = None         # quantize_int8_weight_only's [out, in] int8 weight
         self.int8_scales: torch.Tensor | None = None         # and its bfloat16 scale per output channel
+        self.int4_weight: torch.Tensor | None = None         # quantize_int4_weight_only's packed weight
+        self.int4_scales_zeros: torch.Tensor | None = None   # and its [in / INT4_GROUP, out, 2] bfloat16 scales, zeros
 
     @torch.no_grad()
     def quantize_int8(self) -> None:
@@ -75,6 +81,29 @@ class Linear(nn.Module):
         self.int8_scales = scales
 
     @torch.no_grad()
+    def quantize_int4_weight_only(self) -> None:
+        """As quantize_int8_weight_only, with a 4-bit copy: 16 levels from the minimum of each run of INT4_GROUP
+        input columns of an output row (a scale and a zero per run), multiplied by PyTorch's weight-only int4
+        kernel for the CPU (_weight_int4pack_mm_for_cpu, bfloat16 activations). A layer the kernel cannot take
+        (an input width no multiple of INT4_GROUP, an output count no multiple of 16) keeps its float32 weight
+        alone. Call before pack()."""
+        weight = self.weight
+        if (self.int4_weight is not None or weight is None or weight.device.type != "cpu"
+                or weight.shape[1] % INT4_GROUP or weight.shape[0] % 16):
+            return
+        rows, columns = weight.shape
+        groups = weight.detach().float().view(rows, columns // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        # The kernel computes (q - 8) * scale + zero from bfloat16 scales and zeros: round them first, then
+        # pick each value's nearest level on that grid.
+        scales = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+        zeros = (low + 8 * scales).to(torch.bfloat16).float()
+        levels = ((groups - zeros[..., None]) / scales[..., None]).round_().add_(8).clamp_(0, 15)
+        self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            levels.to(torch.int32).view(rows, columns), 1)
+        self.int4_scales_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+    @torch.no_grad()
     def pack(self, single_row_copy: bool = False) -> None:
         """On the CPU, replace a large weight by its oneDNN-packed copy (an opaque tensor); idempotent.
 
@@ -93,11 +122,23 @@ class Linear(nn.Module):
             self.single_row_weight = weight.detach().t().contiguous()
         self.weight = None
 
+    def describe(self) -> str:
+        """What multiplies this layer's inputs, for the start-up log: "int4 up to 4 rows, else float32 packed"."""
+        if self.int8 is not None:
+            return "int8 (dynamic)"
+        plain = "float32 packed" if self.packed is not None else str(self.weight.dtype).removeprefix("torch.")
+        small = "int8" if self.int8_weight is not None else "int4" if self.int4_weight is not None else None
+        return f"{small} up to {INT8_MAX_ROWS} rows, else {plain}" if small else plain
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
             return self.int8(x)
-        if self.int8_weight is not None and x.shape[0] <= INT8_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.int8_weight, self.int8_scales)
+        if x.shape[0] <= INT8_MAX_ROWS and (self.int8_weight is not None or self.int4_weight is not None):
+            if self.int8_weight is not None:
+                y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.int8_weight, self.int8_scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.int4_weight, INT4_GROUP,
+                                                               self.int4_scales_zeros)
             y = y.to(x.dtype)
             return y if self.bias is None else y + self.bias
         if self.single_row_weight is not None and x.shape[0] == 1:

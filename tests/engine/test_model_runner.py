@@ -170,9 +170,32 @@ def test_int8_weights_give_nearly_the_float32_logits(quantization):
     assert error < 0.1, error
 
 
+def test_int4_weights_give_nearly_the_float32_logits():
+    """--quantization int4 on a model whose widths are whole groups of 32: every projection gets a 4-bit copy, the
+    LM head an 8-bit one, and the logits stay close to float32's."""
+    config = ModelConfig.from_hf_dict({**TINY, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                                       "vocab_size": 112})
+    prompt = [random.Random(4).randrange(112) for _ in range(12)]
+    logits = {}
+    for mode in ("none", "int4"):
+        model = build_model(config, 256, torch.float32, torch.device("cpu"))
+        init_dummy_weights(model, seed=5, std=0.2)
+        sampler = Greedy()
+        runner = ModelRunner(EngineConfig(num_pages=8, quantization=mode),
+                             LoadedModel(model, config, eos_token_ids=[3], max_model_len=256, name="tiny"), sampler)
+        runner.execute(ScheduledBatch([ScheduledSeq(new_request(0, prompt, [0, 1]), 0, len(prompt), True)]))
+        logits[mode] = sampler.logits[0]
+        four_bit = [m for m in model.modules() if getattr(m, "int4_weight", None) is not None]
+        eight_bit = [m for m in model.modules() if getattr(m, "int8_weight", None) is not None]
+        assert (len(four_bit), len(eight_bit)) == ((0, 0) if mode == "none" else (2 * 4, 1))
+        assert mode == "none" or eight_bit == [model.lm_head]
+    error = (logits["int4"] - logits["none"]).norm() / logits["none"].norm()
+    assert error < 0.2, error
+
+
 def test_quantization_is_refused_off_the_cpu_with_the_flag_named():
     from minisrv.config import EngineConfig as Config
 
-    assert "int8" in Config.__dataclass_fields__["quantization"].metadata["choices"]
+    assert {"int8", "int4"} <= set(Config.__dataclass_fields__["quantization"].metadata["choices"])
     with pytest.raises(ValueError, match="quantization"):
-        Config(quantization="int4")
+        Config(quantization="int2")

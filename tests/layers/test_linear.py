@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisrv.layers.linear import INT8_MAX_ROWS, PACK_MIN_ELEMENTS, Linear, onednn_packing_available
+from minisrv.layers.linear import INT4_GROUP, INT8_MAX_ROWS, PACK_MIN_ELEMENTS, Linear, onednn_packing_available
 
 pytestmark = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packing")
 
@@ -75,3 +75,39 @@ def test_int8_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 48)
         torch.testing.assert_close(got, expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
+    """Up to INT8_MAX_ROWS rows the weight-only int4 path computes F.linear with the weight dequantized from its
+    levels, scales and zeros (each value within half a step of its group's scale, plus the bfloat16 rounding of
+    the zero); larger inputs use the float32 weight. Widths the kernel cannot take are left alone."""
+    gen = torch.Generator().manual_seed(2)
+    layer = Linear(3 * INT4_GROUP, 48, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(48, 3 * INT4_GROUP, generator=gen) * 0.1 + 0.05)
+        if bias:
+            layer.bias.copy_(torch.randn(48, generator=gen))
+    weight = layer.weight.detach().clone()
+    bias_value = layer.bias.detach().clone() if bias else None
+    layer.quantize_int4_weight_only()
+    assert layer.describe() == f"int4 up to {INT8_MAX_ROWS} rows, else float32"   # the start-up log's words
+    scales, zeros = layer.int4_scales_zeros.float().unbind(-1)            # [groups, out] each
+    groups = weight.view(48, 3, INT4_GROUP)
+    levels = ((groups - zeros.t()[..., None]) / scales.t()[..., None]).round().add(8).clamp(0, 15)
+    dequantized = ((levels - 8) * scales.t()[..., None] + zeros.t()[..., None]).view(48, -1)
+    step = scales.t().repeat_interleave(INT4_GROUP, dim=1)
+    assert ((dequantized - weight).abs() <= step * 0.5 + 4e-3 * weight.abs().amax()).all()
+    for rows in (1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 33):
+        x = torch.randn(rows, 3 * INT4_GROUP, generator=gen)
+        expected = F.linear(x, dequantized if rows <= INT8_MAX_ROWS else weight, bias_value)
+        got = layer(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, 48)
+        torch.testing.assert_close(got, expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
+
+    for columns, rows in ((INT4_GROUP + 8, 16), (INT4_GROUP, 20)):
+        odd = Linear(columns, rows)
+        with torch.no_grad():
+            odd.weight.copy_(torch.randn(rows, columns, generator=gen))
+        odd.quantize_int4_weight_only()
+        assert odd.int4_weight is None and odd.weight is not None
