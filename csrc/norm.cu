@@ -7,15 +7,16 @@
 constexpr int NORM_THREADS = 512;   // minisrv/kernels/cuda.py NORM_THREADS
 constexpr int NORM_VECS = 2;        // 16-byte vectors of a row a thread holds in registers (8192 bf16 values a block)
 
-// One row, by a block of NORM_THREADS threads. load_x(i, v) gives elements [i, i + VEC) of the row's x as floats.
+// One row, by a block of NORM_THREADS threads.
 // ADD: res_row <- res_row + x, out_row <- rmsnorm(res_row) * weight; else out_row <- rmsnorm(x) * weight.
 // The row goes in chunks of NORM_VECS vectors a thread, every load of a chunk in flight before any is used: a
 // decode step's rows are a few KB, so their cost is load latency, not bandwidth (one 4096-wide bf16 row: 2.3 us,
 // from 4.4 with 256 threads each loading a vector at a time, H200). A row of one chunk stays in registers for
 // the second pass; a longer one is read again.
-template <typename T, bool ADD, typename LoadX>
-__device__ __forceinline__ void rms_norm_row(T* __restrict__ out_row, T* __restrict__ res_row, LoadX load_x,
-                                             const T* __restrict__ weight, int hidden, float eps) {
+template <typename T, bool ADD>
+__device__ __forceinline__ void rms_norm_row(T* __restrict__ out_row, T* __restrict__ res_row,
+                                             const T* __restrict__ x_row, const T* __restrict__ weight, int hidden,
+                                             float eps) {
     constexpr int VEC = Vec<T>::N;
     __shared__ float scratch[32];
     const int stride = blockDim.x * VEC, chunk = NORM_VECS * stride, first = threadIdx.x * VEC;
@@ -35,7 +36,7 @@ __device__ __forceinline__ void rms_norm_row(T* __restrict__ out_row, T* __restr
 #pragma unroll
         for (int k = 0; k < NORM_VECS; ++k) {
             const int i = base + first + k * stride;
-            if (i < hidden) load_x(i, v[k]);
+            if (i < hidden) load_vec(x_row + i, v[k]);
         }
 #pragma unroll
         for (int k = 0; k < NORM_VECS; ++k) {
@@ -58,11 +59,7 @@ __device__ __forceinline__ void rms_norm_row(T* __restrict__ out_row, T* __restr
             const int i = base + first + k * stride;
             if (i < hidden) {
                 if (!held) {
-                    if (ADD) {
-                        load_vec(res_row + i, v[k]);
-                    } else {
-                        load_x(i, v[k]);
-                    }
+                    load_vec((ADD ? res_row : x_row) + i, v[k]);
                     load_vec(weight + i, w[k]);
                 }
 #pragma unroll
@@ -78,18 +75,15 @@ __device__ __forceinline__ void rms_norm_row(T* __restrict__ out_row, T* __restr
 template <typename T>
 __global__ void __launch_bounds__(NORM_THREADS)
 rms_norm(T* out, const T* x, const T* weight, int hidden, i64 out_stride, i64 x_stride, float eps) {
-    const T* x_row = x + blockIdx.x * x_stride;
-    rms_norm_row<T, false>(out + blockIdx.x * out_stride, (T*)nullptr,
-                           [&](int i, float (&v)[Vec<T>::N]) { load_vec(x_row + i, v); }, weight, hidden, eps);
+    rms_norm_row<T, false>(out + blockIdx.x * out_stride, nullptr, x + blockIdx.x * x_stride, weight, hidden, eps);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(NORM_THREADS)
 add_rms_norm(T* out, T* residual, const T* x, const T* weight, int hidden, i64 out_stride, i64 residual_stride,
              i64 x_stride, float eps) {
-    const T* x_row = x + blockIdx.x * x_stride;
     rms_norm_row<T, true>(out + blockIdx.x * out_stride, residual + blockIdx.x * residual_stride,
-                          [&](int i, float (&v)[Vec<T>::N]) { load_vec(x_row + i, v); }, weight, hidden, eps);
+                          x + blockIdx.x * x_stride, weight, hidden, eps);
 }
 
 // out[t, :] = silu(x[t, :inter]) * x[t, inter:]; grid (tokens, column blocks).
