@@ -23,7 +23,7 @@ PACK_MIN_ELEMENTS = 1 << 18
 # Up to this many rows the weight-only int8 kernel beats the packed float32 weight (SmolLM2-135M shapes, 2-vCPU
 # VM, one thread: gate/up 0.60x at 1 row, 0.92x at 4, 1.66x at 16; the LM head 0.32x, 0.54x, 1.74x). The int4
 # kernel shares the bound: alone it took as long as int8 on these shapes at 1 and 4 rows.
-INT8_MAX_ROWS = 4
+WEIGHT_ONLY_MAX_ROWS = 4
 # Input columns that share one int4 scale and zero: the block of the embedded GGUF's Q4_1 weights, which this
 # grid of 16 levels from each block's minimum represents again almost exactly.
 INT4_GROUP = 32
@@ -68,10 +68,10 @@ class Linear(nn.Module):
     @torch.no_grad()
     def quantize_int8_weight_only(self) -> None:
         """On the CPU, add an int8 copy of the weight (symmetric, one scale per output channel) that PyTorch's
-        weight-only int8 kernel multiplies (_weight_int8pack_mm: bfloat16 activations, the int8 weight read as
-        it is, never dequantized as a whole) for inputs of up to INT8_MAX_ROWS rows: decode steps of a few
-        streams. Larger inputs (prefill, big batches) keep the float32 weight, packed, where that kernel is
-        slower. Activations keep their precision, unlike quantize_int8's. Call before pack()."""
+        weight-only int8 kernel multiplies (_weight_int8pack_mm: bfloat16 activations, the int8 weight read as it
+        is, never dequantized as a whole) for inputs of up to WEIGHT_ONLY_MAX_ROWS rows: decode steps of a few
+        streams. Larger inputs (prefill, big batches) keep the float32 weight, packed, where that kernel is slower.
+        Activations keep their precision, unlike quantize_int8's. Call before pack()."""
         weight = self.weight
         if self.int8_weight is not None or weight is None or weight.device.type != "cpu":
             return
@@ -128,12 +128,12 @@ class Linear(nn.Module):
             return "int8 (dynamic)"
         plain = "float32 packed" if self.packed is not None else str(self.weight.dtype).removeprefix("torch.")
         small = "int8" if self.int8_weight is not None else "int4" if self.int4_weight is not None else None
-        return f"{small} up to {INT8_MAX_ROWS} rows, else {plain}" if small else plain
+        return f"{small} up to {WEIGHT_ONLY_MAX_ROWS} rows, else {plain}" if small else plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
             return self.int8(x)
-        if x.shape[0] <= INT8_MAX_ROWS and (self.int8_weight is not None or self.int4_weight is not None):
+        if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS and (self.int8_weight is not None or self.int4_weight is not None):
             if self.int8_weight is not None:
                 y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.int8_weight, self.int8_scales)
             else:

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisrv.layers.linear import INT4_GROUP, INT8_MAX_ROWS, PACK_MIN_ELEMENTS, Linear, onednn_packing_available
+from minisrv.layers.linear import (INT4_GROUP, PACK_MIN_ELEMENTS, WEIGHT_ONLY_MAX_ROWS, Linear,
+                                  onednn_packing_available)
 
 pytestmark = pytest.mark.skipif(not onednn_packing_available(), reason="this PyTorch build has no oneDNN packing")
 
@@ -53,7 +54,7 @@ def test_small_weights_stay_plain():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
-    """Up to INT8_MAX_ROWS rows the weight-only int8 path computes F.linear with the per-channel dequantized
+    """Up to WEIGHT_ONLY_MAX_ROWS rows the weight-only int8 path computes F.linear with the per-channel dequantized
     weight, up to the bfloat16 rounding of its activations (the weight is off by at most half a step of its
     channel's scale); larger inputs use the float32 weight as before."""
     gen = torch.Generator().manual_seed(1)
@@ -69,9 +70,9 @@ def test_int8_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
     scales = layer.int8_scales.float()
     dequantized = layer.int8_weight.float() * scales[:, None]
     assert ((dequantized - weight).abs() <= scales[:, None] * 0.5 + 1e-2 * scales[:, None]).all()
-    for rows in (1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 33):
+    for rows in (1, WEIGHT_ONLY_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS + 1, 33):
         x = torch.randn(rows, 64, generator=gen)
-        expected = F.linear(x, dequantized if rows <= INT8_MAX_ROWS else weight, bias_value)
+        expected = F.linear(x, dequantized if rows <= WEIGHT_ONLY_MAX_ROWS else weight, bias_value)
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 48)
         torch.testing.assert_close(got, expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
@@ -79,8 +80,8 @@ def test_int8_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_int4_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
-    """Up to INT8_MAX_ROWS rows the weight-only int4 path computes F.linear with the weight dequantized from its
-    levels, scales and zeros (each value within half a step of its group's scale, plus the bfloat16 rounding of
+    """Up to WEIGHT_ONLY_MAX_ROWS rows the weight-only int4 path computes F.linear with the weight dequantized from
+    its levels, scales and zeros (each value within half a step of its group's scale, plus the bfloat16 rounding of
     the zero); larger inputs use the float32 weight. Widths the kernel cannot take are left alone."""
     gen = torch.Generator().manual_seed(2)
     layer = Linear(3 * INT4_GROUP, 48, bias=bias)
@@ -91,16 +92,16 @@ def test_int4_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
     weight = layer.weight.detach().clone()
     bias_value = layer.bias.detach().clone() if bias else None
     layer.quantize_int4_weight_only()
-    assert layer.describe() == f"int4 up to {INT8_MAX_ROWS} rows, else float32"   # the start-up log's words
+    assert layer.describe() == f"int4 up to {WEIGHT_ONLY_MAX_ROWS} rows, else float32"   # the start-up log's words
     scales, zeros = layer.int4_scales_zeros.float().unbind(-1)            # [groups, out] each
     groups = weight.view(48, 3, INT4_GROUP)
     levels = ((groups - zeros.t()[..., None]) / scales.t()[..., None]).round().add(8).clamp(0, 15)
     dequantized = ((levels - 8) * scales.t()[..., None] + zeros.t()[..., None]).view(48, -1)
     step = scales.t().repeat_interleave(INT4_GROUP, dim=1)
     assert ((dequantized - weight).abs() <= step * 0.5 + 4e-3 * weight.abs().amax()).all()
-    for rows in (1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 33):
+    for rows in (1, WEIGHT_ONLY_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS + 1, 33):
         x = torch.randn(rows, 3 * INT4_GROUP, generator=gen)
-        expected = F.linear(x, dequantized if rows <= INT8_MAX_ROWS else weight, bias_value)
+        expected = F.linear(x, dequantized if rows <= WEIGHT_ONLY_MAX_ROWS else weight, bias_value)
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 48)
         torch.testing.assert_close(got, expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
