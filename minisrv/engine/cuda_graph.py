@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from minisrv.engine.sampling import FLOAT_PARAMS, INT_PARAMS, FusedSampler
@@ -39,6 +40,11 @@ def graph_buckets(max_bs: int) -> list[int]:
     and vLLM use: a batch pads by at most 7 rows)."""
     small = [b for b in (1, 2, 4) if b < max_bs]
     return small + ([max_bs] if max_bs <= 4 else list(range(8, -(-max_bs // 8) * 8 + 1, 8)))
+
+
+def _pinned(rows: list[list], dtype: type) -> torch.Tensor:
+    """Nested lists as a tensor in pinned host memory (numpy reads nested lists ~2.5x faster than torch.tensor)."""
+    return torch.from_numpy(np.array(rows, dtype=dtype)).pin_memory()
 
 
 def resolve_input_ids(input_ids: torch.Tensor, prev_rows: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
@@ -116,12 +122,10 @@ class DecodeGraphs:
         """Pinned host buffers for one step: `rows` holds each INT_ROWS row for the real rows, in order."""
         n = len(rows["input_ids"])
         pad = bucket - n
-        ints = torch.tensor([rows[name] + [PADDING[name]] * pad for name in INT_ROWS], dtype=torch.int64,
-                            pin_memory=True)
-        floats_t = torch.tensor([row + [0.0] * pad for row in floats], dtype=torch.float32, pin_memory=True)
+        ints = _pinned([rows[name] + [PADDING[name]] * pad for name in INT_ROWS], np.int64)
+        floats_t = _pinned([row + [0.0] * pad for row in floats], np.float32)
         width = max(len(p) for p in page_table)
-        pages = torch.tensor([p + [0] * (width - len(p)) for p in page_table] + [[0] * width] * pad, dtype=torch.int64,
-                             pin_memory=True)
+        pages = _pinned([p + [0] * (width - len(p)) for p in page_table] + [[0] * width] * pad, np.int64)
         return DecodeInputs(ints, floats_t, pages)
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
