@@ -108,12 +108,14 @@ class ModelRunner:
         torch.set_num_threads(cpu_threads(config) if self.device.type == "cpu" else config.cpu_threads or 1)
         self.page_size = config.page_size
         self.bytes_per_page = kv_cache_bytes_per_page(self.model_config, self.page_size, self.dtype)
-        if config.quantization != "none" and self.device.type != "cpu":
-            raise ValueError(f"quantization (--quantization) {config.quantization}: only the CPU engine quantizes")
-        self.model.pack_linears(config.quantization)
+        self.quantization = config.resolved_quantization(loaded.checkpoint_bits)
+        if self.quantization != "none" and self.device.type != "cpu":
+            raise ValueError(f"quantization (--quantization) {self.quantization}: only the CPU engine quantizes")
+        self.model.pack_linears(self.quantization)
         if self.device.type == "cpu":
             kinds = Counter(module.describe() for module in self.model.modules() if isinstance(module, Linear))
-            logger.info("CPU linear layers (--quantization %s): %s", config.quantization,
+            chosen = self.quantization if config.quantization != "auto" else f"auto, so {self.quantization}"
+            logger.info("CPU linear layers (--quantization %s): %s", chosen,
                         "; ".join(f"{count} {kind}" for kind, count in kinds.items()))
         self.ops = select_ops(config.kernel_backend, self.device)
         self.model.use_ops(self.ops)

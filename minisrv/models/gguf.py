@@ -7,6 +7,7 @@ elements), and `_undo_rope_permute` puts them back.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+
+def quantized_bits(type_name: str) -> int | None:
+    """Bits per weight of a GGML type by its name (Q4_1, Q4_K, IQ4_XS: 4; Q8_0: 8), None for a float type."""
+    match = re.match(r"I?Q(\d)", type_name)
+    return int(match.group(1)) if match else None
 
 
 class GGUFCheckpoint:
@@ -104,6 +111,13 @@ class GGUFCheckpoint:
     @property
     def chat_template(self) -> str | None:
         return self._field("tokenizer.chat_template")
+
+    @property
+    def projection_bits(self) -> int | None:
+        """quantized_bits of the first layer's attention query projection (files mix types, by the tensor's role:
+        the projections set the model's precision)."""
+        tensor = next((t for t in self._reader.tensors if t.name == "blk.0.attn_q.weight"), None)
+        return None if tensor is None else quantized_bits(tensor.tensor_type.name)
 
     def __len__(self) -> int:
         return len(self._reader.tensors)

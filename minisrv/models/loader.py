@@ -31,6 +31,7 @@ class LoadedModel:
     eos_token_ids: list[int]
     max_model_len: int
     name: str                       # what the server reports as the model id
+    checkpoint_bits: int | None = None   # bits per weight of the checkpoint's projections when it was quantized
 
 
 def resolve_dtype(config: EngineConfig) -> torch.dtype:
@@ -58,11 +59,13 @@ def load_model(config: EngineConfig, source: ModelSource | None = None,
 
         checkpoint = GGUFCheckpoint(source.path)
         weights = tqdm(checkpoint.tensors(), total=len(checkpoint), desc="Loading GGUF", unit="tensor")
-        return load(ModelConfig.from_hf_dict(checkpoint.hf_config), weights, name=source.name)
+        return load(ModelConfig.from_hf_dict(checkpoint.hf_config), weights, name=source.name,
+                    checkpoint_bits=checkpoint.projection_bits)
     path = source.path
     model_config = ModelConfig.from_hf_dict(_read_json(path / "config.json", "model"))
     weights = None if source.dummy else _safetensors_weights(path, _safetensors_files(path))
-    return load(model_config, weights, name=source.name, extra_eos=_extra_eos_ids(path, model_config))
+    return load(model_config, weights, name=source.name, extra_eos=_extra_eos_ids(path, model_config),
+                checkpoint_bits=None if source.dummy else source.converted_from_bits)
 
 
 def build_model(model_config: ModelConfig, max_model_len: int, dtype: torch.dtype, device: torch.device,
@@ -78,7 +81,7 @@ def build_model(model_config: ModelConfig, max_model_len: int, dtype: torch.dtyp
 
 def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | None, *, config: EngineConfig,
             dtype: torch.dtype, device: torch.device, tp: TensorParallel, name: str,
-            extra_eos: Iterable[int] = ()) -> LoadedModel:
+            extra_eos: Iterable[int] = (), checkpoint_bits: int | None = None) -> LoadedModel:
     max_model_len = _max_model_len(config, model_config)
     model = build_model(model_config, max_model_len, dtype, device, tp)
     if weights is None:
@@ -88,7 +91,7 @@ def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor
     else:
         load_weights(model, weights)
     eos = sorted({*model_config.eos_token_ids, *extra_eos})
-    return LoadedModel(model, model_config, eos, max_model_len, name)
+    return LoadedModel(model, model_config, eos, max_model_len, name, checkpoint_bits)
 
 
 def _max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:

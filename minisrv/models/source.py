@@ -25,6 +25,9 @@ class ModelSource:
     name: str                   # the model id the server reports; a preset's name
     path: Path | None = None    # the directory or file; None for a preset
     dummy: bool = False         # random weights instead of the checkpoint's
+    # Bits per weight of the projections of the checkpoint the files were converted from, when quantized
+    # (the embedded model's GGUF); a GGUF file's own come from the file (LoadedModel.checkpoint_bits).
+    converted_from_bits: int | None = None
 
 
 def resolve_source(config: EngineConfig) -> ModelSource:
@@ -39,9 +42,11 @@ def resolve_source(config: EngineConfig) -> ModelSource:
         load_preset(name)   # raises, listing the presets, when it is not one
         return ModelSource("preset", name, dummy=True)
     if model == "embedded":
-        from minisrv.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
+        from minisrv.models.embedded import EMBEDDED_GGUF_TYPE, EMBEDDED_MODEL_NAME, embedded_model_dir
+        from minisrv.models.gguf import quantized_bits
 
-        return ModelSource("hf", EMBEDDED_MODEL_NAME, embedded_model_dir())
+        return ModelSource("hf", EMBEDDED_MODEL_NAME, embedded_model_dir(),
+                           converted_from_bits=quantized_bits(EMBEDDED_GGUF_TYPE))
     if path.suffix == ".gguf":
         return ModelSource("gguf", path.stem, path)
     if path.is_dir():

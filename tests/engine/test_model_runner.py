@@ -193,6 +193,13 @@ def test_int4_weights_give_nearly_the_float32_logits():
     assert error < 0.2, error
 
 
+@pytest.mark.parametrize("bits, device, chosen", [(4, "cpu", "int4"), (2, "cpu", "int4"), (8, "cpu", "none"),
+                                                  (None, "cpu", "none"), (4, "cuda", "none")])
+def test_auto_quantization_keeps_4_bit_checkpoints_4_bit_on_the_cpu(bits, device, chosen):
+    assert EngineConfig(device=device).resolved_quantization(bits) == chosen
+    assert EngineConfig(device=device, quantization="int8").resolved_quantization(bits) == "int8"
+
+
 def test_quantization_is_refused_off_the_cpu_with_the_flag_named():
     from minisrv.config import EngineConfig as Config
 

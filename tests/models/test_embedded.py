@@ -98,10 +98,13 @@ def test_embedded_identity(ours):
     assert loaded.name == "SmolLM2-135M-Instruct" and ours.source.path.parent == embedded.cache_root()
     assert loaded.eos_token_ids == [2] and loaded.max_model_len == 8192
     assert "<|im_start|>" in resolve_chat_template(None, ours.tokenizer) and loaded.model_config.tie_word_embeddings
+    # Its projections were 4-bit (Q4_1) before the conversion to float32: the CPU engine keeps them in int4.
+    assert loaded.checkpoint_bits == 4 and EngineConfig().resolved_quantization(loaded.checkpoint_bits) == "int4"
 
 
 def test_embedded_logits_match_transformers(ours, theirs):
-    runner = ModelRunner(EngineConfig(num_pages=16), ours.loaded, sampler=lambda logits, reqs, positions=None: [])
+    runner = ModelRunner(EngineConfig(num_pages=16, quantization="none"), ours.loaded,
+                         sampler=lambda logits, reqs, positions=None: [])
     for i, prompt in enumerate(PROMPTS):
         tokens = ours.tokenizer.encode(prompt, add_special_tokens=False)
         request = make_request(i, tokens, [7 - i, 11, 3 + i])
@@ -114,7 +117,7 @@ def test_embedded_logits_match_transformers(ours, theirs):
 def test_embedded_greedy_text_equals_transformers(ours, theirs):
     """Also the check on the GGUF q/k un-permutation: wrong rows would not say Paris."""
     tokens = ours.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
-    runner = ModelRunner(EngineConfig(num_pages=8, page_size=4),
+    runner = ModelRunner(EngineConfig(num_pages=8, page_size=4, quantization="none"),
                          ours.loaded, sampler=lambda logits, reqs, positions=None: [SampleResult(int(t)) for t in logits.argmax(-1)])
     request = make_request(0, tokens, [5, 1, 6, 0, 2, 7])
     [first] = runner.execute(ScheduledBatch([ScheduledSeq(request, 0, len(tokens), True)]))

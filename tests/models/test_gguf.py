@@ -12,7 +12,7 @@ from minisrv.config import EngineConfig
 from minisrv.engine.model_runner import ModelRunner
 from minisrv.layers.forward_context import ForwardContext, forward_context
 from minisrv.models.config import ModelConfig
-from minisrv.models.gguf import GGUFCheckpoint, hf_tensor_name
+from minisrv.models.gguf import GGUFCheckpoint, hf_tensor_name, quantized_bits
 from minisrv.models.loader import load_model
 from minisrv.models.source import resolve_source
 from minisrv.sampling_params import SamplingParams
@@ -46,6 +46,13 @@ def test_quantized_tensors_dequantize_within_q8_error(tmp_path):
     spec = gguf_spec("llama")
     hf = make_hf_model(spec, seed=4)
     write_tiny_gguf(tmp_path / "q.gguf", spec, hf, quantize=True)
+    write_tiny_gguf(tmp_path / "f.gguf", spec, hf)
+    # What --quantization auto reads: how many bits the projections were stored in.
+    assert GGUFCheckpoint(tmp_path / "q.gguf").projection_bits == 8
+    assert load_model(EngineConfig(model=str(tmp_path / "q.gguf"))).checkpoint_bits == 8
+    assert GGUFCheckpoint(tmp_path / "f.gguf").projection_bits is None
+    assert [quantized_bits(t) for t in ("Q4_1", "Q4_K", "IQ4_XS", "IQ2_XXS", "Q8_0", "F16", "BF16", "F32")] == \
+        [4, 4, 4, 2, 8, None, None, None]
     state = hf.state_dict()
     for key, tensor in GGUFCheckpoint(tmp_path / "q.gguf").tensors():
         if tensor.dim() == 1:

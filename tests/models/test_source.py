@@ -12,7 +12,8 @@ from minisrv.models.source import DUMMY_EMBEDDED_PRESET, ModelSource, resolve_so
 
 def test_every_kind_of_model_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embedded, "embedded_model_dir", lambda: tmp_path / "cached")
-    assert resolve_source(EngineConfig()) == ModelSource("hf", embedded.EMBEDDED_MODEL_NAME, tmp_path / "cached")
+    assert resolve_source(EngineConfig()) == ModelSource("hf", embedded.EMBEDDED_MODEL_NAME, tmp_path / "cached",
+                                                         converted_from_bits=4)   # Q4_1
     assert resolve_source(EngineConfig(model=str(tmp_path))) == ModelSource("hf", tmp_path.name, tmp_path)
     gguf = tmp_path / "tiny.gguf"
     assert resolve_source(EngineConfig(model=str(gguf))) == ModelSource("gguf", "tiny", gguf)
