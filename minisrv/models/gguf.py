@@ -114,8 +114,8 @@ class GGUFCheckpoint:
 
     @property
     def projection_bits(self) -> int | None:
-        """quantized_bits of the first layer's attention query projection (files mix types, by the tensor's role:
-        the projections set the model's precision)."""
+        """quantized_bits of the first layer's attention query projection. Files mix types by a tensor's role
+        (norms in float32, the output layer often in 8 bits); the projections set the model's precision."""
         tensor = next((t for t in self._reader.tensors if t.name == "blk.0.attn_q.weight"), None)
         return None if tensor is None else quantized_bits(tensor.tensor_type.name)
 
