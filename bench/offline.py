@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--single-output-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quantization", default="none", help="the engine's --quantization (CPU)")
+    ap.add_argument("--dtype", default="auto", help="the engine's --dtype (CPU: float32, the default, or bfloat16)")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="PyTorch threads for both engines (default: the engine's own choice)")
     ap.add_argument("--quick", action="store_true", help="shorter outputs and one repeat")
@@ -114,7 +115,7 @@ def main() -> None:
         args.repeats, args.single_output_len, args.max_output_len, args.min_output_len = 1, 64, 96, 32
 
     rng = random.Random(0)
-    llm = LLM(model=args.model, cpu_threads=args.cpu_threads, quantization=args.quantization)
+    llm = LLM(model=args.model, cpu_threads=args.cpu_threads, quantization=args.quantization, dtype=args.dtype)
     vocab = llm.engine.loaded.model_config.vocab_size
     single = random_prompts(vocab, 1, args.single_input_len, args.single_input_len, rng)
     many = random_prompts(vocab, args.num_seqs, args.min_input_len, args.max_input_len, rng)
@@ -127,12 +128,14 @@ def main() -> None:
     ]
     base = rows[0].tokens_per_s
     machine = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    runner = llm.engine.runner
+    weights = f"{str(runner.dtype).removeprefix('torch.')}, --quantization {runner.quantization}"
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "model": args.model,
+            json.dump({"machine": machine, "model": args.model, "weights": weights,
                        "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s, "ratio_vs_hf": r.tokens_per_s / base}
                                    for r in rows]}, f, indent=1)
-    print(f"\n{machine}; model {args.model}, float32")
+    print(f"\n{machine}; model {args.model}, {weights}")
     print(f"{'engine':<14}{'seqs':>6}{'out tokens':>12}{'seconds':>10}{'tok/s':>10}{'vs hf':>8}")
     for r in rows:
         print(f"{r.name:<14}{r.num_seqs:>6}{r.output_tokens:>12}{r.seconds:>10.2f}{r.tokens_per_s:>10.1f}"

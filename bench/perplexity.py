@@ -71,12 +71,13 @@ def main() -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--quantizations", nargs="+", default=["none", "int8"])
     ap.add_argument("--chunk", type=int, help="tokens per step (default: the whole text in one step)")
+    ap.add_argument("--dtype", default="auto", help="the engine's --dtype for every row")
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=".*quantize.*deprecated.*")
     rows = []
     for quantization in args.quantizations:
-        llm = LLM(model=args.model, quantization=quantization, num_pages=128)
+        llm = LLM(model=args.model, quantization=quantization, num_pages=128, dtype=args.dtype)
         ids = llm.tokenizer.encode(TEXT, add_special_tokens=False)
         rows.append({"quantization": quantization, "tokens": len(ids), "chunk": args.chunk,
                      "perplexity": perplexity(llm, ids, args.chunk)})
