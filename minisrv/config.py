@@ -11,11 +11,12 @@ from typing import Any
 
 from minisrv.fields import Range, validate_fields
 
-DEFAULT_MODEL = "embedded"
-# On a 2-core VM, 16 streams meeting a burst of 16 prompts (README): the largest gap between two tokens of a
-# stream 3.0-3.1 s uncapped, 0.5-1.0 s at 256, and the median first token 2.4-2.9 s -> 1.0-1.3 s, the p99
-# first token and tokens/s unchanged. A GPU step prefills thousands of tokens in milliseconds: no cap there.
-CPU_MAX_PREFILL_TOKENS = 256  # SmolLM2-135M-Instruct, fetched and converted on first use
+DEFAULT_MODEL = "embedded"  # SmolLM2-135M-Instruct, fetched and converted on first use
+# On a 2-core VM, 16 streams meeting a burst of 16 prompts (README): a prefill token costs about 0.9 ms there,
+# so the largest gap between two tokens of a stream was 2.9-3.0 s uncapped, 0.30 s at 256 and 0.18-0.20 s at
+# 128, the median first token 1.9-2.2 s -> 0.6-0.9 s, the p99 first token and tokens/s unchanged. A GPU step
+# prefills thousands of tokens in milliseconds: no cap there.
+CPU_MAX_PREFILL_TOKENS = 128
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
