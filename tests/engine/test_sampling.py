@@ -215,3 +215,25 @@ def test_bad_inputs_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="logits must be"):
         sampler(torch.randn(3, VOCAB), make_requests(2))
     assert sampler(torch.randn(0, VOCAB), []) == []
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_are_never_chosen(temperature: float) -> None:
+    """A NaN logit counts as -inf: the row chooses among its other tokens, and a row of only NaN still gets a
+    token id in the vocabulary (greedy, the first); rows without NaN choose as they would alone."""
+    logits = torch.stack([fixed_logits(seed) for seed in range(4)])
+    clean = logits.clone()
+    logits[0, logits[0].argmax()] = math.nan       # the row's best token becomes NaN
+    logits[1] = math.nan
+    requests = make_requests(4, temperature=temperature, ignore_eos=True)
+    tokens = [r.token_id for r in Sampler(VOCAB, EOS)(logits, requests)]
+    assert tokens[0] != int(clean[0].argmax()) and not math.isnan(logits[0, tokens[0]])
+    if temperature == 0.0:
+        assert tokens[0] == int(clean[0].where(~logits[0].isnan(), -math.inf).argmax())
+        assert tokens[1] == 0
+        assert tokens[2:] == [int(row.argmax()) for row in clean[2:]]
+    else:
+        assert 0 <= tokens[1] < VOCAB
+        alone = [r.token_id for r in Sampler(VOCAB, EOS)(clean[2:], make_requests(4, temperature=1.0,
+                                                                                 ignore_eos=True)[2:])]
+        assert tokens[2:] == alone
