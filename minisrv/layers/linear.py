@@ -126,7 +126,8 @@ class Linear(nn.Module):
         """What multiplies this layer's inputs, for the start-up log: "int4 up to 4 rows, else float32 packed"."""
         if self.int8 is not None:
             return "int8 (dynamic)"
-        plain = "float32 packed" if self.packed is not None else str(self.weight.dtype).removeprefix("torch.")
+        weight = self.packed if self.packed is not None else self.weight
+        plain = str(weight.dtype).removeprefix("torch.") + (" packed" if self.packed is not None else "")
         small = "int8" if self.int8_weight is not None else "int4" if self.int4_weight is not None else None
         return f"{small} up to {WEIGHT_ONLY_MAX_ROWS} rows, else {plain}" if small else plain
 

@@ -87,6 +87,8 @@ def load_rank_engine(config: EngineConfig, source: ModelSource, group: TPGroup) 
 
     tp = init_tensor_parallel(group.rank, group.size, group.init_method, config.resolved_device(),
                               group.ranks_per_node, config.custom_all_reduce, group.first_gpu)
+    # --dtype auto depends on the CPU (AMX or not): compared resolved, nodes of different CPUs are refused.
+    config = dataclasses.replace(config, dtype=config.resolved_dtype())
     if group.size > group.ranks_per_node:
         check_same_settings(config, group.rank)
     return LLMEngine(config, source, tp=tp, load_tokenizer=partial(load_fast_tokenizer, source))
@@ -278,6 +280,7 @@ class TensorParallelRanks:
         if config.nnodes > 1:
             raise ValueError(f"nnodes (--nnodes) {config.nnodes}: the offline LLM runs its ranks on one host")
         group = TPGroup.for_config(config)
+        config = dataclasses.replace(config, dtype=config.resolved_dtype())   # once, for every rank
         self.channels = RingChannels()
         self.processes: list[multiprocessing.process.BaseProcess] = []
         try:

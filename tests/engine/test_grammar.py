@@ -73,7 +73,7 @@ def test_masks_touch_only_constrained_rows_and_their_disallowed_tokens() -> None
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(quantization="none")   # float32 weights: one test decodes by hand with transformers' model
+    return LLM(dtype="float32", quantization="none")   # one test decodes by hand with transformers' float32 model
 
 
 def grammar(kind: str, value) -> str:

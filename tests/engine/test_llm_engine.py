@@ -26,7 +26,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(quantization="none")   # float32 weights, as transformers multiplies them (the default is int4)
+    return LLM(dtype="float32", quantization="none")   # as transformers multiplies them (default: int4, maybe bfloat16)
 
 
 @pytest.fixture(scope="module")

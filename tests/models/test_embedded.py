@@ -83,7 +83,8 @@ def test_unreachable_registry_without_cache_is_a_clear_error(monkeypatch, tmp_pa
 @pytest.fixture(scope="module")
 def ours() -> SimpleNamespace:
     source = resolve_source(EngineConfig())   # fetches and converts on a fresh machine, then reads the cache
-    return SimpleNamespace(source=source, loaded=load_model(EngineConfig(), source), tokenizer=load_tokenizer(source))
+    config = EngineConfig(dtype="float32")    # as transformers'; a module fixture precedes the conftest's patch
+    return SimpleNamespace(source=source, loaded=load_model(config, source), tokenizer=load_tokenizer(source))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_embedded_identity(ours):
 
 
 def test_embedded_logits_match_transformers(ours, theirs):
-    runner = ModelRunner(EngineConfig(num_pages=16, quantization="none"), ours.loaded,
+    runner = ModelRunner(EngineConfig(num_pages=16, dtype="float32", quantization="none"), ours.loaded,
                          sampler=lambda logits, reqs, positions=None: [])
     for i, prompt in enumerate(PROMPTS):
         tokens = ours.tokenizer.encode(prompt, add_special_tokens=False)
@@ -117,7 +118,7 @@ def test_embedded_logits_match_transformers(ours, theirs):
 def test_embedded_greedy_text_equals_transformers(ours, theirs):
     """Also the check on the GGUF q/k un-permutation: wrong rows would not say Paris."""
     tokens = ours.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
-    runner = ModelRunner(EngineConfig(num_pages=8, page_size=4, quantization="none"),
+    runner = ModelRunner(EngineConfig(num_pages=8, page_size=4, dtype="float32", quantization="none"),
                          ours.loaded, sampler=lambda logits, reqs, positions=None: [SampleResult(int(t)) for t in logits.argmax(-1)])
     request = make_request(0, tokens, [5, 1, 6, 0, 2, 7])
     [first] = runner.execute(ScheduledBatch([ScheduledSeq(request, 0, len(tokens), True)]))
@@ -131,3 +132,15 @@ def test_embedded_greedy_text_equals_transformers(ours, theirs):
                                    pad_token_id=2)[0, len(tokens):].tolist()
     assert request.output_ids == expected
     assert "Paris" in ours.tokenizer.decode(request.output_ids)
+
+
+def test_embedded_in_bfloat16_and_int4_still_says_paris():
+    """The default on a CPU with AMX: bfloat16 weights and activations, the projections of decode steps in int4."""
+    from minisrv.llm import LLM
+    from minisrv.sampling_params import SamplingParams
+
+    llm = LLM(dtype="bfloat16")
+    runner = llm.engine.runner
+    assert (runner.dtype, runner.quantization) == (torch.bfloat16, "int4")
+    [out] = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))
+    assert "Paris" in out.text, out.text

@@ -23,20 +23,21 @@ from tests.server.live_server import free_port
 PROMPTS = ["The capital of France is", "Write a haiku about the sea:", "def fibonacci(n):",
            "A long prompt, prefilled in several chunks: " + "one two three four five six seven " * 40]
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-# Token-for-token comparisons run float32 weights: int4's sums depend on the kernel's thread count (the ranks
-# share the cores) and on where the shards cut the rows.
-FLOAT32 = ("--quantization", "none")
+# Token-for-token comparisons run float32 weights and activations: int4's sums depend on the kernel's thread
+# count (the ranks share the cores) and on where the shards cut the rows; bfloat16 (the default with AMX) rounds.
+FLOAT32_ARGS = {"dtype": "float32", "quantization": "none"}
+FLOAT32 = tuple(arg for name, value in FLOAT32_ARGS.items() for arg in (f"--{name}", value))
 
 
 @pytest.fixture(scope="module")
 def one_rank() -> list[list[int]]:
-    llm = LLM(device="cpu", max_num_batched_tokens=128, max_model_len=1024, quantization="none")
+    llm = LLM(device="cpu", max_num_batched_tokens=128, max_model_len=1024, **FLOAT32_ARGS)
     return [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]
 
 
 def test_two_ranks_generate_what_one_does(one_rank: list[list[int]]) -> None:
     """The embedded model split over two gloo ranks (uneven: 9 heads, 3 KV heads), prompts chunked over steps."""
-    llm = LLM(device="cpu", tp_size=2, max_num_batched_tokens=128, max_model_len=1024, quantization="none")
+    llm = LLM(device="cpu", tp_size=2, max_num_batched_tokens=128, max_model_len=1024, **FLOAT32_ARGS)
     try:
         assert [out.token_ids for out in llm.generate(PROMPTS, GREEDY)] == one_rank
         # Sampled, seeded requests. Rank 1 checks every step's digest (the batch scheduled, the tokens drawn)

@@ -25,7 +25,9 @@ IGNORE_EOS = {"ignore_eos": True}   # not an OpenAI field: the SDK sends it thro
 
 @pytest.fixture(scope="module")
 def server():
-    with LiveServer(["--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning"],
+    # float32 on every CPU: a seed reproduces its sample only while the logits do, and in bfloat16 (the default
+    # with AMX) a prompt's last token computed alone after a prefix-cache hit (int4) or in a prefill (dense) differs.
+    with LiveServer(["--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--dtype", "float32"],
                     env={"MINISRV_API_KEY": API_KEY}) as s:
         yield s
         assert httpx.get(f"{s.url}/health").status_code == 200, "the server stopped serving during the tests"
