@@ -8,7 +8,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 
-
 @pytest.fixture(autouse=True)
 def cpu_without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process engines resolve `--dtype auto` as on a CPU without AMX (float32), so that what a test compares
