@@ -145,6 +145,9 @@ def extend_attention(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tens
         query_pos = torch.arange(context_len, total, device=q.device)
         mask = torch.arange(total, device=q.device) <= query_pos.unsqueeze(1)
         causal = False
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+    # As one batch of 4-D tensors: PyTorch's CPU flash kernel takes only those, and the math fallback that
+    # 3-D ones get took 5-12x as long here (bfloat16, 2 threads: 128 new tokens after 300 cached, 4.4 -> 0.5 ms
+    # a layer; a 512-token prefill 17.7 -> 1.2 ms).
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=mask, is_causal=causal, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

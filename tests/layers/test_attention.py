@@ -73,15 +73,18 @@ def test_decode_attention_matches_naive(page_size):
         torch.testing.assert_close(out[b:b + 1], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("context_len", [0, 5, 16])
-def test_extend_attention_over_cached_prefix(context_len):
+def test_extend_attention_over_cached_prefix(context_len, dtype):
     page_size, n = 4, 11
     seqs = PagedSequences([context_len + n], page_size, seed=context_len)
-    kv, pages = seqs.kv[0], torch.tensor(seqs.pages[0])
-    q = torch.randn(n, NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(2))
-    out = reference.extend_attention(q, kv[context_len:], seqs.cache, pages, context_len)
-    expected = naive_attention(q, kv[:, 0], kv[:, 1], first_pos=context_len)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    cache, kv = seqs.cache.to(dtype), seqs.kv[0].to(dtype)
+    pages = torch.tensor(seqs.pages[0])
+    q = torch.randn(n, NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out = reference.extend_attention(q, kv[context_len:], cache, pages, context_len)
+    expected = naive_attention(q.float(), kv[:, 0].float(), kv[:, 1].float(), first_pos=context_len)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_paged_attention_layer_mixed_step():
