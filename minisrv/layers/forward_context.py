@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from minisrv.kernels.attention_metadata import AttentionMetadata, ExtendSeq
 
-__all__ = ["AttentionMetadata", "ExtendSeq", "ForwardContext", "forward_context", "get_forward_context"]
+__all__ = ["AttentionMetadata", "ExtendSeq", "ForwardContext", "decode_rows", "forward_context", "get_forward_context"]
 
 
 @dataclass
@@ -28,6 +28,12 @@ def get_forward_context() -> ForwardContext:
     if _FORWARD_CONTEXT is None:
         raise RuntimeError("no forward context: run the model inside `with forward_context(...)`")
     return _FORWARD_CONTEXT
+
+
+def decode_rows(rows: int) -> int:
+    """How many of the `rows` leading rows of a layer's input are single-token decodes: the step's count inside a
+    forward context (decode rows come first, prompt rows after), all of them outside one (the LM head's rows)."""
+    return rows if _FORWARD_CONTEXT is None else min(rows, _FORWARD_CONTEXT.attn.num_decodes)
 
 
 @contextmanager

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisrv.layers.forward_context import decode_rows
+
 # Rows the packed layout is tuned for; 1..512-row batches all ran faster than F.linear with it.
 PACK_BATCH_HINT = 16
 # A oneDNN call costs ~17 us more than F.linear's ~2 us before any arithmetic; below about this many
@@ -69,8 +71,8 @@ class Linear(nn.Module):
     def quantize_int8_weight_only(self) -> None:
         """On the CPU, add an int8 copy of the weight (symmetric, one scale per output channel) that PyTorch's
         weight-only int8 kernel multiplies (_weight_int8pack_mm: bfloat16 activations, the int8 weight read as it
-        is, never dequantized as a whole) for inputs of up to WEIGHT_ONLY_MAX_ROWS rows: decode steps of a few
-        streams. Larger inputs (prefill, big batches) keep the float32 weight, packed, where that kernel is slower.
+        is, never dequantized as a whole) for the decode rows of a step with at most WEIGHT_ONLY_MAX_ROWS of them: a
+        few streams. Prompt rows and larger batches keep the float32 weight, packed, where that kernel is slower.
         Activations keep their precision, unlike quantize_int8's. Call before pack()."""
         weight = self.weight
         if self.int8_weight is not None or weight is None or weight.device.type != "cpu":
@@ -134,14 +136,26 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
             return self.int8(x)
-        if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS and (self.int8_weight is not None or self.int4_weight is not None):
-            if self.int8_weight is not None:
-                y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.int8_weight, self.int8_scales)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.int4_weight, INT4_GROUP,
-                                                               self.int4_scales_zeros)
-            y = y.to(x.dtype)
-            return y if self.bias is None else y + self.bias
+        if self.int8_weight is not None or self.int4_weight is not None:
+            # Only decode rows, and only a few: a prompt's rows always meet the full weight, so a prompt computes
+            # the same whether its prefix was cached or not, and whatever decodes share its step (the int4 kernel
+            # takes bfloat16 activations: its logits differ enough from float32's to change a seeded sample).
+            small = decode_rows(x.shape[0])
+            if 0 < small <= WEIGHT_ONLY_MAX_ROWS:
+                y = self._weight_only(x[:small])
+                return y if small == x.shape[0] else torch.cat([y, self._full_weight(x[small:])])
+        return self._full_weight(x)
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_weight is not None:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.int8_weight, self.int8_scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.int4_weight, INT4_GROUP,
+                                                           self.int4_scales_zeros)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def _full_weight(self, x: torch.Tensor) -> torch.Tensor:
         if self.single_row_weight is not None and x.shape[0] == 1:
             return torch.mm(x, self.single_row_weight)
         if self.packed is not None:

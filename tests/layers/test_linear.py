@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minisrv.layers.forward_context import AttentionMetadata, ForwardContext, forward_context
 from minisrv.layers.linear import (INT4_GROUP, PACK_MIN_ELEMENTS, WEIGHT_ONLY_MAX_ROWS, Linear,
                                   onednn_packing_available)
 
@@ -112,3 +113,27 @@ def test_int4_weight_only_matches_f_linear_on_the_dequantized_weight(bias):
             odd.weight.copy_(torch.randn(rows, columns, generator=gen))
         odd.quantize_int4_weight_only()
         assert odd.int4_weight is None and odd.weight is not None
+
+
+def test_prompt_rows_always_meet_the_full_weight_and_decode_rows_the_weight_only_kernel():
+    """Inside a step, only its decode rows (at most WEIGHT_ONLY_MAX_ROWS) take the int4 kernel: a prompt's rows
+    compute the same whether decodes share their step or not, and however few of them there are (a prompt whose
+    prefix was cached leaves a few rows), so a seeded request samples alike with and without the prefix cache."""
+    gen = torch.Generator().manual_seed(3)
+    layer = Linear(4 * INT4_GROUP, 64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(64, 4 * INT4_GROUP, generator=gen) * 0.1)
+    weight = layer.weight.detach().clone()
+    layer.quantize_int4_weight_only()
+    x = torch.randn(2 + 3, 4 * INT4_GROUP, generator=gen)
+    alone = layer(x[:2])                                       # no step: the row count decides
+    assert not torch.allclose(alone, F.linear(x[:2], weight), atol=1e-5)   # the int4 kernel's own numbers
+    with forward_context(ForwardContext(AttentionMetadata(slot_mapping=torch.zeros(5, dtype=torch.long),
+                                                          num_decodes=2))):
+        mixed = layer(x)
+    with forward_context(ForwardContext(AttentionMetadata(slot_mapping=torch.zeros(3, dtype=torch.long),
+                                                          num_decodes=0))):
+        prompt_only = layer(x[2:])
+    torch.testing.assert_close(mixed[:2], alone)
+    torch.testing.assert_close(mixed[2:], F.linear(x[2:], weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prompt_only, F.linear(x[2:], weight), atol=1e-5, rtol=1e-5)
