@@ -10,9 +10,12 @@ interface). Client processes stream completions and read the server's --sse-time
   tokens/s   streamed tokens over all streams per second of the run; at a 0 ms step the engine never waits,
              so this is what one API process sustains
 for each number of concurrent streams, at a 0 ms step and a 1 ms step (what the GPU engine aims at).
+With --api-server-counts, the rings also run with that many API server processes (--api-server-count), to
+measure how the HTTP side scales out.
 
     python bench/pipeline.py --quick                 # a few minutes
     python bench/pipeline.py --json bench/results/pipeline.json --plot bench/results/pipeline.png
+    python bench/pipeline.py --transports ring --api-server-counts 1,2,4 --step-ms 0 --streams 64,256
 """
 from __future__ import annotations
 
@@ -93,7 +96,7 @@ class NullEngine:
 
 # --- the server (a subprocess: `--serve`) -------------------------------------------------------------------
 
-def serve(transport: str, step_ms: float, port: int, stream_interval: int, model: str) -> int:
+def serve(transport: str, step_ms: float, port: int, stream_interval: int, model: str, api_servers: int) -> int:
     import logging
 
     import uvloop
@@ -106,8 +109,8 @@ def serve(transport: str, step_ms: float, port: int, stream_interval: int, model
 
     logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(asctime)s api-server %(levelname)s %(message)s")
     engine = EngineConfig(model=model, load_format="auto" if model == "embedded" else "dummy", max_model_len=8192)
-    config = ServerConfig(engine=engine, port=port, log_level="warning",
-                          sse_timestamps=True, stream_interval=stream_interval)
+    config = ServerConfig(engine=engine, port=port, log_level="warning", sse_timestamps=True,
+                          stream_interval=stream_interval, api_server_count=api_servers)
     channels = ZmqChannels() if transport == "zmq" else RingChannels()
     pipeline = Pipeline(config, resolve_source(config.engine), channels=channels,
                         make_engine=partial(NullEngine, step_s=step_ms / 1e3))
@@ -123,7 +126,7 @@ def serve(transport: str, step_ms: float, port: int, stream_interval: int, model
 
 
 class Server:
-    def __init__(self, transport: str, step_ms: float, stream_interval: int, model: str,
+    def __init__(self, transport: str, step_ms: float, stream_interval: int, model: str, api_servers: int,
                  profile: str | None = None) -> None:
         with socket.socket() as probe:   # a free port
             probe.bind(("127.0.0.1", 0))
@@ -131,7 +134,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **({PROFILE_ENV: f"{profile}.{transport}-{step_ms:g}ms"} if profile else {})}
         self.process = subprocess.Popen([sys.executable, __file__, "--serve", transport, str(step_ms), str(self.port),
-                                         str(stream_interval), model], env=env)
+                                         str(stream_interval), model, str(api_servers)], env=env)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         import httpx
@@ -211,9 +214,11 @@ class Result:
     p50_token_latency_us: float
     p99_token_latency_us: float
     tokens_per_s: float
+    api_servers: int = 1
 
 
-def measure(pool, url: str, transport: str, step_ms: float, streams: int, tokens: int, clients: int) -> Result:
+def measure(pool, url: str, transport: str, step_ms: float, streams: int, tokens: int, clients: int,
+            api_servers: int = 1) -> Result:
     shares = [streams // clients + (i < streams % clients) for i in range(min(clients, streams))]
     start_ns = time.monotonic_ns() + START_DELAY_NS
     parts = pool.starmap(client_process, [(url, share, tokens, start_ns) for share in shares])
@@ -226,7 +231,7 @@ def measure(pool, url: str, transport: str, step_ms: float, streams: int, tokens
         print(f"warning: {transport}, {streams} streams: a client started {late_ms:.0f} ms late", file=sys.stderr)
     seconds = (max(part["last_ns"] for part in parts) - start_ns) / 1e9
     return Result(transport, streams, step_ms, latencies[len(latencies) // 2] / 1e3,
-                  latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1e3, received / seconds)
+                  latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1e3, received / seconds, api_servers)
 
 
 def table(results: list[Result]) -> str:
@@ -234,7 +239,7 @@ def table(results: list[Result]) -> str:
              f"{'zmq':>9} | {'tok/s ring':>10} {'zmq':>9} {'ratio':>6}"]
     keys = sorted({(r.step_ms, r.streams) for r in results})
     for step_ms, streams in keys:
-        by = {r.transport: r for r in results if (r.step_ms, r.streams) == (step_ms, streams)}
+        by = {r.transport: r for r in results if (r.step_ms, r.streams, r.api_servers) == (step_ms, streams, 1)}
         if set(by) != set(TRANSPORTS):
             continue
         ring, zmq = by["ring"], by["zmq"]
@@ -242,6 +247,22 @@ def table(results: list[Result]) -> str:
                      f"{ring.p50_token_latency_us / zmq.p50_token_latency_us:>5.2f}x | "
                      f"{ring.p99_token_latency_us:>11.0f} {zmq.p99_token_latency_us:>9.0f} | "
                      f"{ring.tokens_per_s:>10.0f} {zmq.tokens_per_s:>9.0f} {ring.tokens_per_s / zmq.tokens_per_s:>5.2f}x")
+    return "\n".join(lines)
+
+
+def scaling_table(results: list[Result]) -> str:
+    """The rings with N API server processes against one: tokens/s and its ratio, p50 latency."""
+    counts = sorted({r.api_servers for r in results if r.transport == "ring"})
+    lines = [f"{'step ms':>7} {'streams':>7} | " + " ".join(f"{f'tok/s x{n}':>10}" for n in counts) + " | "
+             + " ".join(f"{f'ratio x{n}':>9}" for n in counts[1:]) + " | "
+             + " ".join(f"{f'p50 us x{n}':>10}" for n in counts)]
+    for step_ms, streams in sorted({(r.step_ms, r.streams) for r in results}):
+        by = {r.api_servers: r for r in results if r.transport == "ring" and (r.step_ms, r.streams) == (step_ms, streams)}
+        if set(by) != set(counts):
+            continue
+        lines.append(f"{step_ms:>7g} {streams:>7} | " + " ".join(f"{by[n].tokens_per_s:>10.0f}" for n in counts)
+                     + " | " + " ".join(f"{by[n].tokens_per_s / by[1].tokens_per_s:>8.2f}x" for n in counts[1:])
+                     + " | " + " ".join(f"{by[n].p50_token_latency_us:>10.0f}" for n in counts))
     return "\n".join(lines)
 
 
@@ -254,7 +275,7 @@ def plot(results: list[Result], path: str) -> None:
     fig, axes = plt.subplots(1, len(steps) + 1, figsize=(5 * (len(steps) + 1), 4.2))
     for ax, step_ms in zip(axes, steps):
         for transport, color in zip(TRANSPORTS, ("tab:green", "tab:red")):
-            rows = sorted((r for r in results if r.transport == transport and r.step_ms == step_ms),
+            rows = sorted((r for r in results if (r.transport, r.step_ms, r.api_servers) == (transport, step_ms, 1)),
                           key=lambda r: r.streams)
             ax.plot([r.streams for r in rows], [r.p50_token_latency_us for r in rows], "o-", color=color,
                     label=f"{transport} p50")
@@ -265,7 +286,8 @@ def plot(results: list[Result], path: str) -> None:
         ax.legend()
     ax = axes[-1]
     for transport, color in zip(TRANSPORTS, ("tab:green", "tab:red")):
-        rows = sorted((r for r in results if r.transport == transport and r.step_ms == 0), key=lambda r: r.streams)
+        rows = sorted((r for r in results if (r.transport, r.step_ms, r.api_servers) == (transport, 0, 1)),
+                      key=lambda r: r.streams)
         ax.plot([r.streams for r in rows], [r.tokens_per_s for r in rows], "o-", color=color, label=transport)
     ax.set(xscale="log", xlabel="concurrent streams", ylabel="streamed tokens/s", title="step 0 ms: throughput")
     ax.legend()
@@ -276,7 +298,7 @@ def plot(results: list[Result], path: str) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         transport, step_ms, port, interval = sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-        sys.exit(serve(transport, step_ms, port, interval, sys.argv[6]))
+        sys.exit(serve(transport, step_ms, port, interval, sys.argv[6], int(sys.argv[7])))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer stream counts and tokens (a few minutes)")
     parser.add_argument("--streams", help="comma-separated concurrent streams (default 1,4,16,64,256; quick 1,16,256)")
@@ -289,6 +311,8 @@ def main() -> None:
                         help="client processes (default: half the cores)")
     parser.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated: ring, zmq")
+    parser.add_argument("--api-server-counts", default="1",
+                        help="comma-separated API server process counts the rings also run with (1 always runs)")
     parser.add_argument("--profile-api", metavar="PATH",
                         help="run each server's API process under cProfile, stats to PATH.<transport>-<step>ms")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -297,17 +321,20 @@ def main() -> None:
     streams = [int(s) for s in (args.streams or ("1,16,256" if args.quick else "1,4,16,64,256")).split(",")]
     tokens = args.tokens or (64 if args.quick else 256)
     steps = [float(s) for s in args.step_ms.split(",")]
+    runs = [(transport, 1) for transport in args.transports.split(",")]
+    runs += [("ring", int(n)) for n in args.api_server_counts.split(",") if int(n) != 1]
     results: list[Result] = []
     with multiprocessing.get_context("spawn").Pool(args.clients, import_client_libraries) as pool:
         for step_ms in steps:
-            for transport in args.transports.split(","):
-                server = Server(transport, step_ms, args.stream_interval, args.model, args.profile_api)
+            for transport, api_servers in runs:
+                server = Server(transport, step_ms, args.stream_interval, args.model, api_servers, args.profile_api)
                 try:
                     server.wait_ready()
                     measure(pool, server.url, transport, step_ms, args.clients, 8, args.clients)   # warm-up
                     for count in streams:
-                        result = measure(pool, server.url, transport, step_ms, count, tokens, args.clients)
-                        print(f"{transport:4} step {step_ms:g} ms, {count:3} streams: p50 "
+                        result = measure(pool, server.url, transport, step_ms, count, tokens, args.clients,
+                                         api_servers)
+                        print(f"{transport:4} x{api_servers} step {step_ms:g} ms, {count:3} streams: p50 "
                               f"{result.p50_token_latency_us:8.0f} us, p99 {result.p99_token_latency_us:8.0f} us, "
                               f"{result.tokens_per_s:8.0f} tokens/s", flush=True)
                         results.append(result)
@@ -323,7 +350,11 @@ def main() -> None:
     print()
     print(f"{setup['cpu']}, {setup['cores']} cores; {tokens} tokens a stream, stream interval "
           f"{args.stream_interval}; ratio = ring / zmq")
-    print(table(results))
+    if len(args.transports.split(",")) > 1:
+        print(table(results))
+    if len(runs) > len(args.transports.split(",")):
+        print("\nrings with N API server processes (--api-server-count N); ratio = tokens/s against one")
+        print(scaling_table(results))
 
 
 if __name__ == "__main__":

@@ -203,8 +203,13 @@ class ServerConfig:
         None, group="model", help="a Jinja chat template, or a file holding one (default: the model's)")
     host: str = setting("127.0.0.1", group="server", help="address to bind (use 0.0.0.0 to accept remote clients)")
     port: int = setting(8000, group="server", range=Range(1, 65535), help="TCP port")
-    num_tokenizers: int = setting(
-        1, group="server", flags=("--tokenizer-worker-num",), range=Range(1, 64), help="tokenizer worker processes")
+    api_server_count: int = setting(
+        1, group="server", range=Range(1, 64),
+        help="API server processes sharing the port (as vLLM's): each serves HTTP for the connections the kernel "
+             "hands it, so streaming past what one Python process can write (about 30k tokens/s) scales out")
+    num_tokenizers: int | None = setting(
+        None, group="server", flags=("--tokenizer-worker-num",), range=Range(1, 64),
+        help="tokenizer worker processes, each fed by one API server process (default: one per API server process)")
     api_key: str | None = setting(
         None, group="server", env=API_KEY_ENV, secret=True,
         help=f"require 'Authorization: Bearer KEY' on /v1 and /generate (also ${API_KEY_ENV})")
@@ -246,3 +251,10 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self, _name_the_flag)
+        if self.num_tokenizers is not None and self.num_tokenizers < self.api_server_count:
+            raise ValueError(f"num_tokenizers (--num-tokenizers) {self.num_tokenizers}: each of --api-server-count "
+                             f"{self.api_server_count} API server processes needs a tokenizer worker of its own")
+
+    @property
+    def resolved_num_tokenizers(self) -> int:
+        return self.api_server_count if self.num_tokenizers is None else self.num_tokenizers

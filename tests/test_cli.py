@@ -171,6 +171,7 @@ def test_bad_values_are_one_line_errors(argv: list[str], flag: str, capsys: pyte
     (["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "node0"], "--dist-init-addr"),
     (["--tp-size", "3", "--nnodes", "2", "--dist-init-addr", "h:1"], "--nnodes"),
     (["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "h:1", "--dp-size", "2"], "--dp-size"),
+    (["--api-server-count", "3", "--num-tokenizers", "2"], "--num-tokenizers"),
 ])
 def test_contradicting_settings_are_one_line_errors(argv: list[str], flag: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,8 @@ from minisrv.runtime.channels import AsyncRecordReader, RecordWriter
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
 from minisrv.wire.records import Abort, Error, PromptRequest, TextDeltas
-from minisrv.wire.terms import FINISH_API_NAMES, HistogramValues, SchedulerStats, choice_rid, split_rid
+from minisrv.wire.terms import (FINISH_API_NAMES, HistogramValues, SchedulerStats, api_base_ids, choice_rid,
+                                split_rid)
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class EngineClient:
     "detokenizer", "tokenizer-0"...)."""
 
     def __init__(self, to_tokenizers: list[RecordWriter], from_detokenizer: AsyncRecordReader, status: StatusBlock,
-                 served_model_name: str | None = None) -> None:
-        self.ready = False
+                 served_model_name: str | None = None, api_server: int = 0, api_server_count: int = 1) -> None:
+        """`api_server` of `api_server_count`: which API server process this is (its requests' ids say so)."""
+        self._ready = False
+        self._ended = False
         self.dead_worker: str | None = None
         self.unresponsive_worker: str | None = None   # set and cleared by the launcher's watchdog
         self.model_name = served_model_name or ""
@@ -86,7 +89,7 @@ class EngineClient:
         self._from_detokenizer = from_detokenizer
         self._status = status
         self._streams: dict[int, _Stream] = {}
-        self._base_ids = itertools.count(1)
+        self._base_ids = api_base_ids(api_server, api_server_count)
         self._channels = itertools.cycle(range(len(to_tokenizers)))
         self._background: set[asyncio.Task] = set()
         self._dispatcher: asyncio.Task | None = None
@@ -106,7 +109,16 @@ class EngineClient:
         self.model_name = self._served_model_name or facts.name
         self.max_model_len = facts.max_model_len
         self.vocab_size = facts.vocab_size
-        self.ready = True
+        self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        """Every worker has reported ready and no stream was ended. Until then each look reads the status block
+        (plain memory loads): an API server process is ready the moment the last worker is, not when the
+        launcher's watch next polls, so /health never says 200 from one process and 503 from another."""
+        if not self._ready and not self._ended and all(self._status.ready_slots()):
+            self.mark_ready(self._status.model())
+        return self._ready
 
     def worker_died(self, name: str) -> None:
         if self.dead_worker is None:
@@ -117,7 +129,7 @@ class EngineClient:
         """Stop taking requests and end every stream in flight: on a shutdown with finish_reason "abort"; when
         something broke with `error`, so a client sees an error (an error event, a 5xx) and never mistakes
         a truncated output for a finished one."""
-        self.ready = False
+        self._ready, self._ended = False, True
         for stream in self._streams.values():
             if error is not None:
                 stream.post(error)

@@ -1,7 +1,8 @@
 """`minisrv serve`: start the worker pipeline, serve HTTP on uvloop, watch the workers, shut down cleanly.
 
-The API server is this (parent) process. It serves HTTP at once (so /health can say 503 while the
-model loads), reports ready once every worker has, and stops:
+The API server is this (parent) process; with --api-server-count N, N - 1 more serve the same port as workers
+(minisrv/runtime/api_server_process.py), which this one tells when to stop. It serves HTTP at once (so /health
+can say 503 while the model loads), reports ready once every worker has, and stops:
 - on SIGINT/SIGTERM: in-flight streams end with finish_reason "abort", workers get SHUTDOWN, exit 0;
 - when a worker dies: in-flight requests end with an error (an SSE error event, or a 503), a message
   naming the worker, the other workers are killed, exit 1; the same when a worker sends no heartbeat for
@@ -14,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from minisrv.config import ServerConfig
 from minisrv.server.engine_handle import RequestError
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
     from minisrv.models.source import ModelSource
     from minisrv.runtime.pipeline import Pipeline, WorkerProcess
 
@@ -75,7 +79,12 @@ def serve(config: ServerConfig) -> int:
 async def _serve(config: ServerConfig, source: ModelSource) -> int:
     from minisrv.runtime.pipeline import Pipeline
 
-    return await serve_pipeline(config, Pipeline(config, source))
+    try:
+        pipeline = Pipeline(config, source)
+    except ValueError as exc:   # the address cannot be bound
+        print(f"minisrv serve: error: {exc}", file=sys.stderr)
+        return 2
+    return await serve_pipeline(config, pipeline)
 
 
 async def serve_pipeline(config: ServerConfig, pipeline: Pipeline) -> int:
@@ -84,6 +93,32 @@ async def serve_pipeline(config: ServerConfig, pipeline: Pipeline) -> int:
         return await Supervisor(config, pipeline).run()
     finally:
         pipeline.unlink()   # idempotent; covers an exception before the workers were even started
+
+
+def start_http(app: Starlette, config: ServerConfig, shutdown: asyncio.Event, listener: socket.socket,
+               on_done: Callable[[asyncio.Task], None]) -> asyncio.Task:
+    """Serve HTTP on `listener` until `shutdown` is set; `on_done` sees the task end (a failure, or the close)."""
+    from minisrv.server.app import run_http
+
+    http = asyncio.get_running_loop().create_task(run_http(app, config, shutdown, listener))
+    http.add_done_callback(on_done)
+    return http
+
+
+async def finish_http(http: asyncio.Task) -> None:
+    """After the shutdown event: open responses get HTTP_SHUTDOWN_S to send their last chunks."""
+    try:
+        await asyncio.wait_for(asyncio.shield(http), HTTP_SHUTDOWN_S)
+    except (asyncio.TimeoutError, Exception):   # noqa: BLE001 - on_done reported a failure
+        http.cancel()
+
+
+def late_heartbeat(ages: list[float | None], names: list[str] | tuple[str, ...],
+                   watchdog_timeout: float) -> tuple[float, str] | None:
+    """(age, name) of the worker whose heartbeat is latest, if one is late enough for /health to say 503."""
+    late_after = min(HEALTH_LATE_MAX_S, watchdog_timeout / 2)
+    late = [(age, name) for age, name in zip(ages, names) if age is not None and age > late_after]
+    return max(late, key=lambda item: item[0]) if late else None
 
 
 class Supervisor:
@@ -95,7 +130,7 @@ class Supervisor:
         self.config = config
         self.pipeline = pipeline
         self.client = EngineClient(pipeline.to_tokenizers, pipeline.from_detokenizer, pipeline.status,
-                                   config.served_model_name)
+                                   config.served_model_name, api_server=0, api_server_count=config.api_server_count)
         self.loop = asyncio.get_running_loop()
         self.shutdown = asyncio.Event()
         self.exit_code = 0
@@ -103,7 +138,7 @@ class Supervisor:
         self._failing: asyncio.Task | None = None
 
     async def run(self) -> int:
-        from minisrv.server.app import build_app, run_http
+        from minisrv.server.app import build_app
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.stop, f"received {signal.Signals(sig).name}", 0)
@@ -114,16 +149,12 @@ class Supervisor:
                 self.loop.add_reader(worker.process.sentinel, self.on_worker_exit, worker)
             self.client.start(on_failure=self.fail)
             app = build_app(self.client, self.config, self.pipeline.prompt_tokenizer)
-            http = self.loop.create_task(run_http(app, self.config, self.shutdown))
-            http.add_done_callback(self.on_http_done)
+            http = start_http(app, self.config, self.shutdown, self.pipeline.listeners[0], self.on_http_done)
             await self.until_ready()
             watchdog = self.loop.create_task(self.watch_heartbeats())
             await self.shutdown.wait()
             watchdog.cancel()
-            try:
-                await asyncio.wait_for(asyncio.shield(http), HTTP_SHUTDOWN_S)
-            except (asyncio.TimeoutError, Exception):   # noqa: BLE001 - a failure was reported by on_http_done
-                http.cancel()
+            await finish_http(http)
         finally:
             self.stopping = True
             for worker in self.pipeline.workers:
@@ -148,15 +179,14 @@ class Supervisor:
     async def watch_heartbeats(self) -> None:
         """/health says 503 while a worker's heartbeat is late; past --watchdog-timeout the server goes down."""
         timeout = self.config.watchdog_timeout
-        late_after = min(HEALTH_LATE_MAX_S, timeout / 2)
+        pids = {w.name: w.process.pid for w in self.pipeline.workers}
         while not self.shutdown.is_set():
-            ages = self.pipeline.status.heartbeat_ages()
-            late = [(age, w) for age, w in zip(ages, self.pipeline.workers) if age is not None and age > late_after]
-            if not late:
+            late = late_heartbeat(self.pipeline.status.heartbeat_ages(), list(pids), timeout)
+            if late is None:
                 self.client.unresponsive_worker = None
             else:
-                age, worker = max(late, key=lambda item: item[0])
-                silent = f"{worker.name} (pid {worker.process.pid}) has sent no heartbeat for {age:.0f} s"
+                age, name = late
+                silent = f"{name} (pid {pids[name]}) has sent no heartbeat for {age:.0f} s"
                 self.client.unresponsive_worker = silent
                 if age > timeout:
                     self.fail(f"worker {silent} (--watchdog-timeout {timeout:g})")
@@ -171,13 +201,17 @@ class Supervisor:
         self.exit_code = exit_code
         logger.log(logging.ERROR if exit_code else logging.INFO, "%s; shutting down", reason)
         self.client.end_streams()
+        if self._failing is None:   # a failure told the other API server processes already
+            self.pipeline.tell_api_servers("")
         self.shutdown.set()
 
     def fail(self, reason: str) -> None:
         """Something broke: stop serving now, then exit non-zero naming the worker that died."""
         if self.stopping or self._failing is not None:
             return
-        self.client.end_streams(RequestError(503, f"{reason}; the server is going down"))
+        message = f"{reason}; the server is going down"
+        self.client.end_streams(RequestError(503, message))
+        self.pipeline.tell_api_servers(message)
         self._failing = self.loop.create_task(self._stop_naming_the_culprit(reason))
 
     async def _stop_naming_the_culprit(self, reason: str) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import importlib.metadata
 import logging
+import socket
 import time
 import types
 from contextlib import aclosing
@@ -158,7 +159,6 @@ class ApiRoutes:
     async def get_model(self, request: Request) -> Response:
         """One model's card; 404 for any model but the served one."""
         self._authorize(request)
-        self._check_ready()
         self._check_model(request.path_params["model"])
         return json_response(self._model_card())
 
@@ -249,6 +249,7 @@ class ApiRoutes:
             raise APIError(503, "the server is starting or shutting down; the model is not being served")
 
     def _check_model(self, model: str | None) -> None:
+        self._check_ready()   # the served name is known only then
         if model is not None and model != self.engine.model_name:
             raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.engine.model_name}'",
                            "model", "model_not_found")
@@ -389,13 +390,39 @@ class _H11WithReasonPhrases(types.ModuleType):
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
-async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio.Event) -> None:
-    """Serve until `shutdown_event` is set; call on the (uvloop) loop the EngineClient runs on."""
+def listen_sockets(config: ServerConfig) -> list[socket.socket]:
+    """One socket bound to --host/--port per API server process, bound before any process starts so a port in
+    use is a clear error at once. Several API server processes each get one of SO_REUSEPORT sockets: the
+    kernel spreads connections over them by address hash (one shared socket would let whichever process
+    woke first accept a whole burst). ValueError naming the flags when the address cannot be bound."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(config.api_server_count):
+            sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # accepted connections inherit it
+            if config.api_server_count > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((config.host, config.port))
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ValueError(f"host, port (--host {config.host} --port {config.port}): cannot listen there: "
+                         f"{exc.strerror or exc}") from None
+    return sockets
+
+
+async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio.Event,
+                   listener: socket.socket | None = None) -> None:
+    """Serve until `shutdown_event` is set; call on the (uvloop) loop the EngineClient runs on. On `listener`
+    (from listen_sockets; it stays the caller's to close) if given, else on --host/--port."""
     hypercorn_h11.h11 = _H11WithReasonPhrases("h11")
     connections.install(app.state.connections)
     hc = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
-    hc.bind = [f"{host}:{config.port}"]
+    # hypercorn closes the sockets it serves on: give it a duplicate of ours.
+    hc.bind = [f"fd://{listener.dup().detach()}" if listener is not None else f"{host}:{config.port}"]
     hc.graceful_timeout = SHUTDOWN_GRACE_S
     hc.include_server_header = False
     # Through our logging setup; its own "Running on" line would come before the workers are ready, and the

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from minisrv.tokenizer.incremental import IncrementalDetokenizer, TokenTexts
 from minisrv.wire.records import DetokenizeRequest, StepTokens, TextDeltas
-from minisrv.wire.terms import FinishReason, choice_rid
+from minisrv.wire.terms import FinishReason, api_server_of, choice_rid
 
 
 @dataclass
@@ -70,11 +70,13 @@ class Detokenizer:
     def drop(self, rid: int) -> None:
         self.streams.pop(rid, None)
 
-    def process(self, step: StepTokens, out: TextDeltas) -> list[int]:
-        """Append a row to `out` for every choice of `step` with a row due; return the ids of choices a stop
-        string just finished (the scheduler must be told to abort them). Every row lists its new token ids;
-        token bytes are b"" for tokens of requests that asked for no logprobs."""
+    def process(self, step: StepTokens, outs: list[TextDeltas]) -> list[int]:
+        """Append a row for every choice of `step` with a row due, to the batch of `outs` of the API server
+        process it came from (api_server_of); return the ids of choices a stop string just finished (the
+        scheduler must be told to abort them). Every row lists its new token ids; token bytes are b"" for
+        tokens of requests that asked for no logprobs."""
         stopped = []
+        only = outs[0] if len(outs) == 1 else None
         top_counts = step.top_counts.tolist()
         top_ids, top_logprobs = step.top_ids.tolist(), step.top_logprobs.tolist()
         top_start = 0
@@ -118,6 +120,7 @@ class Detokenizer:
             stream.pending, stream.started = None, True
             if reason != FinishReason.NONE:
                 del self.streams[rid]
+            out = only or outs[api_server_of(rid, len(outs))]
             out.rids.append(rid)
             out.finish_reasons.append(reason)
             out.num_prompt_tokens.append(prompt)

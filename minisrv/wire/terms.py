@@ -5,10 +5,13 @@ Request ids: the API server numbers requests (the base id); the tokenizer worker
 choices into n TOKENIZED_REQUEST records whose ids carry the choice index in their low bits, so the
 scheduler sees independent requests (sharing prompt pages through the prefix cache) and every row
 coming back tells the API server which request and which choice it belongs to without a lookup table.
+With several API server processes (--api-server-count) each numbers its requests in its own residue class,
+so a row's id also tells the detokenizer which of them it goes to.
 """
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -42,6 +45,17 @@ def choice_rid(base: int, index: int) -> int:
 def split_rid(rid: int) -> tuple[int, int]:
     """(base id, choice index) of an engine request id."""
     return rid >> CHOICE_BITS, rid & (MAX_CHOICES - 1)
+
+
+def api_base_ids(api_server: int, api_server_count: int) -> itertools.count:
+    """The base ids API server process `api_server` gives its requests: disjoint from every other's, and
+    telling whose a request is (api_server_of) to the detokenizer, which sends each its own rows."""
+    return itertools.count(api_server_count + api_server, api_server_count)
+
+
+def api_server_of(rid: int, api_server_count: int) -> int:
+    """The API server process that an engine request id (of any choice) came from."""
+    return (rid >> CHOICE_BITS) % api_server_count
 
 
 _GOLDEN = 0x9E3779B97F4A7C15   # 2**64 / golden ratio: spreads consecutive indices over all bits

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ import pytest
 from tests.server.live_server import STARTUP_TIMEOUT_S, free_port
 
 EXIT_WITHIN_S = 5.0
-WORKERS = ("scheduler", "scheduler-1", "detokenizer", "tokenizer-0", "tokenizer-1")
+WORKERS = ("scheduler", "scheduler-1", "detokenizer", "tokenizer-0", "tokenizer-1", "api-server-1")
 
 
 class Server:
@@ -135,3 +136,46 @@ def metric(server: Server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
     match = re.search(rf"^{re.escape(name)}(?:{{model_name=\"[^\"]*\"}})? (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+def streams_on_every_api_server(server: Server, stack: ExitStack, count: int = 2) -> dict[int, Iterator[str]]:
+    """Streams of LONG_REQUEST, one per API server process (`count` of them), each past its first 3 events:
+    pid -> the rest of its lines. Connections are opened one at a time until every process has one, since the
+    kernel spreads them over the processes' sockets by address hash; the others are closed."""
+    pids = {server.process.pid, *(pid for name, pid in server.workers.items() if name.startswith("api-server-"))}
+    assert len(pids) == count, server.workers
+    streams: dict[int, Iterator[str]] = {}
+    for _ in range(64):
+        with ExitStack() as attempt:
+            response = attempt.enter_context(httpx.stream(
+                "POST", f"{server.url}/v1/completions", json={**LONG_REQUEST, "stream": True}, timeout=30))
+            assert response.status_code == 200
+            client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+            owner = _socket_owner(server.port, client_port, pids)
+            if owner in streams:
+                continue
+            lines = response.iter_lines()
+            first_events(lines, 3)
+            stack.push(attempt.pop_all())
+            streams[owner] = lines
+        if len(streams) == count:
+            return streams
+    pytest.fail(f"64 connections reached only the API server processes {sorted(streams)} of {sorted(pids)}")
+
+
+def _socket_owner(server_port: int, client_port: int, pids: set[int]) -> int:
+    """Which of `pids` holds the server's end of the TCP connection from `client_port` (from /proc/net/tcp)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)) == (server_port, client_port):
+            inode = fields[9]
+    assert inode is not None, f"no server-side socket for client port {client_port}"
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:   # closed meanwhile
+                continue
+    raise AssertionError(f"none of {pids} holds the connection from port {client_port}")

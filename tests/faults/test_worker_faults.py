@@ -9,12 +9,13 @@ import re
 import signal
 import threading
 import time
+from contextlib import ExitStack
 
 import httpx
 import pytest
 
 from tests.faults.harness import (EXIT_WITHIN_S, LONG_REQUEST, Server, first_events, metric, post_in_background,
-                                  server)  # noqa: F401 (server: the fixture)
+                                  server, streams_on_every_api_server)  # noqa: F401 (server: the fixture)
 
 
 @pytest.mark.parametrize(("server", "victim"), [((), "scheduler"), ((), "detokenizer"), ((), "tokenizer-0"),
@@ -40,6 +41,29 @@ def test_a_dead_worker_takes_the_server_down_and_clients_see_an_error(server: Se
     thread.join(10)
     response = whole["response"]
     assert not isinstance(response, httpx.Response) or response.status_code == 503, response.text
+    server.assert_nothing_left()
+
+
+@pytest.mark.parametrize("server", [("--api-server-count", "2")], indirect=True)
+@pytest.mark.parametrize("victim", ["scheduler", "api-server-1"])
+def test_with_two_api_servers_a_dead_worker_ends_the_streams_of_both_with_an_error(server: Server,
+                                                                                   victim: str) -> None:
+    """Streams of the API server processes still alive end with an error event; one on a killed API server
+    process loses its connection (nothing is left to answer it)."""
+    with ExitStack() as stack:
+        streams = streams_on_every_api_server(server, stack)
+        os.kill(server.workers[victim], signal.SIGKILL)
+        killed = time.monotonic()
+        for pid, lines in streams.items():
+            if pid == server.workers[victim]:
+                with pytest.raises(httpx.HTTPError):
+                    list(lines)
+                continue
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            assert "error" in events[-1] and "going down" in events[-1]["error"]["message"], (pid, events[-1])
+    assert server.wait_exit() != 0
+    assert time.monotonic() - killed < EXIT_WITHIN_S
+    assert re.search(rf"worker {victim} \(pid \d+\) (died|exited)", server.log()), server.log()
     server.assert_nothing_left()
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 
 import httpx
 import pytest
 
 from tests.faults.harness import (EXIT_WITHIN_S, LONG_REQUEST, Server, first_events, metric, post_in_background,
-                                  server)  # noqa: F401 (server: the fixture)
+                                  server, streams_on_every_api_server)  # noqa: F401 (server: the fixture)
 from tests.server.live_server import STARTUP_TIMEOUT_S, free_port
 
 
@@ -49,6 +51,31 @@ def test_signal_ends_requests_with_abort_and_exits_cleanly(server: Server, sig: 
     assert whole["response"].json()["choices"][0]["finish_reason"] == "abort"
     assert f"received {sig.name}" in server.log()
     server.assert_nothing_left()
+
+
+@pytest.mark.parametrize("server", [("--api-server-count", "2")], indirect=True)
+def test_a_signal_ends_the_streams_of_every_api_server_process_with_abort(server: Server) -> None:
+    with ExitStack() as stack:
+        streams = streams_on_every_api_server(server, stack)
+        server.process.send_signal(signal.SIGTERM)
+        for pid, lines in streams.items():
+            chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            assert chunks[-1]["choices"][0]["finish_reason"] == "abort", (pid, chunks[-1], server.log())
+    assert server.wait_exit() == 0, server.log()
+    server.assert_nothing_left()
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_port_in_use_is_a_clear_error_before_anything_starts(count: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "minisrv.cli", "serve", "--port", str(port),
+                              "--api-server-count", str(count)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"minisrv serve: error: host, port (--host 127.0.0.1 --port {port}): cannot listen there" in out.stderr
+    assert "Traceback" not in out.stderr and "workers:" not in out.stderr, out.stderr
 
 
 def test_a_bad_model_is_a_clear_error_and_leaves_nothing() -> None:

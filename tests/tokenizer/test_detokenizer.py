@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from minisrv.tokenizer.detokenizer import Detokenizer
 from minisrv.wire.records import DetokenizeRequest, StepTokens, TextDeltas
-from minisrv.wire.terms import FinishReason, choice_rid
+from minisrv.wire.terms import FinishReason, api_base_ids, api_server_of, choice_rid
 from tests.conftest import random_text
 
 
@@ -33,7 +33,7 @@ def run(detok: Detokenizer, steps: list[StepTokens]) -> tuple[list[TextDeltas], 
     texts, stopped = [], []
     for tokens in steps:
         batch = TextDeltas()
-        stopped += detok.process(StepTokens.decode(tokens.encode()), batch)
+        stopped += detok.process(StepTokens.decode(tokens.encode()), [batch])
         if batch.rids:
             texts.append(TextDeltas.decode(batch.encode()))
     return texts, stopped
@@ -198,3 +198,20 @@ def test_stream_interval_flushes_held_tokens_when_a_stop_string_ends_the_choice(
     texts, stopped = run(detok, [step([(rid, t, FinishReason.NONE)]) for t in ids])
     assert stopped == [rid] and joined(texts, rid) == "abcdefg "
     assert texts[-1].finish_reasons.tolist() == [FinishReason.STOP] and not detok.streams
+
+
+def test_rows_go_to_the_api_server_process_that_numbered_their_request(byte_level_tokenizer: Tokenizer) -> None:
+    """With three API server processes, each request's rows (every choice) land in its process's batch only."""
+    count = 3
+    bases = {api: list(itertools.islice(api_base_ids(api, count), 2)) for api in range(count)}
+    detok = Detokenizer(byte_level_tokenizer)
+    for base in (b for ids in bases.values() for b in ids):
+        detok.add_request(DetokenizeRequest(rid=base, n=2))
+    token = byte_level_tokenizer.encode("a").ids[0]
+    rows = [(choice_rid(base, i), token, FinishReason.NONE) for ids in bases.values() for base in ids for i in range(2)]
+    random.Random(3).shuffle(rows)
+    outs = [TextDeltas() for _ in range(count)]
+    detok.process(StepTokens.decode(step(rows).encode()), outs)
+    for api, out in enumerate(outs):
+        assert sorted(out.rids) == sorted(choice_rid(base, i) for base in bases[api] for i in range(2))
+        assert all(api_server_of(rid, count) == api for rid in out.rids)
