@@ -105,13 +105,17 @@ def serve(transport: str, step_ms: float, port: int, stream_interval: int, model
     from minisrv.runtime.channels import RingChannels
     from minisrv.runtime.launch import serve_pipeline
     from minisrv.runtime.pipeline import Pipeline
-    from zmq_channels import ZmqChannels
 
     logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(asctime)s api-server %(levelname)s %(message)s")
     engine = EngineConfig(model=model, load_format="auto" if model == "embedded" else "dummy", max_model_len=8192)
     config = ServerConfig(engine=engine, port=port, log_level="warning", sse_timestamps=True,
                           stream_interval=stream_interval, api_server_count=api_servers)
-    channels = ZmqChannels() if transport == "zmq" else RingChannels()
+    if transport == "zmq":
+        from zmq_channels import ZmqChannels   # pyzmq only where the comparison runs
+
+        channels = ZmqChannels()
+    else:
+        channels = RingChannels()
     pipeline = Pipeline(config, resolve_source(config.engine), channels=channels,
                         make_engine=partial(NullEngine, step_s=step_ms / 1e3))
     profile_path = os.environ.get(PROFILE_ENV)
