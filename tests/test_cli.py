@@ -198,3 +198,16 @@ def test_serve_runs_the_launcher_with_the_config(monkeypatch: pytest.MonkeyPatch
 
     assert main(["serve", "--port", "8123", "--num-tokenizers", "2"]) == 3
     assert seen[0].port == 8123 and seen[0].num_tokenizers == 2
+
+
+@pytest.mark.parametrize("device, cores, tokenizers, expected", [
+    ("cpu", 16, None, (1, 1)), ("cuda", 16, None, (2, 2)), ("cuda", 4, None, (1, 1)), ("cuda", 16, 1, (1, 1)),
+    ("cuda", 16, 3, (2, 3))])
+def test_api_server_count_defaults_to_two_on_a_gpu_host_with_cores_to_spare(
+        device: str, cores: int, tokenizers: int | None, expected: tuple[int, int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    config = ServerConfig(engine=EngineConfig(device=device), num_tokenizers=tokenizers)
+    assert (config.resolved_api_server_count(), config.resolved_num_tokenizers()) == expected
+    explicit = ServerConfig(engine=EngineConfig(device=device), api_server_count=3)
+    assert (explicit.resolved_api_server_count(), explicit.resolved_num_tokenizers()) == (3, 3)

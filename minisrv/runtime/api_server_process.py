@@ -51,7 +51,8 @@ class ApiServerChannels:
 class ApiServerRole:
     """Which API server process this is, and what it needs to know of the others."""
 
-    index: int                       # 1 .. api_server_count - 1 (0 is the launcher's process)
+    index: int                       # 1 .. count - 1 (0 is the launcher's process)
+    count: int                       # API server processes in all
     listener: socket.socket          # its SO_REUSEPORT socket, bound by the launcher
     control: Connection              # the launcher's messages (see the module docstring)
     worker_names: tuple[str, ...]    # every worker, in status-block slot order (for /health's messages)
@@ -127,7 +128,7 @@ def main(info: WorkerInfo, config: ServerConfig, source: ModelSource, channels: 
     server = None
     try:
         client = EngineClient(to_tokenizers, from_detokenizer, status, config.served_model_name,
-                              api_server=role.index, api_server_count=config.api_server_count)
+                              api_server=role.index, api_server_count=role.count)
         server = ApiServer(config, source, role, client, status, watch)
         status.mark_ready(info.slot, os.getpid())   # attached: the launcher may unlink the names
         uvloop.run(server.run())

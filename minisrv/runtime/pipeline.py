@@ -73,9 +73,10 @@ class Pipeline:
         if removed:
             logger.info("removed %d shared-memory names left by a server that was killed while it started",
                         len(removed))
-        self.listeners = listen_sockets(config)   # one per API server process
+        self.api_server_count = num_api = config.resolved_api_server_count()
+        self.listeners = listen_sockets(config, num_api)   # one per API server process
         self.channels = channels = channels or RingChannels()
-        engine, num_tok, num_api = config.engine, config.resolved_num_tokenizers, config.api_server_count
+        engine, num_tok = config.engine, config.resolved_num_tokenizers()
         replicas, local_ranks = range(engine.dp_size), engine.ranks_per_node
         self.status = StatusBlock.create(f"{instance_prefix()}-status",
                                          num_tok + 1 + len(replicas) * local_ranks + num_api - 1,
@@ -118,7 +119,7 @@ class Pipeline:
                 self.api_controls.append(self_end)
                 ends = api_server_process.ApiServerChannels(tuple(requests[i].producer for i in range(a, num_tok, num_api)),
                                                             text[a].reader)
-                role = api_server_process.ApiServerRole(a, self.listeners[a], control, names)
+                role = api_server_process.ApiServerRole(a, num_api, self.listeners[a], control, names)
                 self._workers[f"api-server-{a}"] = (api_server_process.main, (config, source, ends, role))
             # This API server's own ends.
             self.to_tokenizers = [requests[i].producer.open() for i in range(0, num_tok, num_api)]

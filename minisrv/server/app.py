@@ -390,19 +390,19 @@ class _H11WithReasonPhrases(types.ModuleType):
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
-def listen_sockets(config: ServerConfig) -> list[socket.socket]:
-    """One socket bound to --host/--port per API server process, bound before any process starts so a port in
-    use is a clear error at once. Several API server processes each get one of SO_REUSEPORT sockets: the
+def listen_sockets(config: ServerConfig, count: int) -> list[socket.socket]:
+    """A socket bound to --host/--port for each of `count` API server processes, bound before any process starts
+    so a port in use is a clear error at once. Several API server processes each get one of SO_REUSEPORT sockets: the
     kernel spreads connections over them by address hash (one shared socket would let whichever process
     woke first accept a whole burst). ValueError naming the flags when the address cannot be bound."""
     sockets: list[socket.socket] = []
     try:
-        for _ in range(config.api_server_count):
+        for _ in range(count):
             sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # accepted connections inherit it
-            if config.api_server_count > 1:
+            if count > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((config.host, config.port))
     except OSError as exc:
