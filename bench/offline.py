@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quantization", default="none", help="the engine's --quantization (CPU)")
     ap.add_argument("--dtype", default="auto",
-                    help="the engine's --dtype (auto: bfloat16 on a CPU with AMX, else float32)")
+                    help="the engine's --dtype (auto: bfloat16 on a CPU with AMX or AVX512-BF16, else float32)")
     ap.add_argument("--cpu-threads", type=int, default=None,
                     help="PyTorch threads for both engines (default: the engine's own choice)")
     ap.add_argument("--quick", action="store_true", help="shorter outputs and one repeat")

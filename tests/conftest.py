@@ -9,11 +9,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 
 @pytest.fixture(autouse=True)
-def cpu_without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process engines resolve `--dtype auto` as on a CPU without AMX (float32), so that what a test compares
-    with transformers' float32 does not depend on the CPU of the machine it runs on; tests of bfloat16 ask for it.
-    Servers in child processes are told `--dtype` where it matters."""
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+def cpu_without_native_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process engines resolve `--dtype auto` as on a CPU without AMX or AVX512-BF16 (float32), so that what a
+    test compares with transformers' float32 does not depend on the CPU of the machine it runs on; tests of
+    bfloat16 ask for it. Servers in child processes are told `--dtype` where it matters."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
 
 
 # Scripts where one character is several UTF-8 bytes, so tokens split characters.

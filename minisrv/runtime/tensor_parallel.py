@@ -87,7 +87,7 @@ def load_rank_engine(config: EngineConfig, source: ModelSource, group: TPGroup) 
 
     tp = init_tensor_parallel(group.rank, group.size, group.init_method, config.resolved_device(),
                               group.ranks_per_node, config.custom_all_reduce, group.first_gpu)
-    # --dtype auto depends on the CPU (AMX or not): compared resolved, nodes of different CPUs are refused.
+    # --dtype auto depends on the CPU (native bfloat16 or not): compared resolved, nodes of different CPUs are refused.
     config = dataclasses.replace(config, dtype=config.resolved_dtype())
     if group.size > group.ranks_per_node:
         check_same_settings(config, group.rank)

@@ -200,13 +200,16 @@ def test_auto_quantization_keeps_4_bit_checkpoints_4_bit_on_the_cpu(bits, device
     assert EngineConfig(device=device, quantization="int8").resolved_quantization(bits) == "int8"
 
 
-@pytest.mark.parametrize("device, amx, chosen", [("cpu", True, "bfloat16"), ("cpu", False, "float32"),
-                                                 ("cuda", False, "bfloat16")])
-def test_auto_dtype_is_bfloat16_where_the_hardware_multiplies_it(monkeypatch, device, amx, chosen):
+@pytest.mark.parametrize("device, amx, avx512_bf16, chosen", [
+    ("cpu", True, False, "bfloat16"), ("cpu", False, True, "bfloat16"), ("cpu", False, False, "float32"),
+    ("cuda", False, False, "bfloat16")])
+def test_auto_dtype_is_bfloat16_where_the_hardware_multiplies_it(monkeypatch, device, amx, avx512_bf16, chosen):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert EngineConfig(device=device).resolved_dtype() == chosen
     assert EngineConfig(device=device, dtype="float32").resolved_dtype() == "float32"
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")   # a build without the probe: float32 on the CPU
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):   # a build without the probes: float32
+        monkeypatch.delattr(torch.cpu, probe)
     assert EngineConfig(device="cpu").resolved_dtype() == "float32"
 
 

@@ -135,7 +135,8 @@ def test_embedded_greedy_text_equals_transformers(ours, theirs):
 
 
 def test_embedded_in_bfloat16_and_int4_still_says_paris():
-    """The default on a CPU with AMX: bfloat16 weights and activations, the projections of decode steps in int4."""
+    """The default on a CPU that multiplies bfloat16 natively: bfloat16 weights and activations, the projections
+    of decode steps in int4."""
     from minisrv.llm import LLM
     from minisrv.sampling_params import SamplingParams
 

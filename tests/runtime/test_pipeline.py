@@ -25,7 +25,7 @@ def _complete(server: Server, prompt: str) -> str:
 def test_two_replicas_answer_like_one_route_by_prefix_and_go_down_together() -> None:
     prompts = [SYSTEM + "Name a colour.", SYSTEM + "Name a fruit.", "Count to five:"]
     # float32: the int4 kernel's sums depend on its thread count, and each replica gets one core of two;
-    # bfloat16 (the default with AMX) rounds them differently again
+    # bfloat16 (the default where the CPU multiplies it) rounds them differently again
     llm = LLM(device="cpu", max_model_len=1024, dtype="float32", quantization="none")
     expected = [out.text for out in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16,
                                                                          ignore_eos=True))]

@@ -24,7 +24,8 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea:", "def fibo
            "A long prompt, prefilled in several chunks: " + "one two three four five six seven " * 40]
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 # Token-for-token comparisons run float32 weights and activations: int4's sums depend on the kernel's thread
-# count (the ranks share the cores) and on where the shards cut the rows; bfloat16 (the default with AMX) rounds.
+# count (the ranks share the cores) and on where the shards cut the rows; bfloat16 (the default where the CPU
+# multiplies it) rounds.
 FLOAT32_ARGS = {"dtype": "float32", "quantization": "none"}
 FLOAT32 = tuple(arg for name, value in FLOAT32_ARGS.items() for arg in (f"--{name}", value))
 
