@@ -261,7 +261,8 @@ def scaling_table(results: list[Result]) -> str:
              + " ".join(f"{f'ratio x{n}':>9}" for n in counts[1:]) + " | "
              + " ".join(f"{f'p50 us x{n}':>10}" for n in counts)]
     for step_ms, streams in sorted({(r.step_ms, r.streams) for r in results}):
-        by = {r.api_servers: r for r in results if r.transport == "ring" and (r.step_ms, r.streams) == (step_ms, streams)}
+        by = {r.api_servers: r for r in results
+              if r.transport == "ring" and (r.step_ms, r.streams) == (step_ms, streams)}
         if set(by) != set(counts):
             continue
         lines.append(f"{step_ms:>7g} {streams:>7} | " + " ".join(f"{by[n].tokens_per_s:>10.0f}" for n in counts)

@@ -115,7 +115,7 @@ async def finish_http(http: asyncio.Task) -> None:
 
 def late_heartbeat(ages: list[float | None], names: list[str] | tuple[str, ...],
                    watchdog_timeout: float) -> tuple[float, str] | None:
-    """(age, name) of the worker whose heartbeat is latest, if one is late enough for /health to say 503."""
+    """(age, name) of the worker whose last heartbeat is oldest, if it is old enough for /health to say 503."""
     late_after = min(HEALTH_LATE_MAX_S, watchdog_timeout / 2)
     late = [(age, name) for age, name in zip(ages, names) if age is not None and age > late_after]
     return max(late, key=lambda item: item[0]) if late else None

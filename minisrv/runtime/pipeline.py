@@ -33,9 +33,9 @@ from minisrv.runtime import (api_server_process, detokenizer_process, scheduler_
 from minisrv.runtime.channels import Channels, RingCapacities, RingChannels
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.tensor_parallel import TPGroup
+from minisrv.runtime.worker import WorkerInfo
 from minisrv.scheduler.routing import RoutingPolicy
 from minisrv.server.app import listen_sockets
-from minisrv.runtime.worker import WorkerInfo
 from minisrv.wire.records import Shutdown
 
 if TYPE_CHECKING:
@@ -117,8 +117,8 @@ class Pipeline:
             for a in range(1, num_api):
                 control, self_end = multiprocessing.Pipe(duplex=False)
                 self.api_controls.append(self_end)
-                ends = api_server_process.ApiServerChannels(tuple(requests[i].producer for i in range(a, num_tok, num_api)),
-                                                            text[a].reader)
+                own_tokenizers = tuple(requests[i].producer for i in range(a, num_tok, num_api))
+                ends = api_server_process.ApiServerChannels(own_tokenizers, text[a].reader)
                 role = api_server_process.ApiServerRole(a, num_api, self.listeners[a], control, names)
                 self._workers[f"api-server-{a}"] = (api_server_process.main, (config, source, ends, role))
             # This API server's own ends.
