@@ -181,6 +181,11 @@ class EngineConfig:
         return "bfloat16" if cpu_multiplies_bfloat16() else "float32"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_multiplies_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 natively, with matrix units (Intel AMX) or vector instructions
     (AVX512-BF16: AMD Zen 4 and later, Intel Cooper Lake), where oneDNN's bfloat16 matmuls outrun float32's:
@@ -270,7 +275,7 @@ class ServerConfig:
     def resolved_api_server_count(self) -> int:
         if self.api_server_count is not None:
             return self.api_server_count
-        gpu_host = self.engine.resolved_device() == "cuda" and (os.cpu_count() or 1) >= GPU_API_SERVERS_MIN_CORES
+        gpu_host = self.engine.resolved_device() == "cuda" and usable_cores() >= GPU_API_SERVERS_MIN_CORES
         wanted = GPU_API_SERVERS if gpu_host else 1
         return wanted if self.num_tokenizers is None else min(wanted, self.num_tokenizers)
 

@@ -206,7 +206,7 @@ def test_serve_runs_the_launcher_with_the_config(monkeypatch: pytest.MonkeyPatch
 def test_api_server_count_defaults_to_two_on_a_gpu_host_with_cores_to_spare(
         device: str, cores: int, tokenizers: int | None, expected: tuple[int, int],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("minisrv.config.usable_cores", lambda: cores)
     config = ServerConfig(engine=EngineConfig(device=device), num_tokenizers=tokenizers)
     assert (config.resolved_api_server_count(), config.resolved_num_tokenizers()) == expected
     explicit = ServerConfig(engine=EngineConfig(device=device), api_server_count=3)

@@ -7,14 +7,13 @@ that fit a graph replay one (minisrv/engine/cuda_graph.py); every other step run
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from minisrv.config import EngineConfig
+from minisrv.config import EngineConfig, usable_cores
 from minisrv.engine.cuda_graph import INT_ROWS, SAMPLER_ROWS, DecodeGraphs
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
 from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
@@ -46,8 +45,7 @@ def cpu_threads(config: EngineConfig) -> int:
     """
     if config.cpu_threads is not None:
         return config.cpu_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // (config.tp_size * config.dp_size))   # every rank of every replica shares the cores
+    return max(1, usable_cores() // (config.tp_size * config.dp_size))   # every rank of every replica shares the cores
 
 
 @dataclass

@@ -27,7 +27,7 @@ from minisrv.ipc import RingError
 from minisrv.models.source import ModelSource
 from minisrv.runtime.channels import ChannelSpec
 from minisrv.runtime.engine_client import EngineClient
-from minisrv.runtime.launch import finish_http, late_heartbeat, start_http
+from minisrv.runtime.launch import GOING_DOWN, finish_http, late_heartbeat, start_http
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import (PARENT_CHECK_INTERVAL_S, ParentGone, ParentWatch, WorkerInfo, exit_quickly,
                                     start_worker)
@@ -37,8 +37,6 @@ from minisrv.tokenizer.prompts import load_prompt_tokenizer
 from minisrv.wire.records import Shutdown
 
 logger = logging.getLogger(__name__)
-
-GOING_DOWN = "the server is going down"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ WORKER_EXIT_S = 1.5       # then the workers this long to leave on their own: al
 WATCHDOG_POLL_S = 0.5     # how often the heartbeats are read
 HEALTH_LATE_MAX_S = 10.0  # a heartbeat this late (or half --watchdog-timeout) makes /health 503
 CULPRIT_WAIT_S = 1.0      # after a failure, how long to wait for the worker that caused it to be reaped
+GOING_DOWN = "the server is going down"   # ends every failure's message to clients
 
 
 def check_config(config: ServerConfig) -> None:
@@ -209,7 +210,7 @@ class Supervisor:
         """Something broke: stop serving now, then exit non-zero naming the worker that died."""
         if self.stopping or self._failing is not None:
             return
-        message = f"{reason}; the server is going down"
+        message = f"{reason}; {GOING_DOWN}"
         self.client.end_streams(RequestError(503, message))
         self.pipeline.tell_api_servers(message)
         self._failing = self.loop.create_task(self._stop_naming_the_culprit(reason))

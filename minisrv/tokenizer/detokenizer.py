@@ -76,7 +76,6 @@ class Detokenizer:
         scheduler must be told to abort them). Every row lists its new token ids; token bytes are b"" for
         tokens of requests that asked for no logprobs."""
         stopped = []
-        only = outs[0] if len(outs) == 1 else None
         top_counts = step.top_counts.tolist()
         top_ids, top_logprobs = step.top_ids.tolist(), step.top_logprobs.tolist()
         top_start = 0
@@ -120,7 +119,7 @@ class Detokenizer:
             stream.pending, stream.started = None, True
             if reason != FinishReason.NONE:
                 del self.streams[rid]
-            out = only or outs[api_server_of(rid, len(outs))]
+            out = outs[api_server_of(rid, len(outs))]
             out.rids.append(rid)
             out.finish_reasons.append(reason)
             out.num_prompt_tokens.append(prompt)

@@ -11,9 +11,8 @@ so a row's id also tells the detokenizer which of them it goes to.
 from __future__ import annotations
 
 import enum
-import itertools
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, count
 
 
 class FinishReason(enum.IntEnum):
@@ -47,15 +46,15 @@ def split_rid(rid: int) -> tuple[int, int]:
     return rid >> CHOICE_BITS, rid & (MAX_CHOICES - 1)
 
 
-def api_base_ids(api_server: int, api_server_count: int) -> itertools.count:
+def api_base_ids(api_server: int, api_server_count: int) -> count:
     """The base ids API server process `api_server` gives its requests: disjoint from every other's, and
     telling whose a request is (api_server_of) to the detokenizer, which sends each its own rows."""
-    return itertools.count(api_server_count + api_server, api_server_count)
+    return count(api_server_count + api_server, api_server_count)
 
 
 def api_server_of(rid: int, api_server_count: int) -> int:
     """The API server process that an engine request id (of any choice) came from."""
-    return (rid >> CHOICE_BITS) % api_server_count
+    return split_rid(rid)[0] % api_server_count
 
 
 _GOLDEN = 0x9E3779B97F4A7C15   # 2**64 / golden ratio: spreads consecutive indices over all bits
