@@ -2,9 +2,8 @@
 
 A request's grammar (SamplingParams.grammar, made by minisrv/structured_output.py) is compiled against the
 model's tokenizer once per distinct grammar; each request gets a copy of that compiled matcher (~40 us). Per
-step, every constrained row's matcher writes its row of a token bitmask (32 tokens per int32 word; one row
-after another: llguidance's thread pool made a step slower, 2.15x against 1.39x at batch 64 on the H200
-machine, its threads competing with the engine's own) and the tokens it leaves out are -inf to everything
+step, every constrained row's matcher writes its row of a token bitmask (32 tokens per int32 word: row by row on
+the engine's thread, or all rows in one call on MaskFiller's) and the tokens it leaves out are -inf to everything
 that chooses (apply_grammar_masks on the CPU; on the GPU the fused sampling kernel reads the bitmask itself, no
 masked copy of the logits made), so greedy and sampled rows, logit_bias and penalties all choose among allowed
 tokens only. The sampled token then advances the matcher (Scheduler.postprocess); once the grammar is complete
@@ -12,13 +11,15 @@ and only an end of sequence may follow, the request finishes with "stop" without
 
 The matcher's state follows the request's recorded output, so a preempted request (recomputed from its
 tokens) resumes with it unchanged. Under overlap scheduling the mask of step N+1 depends on step N's token:
-LLMEngine launches N+1's forward, records N (advancing the matchers) while the device runs it, and only then
-draws N+1's tokens from the masked logits (ModelRunner.sample_deferred).
+LLMEngine launches N+1's forward, records N (advancing the matchers) while the device runs it, then MaskFiller
+fills N+1's masks on a thread of its own while the engine schedules and prepares N+2; N+1's tokens are drawn
+from the masked logits just before N+2 is launched (ModelRunner.sample_deferred).
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -26,6 +27,12 @@ import torch
 from minisrv.scheduler.request import Request
 
 COMPILED_KEPT = 256   # distinct grammars whose compiled matchers are kept for copying
+# Threads of llguidance's pool that fill a step's masks beside the engine thread. More were no faster on the H200
+# machine: 64 masks took 0.6-0.7 ms with 1 thread, 0.6-0.9 ms with 2, 4 or 8.
+MASK_FILL_THREADS = 1
+# Fewer rows with a grammar are filled on the engine thread: handing them over (two thread wake-ups, 0.1-0.2 ms on
+# the H200 machine) costs about what filling 16 does there.
+MASK_THREAD_MIN_ROWS = 32
 
 
 class RequestGrammar:
@@ -99,25 +106,81 @@ def grammar_bitmasks(requests: list[Request], vocab_size: int, device: torch.dev
     when no row has a grammar. The fused sampling kernel takes it as it is."""
     if all(r.grammar is None for r in requests):
         return None
-    # A fresh pinned buffer per step: the caching host allocator reuses one only once its copy has run.
-    bitmask = torch.empty(len(requests), bitmask_words(vocab_size), dtype=torch.int32,
-                          pin_memory=device.type == "cuda")
+    bitmask, constrained = _empty_bitmask(requests, vocab_size, device)
     # Rows by address, not as tensor views: a view per row cost more than llguidance's ~6 us mask at batch 64.
     address, row_bytes = bitmask.data_ptr(), bitmask.shape[1] * 4
-    unconstrained = []
-    for i, request in enumerate(requests):
-        if request.grammar is None:
-            unconstrained.append(i)
-        else:
-            request.grammar.fill_bitmask(address + i * row_bytes, row_bytes)
-    if unconstrained:
-        bitmask[unconstrained] = -1
+    for i in constrained:
+        requests[i].grammar.fill_bitmask(address + i * row_bytes, row_bytes)
     return bitmask.to(device, non_blocking=True)
 
 
-def apply_grammar_masks(logits: torch.Tensor, requests: list[Request]) -> None:
-    """Set to -inf, in place, every logit a row's grammar does not allow (rows without a grammar are kept)."""
-    bitmask = grammar_bitmasks(requests, logits.shape[1], logits.device)
+def _empty_bitmask(requests: list[Request], vocab_size: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """A host bitmask for `requests` whose rows without a grammar allow everything, and the rows with one."""
+    # A fresh pinned buffer per step: the caching host allocator reuses one only once its copy has run.
+    bitmask = torch.empty(len(requests), bitmask_words(vocab_size), dtype=torch.int32,
+                          pin_memory=device.type == "cuda")
+    constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+    if len(constrained) < len(requests):
+        bitmask[[i for i, r in enumerate(requests) if r.grammar is None]] = -1
+    return bitmask, constrained
+
+
+class PendingMasks:
+    """A step's bitmasks while MaskFiller's thread fills them."""
+
+    def __init__(self, filled: Future, bitmask: torch.Tensor, device: torch.device) -> None:
+        self._filled, self._bitmask, self._device = filled, bitmask, device
+
+    def result(self) -> torch.Tensor:
+        """The bitmasks on their device, once filled (re-raises what the fill raised)."""
+        self._filled.result()
+        return self._bitmask.to(self._device, non_blocking=True)
+
+
+class MaskFiller:
+    """Fills a step's grammar bitmasks on a thread of its own, so the engine thread can prepare the next step
+    meanwhile (the masks cost ~0.4-0.7 ms a step at batch 64, as much as the rest of the host's work).
+
+    One call of llguidance's executor fills every row with the GIL released; until the matchers are drawn from
+    (PendingMasks.result), nothing else may touch them. `start` hands the worker the GIL until that call has begun:
+    a thread waiting for the GIL gets it only at the holder's next blocking call or after the interpreter's switch
+    interval (5 ms), so without the handover the masks would be filled after the engine's work, not beside it."""
+
+    def __init__(self, threads: int = MASK_FILL_THREADS, min_rows: int = MASK_THREAD_MIN_ROWS) -> None:
+        self.threads = threads
+        self.min_rows = max(1, min_rows)   # fewer rows with a grammar: start() leaves them to the draw
+        self._worker: ThreadPoolExecutor | None = None
+        self._executor = None   # llguidance.LLExecutor
+
+    def start(self, requests: list[Request], vocab_size: int, device: torch.device) -> PendingMasks | None:
+        """Begin filling the masks of `requests` (their grammars advanced past every recorded token); None when
+        fewer than min_rows rows have a grammar (the draw fills theirs itself)."""
+        if sum(r.grammar is not None for r in requests) < self.min_rows:
+            return None
+        if self._worker is None:
+            from llguidance import LLExecutor
+
+            self._executor = LLExecutor(self.threads)
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        bitmask, constrained = _empty_bitmask(requests, vocab_size, device)
+        matchers = [(requests[i].grammar.matcher, i) for i in constrained]
+        begun = threading.Event()
+
+        def fill() -> None:
+            begun.set()
+            self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), bitmask.shape[1] * 4,
+                                                   len(requests))
+
+        filled = self._worker.submit(fill)
+        begun.wait()
+        return PendingMasks(filled, bitmask, device)
+
+
+def apply_grammar_masks(logits: torch.Tensor, requests: list[Request], bitmask: torch.Tensor | None = None) -> None:
+    """Set to -inf, in place, every logit a row's grammar does not allow (rows without a grammar are kept); the
+    masks are filled here unless `bitmask` holds them already."""
+    if bitmask is None:
+        bitmask = grammar_bitmasks(requests, logits.shape[1], logits.device)
     if bitmask is not None:
         logits.masked_fill_(~unpack_bitmask(bitmask, logits.shape[1]), float("-inf"))
 

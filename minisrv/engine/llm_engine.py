@@ -4,9 +4,11 @@ With overlap scheduling (on CUDA, unless disabled) a call schedules and launches
 step N's tokens, then records those: the CPU's scheduling, input building and ring reading happen while
 the GPU computes, and the one wait per step is the read of the previous step's tokens. Step N+1 takes the
 tokens it needs from the device (minisrv/engine/model_runner.py), so outputs are those of the plain loop;
-only a request that step N stopped (EOS, a stop token) computes one row for nothing. A step whose batch
+only a request that step N stopped (EOS, a stop token) computes one row for nothing. A step N+1 whose batch
 needs its requests' recorded tokens on the host (penalties, grammars) launches its forward, records step N
-while the device runs it, then draws its tokens (ModelRunner.sample_deferred).
+while the device runs it, then starts filling its grammar masks on a thread of their own
+(ModelRunner.fill_masks); its tokens are drawn when step N+2 is launched, after N+2's inputs are prepared on
+the host, or when they are collected (ModelRunner.sample_deferred).
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ class LLMEngine:
         if previous is not None:
             outputs = self._record(previous)
         if defer:
-            self.runner.sample_deferred(launched)
+            self.runner.fill_masks(launched)
         self._in_flight = launched
         return outputs
 

@@ -15,6 +15,7 @@ import torch
 
 from minisrv.config import EngineConfig, usable_cores
 from minisrv.engine.cuda_graph import INT_ROWS, SAMPLER_ROWS, DecodeGraphs
+from minisrv.engine.grammar import MaskFiller, PendingMasks
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
 from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
 from minisrv.kernels import select_ops
@@ -63,11 +64,12 @@ class StepInputs:
 @dataclass
 class DeferredSampling:
     """A launched step's sampling left for later (`ModelRunner.sample_deferred`): its logits stay valid until
-    the next step is launched."""
+    the next step is launched, which draws them first."""
 
     logits: torch.Tensor
     positions: list[int]
     params: tuple[torch.Tensor, torch.Tensor] | None   # the graph's parameter buffers, when it replayed one
+    masks: PendingMasks | None = None                  # its grammar masks, when being filled (fill_masks)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class ModelRunner:
             sampler = (FusedSampler(vocab_size, eos, self.device, self.ops) if self.ops.NAME == "cuda"
                        else Sampler(vocab_size, eos, self.device))
         self.sampler = sampler
+        self.mask_filler = MaskFiller()
         graph_bs = self._graph_batch_size()
         # Where every step leaves its sampled tokens: the next step reads in-flight input ids from here.
         self.last_tokens = torch.zeros(max(config.max_running_requests, graph_bs), dtype=torch.int64,
@@ -212,7 +215,8 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None,
                defer_sampling: bool = False) -> LaunchedStep:
         """Queue one step on the device without waiting for it. Tokens still in flight (sampled by `previous`,
-        not yet recorded) are taken from last_tokens on the device. With `defer_sampling` the forward is queued
+        not yet recorded) are taken from last_tokens on the device; if `previous` left its draw for later, it is
+        queued first, once this step's inputs are ready on the host. With `defer_sampling` the forward is queued
         but the tokens are drawn only by `sample_deferred`, once the caller has recorded what grammars and
         penalties need to see (`previous`'s tokens): the host does that while the device runs this forward."""
         decodes_only = all(seq.num_tokens == 1 and not _computes_prompt_logprobs(seq) for seq in batch.seqs)
@@ -223,20 +227,31 @@ class ModelRunner:
             requests, samples = self._run_eagerly(batch, previous, defer_sampling)
         return LaunchedStep(batch, requests, samples, {r.rid: i for i, r in enumerate(requests)})
 
-    @torch.inference_mode()
-    def sample_deferred(self, step: LaunchedStep) -> None:
-        """Draw a step launched with defer_sampling, from its logits adjusted as its requests now stand."""
+    def fill_masks(self, step: LaunchedStep) -> None:
+        """Begin filling the grammar masks of a step launched with defer_sampling on the mask thread, once its
+        requests' grammars have seen every recorded token, while the caller prepares the next step; a step with
+        fewer constrained rows than MaskFiller.min_rows has them filled by its draw."""
         deferred = step.samples
+        if isinstance(deferred, DeferredSampling) and deferred.masks is None:
+            deferred.masks = self.mask_filler.start(step.requests, self.model_config.vocab_size, self.device)
+
+    @torch.inference_mode()
+    def sample_deferred(self, step: LaunchedStep | None) -> None:
+        """Draw a step launched with defer_sampling, from its logits adjusted as its requests now stand."""
+        deferred = None if step is None else step.samples
         if isinstance(deferred, DeferredSampling):
-            step.samples = self._draw(deferred.logits, step.requests, deferred.positions, deferred.params)
+            bitmask = None if deferred.masks is None else deferred.masks.result()
+            step.samples = self._draw(deferred.logits, step.requests, deferred.positions, deferred.params, bitmask)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int],
-              params: tuple[torch.Tensor, torch.Tensor] | None = None) -> DeviceSamples | list[SampleResult]:
+              params: tuple[torch.Tensor, torch.Tensor] | None = None,
+              bitmask: torch.Tensor | None = None) -> DeviceSamples | list[SampleResult]:
         """Sample a token per row into last_tokens: queued on the device (FusedSampler), or drawn at once."""
         tokens = self.last_tokens[: len(requests)]
         if hasattr(self.sampler, "launch"):
-            return self.sampler.launch(logits, requests, positions, params=params, out=tokens)
-        results = self.sampler(logits, requests, positions)
+            return self.sampler.launch(logits, requests, positions, params=params, out=tokens, bitmask=bitmask)
+        results = (self.sampler(logits, requests, positions) if bitmask is None   # as a stand-in sampler takes it
+                   else self.sampler(logits, requests, positions, bitmask=bitmask))
         tokens.copy_(torch.tensor([r.token_id for r in results]))
         return results
 
@@ -247,6 +262,7 @@ class ModelRunner:
 
     def _run_eagerly(self, batch: ScheduledBatch, previous: LaunchedStep | None, defer_sampling: bool = False):
         step = self.prepare(batch, previous)
+        self.sample_deferred(previous)   # its tokens go to last_tokens, which this step reads
         input_ids = step.input_ids
         if step.in_flight_rows:
             rows, sources = zip(*step.in_flight_rows)
@@ -292,7 +308,9 @@ class ModelRunner:
         positions = [seq.start + 1 - seq.request.num_prompt_tokens for seq in batch.seqs]
         floats, ints = self.sampler.params(requests, positions)
         rows.update(zip(INT_PARAMS, ints))
-        logits = graphs.run(graphs.host_inputs(bucket, rows, floats, page_tables))[: len(requests)]
+        inputs = graphs.host_inputs(bucket, rows, floats, page_tables)
+        self.sample_deferred(previous)   # before the replay overwrites the buffers it reads
+        logits = graphs.run(inputs)[: len(requests)]
         params = (graphs.floats[:, : len(requests)], graphs.ints[SAMPLER_ROWS, : len(requests)])
         if defer_sampling:
             return requests, DeferredSampling(logits, positions, params)

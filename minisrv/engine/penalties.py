@@ -46,11 +46,13 @@ def banned_stop_ids(request: Request, eos_token_ids: Sequence[int], position: in
 
 
 def apply_logit_adjustments(logits: torch.Tensor, requests: Sequence[Request], eos_token_ids: Sequence[int],
-                            positions: Sequence[int] | None = None, grammars: bool = True) -> torch.Tensor:
+                            positions: Sequence[int] | None = None, grammars: bool = True,
+                            bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits [rows, vocab] (row i is requests[i], whose token will have output index positions[i]) with
-    grammar masks (unless `grammars` is False: the fused kernel takes them itself), min_tokens bans and
-    penalties applied; grammars and penalties see output_ids, so such a request has no token in flight. Returns
-    `logits` itself when no row needs anything, else a new contiguous tensor.
+    grammar masks (filled here unless `bitmask` holds them; none if `grammars` is False: the fused kernel takes
+    them itself), min_tokens bans and penalties applied; grammars and penalties see output_ids, so such a
+    request has no token in flight. Returns `logits` itself when no row needs anything, else a new contiguous
+    tensor.
     """
     vocab_size = logits.shape[1]
     positions = output_positions(requests) if positions is None else positions
@@ -62,7 +64,7 @@ def apply_logit_adjustments(logits: torch.Tensor, requests: Sequence[Request], e
         return logits
     adjusted = logits.clone(memory_format=torch.contiguous_format)
     if constrained:
-        apply_grammar_masks(adjusted, requests)
+        apply_grammar_masks(adjusted, requests, bitmask)
     if any(bans):
         rows, ids = _flatten_token_lists(bans, "stop_token_ids", requests, vocab_size, logits.device)
         adjusted[rows, ids] = float("-inf")

@@ -6,6 +6,7 @@ import ctypes
 import json
 import random
 import re
+import threading
 from functools import partial
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from minisrv import structured_output
 from minisrv.config import EngineConfig
-from minisrv.engine.grammar import apply_grammar_masks, bitmask_words, unpack_bitmask
+from minisrv.engine.grammar import MaskFiller, apply_grammar_masks, bitmask_words, grammar_bitmasks, unpack_bitmask
 from minisrv.engine.llm_engine import LLMEngine
 from minisrv.llm import LLM
 from minisrv.sampling_params import SamplingParams
@@ -140,12 +141,41 @@ def test_choices_and_preemption_keep_every_output_valid(llm: LLM) -> None:
         assert out.finish_reason == "stop" and re.fullmatch(pattern, out.text), out
 
 
+def test_the_mask_thread_fills_what_the_engine_thread_fills(llm: LLM) -> None:
+    """MaskFiller (one llguidance call on a worker thread) against grammar_bitmasks (row by row, here): equal masks for
+    matchers in many states, rows without a grammar all ones, on a thread other than the caller's; too few
+    constrained rows are left to the draw."""
+    compiler = LLMEngine(EngineConfig(), loaded=llm.engine.loaded,
+                         load_tokenizer=partial(load_fast_tokenizer, llm.source)).grammars
+    kinds = [grammar("json_schema", SCHEMA), grammar("regex", r"[a-z]+( [a-z]+){2,6}\."), None]
+    texts = ['{"city": "Paris", "population": 2100000, "coastal": false}', "abc def ghi jkl."]
+    rng = random.Random(3)
+    requests = []
+    for i in range(24):
+        g = kinds[i % 3] and compiler.compile(kinds[i % 3])
+        if g is not None:   # advance it some way into a valid output
+            ids = llm.tokenizer.encode(texts[i % 3], add_special_tokens=False)
+            for token in ids[: rng.randrange(len(ids))]:
+                assert not g.advance(token)
+        requests.append(Request(i, [1], SamplingParams(), 0, grammar=g))
+    vocab = llm.engine.loaded.model_config.vocab_size
+    assert MaskFiller(min_rows=17).start(requests, vocab, torch.device("cpu")) is None   # too few to hand over
+    assert MaskFiller(min_rows=0).start(requests[2::3], vocab, torch.device("cpu")) is None   # none with a grammar
+    filler = MaskFiller(min_rows=16)
+    pending = filler.start(requests, vocab, torch.device("cpu"))
+    assert filler._worker.submit(threading.get_ident).result() != threading.get_ident()
+    assert torch.equal(pending.result(), grammar_bitmasks(requests, vocab, torch.device("cpu")))
+    assert bool((pending.result()[2::3] == -1).all())
+
+
 def test_overlap_scheduling_gives_the_plain_loops_outputs(llm: LLM) -> None:
-    """Overlap draws a constrained step's tokens after recording the previous step: same tokens as the plain
-    loop (float32 CPU, exact), for greedy and seeded rows, beside unconstrained and penalised ones."""
-    def run(overlap: bool) -> dict[int, list[int]]:
+    """Overlap draws a constrained step's tokens after recording the previous step, its masks filled on the
+    engine thread or the mask thread: same tokens as the plain loop (float32 CPU, exact), for greedy and seeded
+    rows, beside unconstrained and penalised ones."""
+    def run(overlap: bool, mask_thread_rows: int = 1) -> dict[int, list[int]]:
         engine = LLMEngine(EngineConfig(), loaded=llm.engine.loaded, overlap=overlap,
                            load_tokenizer=partial(load_fast_tokenizer, llm.source))
+        engine.runner.mask_filler.min_rows = mask_thread_rows
         kinds = [grammar("json_schema", SCHEMA), grammar("regex", r"[a-z]+( [a-z]+){2,6}\."), None]
         for rid in range(6):
             engine.add_request(rid, llm.tokenizer.encode(PROMPTS[rid % 4], add_special_tokens=False), SamplingParams(
@@ -155,9 +185,12 @@ def test_overlap_scheduling_gives_the_plain_loops_outputs(llm: LLM) -> None:
         while engine.has_unfinished():
             for o in engine.step():
                 out[o.rid] += o.new_token_ids
+        assert (engine.runner.mask_filler._worker is not None) == (overlap and mask_thread_rows == 1)
         return out
 
-    assert run(overlap=True) == run(overlap=False)
+    plain = run(overlap=False)
+    assert run(overlap=True) == plain
+    assert run(overlap=True, mask_thread_rows=1000) == plain
 
 
 def test_an_engine_without_a_tokenizer_or_with_a_bad_grammar_refuses_the_request(llm: LLM) -> None:
