@@ -10,8 +10,8 @@ a first compile of a schema with many properties, and a cached copy.
     python bench/structured.py --model smollm2-135m --load-format dummy --device cuda --batches 1,16,64 \
         --tokenizer tokenizer.json
 
-A preset's own tokenizer has bytes for tokens, whose masks are much cheaper to fill than a real vocabulary's:
-`--tokenizer` names a tokenizer.json (the embedded model's, from its cache folder) to compile grammars against.
+A preset's own tokenizer has bytes for tokens: `--tokenizer` names a tokenizer.json (the embedded model's, from
+its cache folder) to compile grammars against, so that the matchers walk a real vocabulary.
 """
 from __future__ import annotations
 
