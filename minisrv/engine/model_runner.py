@@ -250,8 +250,7 @@ class ModelRunner:
         tokens = self.last_tokens[: len(requests)]
         if hasattr(self.sampler, "launch"):
             return self.sampler.launch(logits, requests, positions, params=params, out=tokens, bitmask=bitmask)
-        results = (self.sampler(logits, requests, positions) if bitmask is None   # as a stand-in sampler takes it
-                   else self.sampler(logits, requests, positions, bitmask=bitmask))
+        results = self.sampler(logits, requests, positions, bitmask=bitmask)
         tokens.copy_(torch.tensor([r.token_id for r in results]))
         return results
 

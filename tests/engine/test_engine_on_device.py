@@ -151,7 +151,7 @@ def test_kernels_match_the_torch_path_logits_and_greedy_tokens(loaded, prompts) 
         def __init__(self) -> None:
             self.logits: list[torch.Tensor] = []
 
-        def __call__(self, logits, requests, positions=None):
+        def __call__(self, logits, requests, positions=None, bitmask=None):
             from minisrv.scheduler.request import SampleResult
 
             self.logits.append(logits.float().clone())

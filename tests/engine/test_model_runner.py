@@ -40,7 +40,7 @@ class Greedy:
     def __init__(self) -> None:
         self.logits: list[torch.Tensor] = []
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request], positions=None) -> list[SampleResult]:
+    def __call__(self, logits: torch.Tensor, requests: list[Request], positions=None, bitmask=None) -> list[SampleResult]:
         self.logits = list(logits.clone())
         return [SampleResult(int(t)) for t in logits.argmax(-1).tolist()]
 

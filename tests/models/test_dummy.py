@@ -41,7 +41,7 @@ def test_smollm2_dummy_runs_offline_with_spread_logits():
     assert loaded.eos_token_ids == sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     captured = []
 
-    def sampler(logits, requests, positions=None):
+    def sampler(logits, requests, positions=None, bitmask=None):
         captured.append(logits)
         return [SampleResult(int(t)) for t in logits.argmax(-1).tolist()]
 

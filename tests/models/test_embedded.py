@@ -60,7 +60,8 @@ def test_concurrent_conversions_leave_one_complete_directory(tmp_path):
     tokenizer = load_tokenizer(resolve_source(config))
     assert loaded.eos_token_ids == [GGUF_EOS] and tokenizer.decode(tokenizer.encode("to")) == "to"
     tokens = [5, 77, 256, 3, 41]
-    runner = ModelRunner(EngineConfig(num_pages=4), loaded, sampler=lambda logits, reqs, positions=None: [])
+    runner = ModelRunner(EngineConfig(num_pages=4), loaded,
+                         sampler=lambda logits, reqs, positions=None, bitmask=None: [])
     step = runner.prepare(ScheduledBatch([ScheduledSeq(make_request(0, tokens, [2]), 0, len(tokens), True)]))
     with torch.inference_mode(), forward_context(ForwardContext(step.attn)):
         logits = loaded.model.compute_logits(loaded.model(step.input_ids, step.positions))
@@ -105,7 +106,7 @@ def test_embedded_identity(ours):
 
 def test_embedded_logits_match_transformers(ours, theirs):
     runner = ModelRunner(EngineConfig(num_pages=16, dtype="float32", quantization="none"), ours.loaded,
-                         sampler=lambda logits, reqs, positions=None: [])
+                         sampler=lambda logits, reqs, positions=None, bitmask=None: [])
     for i, prompt in enumerate(PROMPTS):
         tokens = ours.tokenizer.encode(prompt, add_special_tokens=False)
         request = make_request(i, tokens, [7 - i, 11, 3 + i])
@@ -119,7 +120,8 @@ def test_embedded_greedy_text_equals_transformers(ours, theirs):
     """Also the check on the GGUF q/k un-permutation: wrong rows would not say Paris."""
     tokens = ours.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     runner = ModelRunner(EngineConfig(num_pages=8, page_size=4, dtype="float32", quantization="none"),
-                         ours.loaded, sampler=lambda logits, reqs, positions=None: [SampleResult(int(t)) for t in logits.argmax(-1)])
+                         ours.loaded, sampler=lambda logits, reqs, positions=None, bitmask=None:
+                         [SampleResult(int(t)) for t in logits.argmax(-1)])
     request = make_request(0, tokens, [5, 1, 6, 0, 2, 7])
     [first] = runner.execute(ScheduledBatch([ScheduledSeq(request, 0, len(tokens), True)]))
     request.output_ids.append(first.token_id)

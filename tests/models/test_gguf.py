@@ -79,7 +79,8 @@ def test_load_model_from_gguf_file(tmp_path):
     assert "<|im_start|>" in resolve_chat_template(None, tokenizer)
     tokens = tokenizer.encode("héllo to", add_special_tokens=False)
     assert tokenizer.decode(tokens) == "héllo to" and 256 in tokens   # the merge "Ġt" applied
-    runner = ModelRunner(EngineConfig(num_pages=8), loaded, sampler=lambda logits, reqs, positions=None: [])
+    runner = ModelRunner(EngineConfig(num_pages=8), loaded,
+                         sampler=lambda logits, reqs, positions=None, bitmask=None: [])
     request = Request(0, tokens, SamplingParams(temperature=0.0), seed=0)
     request.pages = [3, 1]
     step = runner.prepare(ScheduledBatch([ScheduledSeq(request, 0, len(tokens), True)]))

@@ -20,7 +20,8 @@ from minisrv.tokenizer.prompts import resolve_chat_template
 
 
 def all_logits(loaded, tokens: list[int]) -> torch.Tensor:
-    runner = ModelRunner(EngineConfig(num_pages=16), loaded, sampler=lambda logits, reqs, positions=None: [])
+    runner = ModelRunner(EngineConfig(num_pages=16), loaded,
+                         sampler=lambda logits, reqs, positions=None, bitmask=None: [])
     step = runner.prepare(ScheduledBatch([ScheduledSeq(make_request(0, tokens, [5, 2, 9]), 0, len(tokens), True)]))
     with torch.inference_mode(), forward_context(ForwardContext(step.attn)):
         return loaded.model.compute_logits(loaded.model(step.input_ids, step.positions))
