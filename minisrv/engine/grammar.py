@@ -104,9 +104,10 @@ def bitmask_words(vocab_size: int) -> int:
 def grammar_bitmasks(requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor | None:
     """Every row's allowed tokens as a bitmask on `device` (all allowed for rows without a grammar), or None
     when no row has a grammar. The fused sampling kernel takes it as it is."""
-    if all(r.grammar is None for r in requests):
+    constrained = _constrained_rows(requests)
+    if not constrained:
         return None
-    bitmask, constrained = _empty_bitmask(requests, vocab_size, device)
+    bitmask = _empty_bitmask(requests, constrained, vocab_size, device)
     # Rows by address, not as tensor views: a view per row cost more than llguidance's ~6 us mask at batch 64.
     address, row_bytes = bitmask.data_ptr(), bitmask.shape[1] * 4
     for i in constrained:
@@ -114,15 +115,19 @@ def grammar_bitmasks(requests: list[Request], vocab_size: int, device: torch.dev
     return bitmask.to(device, non_blocking=True)
 
 
-def _empty_bitmask(requests: list[Request], vocab_size: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """A host bitmask for `requests` whose rows without a grammar allow everything, and the rows with one."""
+def _constrained_rows(requests: list[Request]) -> list[int]:
+    return [i for i, r in enumerate(requests) if r.grammar is not None]
+
+
+def _empty_bitmask(requests: list[Request], constrained: list[int], vocab_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """A host bitmask for `requests` whose rows without a grammar (not in `constrained`) allow everything."""
     # A fresh pinned buffer per step: the caching host allocator reuses one only once its copy has run.
     bitmask = torch.empty(len(requests), bitmask_words(vocab_size), dtype=torch.int32,
                           pin_memory=device.type == "cuda")
-    constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
     if len(constrained) < len(requests):
         bitmask[[i for i, r in enumerate(requests) if r.grammar is None]] = -1
-    return bitmask, constrained
+    return bitmask
 
 
 class PendingMasks:
@@ -157,14 +162,15 @@ class MaskFiller:
     def start(self, requests: list[Request], vocab_size: int, device: torch.device) -> PendingMasks | None:
         """Begin filling the masks of `requests` (their grammars advanced past every recorded token); None when
         fewer than min_rows rows have a grammar (the draw fills theirs itself)."""
-        if sum(r.grammar is not None for r in requests) < self.min_rows:
+        constrained = _constrained_rows(requests)
+        if len(constrained) < self.min_rows:
             return None
         if self._worker is None:
             from llguidance import LLExecutor
 
             self._executor = LLExecutor(self.threads)
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-        bitmask, constrained = _empty_bitmask(requests, vocab_size, device)
+        bitmask = _empty_bitmask(requests, constrained, vocab_size, device)
         matchers = [(requests[i].grammar.matcher, i) for i in constrained]
         begun = threading.Event()
 
