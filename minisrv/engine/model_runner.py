@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from minisrv.config import EngineConfig, usable_cores
-from minisrv.engine.cuda_graph import INT_ROWS, SAMPLER_ROWS, DecodeGraphs
+from minisrv.engine.cuda_graph import SAMPLER_ROWS, DecodeGraphs
 from minisrv.engine.grammar import MaskFiller, PendingMasks
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
 from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
@@ -292,21 +292,23 @@ class ModelRunner:
 
     def _replay(self, batch: ScheduledBatch, bucket: int, previous: LaunchedStep | None, defer_sampling: bool):
         graphs, ps = self.graphs, self.page_size
-        requests = [seq.request for seq in batch.seqs]
-        rows: dict[str, list[int]] = {name: [] for name in INT_ROWS}
-        page_tables = []
+        # One list per input row, appended to in one pass: this loop is most of a large batch's host time.
+        requests, token_ids, starts, slots, prev_rows, page_tables, positions = [], [], [], [], [], [], []
         for seq in batch.seqs:
             self._check(seq)
             request, pos = seq.request, seq.start
             token, prev_row = self._input_token(request, pos, previous)
-            pages = request.pages
-            for name, value in (("input_ids", token), ("positions", pos), ("slots", pages[pos // ps] * ps + pos % ps),
-                                ("seq_lens", pos + 1), ("prev_rows", prev_row)):
-                rows[name].append(value)
-            page_tables.append(pages[: pos // ps + 1])
-        positions = [seq.start + 1 - seq.request.num_prompt_tokens for seq in batch.seqs]
+            pages, page = request.pages, pos // ps
+            requests.append(request)
+            token_ids.append(token)
+            starts.append(pos)
+            slots.append(pages[page] * ps + pos % ps)
+            prev_rows.append(prev_row)
+            page_tables.append(pages[: page + 1])
+            positions.append(pos + 1 - request.num_prompt_tokens)
         floats, ints = self.sampler.params(requests, positions)
-        rows.update(zip(INT_PARAMS, ints))
+        rows = dict(input_ids=token_ids, positions=starts, slots=slots, seq_lens=[pos + 1 for pos in starts],
+                    prev_rows=prev_rows, **dict(zip(INT_PARAMS, ints)))
         inputs = graphs.host_inputs(bucket, rows, floats, page_tables)
         self.sample_deferred(previous)   # before the replay overwrites the buffers it reads
         logits = graphs.run(inputs)[: len(requests)]
