@@ -7,6 +7,8 @@ buffers the graphs read: one [len(INT_ROWS), max_bs] int64 buffer, one [len(FLOA
 buffer and the page table, each filled by a single host-to-device copy per step. A batch runs in the
 smallest bucket that holds it; padding rows have sequence length 0 and slot -1, so they write nothing
 (the KV store skips negative slots, the decode kernel writes zeros) and their tokens are discarded.
+A step whose rows have grammars draws again after its masks are filled, from the same logits and parameters: a
+second graph per bucket holds just that draw, reading the masks from one more static buffer.
 
 Decode attention is launched for the longest length a sequence may reach (max_model_len), with the split count
 kernels.cuda.decode_splits gives the bucket: one graph serves every sequence length.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from minisrv.engine.grammar import bitmask_words
 from minisrv.engine.sampling import FLOAT_PARAMS, INT_PARAMS, FusedSampler
 from minisrv.layers.forward_context import AttentionMetadata, ForwardContext, forward_context
 
@@ -79,7 +82,12 @@ class DecodeGraphs:
         self.last_tokens = last_tokens
         # One logits buffer for every bucket: a graph's own output would live on in the pool, bucket by bucket.
         self.logits = torch.empty(self.max_bs, model.config.vocab_size, dtype=torch.float32, device=device)
+        # A step with grammars draws after its forward, once its masks are filled (model_runner.sample_deferred):
+        # from these logits and parameters again, in a graph of its own that reads the masks from here.
+        self.bitmask = torch.full((self.max_bs, bitmask_words(model.config.vocab_size)), -1, dtype=torch.int32,
+                                  device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.masked_draws: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
     def bucket(self, batch_size: int) -> int | None:
@@ -96,8 +104,12 @@ class DecodeGraphs:
         with forward_context(ForwardContext(attn)):
             hidden = self.model(input_ids, ints[ROW["positions"]])
         logits = self.model.compute_logits(hidden, out=self.logits[:bs])
-        self.sampler.draw(logits, self.floats[:, :bs], ints[SAMPLER_ROWS], out=self.last_tokens[:bs])
+        self._draw(bs)
         return logits
+
+    def _draw(self, bs: int, bitmasks: torch.Tensor | None = None) -> None:
+        self.sampler.draw(self.logits[:bs], self.floats[:, :bs], self.ints[SAMPLER_ROWS, :bs],
+                          out=self.last_tokens[:bs], bitmasks=bitmasks)
 
     @torch.inference_mode()
     def capture(self, buckets: list[int] | None = None) -> float:
@@ -113,6 +125,9 @@ class DecodeGraphs:
                     self.forward(bs)
                 self.pool = graph.pool()
                 self.graphs[bs] = graph
+                self.masked_draws[bs] = masked_draw = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(masked_draw, pool=self.pool, stream=stream):
+                    self._draw(bs, self.bitmask[:bs])
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -136,3 +151,10 @@ class DecodeGraphs:
         self.page_table[:bucket, : inputs.page_table.shape[1]].copy_(inputs.page_table, non_blocking=True)
         self.graphs[bucket].replay()
         return self.logits[:bucket]
+
+    def draw_masked(self, bucket: int, bitmask: torch.Tensor) -> None:
+        """Draw the tokens of the step last replayed in `bucket` again, into last_tokens, allowing only what
+        `bitmask` ([rows, words] int32, rows <= bucket) allows; the step's logits and parameters must still be in
+        the buffers (no step run since). Rows past `bitmask`'s are padding: whatever they draw is discarded."""
+        self.bitmask[: bitmask.shape[0]].copy_(bitmask, non_blocking=True)
+        self.masked_draws[bucket].replay()

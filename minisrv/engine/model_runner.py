@@ -15,7 +15,7 @@ import torch
 
 from minisrv.config import EngineConfig, usable_cores
 from minisrv.engine.cuda_graph import SAMPLER_ROWS, DecodeGraphs
-from minisrv.engine.grammar import MaskFiller, PendingMasks
+from minisrv.engine.grammar import MaskFiller, PendingMasks, grammar_bitmasks
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
 from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
 from minisrv.kernels import select_ops
@@ -69,6 +69,7 @@ class DeferredSampling:
     logits: torch.Tensor
     positions: list[int]
     params: tuple[torch.Tensor, torch.Tensor] | None   # the graph's parameter buffers, when it replayed one
+    bucket: int | None = None                          # the bucket of the graph it replayed, if any
     masks: PendingMasks | None = None                  # its grammar masks, when being filled (fill_masks)
 
 
@@ -239,9 +240,19 @@ class ModelRunner:
     def sample_deferred(self, step: LaunchedStep | None) -> None:
         """Draw a step launched with defer_sampling, from its logits adjusted as its requests now stand."""
         deferred = None if step is None else step.samples
-        if isinstance(deferred, DeferredSampling):
-            bitmask = None if deferred.masks is None else deferred.masks.result()
-            step.samples = self._draw(deferred.logits, step.requests, deferred.positions, deferred.params, bitmask)
+        if not isinstance(deferred, DeferredSampling):
+            return
+        requests, positions = step.requests, deferred.positions
+        bitmask = None if deferred.masks is None else deferred.masks.result()
+        if deferred.bucket is not None and not self.sampler.needs_adjustment(requests, positions, grammars=False):
+            # Nothing but grammars: the graph's own draw again, under their masks (one replay, not the launches).
+            if bitmask is None:
+                bitmask = grammar_bitmasks(requests, self.model_config.vocab_size, self.device)
+            if bitmask is not None:
+                self.graphs.draw_masked(deferred.bucket, bitmask)
+            step.samples = self.sampler.finish(deferred.logits, self.last_tokens[: len(requests)], requests)
+        else:
+            step.samples = self._draw(deferred.logits, requests, positions, deferred.params, bitmask)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int],
               params: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -314,7 +325,7 @@ class ModelRunner:
         logits = graphs.run(inputs)[: len(requests)]
         params = (graphs.floats[:, : len(requests)], graphs.ints[SAMPLER_ROWS, : len(requests)])
         if defer_sampling:
-            return requests, DeferredSampling(logits, positions, params)
+            return requests, DeferredSampling(logits, positions, params, bucket)
         if self.sampler.needs_adjustment(requests, positions):
             # The graph drew without bans or penalties: draw again from the adjusted logits, same parameters.
             return requests, self._draw(logits, requests, positions, params)

@@ -235,10 +235,10 @@ class FusedSampler(Sampler):
         return self.ops.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2], self.vocab_size,
                                out=out, bitmasks=bitmasks)
 
-    def needs_adjustment(self, requests: list[Request], positions: list[int]) -> bool:
-        """Whether some row has a grammar, min_tokens bans, logit_bias or penalties (which `draw` alone does not
-        apply)."""
-        return any(r.grammar is not None or uses_penalties(r) or r.params.logit_bias
+    def needs_adjustment(self, requests: list[Request], positions: list[int], grammars: bool = True) -> bool:
+        """Whether some row has min_tokens bans, logit_bias, penalties or (unless `grammars` is False) a grammar:
+        what `draw` alone does not apply (it takes grammar bitmasks, but does not fill them)."""
+        return any((grammars and r.grammar is not None) or uses_penalties(r) or r.params.logit_bias
                    or banned_stop_ids(r, self.eos_token_ids, pos)
                    for r, pos in zip(requests, positions))
 

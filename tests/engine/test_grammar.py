@@ -259,3 +259,40 @@ def test_graphs_and_overlap_follow_grammars_on_cuda() -> None:
             assert finish[rid] == "stop" and re.fullmatch(pattern, bytes(ids).decode()), (rid, ids)
         else:
             assert finish[rid] == "length" and len(ids) == 40
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_masked_draw_graph_draws_what_the_launched_kernel_draws() -> None:
+    """A decode step with grammars replays its graph, then draws again under their masks in a graph of its own
+    (ModelRunner.sample_deferred): the same tokens as the sampling kernel launched on that step's logits with the
+    same masks and parameters; in a bucket with padding rows, greedy and sampled rows, rows without a grammar."""
+    from minisrv.engine.model_runner import ModelRunner
+    from minisrv.models.loader import load_model
+    from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
+
+    config = EngineConfig(model="smollm2-135m", load_format="dummy", device="cuda", max_model_len=512,
+                          cuda_graph_max_bs=16)
+    runner = ModelRunner(config, load_model(config))
+    rng = random.Random(5)
+    vocab, rows = runner.model_config.vocab_size, 13
+    allowed = [set(rng.sample(range(vocab), rng.choice([1, 7, 500]))) if i % 3 else None for i in range(rows)]
+    requests = [Request(i, [rng.randrange(vocab) for _ in range(20)],
+                        SamplingParams(temperature=0.0 if i % 2 else 1.0, top_k=50 if i % 4 == 1 else -1), seed=i,
+                        grammar=None if a is None else AllowedSet(a)) for i, a in enumerate(allowed)]
+    for i, r in enumerate(requests):
+        r.pages = list(range(i * 4, i * 4 + 4))
+    for r, res in zip(requests, runner.execute(ScheduledBatch([ScheduledSeq(r, 0, 20, True) for r in requests]))):
+        r.output_ids.append(res.token_id)
+    for _ in range(3):
+        step = runner.launch(ScheduledBatch([ScheduledSeq(r, r.num_tokens - 1, 1, True) for r in requests]),
+                             defer_sampling=True)
+        deferred = step.samples
+        assert deferred.bucket == 16
+        launched = runner.sampler.launch(deferred.logits, requests, deferred.positions, params=deferred.params)
+        expected = [r.token_id for r in launched.results()]
+        tokens = [r.token_id for r in runner.collect(step)]
+        assert tokens == expected
+        for token, a, r in zip(tokens, allowed, requests):
+            assert a is None or token in a
+            r.output_ids.append(token)
