@@ -2,8 +2,10 @@
 
 At each batch size, the same prompts run twice through one LLMEngine: free (ignore_eos), and constrained by a
 grammar of 500 comma-separated numbers, which cannot end (nor allow an EOS) within max_tokens, so both runs emit
-the same number of tokens (checked). ms/token is the wall time of the generation over its output tokens per
-sequence. Then grammar compilation:
+the same number of tokens (checked). Two figures for each: ms/token, the wall time of the whole generation (prefill
+and the last steps included) over its output tokens per sequence; and the median decode step, over the steps
+whose batch holds every sequence with one token each (the issue's "per decode step", steadier against a noisy
+host's outliers). Free and constrained runs alternate in order from repeat to repeat. Then grammar compilation:
 a first compile of a schema with many properties, and a cached copy.
 
     python bench/structured.py                                   # the embedded model on the CPU
@@ -36,20 +38,25 @@ BIG_SCHEMA = {"type": "object", "properties": {f"field_{i}": {"type": ["string",
                                                for i in range(200)}, "required": [f"field_{i}" for i in range(20)]}
 
 
-def timed(engine: LLMEngine, batch: int, tokens: int, grammar: str | None, seed: int) -> float:
-    """Seconds to generate `tokens` tokens for each of `batch` prompts (fresh prompts: no prefix-cache hits)."""
+def timed(engine: LLMEngine, batch: int, tokens: int, grammar: str | None, seed: int) -> tuple[float, float]:
+    """(seconds, median decode step ms) to generate `tokens` tokens for each of `batch` prompts (fresh prompts: no
+    prefix-cache hits)."""
     for i in range(batch):
         prompt = list(f"[{seed}-{i}] Numbers: ".encode())
         engine.add_request(seed * 10_000 + i, prompt, SamplingParams(temperature=0.0, max_tokens=tokens,
                                                                      ignore_eos=True, grammar=grammar))
-    emitted = 0
+    emitted, decode_steps = 0, []
     start = time.perf_counter()
     while engine.has_unfinished():
+        step_start = time.perf_counter()
         emitted += sum(len(out.new_token_ids) for out in engine.step())
+        seqs = engine.last_batch.seqs
+        if len(seqs) == batch and all(seq.num_tokens == 1 for seq in seqs):
+            decode_steps.append((time.perf_counter() - step_start) * 1e3)
     seconds = time.perf_counter() - start
     if emitted != batch * tokens:
         raise SystemExit(f"batch {batch}: {emitted} tokens, expected {batch * tokens}")
-    return seconds
+    return seconds, statistics.median(decode_steps)
 
 
 def main() -> None:
@@ -75,13 +82,19 @@ def main() -> None:
     seed = 0
     for batch in [int(b) for b in args.batches.split(",")]:
         timed(engine, batch, 4, grammar, seed := seed + 1)   # warm-up of this batch's shapes
-        times = {"free": [], "grammar": []}
-        for _ in range(args.repeats):
-            for kind, g in (("free", None), ("grammar", grammar)):
-                times[kind].append(timed(engine, batch, args.tokens, g, seed := seed + 1) / args.tokens * 1e3)
-        free_ms, grammar_ms = statistics.median(times["free"]), statistics.median(times["grammar"])
+        per_token, step = {"free": [], "grammar": []}, {"free": [], "grammar": []}
+        for repeat in range(args.repeats):
+            kinds = (("free", None), ("grammar", grammar))
+            for kind, g in kinds if repeat % 2 == 0 else kinds[::-1]:
+                seconds, step_ms = timed(engine, batch, args.tokens, g, seed := seed + 1)
+                per_token[kind].append(seconds / args.tokens * 1e3)
+                step[kind].append(step_ms)
+        free_ms, grammar_ms = statistics.median(per_token["free"]), statistics.median(per_token["grammar"])
+        free_step, grammar_step = statistics.median(step["free"]), statistics.median(step["grammar"])
         rows.append(dict(batch=batch, free_ms_per_token=free_ms, grammar_ms_per_token=grammar_ms,
-                         ratio=grammar_ms / free_ms))
+                         ratio=grammar_ms / free_ms, free_step_ms=free_step, grammar_step_ms=grammar_step,
+                         step_ratio=grammar_step / free_step,
+                         step_ratios=[g / f for f, g in zip(step["free"], step["grammar"])]))
         print(rows[-1], flush=True)
     big = structured_output.json_schema(BIG_SCHEMA, "bench").text
     start = time.perf_counter()
@@ -98,9 +111,13 @@ def main() -> None:
                       f, indent=1)
     print(f"\n{setup['cpu']}, {args.device}, {args.model} ({setup['tokenizer']} tokenizer); {args.tokens} tokens "
           f"a sequence, greedy, median of {args.repeats}")
-    print(f"{'batch':>5} | {'free ms/tok':>11} {'grammar':>9} {'ratio':>6}")
+    print(f"{'batch':>5} | {'free ms/tok':>11} {'grammar':>9} {'ratio':>6} | {'free step ms':>12} {'grammar':>9} "
+          f"{'ratio':>6}  {'per repeat':>10}")
     for r in rows:
-        print(f"{r['batch']:>5} | {r['free_ms_per_token']:>11.2f} {r['grammar_ms_per_token']:>9.2f} {r['ratio']:>5.2f}x")
+        spread = f"{min(r['step_ratios']):.2f}-{max(r['step_ratios']):.2f}x"
+        print(f"{r['batch']:>5} | {r['free_ms_per_token']:>11.2f} {r['grammar_ms_per_token']:>9.2f} "
+              f"{r['ratio']:>5.2f}x | {r['free_step_ms']:>12.2f} {r['grammar_step_ms']:>9.2f} "
+              f"{r['step_ratio']:>5.2f}x  {spread:>10}")
     print(f"compile a {len(json.dumps(BIG_SCHEMA))}-byte schema: first {first_ms:.1f} ms, cached {cached_ms:.2f} ms")
 
 
