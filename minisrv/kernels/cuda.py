@@ -87,9 +87,12 @@ def _launch(file: str, name: str, grid: tuple[int, ...], block: tuple[int, ...],
     """Launch a kernel on PyTorch's current stream; `args` are ctypes values matching the kernel's parameters."""
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
-    params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
-    err = _driver().cuLaunchKernel(_kernel(file, name), gx, gy, gz, bx, by, bz, 0,
-                                   torch.cuda.current_stream().cuda_stream, params, None)
+    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    # The raw handle, as torch.compile's generated code reads it: torch.cuda.current_stream() builds a Stream
+    # object and resolves the device on every call, about 10 us on the H200 machine's host, and an eager prefill
+    # step of a small model launches about two hundred kernels.
+    stream = torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+    err = _driver().cuLaunchKernel(_kernel(file, name), gx, gy, gz, bx, by, bz, 0, stream, params, None)
     if err != 0:
         raise RuntimeError(f"launching {name} ({file}) failed with CUDA driver error {err}")
 
