@@ -104,6 +104,13 @@ def bitmask_words(vocab_size: int) -> int:
 def grammar_bitmasks(requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor | None:
     """Every row's allowed tokens as a bitmask on `device` (all allowed for rows without a grammar), or None
     when no row has a grammar. The fused sampling kernel takes it as it is."""
+    bitmask = host_bitmasks(requests, vocab_size, device)
+    return None if bitmask is None else bitmask.to(device, non_blocking=True)
+
+
+def host_bitmasks(requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """grammar_bitmasks still on the host (pinned when `device` is a GPU), for a caller that copies them into a
+    buffer of its own (DecodeGraphs.draw_masked): one copy to the device, not two."""
     constrained = _constrained_rows(requests)
     if not constrained:
         return None
@@ -112,7 +119,7 @@ def grammar_bitmasks(requests: list[Request], vocab_size: int, device: torch.dev
     address, row_bytes = bitmask.data_ptr(), bitmask.shape[1] * 4
     for i in constrained:
         requests[i].grammar.fill_bitmask(address + i * row_bytes, row_bytes)
-    return bitmask.to(device, non_blocking=True)
+    return bitmask
 
 
 def _constrained_rows(requests: list[Request]) -> list[int]:
@@ -133,13 +140,14 @@ def _empty_bitmask(requests: list[Request], constrained: list[int], vocab_size: 
 class PendingMasks:
     """A step's bitmasks while MaskFiller's thread fills them."""
 
-    def __init__(self, filled: Future, bitmask: torch.Tensor, device: torch.device) -> None:
-        self._filled, self._bitmask, self._device = filled, bitmask, device
+    def __init__(self, filled: Future, bitmask: torch.Tensor) -> None:
+        self._filled, self._bitmask = filled, bitmask
 
     def result(self) -> torch.Tensor:
-        """The bitmasks on their device, once filled (re-raises what the fill raised)."""
+        """The bitmasks, still on the host (as host_bitmasks gives them), once filled (re-raises what the fill
+        raised)."""
         self._filled.result()
-        return self._bitmask.to(self._device, non_blocking=True)
+        return self._bitmask
 
 
 class MaskFiller:
@@ -181,7 +189,7 @@ class MaskFiller:
 
         filled = self._worker.submit(fill)
         begun.wait()
-        return PendingMasks(filled, bitmask, device)
+        return PendingMasks(filled, bitmask)
 
 
 def apply_grammar_masks(logits: torch.Tensor, requests: list[Request], bitmask: torch.Tensor | None = None) -> None:

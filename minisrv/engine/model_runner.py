@@ -15,7 +15,7 @@ import torch
 
 from minisrv.config import EngineConfig, usable_cores
 from minisrv.engine.cuda_graph import SAMPLER_ROWS, DecodeGraphs
-from minisrv.engine.grammar import MaskFiller, PendingMasks, grammar_bitmasks
+from minisrv.engine.grammar import MaskFiller, PendingMasks, host_bitmasks
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
 from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
 from minisrv.kernels import select_ops
@@ -243,15 +243,17 @@ class ModelRunner:
         if not isinstance(deferred, DeferredSampling):
             return
         requests, positions = step.requests, deferred.positions
-        bitmask = None if deferred.masks is None else deferred.masks.result()
+        vocab_size = self.model_config.vocab_size
+        bitmask = host_bitmasks(requests, vocab_size, self.device) if deferred.masks is None \
+            else deferred.masks.result()
         if deferred.bucket is not None and not self.sampler.needs_adjustment(requests, positions, grammars=False):
             # Nothing but grammars: the graph's own draw again, under their masks (one replay, not the launches).
-            if bitmask is None:
-                bitmask = grammar_bitmasks(requests, self.model_config.vocab_size, self.device)
             if bitmask is not None:
                 self.graphs.draw_masked(deferred.bucket, bitmask)
             step.samples = self.sampler.finish(deferred.logits, self.last_tokens[: len(requests)], requests)
         else:
+            if bitmask is not None:
+                bitmask = bitmask.to(self.device, non_blocking=True)
             step.samples = self._draw(deferred.logits, requests, positions, deferred.params, bitmask)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int],
