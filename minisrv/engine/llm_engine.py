@@ -6,14 +6,15 @@ the GPU computes, and the one wait per step is the read of the previous step's t
 tokens it needs from the device (minisrv/engine/model_runner.py), so outputs are those of the plain loop;
 only a request that step N stopped (EOS, a stop token) computes one row for nothing. A step N+1 whose batch
 needs its requests' recorded tokens on the host (penalties, grammars) launches its forward, records step N
-while the device runs it, then starts filling its grammar masks on a thread of their own
-(ModelRunner.fill_masks); its tokens are drawn when step N+2 is launched, after N+2's inputs are prepared on
+while the device runs it, and starts filling its grammar masks on a thread of their own (ModelRunner.fill_masks)
+as soon as step N's tokens have advanced the grammars, the rest of the recording beside it; its tokens are drawn when step N+2 is launched, after N+2's inputs are prepared on
 the host, or when they are collected (ModelRunner.sample_deferred).
 """
 from __future__ import annotations
 
 import random
 import time
+from functools import partial
 from typing import Callable
 
 from minisrv.config import EngineConfig
@@ -95,14 +96,12 @@ class LLMEngine:
         defer = previous is not None and bool(batch) and _needs_recorded_tokens(batch, previous)
         launched = self.runner.launch(batch, previous, defer_sampling=defer) if batch else None
         if previous is not None:
-            outputs = self._record(previous)
-        if defer:
-            self.runner.fill_masks(launched)
+            # The masks start filling as soon as the grammars have seen previous's tokens: beside the rest of
+            # the recording, not after it.
+            fill_masks = partial(self.runner.fill_masks, launched) if defer else None
+            outputs = self.scheduler.postprocess(previous.batch, self.runner.collect(previous), fill_masks)
         self._in_flight = launched
         return outputs
-
-    def _record(self, step: LaunchedStep) -> list[RequestOutput]:
-        return self.scheduler.postprocess(step.batch, self.runner.collect(step))
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

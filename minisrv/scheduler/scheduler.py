@@ -24,6 +24,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from minisrv.config import EngineConfig
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
@@ -166,20 +167,28 @@ class Scheduler:
         self.metrics.step(self.token_budget - step.budget)
         return ScheduledBatch(step.seqs)
 
-    def postprocess(self, batch: ScheduledBatch, results: list[SampleResult]) -> list[RequestOutput]:
-        """Record the step's sampled tokens (one result per sampling seq, in batch order)."""
+    def postprocess(self, batch: ScheduledBatch, results: list[SampleResult],
+                    grammars_advanced: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Record the step's sampled tokens (one result per sampling seq, in batch order). Every token is
+        appended and fed to its grammar first; then `grammars_advanced` is called, if given (the engine starts
+        filling the next step's grammar masks there, beside the rest of this), and the outputs are made."""
         num_sampling = sum(seq.sample for seq in batch.seqs)
         if len(results) != num_sampling:
             raise ValueError(f"postprocess got {len(results)} sample results for a batch with "
                              f"{num_sampling} sampling sequences")
-        outputs: list[RequestOutput] = []
+        recorded: list[tuple[ScheduledSeq, SampleResult | None, FinishReason]] = []
         next_result = iter(results)
-        now = time.monotonic()
         for seq in batch.seqs:
             result = next(next_result) if seq.sample else None
-            req = seq.request
-            if req.finished:        # aborted, or stopped by the token before, after it was scheduled
+            if seq.request.finished:   # aborted, or stopped by the token before, after it was scheduled
                 continue
+            recorded.append((seq, result, FinishReason.NONE if result is None else self._record(seq.request, result)))
+        if grammars_advanced is not None:
+            grammars_advanced()
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for seq, result, reason in recorded:
+            req = seq.request
             if req.rid in self._cursors:
                 self._cache_full_pages(req, seq.start + seq.num_tokens)
             prompt_samples = self._new_prompt_logprobs(seq)
@@ -187,16 +196,21 @@ class Scheduler:
                 if prompt_samples:
                     outputs.append(self._output(req, [], prompt_samples))
                 continue
-            req.num_in_flight -= 1
-            req.output_ids.append(result.token_id)
             self.metrics.sampled(req, now)
-            reason = self._finish_reason(req, result.token_id)
-            if req.grammar is not None and reason is not FinishReason.STOP and self._grammar_complete(req, result):
-                reason = FinishReason.STOP   # a complete grammar ends the output, min_tokens or not
             if reason is not FinishReason.NONE:
                 self._finish(req, reason)
             outputs.append(self._output(req, [result], prompt_samples))
         return outputs
+
+    def _record(self, req: Request, result: SampleResult) -> FinishReason:
+        """Append a sampled token to the request's output and feed it to its grammar; whether and why it ends the
+        request."""
+        req.num_in_flight -= 1
+        req.output_ids.append(result.token_id)
+        reason = self._finish_reason(req, result.token_id)
+        if req.grammar is not None and reason is not FinishReason.STOP and self._grammar_complete(req, result):
+            reason = FinishReason.STOP   # a complete grammar ends the output, min_tokens or not
+        return reason
 
     @staticmethod
     def _new_prompt_logprobs(seq: ScheduledSeq) -> list[SampleResult]:
