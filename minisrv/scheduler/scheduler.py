@@ -191,7 +191,7 @@ class Scheduler:
             req = seq.request
             if req.rid in self._cursors:
                 self._cache_full_pages(req, seq.start + seq.num_tokens)
-            prompt_samples = self._new_prompt_logprobs(seq)
+            prompt_samples = self._new_prompt_logprobs(seq) if seq.prompt_logprobs else []
             if result is None:
                 if prompt_samples:
                     outputs.append(self._output(req, [], prompt_samples))
