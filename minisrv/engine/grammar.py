@@ -11,9 +11,10 @@ and only an end of sequence may follow, the request finishes with "stop" without
 
 The matcher's state follows the request's recorded output, so a preempted request (recomputed from its
 tokens) resumes with it unchanged. Under overlap scheduling the mask of step N+1 depends on step N's token:
-LLMEngine launches N+1's forward, records N (advancing the matchers) while the device runs it, then MaskFiller
-fills N+1's masks on a thread of its own while the engine schedules and prepares N+2; N+1's tokens are drawn
-from the masked logits just before N+2 is launched (ModelRunner.sample_deferred).
+LLMEngine launches N+1's forward, records N while the device runs it, and as soon as N's tokens have advanced the
+matchers MaskFiller fills N+1's masks on a thread of its own, while the engine finishes recording N and schedules
+and prepares N+2; N+1's tokens are drawn from the masked logits just before N+2 is launched
+(ModelRunner.sample_deferred).
 """
 from __future__ import annotations
 

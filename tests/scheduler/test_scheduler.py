@@ -291,6 +291,40 @@ def test_postprocess_rejects_a_wrong_number_of_results():
         sched.postprocess(batch, [SampleResult(1), SampleResult(2)])
 
 
+class CountingGrammar:
+    """A TokenConstraint that allows every token and is complete after `length` of them."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.seen = length, []
+
+    def fill_bitmask(self, address: int, num_bytes: int) -> None:
+        raise AssertionError("the scheduler never fills masks")
+
+    def advance(self, token_id: int) -> bool:
+        self.seen.append(token_id)
+        return len(self.seen) >= self.length
+
+
+def test_postprocess_feeds_every_grammar_its_token_before_the_callback_and_finishes_requests_after():
+    """The engine starts the next step's masks in the callback: every grammar must have seen its token by then."""
+    sched = make_scheduler(num_pages=16)
+    grammars = [CountingGrammar(1), CountingGrammar(5)]
+    constrained = [request(i, [1, 2, 3], max_tokens=4) for i in range(2)]
+    for req, grammar in zip(constrained, grammars):
+        req.grammar = grammar
+        sched.add_request(req)
+    sched.add_request(free := request(2, [4, 5, 6], max_tokens=4))
+    batch = sched.schedule()
+    at_callback = []
+    outputs = sched.postprocess(batch, [SampleResult(7), SampleResult(8), SampleResult(9)],
+                                lambda: at_callback.append(([g.seen[:] for g in grammars],
+                                                            [r.finished for r in constrained + [free]])))
+    assert at_callback == [([[7], [8]], [False, False, False])]
+    assert [(o.rid, o.new_token_ids, o.finish_reason) for o in outputs] == [
+        (0, [7], FinishReason.STOP), (1, [8], FinishReason.NONE), (2, [9], FinishReason.NONE)]   # 0: grammar complete
+    assert constrained[0].finished and not constrained[1].finished
+
+
 def test_requests_arriving_together_with_one_prompt_share_its_pages():
     """n>1 choices arrive as n requests with the same prompt: the later ones wait one step and hit."""
     rng = random.Random(12)
