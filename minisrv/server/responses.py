@@ -59,14 +59,19 @@ async def sse_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta],
 def _calls_of(ctx: ResponseContext, text: str, finish_reason: str | None) -> tuple[str, list[ToolCall], str | None]:
     """(content, tool calls, finish_reason) of a whole chat output under the request's tool_choice."""
     choice = ctx.tool_choice
-    if choice == "none" or finish_reason != "stop":   # a cut output is returned as it is
+    if choice == "none" or (choice == "auto" and finish_reason != "stop"):   # a cut output is returned as it is
         return text, [], finish_reason
     if choice == "auto":
         content, calls = tools.parse_calls(text, set(ctx.tool_names))
-    else:
-        content, calls = "", tools.forced_calls(text, choice)
+    else:   # a forced call cut short keeps the arguments it has, as its stream sent them (vLLM's way)
+        calls = tools.forced_calls(text, choice)
+        content = "" if calls else text
+    return content, calls, _finish_with_calls(choice, bool(calls), finish_reason)
+
+
+def _finish_with_calls(choice: str, has_calls: bool, finish_reason: str | None) -> str | None:
     # OpenAI's: a named function forced by tool_choice finishes with "stop", any other call with "tool_calls".
-    return content, calls, finish_reason if not calls or choice not in ("auto", "required") else "tool_calls"
+    return "tool_calls" if has_calls and finish_reason == "stop" and choice in ("auto", "required") else finish_reason
 
 
 def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
@@ -86,14 +91,14 @@ def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
 
 
 def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
-    """Text streams as it comes. With tools, what may be a call is held back (a forced call's whole output;
-    under "auto" from where a call may start, tools.AutoCallStream) and goes out as tool_calls deltas, one per
-    call with its whole arguments, in the choice's last chunk."""
+    """Text streams as it comes. A forced call streams as tool_calls deltas as it is written (tools.ForcedCalls);
+    under "auto", text from where a call may start is held back (tools.AutoCallStream) and its calls go out whole
+    in the choice's last chunk."""
     role_sent: set[int] = set()
     auto: dict[int, tools.AutoCallStream] = {}
-    held: dict[int, list[str]] = {}   # forced calls: the text so far
+    forced: dict[int, tools.ForcedCalls] = {}
 
-    def content_of(cd: ChoiceDelta) -> tuple[str, list[ToolCall], str | None]:
+    def content_of(cd: ChoiceDelta) -> tuple[str, list[dict], str | None]:
         d = cd.delta
         if ctx.tool_choice == "none":
             return d.text, [], d.finish_reason
@@ -105,17 +110,17 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
             if d.finish_reason != "stop":
                 return text + stream.text[stream.sent:], [], d.finish_reason
             rest, calls = stream.finish()
-            return text + rest, calls, "tool_calls" if calls else d.finish_reason
-        parts = held.setdefault(cd.choice, [])
-        parts.append(d.text)
-        if d.finish_reason is None:
-            return "", [], None
-        content, calls, finish_reason = _calls_of(ctx, "".join(parts), d.finish_reason)
-        return content, calls, finish_reason
+            return (text + rest, [c.as_api(index=j) for j, c in enumerate(calls)],
+                    _finish_with_calls("auto", bool(calls), d.finish_reason))
+        calls = forced.setdefault(cd.choice, tools.ForcedCalls(ctx.tool_choice))
+        call_deltas = calls.feed(d.text)
+        if d.finish_reason is not None and not calls.ids:   # cut before a call was named: the text, as a whole
+            return calls.text, [], d.finish_reason
+        return "", call_deltas, _finish_with_calls(ctx.tool_choice, True, d.finish_reason)
 
     def chunk_of(cd: ChoiceDelta) -> dict | None:
         d = cd.delta
-        text, calls, finish_reason = content_of(cd)
+        text, call_deltas, finish_reason = content_of(cd)
         delta: dict = {}
         if cd.choice not in role_sent:  # the first delta of every choice names the role
             role_sent.add(cd.choice)
@@ -123,8 +128,8 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
             delta["content"] = text
         elif text:
             delta["content"] = text
-        if calls:
-            delta["tool_calls"] = [c.as_api(index=j) for j, c in enumerate(calls)]
+        if call_deltas:
+            delta["tool_calls"] = call_deltas
         if not delta and finish_reason is None and not d.logprobs:
             return None  # nothing new yet (e.g. half of a multi-byte character, or text held back)
         choice = {"index": cd.choice, "delta": delta,

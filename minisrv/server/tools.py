@@ -3,10 +3,12 @@
 tool_choice "required" and a named function are enforced through structured output, so their arguments always
 parse: a named function's output is its arguments (a JSON object of its parameters schema, as vLLM does); for
 "required" it is a JSON array of {"name", "parameters"} objects, one of the tools each, at least one (only one
-unless parallel_tool_calls). With "auto" the model writes calls in its own format, and both formats in use are
-recognised: Hermes-style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3,
-Hermes) and Llama 3.x's bare JSON object `{"name": ..., "parameters": {...}}` (optionally after
-`<|python_tag|>`), or several separated by semicolons.
+unless parallel_tool_calls). A forced call streams the way vLLM streams it (ForcedCalls): a call's id, type and
+name as soon as its name is known, then its arguments' text as the model writes it. With "auto" the model writes
+calls in its own format, and both formats in use are recognised: Hermes-style
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3, Hermes) and Llama 3.x's bare
+JSON object `{"name": ..., "parameters": {...}}` (optionally after `<|python_tag|>`), or several separated by
+semicolons; whether such text is a call is known only once it is complete, so those go out whole.
 """
 from __future__ import annotations
 
@@ -52,11 +54,110 @@ def call_grammar(tools: list[dict], choice: str, parallel: bool, field: str) -> 
 
 
 def forced_calls(text: str, choice: str) -> list[ToolCall]:
-    """The calls of an output made under call_grammar (a finished one always parses)."""
-    if choice != "required":
-        return [ToolCall(choice, text.strip(), new_call_id())]
-    return [ToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False), new_call_id())
-            for c in json.loads(text)]
+    """The calls of an output made under call_grammar: those whose name it reached, their arguments as far as
+    it goes (a finished output's always parse)."""
+    calls = ForcedCalls(choice)
+    calls.feed(text)
+    return calls.calls()
+
+
+class ForcedCalls:
+    """The calls of an output made under call_grammar, read as it grows: each call's name once it is complete,
+    and its arguments as the raw JSON text written so far (outer whitespace left out, so the text only grows).
+
+    "required" outputs are scanned one character at a time, once each: a call is an object one level inside the
+    array, its "name" a string, its "parameters" any JSON value (ended by a "," or "}" at the object's level)."""
+
+    def __init__(self, choice: str) -> None:
+        self.choice = choice
+        self.text = ""
+        self.names: list[str | None] = []     # per call
+        self.spans: list[list[int]] = []      # per call: [start, end] of its arguments in self.text, -1 if unknown
+        self.ids: list[str] = []              # per call whose name is known
+        self.sent: list[int] = []             # per call whose name is known: characters of arguments streamed
+        self._depth, self._in_string, self._escape = 0, False, False
+        self._string_start = -1    # the opening quote of the string being read at the objects' level
+        self._key: str | None = None          # the key whose value is being read (None: a key comes next)
+        self._value_start = -1                # where that value began (-1: not yet)
+
+    def feed(self, delta: str) -> list[dict]:
+        """Read `delta`; the tool_calls deltas (OpenAI's streaming shape) it adds."""
+        start = len(self.text)
+        self.text += delta
+        if self.choice != "required":
+            if not self.names:
+                self.names, self.spans = [self.choice], [[0, -1]]
+        else:
+            for i in range(start, len(self.text)):
+                self._scan(i, self.text[i])
+        return self._new_deltas()
+
+    def calls(self) -> list[ToolCall]:
+        """The calls so far, whole (with the ids their streamed deltas carried)."""
+        self._new_deltas()
+        return [ToolCall(name, self.arguments(j), self.ids[j]) for j, name in enumerate(self.names) if name]
+
+    def arguments(self, j: int) -> str:
+        start, end = self.spans[j]
+        if start < 0:
+            return ""
+        return self.text[start : end if end >= 0 else len(self.text)].strip()
+
+    def _new_deltas(self) -> list[dict]:
+        out = []
+        for j, name in enumerate(self.names):
+            if name is None:
+                break   # calls go out in order
+            arguments = self.arguments(j)
+            if j == len(self.ids):
+                self.ids.append(new_call_id())
+                self.sent.append(len(arguments))
+                out.append({"index": j, "id": self.ids[j], "type": "function",
+                            "function": {"name": name, "arguments": arguments}})
+            elif len(arguments) > self.sent[j]:
+                out.append({"index": j, "function": {"arguments": arguments[self.sent[j]:]}})
+                self.sent[j] = len(arguments)
+        return out
+
+    def _scan(self, i: int, ch: str) -> None:
+        if self._in_string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._in_string = False
+                if self._string_start >= 0:
+                    self._string_read(json.loads(self.text[self._string_start : i + 1]))
+            return
+        at_call_level = self._depth == 2
+        if at_call_level and self._key is not None and self._value_start < 0 and not ch.isspace() and ch != ":":
+            self._value_start = i
+            if self._key == "parameters":
+                self.spans[-1][0] = i
+        if ch == '"':
+            self._in_string = True
+            self._string_start = i if at_call_level else -1
+        elif ch in "{[":
+            self._depth += 1
+            if ch == "{" and self._depth == 2:   # a call begins
+                self.names.append(None)
+                self.spans.append([-1, -1])
+        elif ch in ",}" and at_call_level:
+            if self._key == "parameters":
+                self.spans[-1][1] = i
+            self._key, self._value_start = None, -1
+            if ch == "}":
+                self._depth -= 1
+        elif ch in "}]":
+            self._depth -= 1
+
+    def _string_read(self, value: str) -> None:
+        """A string at the call's level has ended: a key, or the name's value."""
+        if self._key is None:
+            self._key = value
+        elif self._key == "name" and self._value_start == self._string_start:
+            self.names[-1] = value
 
 
 def parse_calls(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:

@@ -585,13 +585,18 @@ def test_forced_tool_calls_parse_whole_and_streamed(sdk, model) -> None:
             delta = chunk.choices[0].delta
             assert not delta.content   # a forced call never streams as text
             for call in delta.tool_calls or []:
-                entry = streamed.setdefault(call.index, {"name": "", "arguments": ""})
-                entry["name"] += call.function.name or ""
-                entry["arguments"] += call.function.arguments or ""
+                if call.index not in streamed:   # named in its first delta, and only there
+                    assert call.id.startswith("call_") and call.type == "function" and call.function.name
+                    streamed[call.index] = {"name": call.function.name, "arguments": "", "pieces": 0}
+                else:
+                    assert call.id is None and call.function.name is None
+                streamed[call.index]["arguments"] += call.function.arguments or ""
+                streamed[call.index]["pieces"] += bool(call.function.arguments)
             finish = chunk.choices[0].finish_reason or finish
         assert finish == whole.finish_reason
         assert [(e["name"], json.loads(e["arguments"])) for _, e in sorted(streamed.items())] == \
             [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+        assert all(e["pieces"] > 1 for e in streamed.values())   # the arguments stream as they are written
 
 
 def test_a_tool_round_trip_is_rendered_and_answered(sdk, model) -> None:

@@ -37,6 +37,47 @@ def test_forced_grammars_accept_calls_and_nothing_else() -> None:
     assert calls[0].id.startswith("call_") and calls[0].id != calls[1].id
 
 
+REQUIRED_OUTPUT = ('[{"name": "get_time", "parameters": {"zone": "U,T}C", "n": [1, {"a": "\\"}"}]}}, '
+                   '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+
+
+@pytest.mark.parametrize("choice, text", [("required", REQUIRED_OUTPUT), ("get_weather", ' {"city": "a}b", "unit": "C"} ')])
+def test_a_forced_call_streams_its_name_then_its_arguments_as_they_are_written(choice: str, text: str) -> None:
+    """Whatever the pieces the text arrives in, the deltas reassemble to the whole output's calls; a call is
+    named (id, type, name) in its first delta only, and its arguments come in several."""
+    whole = tools.forced_calls(text, choice)
+    if choice == "required":
+        assert [(c.name, json.loads(c.arguments)) for c in whole] == [
+            ("get_time", {"zone": "U,T}C", "n": [1, {"a": '"}'}]}), ("get_weather", {"city": "Oslo"})]
+    else:
+        assert [(c.name, c.arguments) for c in whole] == [("get_weather", text.strip())]
+    for seed in range(50):
+        rng = random.Random(seed)
+        calls, streamed, pieces, i = tools.ForcedCalls(choice), {}, {}, 0
+        while i < len(text):
+            step = rng.randint(1, 6)
+            for delta in calls.feed(text[i : i + step]):
+                if delta["index"] not in streamed:
+                    assert delta["type"] == "function" and delta["id"].startswith("call_")
+                    streamed[delta["index"]] = {"id": delta["id"], "name": delta["function"]["name"], "arguments": ""}
+                else:
+                    assert set(delta) == {"index", "function"} and set(delta["function"]) == {"arguments"}
+                streamed[delta["index"]]["arguments"] += delta["function"]["arguments"]
+                pieces[delta["index"]] = pieces.get(delta["index"], 0) + 1
+            i += step
+        assert [(e["id"], e["name"], e["arguments"]) for _, e in sorted(streamed.items())] == \
+            [(c.id, c.name, c.arguments) for c in calls.calls()]
+        assert [(c.name, c.arguments) for c in calls.calls()] == [(c.name, c.arguments) for c in whole]
+        assert min(pieces.values()) > 1
+
+
+def test_a_forced_call_cut_short_keeps_what_it_has() -> None:
+    cut = '[{"name": "get_time", "parameters": {"zone": "UT'
+    assert [(c.name, c.arguments) for c in tools.forced_calls(cut, "required")] == [("get_time", '{"zone": "UT')]
+    assert tools.forced_calls('[{"name": "get_ti', "required") == []
+    assert tools.forced_calls("", "get_time")[0].arguments == ""
+
+
 @pytest.mark.parametrize("text, content, expected", [
     ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
      "Let me check.\n", [("get_weather", {"city": "Paris"})]),
