@@ -59,11 +59,12 @@ async def sse_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta],
 def _calls_of(ctx: ResponseContext, text: str, finish_reason: str | None) -> tuple[str, list[ToolCall], str | None]:
     """(content, tool calls, finish_reason) of a whole chat output under the request's tool_choice."""
     choice = ctx.tool_choice
-    if choice == "none" or (choice == "auto" and finish_reason != "stop"):   # a cut output is returned as it is
+    if choice == "none":
         return text, [], finish_reason
+    # A call cut short keeps the arguments it has, as its stream sent them (vLLM's way).
     if choice == "auto":
         content, calls = tools.parse_calls(text, set(ctx.tool_names))
-    else:   # a forced call cut short keeps the arguments it has, as its stream sent them (vLLM's way)
+    else:
         calls = tools.forced_calls(text, choice)
         content = "" if calls else text
     return content, calls, _finish_with_calls(choice, bool(calls), finish_reason)
@@ -91,9 +92,8 @@ def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
 
 
 def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
-    """Text streams as it comes. A forced call streams as tool_calls deltas as it is written (tools.ForcedCalls);
-    under "auto", text from where a call may start is held back (tools.AutoCallStream) and its calls go out whole
-    in the choice's last chunk."""
+    """Text streams as it comes, calls as tool_calls deltas while they are written (tools.ForcedCalls,
+    tools.AutoCallStream); under "auto", text that may be a call is held back until that is known."""
     role_sent: set[int] = set()
     auto: dict[int, tools.AutoCallStream] = {}
     forced: dict[int, tools.ForcedCalls] = {}
@@ -104,17 +104,14 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
             return d.text, [], d.finish_reason
         if ctx.tool_choice == "auto":
             stream = auto.setdefault(cd.choice, tools.AutoCallStream(set(ctx.tool_names)))
-            text = stream.feed(d.text)
+            text, call_deltas = stream.feed(d.text)
             if d.finish_reason is None:
-                return text, [], None
-            if d.finish_reason != "stop":
-                return text + stream.text[stream.sent:], [], d.finish_reason
-            rest, calls = stream.finish()
-            return (text + rest, [c.as_api(index=j) for j, c in enumerate(calls)],
-                    _finish_with_calls("auto", bool(calls), d.finish_reason))
+                return text, call_deltas, None
+            rest, last_deltas, calls = stream.finish()
+            return text + rest, call_deltas + last_deltas, _finish_with_calls("auto", bool(calls), d.finish_reason)
         calls = forced.setdefault(cd.choice, tools.ForcedCalls(ctx.tool_choice))
         call_deltas = calls.feed(d.text)
-        if d.finish_reason is not None and not calls.ids:   # cut before a call was named: the text, as a whole
+        if d.finish_reason is not None and not calls.deltas.ids:   # cut before a call was named: the text, whole
             return calls.text, [], d.finish_reason
         return "", call_deltas, _finish_with_calls(ctx.tool_choice, True, d.finish_reason)
 

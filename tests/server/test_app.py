@@ -109,6 +109,34 @@ def test_chat_streaming_matches_whole(sdk) -> None:
         assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+def test_auto_tool_calls_stream_their_arguments_and_match_the_whole_response(sdk, monkeypatch) -> None:
+    """A Hermes call in the output goes through the SSE path as it is written: content up to the tag, then the
+    call's name, then its arguments in pieces, reassembling to the unstreamed response."""
+    import tests.server.fake_engine_client as fake
+    monkeypatch.setattr(fake, "REPLY", 'Let me see. <tool_call>\n{"name": "get_time", "arguments": '
+                                       '{"zone": "UTC", "dst": false}}\n</tool_call>')
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "time?"}], tools=[tool], max_tokens=200,
+                  **GREEDY)
+    whole = sdk.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Let me see. "
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == \
+        [("get_time", {"zone": "UTC", "dst": False})]
+    content, calls, pieces, finish = "", {}, 0, None
+    for chunk in sdk.chat.completions.create(stream=True, **kwargs):
+        (choice,) = chunk.choices
+        content += choice.delta.content or ""
+        for call in choice.delta.tool_calls or []:
+            assert content == "Let me see. "   # no call before the content that precedes it
+            entry = calls.setdefault(call.index, {"name": call.function.name, "arguments": ""})
+            entry["arguments"] += call.function.arguments or ""
+            pieces += 1
+        finish = choice.finish_reason or finish
+    assert (content, finish) == (whole.message.content, "tool_calls") and pieces > 5
+    assert [(e["name"], e["arguments"]) for _, e in sorted(calls.items())] == \
+        [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+
+
 def test_chat_logprobs(sdk) -> None:
     out = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                       logprobs=True, top_logprobs=3, **GREEDY)

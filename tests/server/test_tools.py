@@ -41,7 +41,8 @@ REQUIRED_OUTPUT = ('[{"name": "get_time", "parameters": {"zone": "U,T}C", "n": [
                    '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
 
 
-@pytest.mark.parametrize("choice, text", [("required", REQUIRED_OUTPUT), ("get_weather", ' {"city": "a}b", "unit": "C"} ')])
+@pytest.mark.parametrize("choice, text", [("required", REQUIRED_OUTPUT),
+                                          ("get_weather", ' {"city": "a}b", "unit": "C"} ')])
 def test_a_forced_call_streams_its_name_then_its_arguments_as_they_are_written(choice: str, text: str) -> None:
     """Whatever the pieces the text arrives in, the deltas reassemble to the whole output's calls; a call is
     named (id, type, name) in its first delta only, and its arguments come in several."""
@@ -56,13 +57,9 @@ def test_a_forced_call_streams_its_name_then_its_arguments_as_they_are_written(c
         calls, streamed, pieces, i = tools.ForcedCalls(choice), {}, {}, 0
         while i < len(text):
             step = rng.randint(1, 6)
-            for delta in calls.feed(text[i : i + step]):
-                if delta["index"] not in streamed:
-                    assert delta["type"] == "function" and delta["id"].startswith("call_")
-                    streamed[delta["index"]] = {"id": delta["id"], "name": delta["function"]["name"], "arguments": ""}
-                else:
-                    assert set(delta) == {"index", "function"} and set(delta["function"]) == {"arguments"}
-                streamed[delta["index"]]["arguments"] += delta["function"]["arguments"]
+            deltas = calls.feed(text[i : i + step])
+            _collect(streamed, deltas)
+            for delta in deltas:
                 pieces[delta["index"]] = pieces.get(delta["index"], 0) + 1
             i += step
         assert [(e["id"], e["name"], e["arguments"]) for _, e in sorted(streamed.items())] == \
@@ -98,22 +95,64 @@ def test_auto_calls_are_parsed_in_both_formats(text: str, content: str, expected
     assert [(c.name, json.loads(c.arguments)) for c in calls] == expected
 
 
+HERMES_TWO = ('Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa,ri}s", "unit": "C"}}\n'
+              '</tool_call>\n'
+              '<tool_call>{"name": "nope", "arguments": {}}</tool_call><tool_call>{"name": "get_time", '
+              '"arguments": "{\\"zone\\": \\"UTC\\"}"}</tool_call>')
+
+
 @pytest.mark.parametrize("text", [
+    HERMES_TWO,
     'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Par',      # cut short: a call with what it has
     '{"name": "get_time", "parameters": {"zone": "CET"}}',
+    '  <|python_tag|>{"name": "get_time", "parameters": {"zone": "X"}}',
     "Plain text with a < sign and <tool_ not a call.",
+    "<tool_call>{broken json</tool_call>",
     '{"not": "a call"}',
 ])
 def test_a_stream_sends_the_same_content_and_calls_as_the_whole_text(text: str) -> None:
-    rng = random.Random(len(text))
-    stream = tools.AutoCallStream({"get_weather", "get_time"})
-    sent, i = [], 0
-    while i < len(text):
-        step = rng.randint(1, 6)
-        sent.append(stream.feed(text[i : i + step]))
-        assert "<tool_call>" not in "".join(sent)   # never streams a call as content
-        i += step
-    rest, calls = stream.finish()
-    content, expected = tools.parse_calls(text, {"get_weather", "get_time"})
-    assert "".join(sent) + rest == (content if expected else text)
-    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
+    names = {"get_weather", "get_time"}
+    content, expected = tools.parse_calls(text, names)
+    for seed in range(30):
+        rng = random.Random(seed)
+        stream = tools.AutoCallStream(names)
+        sent, streamed, i = [], {}, 0
+        while i < len(text):
+            step = rng.randint(1, 6)
+            piece, deltas = stream.feed(text[i : i + step])
+            sent.append(piece)
+            assert "<tool_call>" not in "".join(sent)   # never streams a call as content
+            i += step
+            _collect(streamed, deltas)
+        rest, deltas, calls = stream.finish()
+        _collect(streamed, deltas)
+        assert "".join(sent) + rest == content
+        assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
+        assert [(e["id"], e["name"], e["arguments"]) for _, e in sorted(streamed.items())] == \
+            [(c.id, c.name, c.arguments) for c in calls]
+
+
+def test_hermes_calls_stream_their_arguments_as_they_are_written() -> None:
+    content, calls = tools.parse_calls(HERMES_TWO, {"get_weather", "get_time"})
+    assert content == "Sure. "
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Pa,ri}s", "unit": "C"}),
+                                                                   ("get_time", {"zone": "UTC"})]
+    stream, pieces = tools.AutoCallStream({"get_weather", "get_time"}), []
+    for ch in HERMES_TWO:
+        pieces += [d for d in stream.feed(ch)[1] if d["index"] == 0]
+    assert pieces[0]["function"] == {"name": "get_weather", "arguments": "{"}   # named at its arguments' first "{"
+    arguments = '{"city": "Pa,ri}s", "unit": "C"}'   # then a character at a time (a space with the next one)
+    assert len(pieces) == len(arguments) - arguments.count(" ")
+    assert tools.parse_calls('<tool_call>{"name": "get_weather", "arguments": {"city": "Par', {"get_weather"})[1][0] \
+        .arguments == '{"city": "Par'
+
+
+def _collect(streamed: dict, deltas: list[dict]) -> None:
+    for delta in deltas:
+        if delta["index"] not in streamed:
+            assert delta["type"] == "function" and delta["id"].startswith("call_")
+            streamed[delta["index"]] = {"id": delta["id"], "name": delta["function"]["name"], "arguments": ""}
+        else:
+            assert set(delta) == {"index", "function"} and set(delta["function"]) == {"arguments"}
+        streamed[delta["index"]]["arguments"] += delta["function"]["arguments"]
