@@ -7,6 +7,7 @@ field's name in dashes; `flags` adds the names vLLM and SGLang users know for th
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,10 +265,17 @@ class ServerConfig:
     enable_access_log: bool = setting(
         False, group="server", help="log one line per HTTP request: client, method, path, status, bytes, duration "
                                     "(never a body)")
+    metrics_prefix: str = setting(
+        "minisrv", group="server",
+        help="the namespace of /metrics' series, whose names follow vLLM's: 'vllm' gives exactly vLLM's names "
+             "(vllm:num_requests_running, ...), so dashboards made for vLLM read them unchanged")
     log_level: str = setting("info", group="server", choices=LOG_LEVELS, help="logging level")
 
     def __post_init__(self) -> None:
         validate_fields(self, _name_the_flag)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.metrics_prefix):
+            raise ValueError(f"metrics_prefix ({flag_name('metrics_prefix')}) must be letters, digits and underscores, "
+                             f"not starting with a digit, got {self.metrics_prefix!r}")
         if None not in (self.num_tokenizers, self.api_server_count) and self.num_tokenizers < self.api_server_count:
             raise ValueError(f"num_tokenizers (--num-tokenizers) {self.num_tokenizers}: each of --api-server-count "
                              f"{self.api_server_count} API server processes needs a tokenizer worker of its own")

@@ -89,7 +89,7 @@ def _some_value(cls: type, f: dataclasses.Field, rng: random.Random) -> object:
         return tuple(f"value-{rng.randrange(1000)}" for _ in range(2))
     allowed = meta["range"]
     if allowed is None:
-        return f"value-{rng.randrange(1000)}"
+        return f"value_{rng.randrange(1000)}"   # a word: valid for every free string (--metrics-prefix wants one)
     low, high = allowed.low, allowed.high if allowed.high is not None else allowed.low + 1000
     if float in typing.get_args(kind) or kind is float:
         return round(rng.uniform(low + 0.01, high), 2)
@@ -172,6 +172,7 @@ def test_bad_values_are_one_line_errors(argv: list[str], flag: str, capsys: pyte
     (["--tp-size", "3", "--nnodes", "2", "--dist-init-addr", "h:1"], "--nnodes"),
     (["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "h:1", "--dp-size", "2"], "--dp-size"),
     (["--api-server-count", "3", "--num-tokenizers", "2"], "--num-tokenizers"),
+    (["--metrics-prefix", "my-server"], "--metrics-prefix"),
 ])
 def test_contradicting_settings_are_one_line_errors(argv: list[str], flag: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,7 +85,8 @@ class ApiRoutes:
         self.config = config
         self.tokenization = tokenization
         self.connections = Connections(config.max_connections or default_limit())
-        self.metrics = ServerMetrics(engine.stats, engine.histograms, lambda: engine.model_name, self.connections)
+        self.metrics = ServerMetrics(engine.stats, engine.histograms, lambda: engine.model_name, self.connections,
+                                     config.metrics_prefix)
         self.started = int(time.time())
         self.grammars = GrammarValidator()
         self._api_key = config.api_key.encode() if config.api_key else None

@@ -1,7 +1,8 @@
 """`/metrics` in Prometheus text format, every value read from the scheduler at scrape time.
 
 Names follow vLLM's (`vllm:num_requests_running` -> `minisrv:num_requests_running`), and every series
-carries vLLM's `model_name` label, so existing dashboards need only the prefix changed. Nothing is counted
+carries vLLM's `model_name` label; `--metrics-prefix vllm` gives vLLM's names exactly, so dashboards made for it
+read them unchanged. Nothing is counted
 here: gauges, counters and the request histograms (minisrv/scheduler/metrics.py) are the scheduler's, as it
 last published them (EngineHandle.stats() and .histograms()), so a slow or vanished client changes none of
 them, and several data-parallel replicas add up. The HTTP connection counts are the API server's own
@@ -22,7 +23,8 @@ MODEL_LABEL = ["model_name"]
 
 class _SchedulerCollector:
     def __init__(self, read_stats: Callable[[], SchedulerStats], read_histograms: Callable[[], HistogramValues],
-                 model_name: Callable[[], str]) -> None:
+                 model_name: Callable[[], str], prefix: str) -> None:
+        self._prefix = prefix
         self._read_stats = read_stats
         self._read_histograms = read_histograms
         self._model_name = model_name
@@ -42,10 +44,10 @@ class _SchedulerCollector:
                  s.num_preemptions),
                 (CounterMetricFamily, "prompt_tokens", "Prompt tokens of admitted requests.", s.prompt_tokens),
                 (CounterMetricFamily, "generation_tokens", "Generated tokens.", s.generation_tokens)):
-            metric = family(f"minisrv:{name}", doc, labels=MODEL_LABEL)
+            metric = family(f"{self._prefix}:{name}", doc, labels=MODEL_LABEL)
             metric.add_metric(labels, value)
             yield metric
-        finished = CounterMetricFamily("minisrv:request_success", "Finished requests (choices) by finish reason.",
+        finished = CounterMetricFamily(f"{self._prefix}:request_success", "Finished requests (choices) by finish reason.",
                                        labels=["finished_reason", *MODEL_LABEL])
         for reason, count in (("stop", s.finished_stop), ("length", s.finished_length), ("abort", s.finished_abort)):
             finished.add_metric([reason, *labels], count)
@@ -60,7 +62,7 @@ class _SchedulerCollector:
             for bound, count in zip([*map(str, spec.buckets), "+Inf"], counts):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            metric = HistogramMetricFamily(f"minisrv:{spec.name}", spec.doc, labels=MODEL_LABEL)
+            metric = HistogramMetricFamily(f"{self._prefix}:{spec.name}", spec.doc, labels=MODEL_LABEL)
             metric.add_metric(labels, buckets, sum_value=total)
             yield metric
 
@@ -68,7 +70,8 @@ class _SchedulerCollector:
 class _ConnectionCollector:
     """The API server's own: its open HTTP connections and those refused past --max-connections."""
 
-    def __init__(self, connections: Connections, model_name: Callable[[], str]) -> None:
+    def __init__(self, connections: Connections, model_name: Callable[[], str], prefix: str) -> None:
+        self._prefix = prefix
         self._connections = connections
         self._model_name = model_name
 
@@ -80,7 +83,7 @@ class _ConnectionCollector:
                  self._connections.limit),
                 (CounterMetricFamily, "http_connections_refused", "Connections answered 503 at the limit.",
                  self._connections.refused)):
-            metric = family(f"minisrv:{name}", doc, labels=MODEL_LABEL)
+            metric = family(f"{self._prefix}:{name}", doc, labels=MODEL_LABEL)
             metric.add_metric(labels, value)
             yield metric
 
@@ -89,11 +92,11 @@ class ServerMetrics:
     """Every metric the API server exports, in a private registry (two apps in one process never clash)."""
 
     def __init__(self, read_stats: Callable[[], SchedulerStats], read_histograms: Callable[[], HistogramValues],
-                 model_name: Callable[[], str], connections: Connections | None = None) -> None:
+                 model_name: Callable[[], str], connections: Connections | None, prefix: str) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_SchedulerCollector(read_stats, read_histograms, model_name))
+        self.registry.register(_SchedulerCollector(read_stats, read_histograms, model_name, prefix))
         if connections is not None:
-            self.registry.register(_ConnectionCollector(connections, model_name))
+            self.registry.register(_ConnectionCollector(connections, model_name, prefix))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

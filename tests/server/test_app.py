@@ -425,6 +425,15 @@ def test_metrics(server, sdk) -> None:
         assert samples[f'{name}_bucket{{le="+Inf"}}'] == sum(counts)
 
 
+def test_metrics_prefix_vllm_gives_vllms_names() -> None:
+    with InProcessServer(FakeEngineClient(MODEL), ServerConfig(metrics_prefix="vllm")) as s:
+        names = {line.split("{")[0] for line in httpx.get(f"{s.url}/metrics").text.splitlines()
+                 if line and not line.startswith("#")}
+    assert {"vllm:num_requests_running", "vllm:request_success_total", "vllm:time_to_first_token_seconds_bucket",
+            "vllm:e2e_request_latency_seconds_count", "vllm:generation_tokens_total"} <= names
+    assert not [n for n in names if n.startswith("minisrv:")]
+
+
 def test_api_key() -> None:
     key = "s3cret-ключ"
     with InProcessServer(FakeEngineClient(MODEL), ServerConfig(api_key=key)) as s:
