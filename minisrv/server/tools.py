@@ -9,9 +9,8 @@ Hermes) and Llama 3.x's bare JSON object `{"name": ..., "parameters": {...}}` (o
 `<|python_tag|>`), or several separated by semicolons.
 
 Calls stream the way vLLM streams them (call_reader.py): a call's id, type and name as soon as its name is
-written, then its arguments' text as the model writes it. That holds for forced calls and Hermes blocks (one
-naming a function that is not a tool is no call); a Llama 3 call goes out whole at the end, as only the complete
-output says whether it is one. The whole response takes its calls from the same readers, so a stream's deltas
+written, then its arguments' text as the model writes it. An object naming a function that is not a tool, or
+with no arguments, is no call. The whole response takes its calls from the same readers, so a stream's deltas
 reassemble to it exactly.
 """
 from __future__ import annotations
@@ -98,16 +97,17 @@ class ForcedCalls:
 
 class AutoCallStream:
     """A choice's output under tool_choice "auto": content streams as it comes, calls as tool_calls deltas. From
-    a Hermes start tag on, the blocks are read as they grow (CallReader) and a call to one of `names` streams as a
-    forced one does; an output that opens like a Llama 3 call is held whole, since only its end says whether it
-    is one. `feed` gives what may go out now, `finish` the rest and the calls."""
+    a Hermes start tag on, or from the start of an output that opens like a Llama 3 call (a JSON object, maybe
+    after <|python_tag|>), the text is read as it grows (CallReader) and a call to one of `names` streams as a
+    forced one does; text that may be a call is never streamed as content, and an output whose objects call no
+    tool is content after all. `feed` gives what may go out now, `finish` the rest and the calls."""
 
     def __init__(self, names: set[str]) -> None:
         self.names = names
         self.text = ""
         self.sent = 0                             # characters of self.text streamed as content
-        self.reader: CallReader | None = None     # the text after the first Hermes start tag
-        self.tag_at = -1
+        self.reader: CallReader | None = None     # the text from where calls may begin
+        self.tag_at = -1                          # where that is
         self.deltas = CallDeltas()
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
@@ -117,12 +117,15 @@ class AutoCallStream:
             self.reader.feed(delta)
             return "", self.deltas.update(self._found())
         head = self.text.lstrip()
-        if not self.sent and (not head or head.startswith("{") or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)])):
-            return "", []   # may be a Llama 3 call: hold it all until the end
+        if not self.sent and (head.startswith("{") or head.startswith(PYTHON_TAG)):   # a Llama 3 call, maybe
+            self._read_from(0, 0)
+            return "", self.deltas.update(self._found())
+        if not self.sent and (not head or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)])):
+            return "", []   # too early to tell
         start = self.text.find(HERMES_START, self.sent)
         if start >= 0:
             content, self.sent = self.text[self.sent : start], start
-            self._read_from(start)
+            self._read_from(start, len(HERMES_START))
             return content, self.deltas.update(self._found())
         safe = len(self.text)   # keep back a tail that could be the beginning of a start tag
         for k in range(min(len(HERMES_START) - 1, len(self.text) - self.sent), 0, -1):
@@ -134,9 +137,7 @@ class AutoCallStream:
 
     def finish(self) -> tuple[str, list[dict], list[ToolCall]]:
         """(the content not sent yet, the tool_calls deltas not sent yet, every call) of the complete output."""
-        if self.reader is None and (start := self.text.find(HERMES_START)) >= 0:   # it was held whole
-            self._read_from(start)
-        found = self._found() if self.reader is not None else _llama_calls(self.text, self.names)
+        found = self._found() if self.reader is not None else []
         if not found:
             return self.text[self.sent:], [], []
         deltas = self.deltas.update(found)
@@ -144,10 +145,10 @@ class AutoCallStream:
         return rest, deltas, [ToolCall(name, arguments, call_id)
                               for (name, arguments), call_id in zip(found, self.deltas.ids)]
 
-    def _read_from(self, start: int) -> None:
+    def _read_from(self, start: int, skip: int) -> None:
         self.tag_at = start
         self.reader = CallReader(depth=1)
-        self.reader.feed(self.text[start + len(HERMES_START):])
+        self.reader.feed(self.text[start + skip:])
 
     def _found(self) -> list[tuple[str, str]]:
         return _calls_read(self.reader, self.names.__contains__, arguments_in_strings=True)
@@ -181,31 +182,3 @@ def _string_text(literal: str) -> str:
     except json.JSONDecodeError:
         return literal
     return value.strip() if isinstance(value, str) else literal
-
-
-def _llama_calls(text: str, names: set[str]) -> list[tuple[str, str]]:
-    """Llama 3.x's calls: the whole output a JSON object (after an optional <|python_tag|>), or several
-    separated by semicolons, each to one of `names`; else none."""
-    body = text.strip().removeprefix(PYTHON_TAG).strip()
-    if not body.startswith("{"):
-        return []
-    calls = [_llama_call(part) for part in body.split(";")]
-    return calls if all(c is not None and c[0] in names for c in calls) else []
-
-
-def _llama_call(blob: str) -> tuple[str, str] | None:
-    try:
-        obj = json.loads(blob)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    arguments = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(arguments, str):   # some models write the arguments as a JSON string already
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return obj["name"], json.dumps(arguments, ensure_ascii=False)

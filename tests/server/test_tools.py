@@ -148,6 +148,29 @@ def test_hermes_calls_stream_their_arguments_as_they_are_written() -> None:
         .arguments == '{"city": "Par'
 
 
+@pytest.mark.parametrize("text, calls", [
+    ('<|python_tag|>{"name": "get_time", "parameters": {"zone": "CET"}}; {"name": "get_weather", "parameters": '
+     '{"city": "Oslo"}}', [("get_time", {"zone": "CET"}), ("get_weather", {"city": "Oslo"})]),
+    ('{"name": "get_time", "parameters": {"zone": "CET"}}', [("get_time", {"zone": "CET"})]),
+    ('{"answer": 42, "name": "get_time"}', []),   # a JSON answer: content, once it is clear that it calls nothing
+])
+def test_llama_calls_stream_as_they_are_written_and_other_json_is_content(text: str, calls: list) -> None:
+    stream, content, streamed = tools.AutoCallStream({"get_weather", "get_time"}), "", {}
+    for ch in text:
+        piece, deltas = stream.feed(ch)
+        content += piece
+        _collect(streamed, deltas)
+        if not calls:
+            assert not deltas
+    before_the_end = {i: e["arguments"] for i, e in streamed.items()}
+    rest, deltas, found = stream.finish()
+    _collect(streamed, deltas)
+    assert [(c.name, json.loads(c.arguments)) for c in found] == calls
+    assert content + rest == ("" if calls else text)
+    if calls:   # every call was whole before the end of the output
+        assert [json.loads(a) for _, a in sorted(before_the_end.items())] == [args for _, args in calls]
+
+
 def _collect(streamed: dict, deltas: list[dict]) -> None:
     for delta in deltas:
         if delta["index"] not in streamed:
