@@ -20,6 +20,7 @@ DEFAULT_MODEL = "embedded"  # SmolLM2-135M-Instruct, fetched and converted on fi
 # A GPU step prefills thousands of tokens in milliseconds: no cap there.
 CPU_MAX_PREFILL_TOKENS = 128
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+TOOL_CALL_FORMATS = ("hermes", "llama3_json")   # the call formats tool_choice "auto" finds, by vLLM's parser names
 # One H200 machine (16 cores), llama-3.2-1b at 128 streams: served median inter-token latency 8.5-10.3 ms with one
 # API server process against a 2.1 ms engine step, 2.6-3.1 ms with two; the same at 16 streams. The CPU engine
 # streams a few hundred tokens/s, which one process writes with ease.
@@ -265,6 +266,18 @@ class ServerConfig:
     enable_access_log: bool = setting(
         False, group="server", help="log one line per HTTP request: client, method, path, status, bytes, duration "
                                     "(never a body)")
+    enable_auto_tool_choice: bool = setting(
+        True, group="server",
+        help="let a request with tools leave the call to the model (tool_choice auto, the default with tools); "
+             "vLLM needs this flag for that, minisrv has it on unless --no-enable-auto-tool-choice")
+    tool_call_parser: str = setting(
+        "auto", group="server", choices=("auto", *TOOL_CALL_FORMATS),
+        help="the call formats tool_choice auto finds in the output, by vLLM's parser names: Hermes <tool_call> "
+             "blocks (hermes: Qwen2.5, Qwen3), Llama 3.x JSON calls (llama3_json), or both (auto)")
+    trust_remote_code: bool = setting(
+        False, group="server",
+        help="accepted because vLLM's command lines carry it; it changes nothing, as minisrv runs no code from a "
+             "model's repository (its Llama-family model is its own)")
     metrics_prefix: str = setting(
         "minisrv", group="server",
         help="the namespace of /metrics' series, whose names follow vLLM's: 'vllm' gives exactly vLLM's names "

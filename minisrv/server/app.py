@@ -174,7 +174,11 @@ class ApiRoutes:
         ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage())
         ctx.prompt_logprobs = req.prompt_logprobs
         ctx.tool_choice = req.resolved_tool_choice()
+        if ctx.tool_choice == "auto" and not self.config.enable_auto_tool_choice:
+            raise APIError(400, 'tool_choice "auto" (the default with tools) needs a server started with '
+                                "--enable-auto-tool-choice; name a function or ask for \"required\"", "tool_choice")
         ctx.tool_names = frozenset(t.function.name for t in req.tools or [])
+        ctx.tool_call_parser = self.config.tool_call_parser
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
                                    responses.chat_completion)
 

@@ -47,7 +47,8 @@ class _SchedulerCollector:
             metric = family(f"{self._prefix}:{name}", doc, labels=MODEL_LABEL)
             metric.add_metric(labels, value)
             yield metric
-        finished = CounterMetricFamily(f"{self._prefix}:request_success", "Finished requests (choices) by finish reason.",
+        finished = CounterMetricFamily(f"{self._prefix}:request_success",
+                                       "Finished requests (choices) by finish reason.",
                                        labels=["finished_reason", *MODEL_LABEL])
         for reason, count in (("stop", s.finished_stop), ("length", s.finished_length), ("abort", s.finished_abort)):
             finished.add_metric([reason, *labels], count)

@@ -63,7 +63,7 @@ def _calls_of(ctx: ResponseContext, text: str, finish_reason: str | None) -> tup
         return text, [], finish_reason
     # A call cut short keeps the arguments it has, as its stream sent them (vLLM's way).
     if choice == "auto":
-        content, calls = tools.parse_calls(text, set(ctx.tool_names))
+        content, calls = tools.parse_calls(text, set(ctx.tool_names), ctx.tool_call_parser)
     else:
         calls = tools.forced_calls(text, choice)
         content = "" if calls else text
@@ -103,7 +103,7 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
         if ctx.tool_choice == "none":
             return d.text, [], d.finish_reason
         if ctx.tool_choice == "auto":
-            stream = auto.setdefault(cd.choice, tools.AutoCallStream(set(ctx.tool_names)))
+            stream = auto.setdefault(cd.choice, tools.AutoCallStream(set(ctx.tool_names), ctx.tool_call_parser))
             text, call_deltas = stream.feed(d.text)
             if d.finish_reason is None:
                 return text, call_deltas, None

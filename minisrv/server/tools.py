@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from minisrv import structured_output
+from minisrv.config import TOOL_CALL_FORMATS
 from minisrv.server.call_reader import CallDeltas, CallReader
 from minisrv.structured_output import Grammar
 
+HERMES, LLAMA3_JSON = TOOL_CALL_FORMATS
 HERMES_START = "<tool_call>"   # each call a JSON object in <tool_call>...</tool_call>
 PYTHON_TAG = "<|python_tag|>"
 
@@ -58,10 +60,10 @@ def forced_calls(text: str, choice: str) -> list[ToolCall]:
     return calls.calls()
 
 
-def parse_calls(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
+def parse_calls(text: str, names: set[str], parser: str = "auto") -> tuple[str, list[ToolCall]]:
     """(content, calls) of a model's free output under tool_choice "auto": calls to functions in `names`, in
-    the Hermes or the Llama 3 format; text that is not a call stays content. No call: (text, [])."""
-    stream = AutoCallStream(names)
+    the formats `parser` names (--tool-call-parser); text that is not a call stays content. No call: (text, [])."""
+    stream = AutoCallStream(names, parser)
     content, _ = stream.feed(text)
     rest, _, calls = stream.finish()
     return content + rest, calls
@@ -102,8 +104,10 @@ class AutoCallStream:
     forced one does; text that may be a call is never streamed as content, and an output whose objects call no
     tool is content after all. `feed` gives what may go out now, `finish` the rest and the calls."""
 
-    def __init__(self, names: set[str]) -> None:
+    def __init__(self, names: set[str], parser: str = "auto") -> None:
         self.names = names
+        formats = TOOL_CALL_FORMATS if parser == "auto" else (parser,)
+        self.hermes, self.llama = HERMES in formats, LLAMA3_JSON in formats
         self.text = ""
         self.sent = 0                             # characters of self.text streamed as content
         self.reader: CallReader | None = None     # the text from where calls may begin
@@ -117,11 +121,15 @@ class AutoCallStream:
             self.reader.feed(delta)
             return "", self.deltas.update(self._found())
         head = self.text.lstrip()
-        if not self.sent and (head.startswith("{") or head.startswith(PYTHON_TAG)):   # a Llama 3 call, maybe
-            self._read_from(0, 0)
-            return "", self.deltas.update(self._found())
-        if not self.sent and (not head or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)])):
-            return "", []   # too early to tell
+        if self.llama and not self.sent:
+            if head.startswith("{") or head.startswith(PYTHON_TAG):   # a Llama 3 call, maybe
+                self._read_from(0, 0)
+                return "", self.deltas.update(self._found())
+            if not head or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)]):
+                return "", []   # too early to tell
+        if not self.hermes:
+            content, self.sent = self.text[self.sent:], len(self.text)
+            return content, []
         start = self.text.find(HERMES_START, self.sent)
         if start >= 0:
             content, self.sent = self.text[self.sent : start], start

@@ -434,6 +434,16 @@ def test_metrics_prefix_vllm_gives_vllms_names() -> None:
     assert not [n for n in names if n.startswith("minisrv:")]
 
 
+def test_auto_tool_choice_can_be_turned_off_as_vllm_has_it() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "tools": [tool]}
+    with InProcessServer(FakeEngineClient(MODEL), ServerConfig(enable_auto_tool_choice=False)) as s:
+        url = f"{s.url}/v1/chat/completions"
+        assert "--enable-auto-tool-choice" in assert_error(httpx.post(url, json=body), 400, "tool_choice")["message"]
+        assert httpx.post(url, json={**body, "tool_choice": "required"}).status_code == 200
+        assert httpx.post(url, json={**body, "tool_choice": "none"}).status_code == 200
+
+
 def test_api_key() -> None:
     key = "s3cret-ключ"
     with InProcessServer(FakeEngineClient(MODEL), ServerConfig(api_key=key)) as s:

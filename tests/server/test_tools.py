@@ -171,6 +171,19 @@ def test_llama_calls_stream_as_they_are_written_and_other_json_is_content(text: 
         assert [json.loads(a) for _, a in sorted(before_the_end.items())] == [args for _, args in calls]
 
 
+def test_tool_call_parser_limits_the_formats_found() -> None:
+    names = {"get_time"}
+    llama = '{"name": "get_time", "parameters": {"zone": "CET"}}'
+    hermes = 'Sure. <tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+    for parser, text, is_call in (("hermes", llama, False), ("hermes", hermes, True),
+                                  ("llama3_json", hermes, False), ("llama3_json", llama, True)):
+        content, calls = tools.parse_calls(text, names, parser)
+        assert (content, [c.name for c in calls]) == (("Sure. " if parser == "hermes" else "", ["get_time"]) if is_call
+                                                      else (text, [])), parser
+    stream = tools.AutoCallStream(names, "hermes")   # not a Llama call: streams as content at once
+    assert stream.feed(llama[:10]) == (llama[:10], [])
+
+
 def _collect(streamed: dict, deltas: list[dict]) -> None:
     for delta in deltas:
         if delta["index"] not in streamed:
