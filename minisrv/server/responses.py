@@ -13,6 +13,7 @@ from typing import AsyncIterator, Callable
 from minisrv.server import tools
 from minisrv.server.engine_handle import RequestError
 from minisrv.server.errors import error_body
+from minisrv.server.reasoning import ReasoningSplitter, split_reasoning
 from minisrv.server.streams import (SSE_DONE, ChoiceDelta, ChoiceResult, ResponseContext, chat_logprobs,
                                     completion_logprobs, echoed_logprobs, prompt_logprobs_of, sse_event)
 from minisrv.server.tools import ToolCall
@@ -78,8 +79,11 @@ def _finish_with_calls(choice: str, has_calls: bool, finish_reason: str | None) 
 def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
     choices = []
     for i, r in enumerate(results):
-        content, calls, finish_reason = _calls_of(ctx, r.text, r.finish_reason)
+        reasoning, text = split_reasoning(r.text, ctx.reasoning_parser) if ctx.reasoning_parser else (None, r.text)
+        content, calls, finish_reason = _calls_of(ctx, text, r.finish_reason)
         message = {"role": "assistant", "content": None if calls and not content else content}
+        if ctx.reasoning_parser:
+            message["reasoning_content"] = reasoning
         if calls:
             message["tool_calls"] = [c.as_api() for c in calls]
         choices.append({"index": i, "message": message,
@@ -92,32 +96,46 @@ def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
 
 
 def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
-    """Text streams as it comes, calls as tool_calls deltas while they are written (tools.ForcedCalls,
-    tools.AutoCallStream); under "auto", text that may be a call is held back until that is known."""
+    """Text streams as it comes, a reasoning model's thinking as reasoning_content (ReasoningSplitter), calls as
+    tool_calls deltas while they are written (tools.ForcedCalls, tools.AutoCallStream); under "auto", text that
+    may be a call is held back until that is known."""
     role_sent: set[int] = set()
+    thinking: dict[int, ReasoningSplitter] = {}
     auto: dict[int, tools.AutoCallStream] = {}
     forced: dict[int, tools.ForcedCalls] = {}
 
-    def content_of(cd: ChoiceDelta) -> tuple[str, list[dict], str | None]:
-        d = cd.delta
+    def split(cd: ChoiceDelta) -> tuple[str, str]:
+        """(reasoning, answer text) of the delta."""
+        if not ctx.reasoning_parser:
+            return "", cd.delta.text
+        splitter = thinking.setdefault(cd.choice, ReasoningSplitter(ctx.reasoning_parser))
+        reasoning, text = splitter.feed(cd.delta.text)
+        if cd.delta.finish_reason is not None:
+            more_reasoning, more_text = splitter.finish()
+            reasoning, text = reasoning + more_reasoning, text + more_text
+        return reasoning, text
+
+    def content_of(cd: ChoiceDelta, text: str) -> tuple[str, list[dict], str | None]:
+        finish_reason = cd.delta.finish_reason
         if ctx.tool_choice == "none":
-            return d.text, [], d.finish_reason
+            return text, [], finish_reason
         if ctx.tool_choice == "auto":
             stream = auto.setdefault(cd.choice, tools.AutoCallStream(set(ctx.tool_names), ctx.tool_call_parser))
-            text, call_deltas = stream.feed(d.text)
-            if d.finish_reason is None:
+            text, call_deltas = stream.feed(text)
+            if finish_reason is None:
                 return text, call_deltas, None
             rest, last_deltas, calls = stream.finish()
-            return text + rest, call_deltas + last_deltas, _finish_with_calls("auto", bool(calls), d.finish_reason)
+            return text + rest, call_deltas + last_deltas, _finish_with_calls("auto", bool(calls), finish_reason)
         calls = forced.setdefault(cd.choice, tools.ForcedCalls(ctx.tool_choice))
-        call_deltas = calls.feed(d.text)
-        if d.finish_reason is not None and not calls.deltas.ids:   # cut before a call was named: the text, whole
-            return calls.text, [], d.finish_reason
-        return "", call_deltas, _finish_with_calls(ctx.tool_choice, True, d.finish_reason)
+        call_deltas = calls.feed(text)
+        if finish_reason is not None and not calls.deltas.ids:   # cut before a call was named: the text, whole
+            return calls.text, [], finish_reason
+        return "", call_deltas, _finish_with_calls(ctx.tool_choice, True, finish_reason)
 
     def chunk_of(cd: ChoiceDelta) -> dict | None:
         d = cd.delta
-        text, call_deltas, finish_reason = content_of(cd)
+        reasoning, answer = split(cd)
+        text, call_deltas, finish_reason = content_of(cd, answer)
         delta: dict = {}
         if cd.choice not in role_sent:  # the first delta of every choice names the role
             role_sent.add(cd.choice)
@@ -125,6 +143,8 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
             delta["content"] = text
         elif text:
             delta["content"] = text
+        if reasoning:
+            delta["reasoning_content"] = reasoning
         if call_deltas:
             delta["tool_calls"] = call_deltas
         if not delta and finish_reason is None and not d.logprobs:

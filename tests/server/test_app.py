@@ -444,6 +444,35 @@ def test_auto_tool_choice_can_be_turned_off_as_vllm_has_it() -> None:
         assert httpx.post(url, json={**body, "tool_choice": "none"}).status_code == 200
 
 
+def test_reasoning_parser_splits_thinking_from_the_answer_and_its_tool_calls(monkeypatch) -> None:
+    import tests.server.fake_engine_client as fake
+    monkeypatch.setattr(fake, "REPLY", '<think>\nThe user wants the time.\n</think>\n\nChecking. <tool_call>{"name": '
+                                       '"get_time", "arguments": {"zone": "UTC"}}</tool_call>')
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    with InProcessServer(FakeEngineClient(MODEL), ServerConfig(reasoning_parser="qwen3")) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "time?"}], tools=[tool], max_tokens=200,
+                      **GREEDY)
+        whole = client.chat.completions.create(**kwargs).choices[0]
+        assert whole.message.reasoning_content == "\nThe user wants the time.\n"
+        assert whole.message.content == "Checking. " and whole.finish_reason == "tool_calls"
+        assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == \
+            [("get_time", '{"zone": "UTC"}')]
+        reasoning, content, arguments, order = "", "", "", []
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            delta = chunk.choices[0].delta
+            for kind, text in (("reasoning", getattr(delta, "reasoning_content", None)), ("content", delta.content)):
+                if text:
+                    order.append(kind)
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += delta.content or ""
+            arguments += "".join(c.function.arguments or "" for c in delta.tool_calls or [])
+        assert (reasoning, content, arguments) == (whole.message.reasoning_content, "Checking. ", '{"zone": "UTC"}')
+        assert order == sorted(order, key=["reasoning", "content"].index)   # all the thinking first
+        plain = client.chat.completions.create(**{**kwargs, "tool_choice": "required"}).choices[0].message
+        assert plain.model_extra.get("reasoning_content") is None   # a grammar from the first token: no thinking
+
+
 def test_api_key() -> None:
     key = "s3cret-ключ"
     with InProcessServer(FakeEngineClient(MODEL), ServerConfig(api_key=key)) as s:
