@@ -265,8 +265,8 @@ class ServerConfig:
         help="open HTTP connections at most; a connection past it gets a 503 and is closed (default: the "
              "process's open-file limit less 256)")
     enable_access_log: bool = setting(
-        False, group="server", help="log one line per HTTP request: client, method, path, status, bytes, duration "
-                                    "(never a body)")
+        False, group="server", negative_flags=("--disable-log-requests",),
+        help="log one line per HTTP request: client, method, path, status, bytes, duration (never a body)")
     enable_auto_tool_choice: bool = setting(
         True, group="server",
         help="let a request with tools leave the call to the model (tool_choice auto, the default with tools); "

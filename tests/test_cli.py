@@ -115,7 +115,8 @@ def test_every_setting_has_a_flag_and_each_of_its_names_reaches_the_config(cls: 
         config = server_config(parse(["serve", *argv, *COMPANIONS.get(field.name, lambda v: [])(value)]))
         assert getattr(config if cls is ServerConfig else config.engine, field.name) == value, name
     for name in field.metadata["negative_flags"]:
-        assert getattr(server_config(parse(["serve", name])).engine, field.name) is False, name
+        config = server_config(parse(["serve", name]))
+        assert getattr(config if cls is ServerConfig else config.engine, field.name) is False, name
 
 
 def test_list_flags_take_a_json_list_or_commas(capsys: pytest.CaptureFixture[str]) -> None:
