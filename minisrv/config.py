@@ -217,6 +217,11 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     served_model_name: str | None = setting(
         None, group="model", help="the model name clients send and responses report (default: from --model)")
+    generation_config: str = setting(
+        "auto", group="model", choices=("auto", "vllm"),
+        help="defaults for the sampling options a request leaves out (temperature, top_p, top_k, min_p, "
+             "repetition_penalty): the model's generation_config.json (auto, as vLLM does) or the neutral ones "
+             "(vllm: temperature 1, no top-k, ...)")
     chat_template: str | None = setting(
         None, group="model", help="a Jinja chat template, or a file holding one (default: the model's)")
     host: str = setting("127.0.0.1", group="server", help="address to bind (use 0.0.0.0 to accept remote clients)")

@@ -7,13 +7,18 @@ worker, so the embedded model is fetched by one process, and every process reads
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from minisrv.config import EngineConfig
+from minisrv.config import EngineConfig, ServerConfig, flag_name
+from minisrv.sampling_params import SamplingParams
 
 DUMMY_EMBEDDED_PRESET = "smollm2-135m"   # `--model embedded --load-format dummy`: the embedded model's shapes
+# generation_config.json's keys that vLLM takes as defaults for the sampling options a request leaves out (its
+# max_new_tokens too, capped by the room the prompt leaves; here max_tokens keeps its default, all that room).
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -57,3 +62,24 @@ def resolve_source(config: EngineConfig) -> ModelSource:
         raise ValueError(f"model: {model!r} is a preset config without weights; pass load_format='dummy' "
                          "(--load-format dummy) for random weights")
     raise ValueError(f"model: {model!r} is not 'embedded', a Hugging Face directory, a .gguf file or a preset")
+
+
+def request_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any]:
+    """The sampling options a request leaves out take these (SamplingParams' names): with --generation-config
+    auto (vLLM's default) those a Hugging Face directory's generation_config.json sets, else none. ValueError
+    naming the file and the flag when one is out of range."""
+    if config.generation_config == "vllm" or source.format != "hf" or source.path is None:
+        return {}
+    path = source.path / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        written = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); {flag_name('generation_config')} vllm ignores the file") from None
+    defaults = {key: written[key] for key in GENERATION_DEFAULTS if written.get(key) is not None}
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}; {flag_name('generation_config')} vllm ignores the file") from None
+    return defaults

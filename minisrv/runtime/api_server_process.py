@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 
 from minisrv.config import ServerConfig
 from minisrv.ipc import RingError
-from minisrv.models.source import ModelSource
+from minisrv.models.source import ModelSource, request_defaults
 from minisrv.runtime.channels import ChannelSpec
 from minisrv.runtime.engine_client import EngineClient
 from minisrv.runtime.launch import GOING_DOWN, finish_http, late_heartbeat, start_http
@@ -71,7 +71,7 @@ class ApiServer:
         loop.add_reader(self.role.control.fileno(), self.on_control)
         self.client.start(on_failure=lambda reason: self.end(f"{reason}; {GOING_DOWN}"))
         load_tokenizer = partial(load_prompt_tokenizer, self.source, self.config.chat_template)
-        app = build_app(self.client, self.config, load_tokenizer)
+        app = build_app(self.client, self.config, load_tokenizer, request_defaults(self.config, self.source))
         http = start_http(app, self.config, self.shutdown, self.role.listener, self.on_http_done)
         beating = loop.create_task(self.beat())
         await self.shutdown.wait()

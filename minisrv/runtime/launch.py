@@ -61,13 +61,16 @@ def serve(config: ServerConfig) -> int:
                                "%(levelname)s %(message)s")
     try:
         check_config(config)
-        from minisrv.models.source import resolve_source
+        from minisrv.models.source import request_defaults, resolve_source
 
         # Once, here: the embedded model is fetched by this process, not by several workers at a time.
         source = resolve_source(config.engine)
+        defaults = request_defaults(config, source)   # the API server processes read the same file again
     except ValueError as exc:
         print(f"minisrv serve: error: {exc}", file=sys.stderr)
         return 2
+    if defaults:
+        logger.info("a request's sampling options default to the model's generation_config.json: %s", defaults)
     if config.engine.node_rank > 0:   # another host's tensor-parallel ranks: no HTTP, no tokenizers
         from minisrv.runtime.tensor_parallel import serve_node
 
@@ -139,6 +142,7 @@ class Supervisor:
         self._failing: asyncio.Task | None = None
 
     async def run(self) -> int:
+        from minisrv.models.source import request_defaults
         from minisrv.server.app import build_app
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -149,7 +153,8 @@ class Supervisor:
             for worker in self.pipeline.workers:
                 self.loop.add_reader(worker.process.sentinel, self.on_worker_exit, worker)
             self.client.start(on_failure=self.fail)
-            app = build_app(self.client, self.config, self.pipeline.prompt_tokenizer)
+            app = build_app(self.client, self.config, self.pipeline.prompt_tokenizer,
+                            request_defaults(self.config, self.pipeline.source))
             http = start_http(app, self.config, self.shutdown, self.pipeline.listeners[0], self.on_http_done)
             await self.until_ready()
             watchdog = self.loop.create_task(self.watch_heartbeats())

@@ -15,7 +15,7 @@ import time
 import types
 from contextlib import aclosing
 from http import HTTPStatus
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import h11
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -80,9 +80,11 @@ def json_response(obj: object, status: int = 200) -> Response:
 class ApiRoutes:
     """The HTTP routes and their state: the engine handle, the metrics, and the API key."""
 
-    def __init__(self, engine: EngineHandle, config: ServerConfig, tokenization: Tokenization) -> None:
+    def __init__(self, engine: EngineHandle, config: ServerConfig, tokenization: Tokenization,
+                 request_defaults: dict[str, Any]) -> None:
         self.engine = engine
         self.config = config
+        self.request_defaults = request_defaults
         self.tokenization = tokenization
         self.connections = Connections(config.max_connections or default_limit())
         self.metrics = ServerMetrics(engine.stats, engine.histograms, lambda: engine.model_name, self.connections,
@@ -170,7 +172,8 @@ class ApiRoutes:
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
         grammar = await self._checked(req.grammar())
-        prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, grammar)
+        prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, grammar,
+                                       self.request_defaults)
         ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage())
         ctx.prompt_logprobs = req.prompt_logprobs
         ctx.tool_choice = req.resolved_tool_choice()
@@ -192,7 +195,7 @@ class ApiRoutes:
         self._log_ignored(req.ignored_fields())
         grammar = await self._checked(req.grammar())
         prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len,
-                                         self.config.max_choices_per_request, grammar)
+                                         self.config.max_choices_per_request, grammar, self.request_defaults)
         ctx = self._context("cmpl", req.include_usage(), req.continuous_usage())
         ctx.prompt_logprobs = req.prompt_logprobs
         ctx.echo_logprobs = req.logprobs if req.echo else None
@@ -203,7 +206,8 @@ class ApiRoutes:
         """SGLang's native generation endpoint."""
         self._authorize(request)
         req = parse_request(sglang.SGLangGenerateRequest, await read_body(request, self.config.body_read_timeout))
-        prompt = req.to_prompt_request(self.engine.vocab_size, await self._checked(req.grammar()))
+        prompt = req.to_prompt_request(self.engine.vocab_size, await self._checked(req.grammar()),
+                                       self.request_defaults)
         return await self._respond(request, self._context("gen", False), [prompt], req.stream,
                                    sglang.generate_stream, sglang.generate_result)
 
@@ -362,9 +366,11 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return work_task.result()
 
 
-def build_app(engine: EngineHandle, config: ServerConfig, load_tokenizer: Callable[[], PromptTokenizer]) -> Starlette:
-    """`load_tokenizer` gives the served model's PromptTokenizer (a blocking call, made once, in a thread)."""
-    routes = ApiRoutes(engine, config, Tokenization(load_tokenizer))
+def build_app(engine: EngineHandle, config: ServerConfig, load_tokenizer: Callable[[], PromptTokenizer],
+              request_defaults: dict[str, Any] | None = None) -> Starlette:
+    """`load_tokenizer` gives the served model's PromptTokenizer (a blocking call, made once, in a thread);
+    `request_defaults` the values of the sampling options a request leaves out (models/source.py)."""
+    routes = ApiRoutes(engine, config, Tokenization(load_tokenizer), request_defaults or {})
     # No origins: no CORS headers at all, so browsers keep pages of other origins from reading responses.
     middleware = [Middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                              allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers))

@@ -65,15 +65,20 @@ def sampling_schema(api: Api, name: str) -> type[Schema]:
 
 
 def build_sampling_params(request: BaseModel, api: Api, extra: dict[str, Any] | None = None,
-                          renames: dict[str, str] | None = None, prefix: str = "") -> SamplingParams:
-    """SamplingParams from the options `request` gave (plus `extra`, the ones the endpoint declares itself).
-    An out-of-range value is a 400 naming the request's own field: `renames` maps option names to the
-    endpoint's where they differ, `prefix` is where the options sit in the body."""
+                          renames: dict[str, str] | None = None, prefix: str = "",
+                          defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """SamplingParams from the options `request` gave (plus `extra`, the ones the endpoint declares itself), the
+    ones it left out (None) taking `defaults` (--generation-config) where those have them. An out-of-range value
+    is a 400 naming the request's own field: `renames` maps option names to the endpoint's where they differ,
+    `prefix` is where the options sit in the body."""
     names = api_names(api)
-    values = {option: getattr(request, name) for name, option in names.items() if getattr(request, name) is not None}
+    values = dict(defaults or {})
+    values.update((option, getattr(request, name)) for name, option in names.items()
+                  if getattr(request, name) is not None)
     if "logit_bias" in values:   # JSON object keys are strings
         values["logit_bias"] = {int(token): bias for token, bias in values["logit_bias"].items()}
-    values.update(extra or {})
+    values.update((option, value) for option, value in (extra or {}).items()
+                  if value is not None or option not in values)
     try:
         return SamplingParams(**values)
     except ValueError as exc:
@@ -389,8 +394,9 @@ class ChatCompletionRequest(_OpenAIFields):
         return [tool_calls.call_grammar(self.tool_dicts(), choice,
                                         self.parallel_tool_calls is not False, "tool_choice")]
 
-    def to_prompt_request(self, vocab_size: int, max_model_len: int, grammar: Grammar | None = None) -> PromptRequest:
-        """`grammar`: self.grammar(), validated."""
+    def to_prompt_request(self, vocab_size: int, max_model_len: int, grammar: Grammar | None = None,
+                          defaults: dict[str, Any] | None = None) -> PromptRequest:
+        """`grammar`: self.grammar(), validated; `defaults`: build_sampling_params'."""
         self.check_api_limits(vocab_size)
         if not self.messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
@@ -407,7 +413,7 @@ class ChatCompletionRequest(_OpenAIFields):
         params = build_sampling_params(
             self, "openai", extra=dict(max_tokens=limit, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
                                        grammar=grammar and grammar.text),
-            renames={"max_tokens": limit_name, "logprobs": "top_logprobs"})
+            renames={"max_tokens": limit_name, "logprobs": "top_logprobs"}, defaults=defaults)
         kwargs = self.chat_template_kwargs or {}
         reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_ARGS)
         if reserved:
@@ -445,8 +451,9 @@ class CompletionRequest(_OpenAIFields):
         return list(p)
 
     def to_prompt_requests(self, vocab_size: int, max_model_len: int, max_choices: int,
-                           grammar: Grammar | None = None) -> list[PromptRequest]:
-        """`grammar`: self.grammar(), validated."""
+                           grammar: Grammar | None = None, defaults: dict[str, Any] | None = None
+                           ) -> list[PromptRequest]:
+        """`grammar`: self.grammar(), validated; `defaults`: build_sampling_params'."""
         self.check_api_limits(vocab_size)
         prompts = self.prompts()
         if not prompts:
@@ -470,7 +477,8 @@ class CompletionRequest(_OpenAIFields):
             prompt_logprobs = max(self.logprobs, prompt_logprobs or 0)
         params = build_sampling_params(self, "openai", extra=dict(max_tokens=self.max_tokens, logprobs=self.logprobs,
                                                                   prompt_logprobs=prompt_logprobs,
-                                                                  grammar=grammar and grammar.text))
+                                                                  grammar=grammar and grammar.text),
+                                       defaults=defaults)
         common = dict(params=params, n=self.n, stop=stop_strings(self.stop, "stop"), echo=self.echo,
                       **self.output_options(max_model_len))
         return [PromptRequest(text=p, **common) if isinstance(p, str) else PromptRequest(prompt_ids=p, **common)

@@ -7,7 +7,7 @@ SGLang does, then `data: [DONE]`.
 """
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from pydantic import Field
 
@@ -50,8 +50,10 @@ class SGLangGenerateRequest(Schema):
         except GrammarError as exc:
             raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
 
-    def to_prompt_request(self, vocab_size: int, grammar: Grammar | None = None) -> PromptRequest:
-        """`grammar`: self.grammar(), validated."""
+    def to_prompt_request(self, vocab_size: int, grammar: Grammar | None = None,
+                          defaults: dict[str, Any] | None = None) -> PromptRequest:
+        """`grammar`: self.grammar(), validated; `defaults`: build_sampling_params' (max_new_tokens keeps
+        SGLang's own default)."""
         if (self.text is None) == (self.input_ids is None):
             raise APIError(400, "give exactly one of text and input_ids", "text")
         if self.text == "":
@@ -63,7 +65,8 @@ class SGLangGenerateRequest(Schema):
         check_n(sp.n, "sampling_params.n")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if sp.max_new_tokens is None else sp.max_new_tokens
         params = build_sampling_params(sp, "sglang", prefix="sampling_params.",
-                                       extra=dict(max_tokens=max_new_tokens, grammar=grammar and grammar.text))
+                                       extra=dict(max_tokens=max_new_tokens, grammar=grammar and grammar.text),
+                                       defaults=defaults)
         stop = stop_strings(sp.stop, "sampling_params.stop")
         if self.text is not None:
             return PromptRequest(text=self.text, params=params, n=sp.n, stop=stop)

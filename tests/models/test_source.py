@@ -1,13 +1,15 @@
-"""resolve_source: the one resolver of --model, for the engine and the tokenizer side alike."""
+"""resolve_source: the one resolver of --model, for the engine and the tokenizer side alike; and the sampling
+defaults a model's files give requests."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from minisrv.config import EngineConfig
+from minisrv.config import EngineConfig, ServerConfig
 from minisrv.models import embedded
-from minisrv.models.source import DUMMY_EMBEDDED_PRESET, ModelSource, resolve_source
+from minisrv.models.source import DUMMY_EMBEDDED_PRESET, ModelSource, request_defaults, resolve_source
 
 
 def test_every_kind_of_model_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,3 +36,18 @@ def test_every_kind_of_model_resolves(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_what_is_no_model_is_an_error_naming_the_field(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         resolve_source(EngineConfig(**settings))
+
+
+def test_request_defaults_come_from_generation_config_unless_vllm(tmp_path: Path) -> None:
+    source = ModelSource("hf", "m", tmp_path)
+    assert request_defaults(ServerConfig(), source) == {}   # no file
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 512,
+         "do_sample": True, "eos_token_id": [2], "min_p": None}))
+    assert request_defaults(ServerConfig(), source) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                                        "repetition_penalty": 1.05}
+    assert request_defaults(ServerConfig(generation_config="vllm"), source) == {}
+    assert request_defaults(ServerConfig(), ModelSource("preset", "smollm2-135m", dummy=True)) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    with pytest.raises(ValueError, match=r"generation_config.json: top_p .*--generation-config vllm"):
+        request_defaults(ServerConfig(), source)

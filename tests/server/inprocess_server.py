@@ -25,6 +25,7 @@ def byte_prompt_tokenizer() -> PromptTokenizer:
 class InProcessServer:
     client: FakeEngineClient
     config: ServerConfig = field(default_factory=ServerConfig)
+    request_defaults: dict = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _stop: asyncio.Event | None = None
     _thread: threading.Thread | None = None
@@ -41,7 +42,8 @@ class InProcessServer:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             started.set()
-            await run_http(build_app(self.client, self.config, byte_prompt_tokenizer), self.config, self._stop)
+            app = build_app(self.client, self.config, byte_prompt_tokenizer, self.request_defaults)
+            await run_http(app, self.config, self._stop)
 
         self._thread = threading.Thread(target=uvloop.run, args=(main(),), daemon=True)
         self._thread.start()

@@ -473,6 +473,22 @@ def test_reasoning_parser_splits_thinking_from_the_answer_and_its_tool_calls(mon
         assert plain.model_extra.get("reasoning_content") is None   # a grammar from the first token: no thinking
 
 
+def test_request_defaults_fill_only_the_options_a_request_leaves_out() -> None:
+    client = FakeEngineClient(MODEL)
+    with InProcessServer(client, ServerConfig(), request_defaults={"temperature": 0.6, "top_k": 20}) as s:
+        sdk = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+        assert (client.inputs[-1].params.temperature, client.inputs[-1].params.top_k) == (0.6, 20)
+        sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0)
+        assert (client.inputs[-1].params.temperature, client.inputs[-1].params.top_k) == (0.0, 20)
+        sdk.completions.create(model=MODEL, prompt="x", max_tokens=3, extra_body={"top_k": 5})
+        assert (client.inputs[-1].params.temperature, client.inputs[-1].params.top_k) == (0.6, 5)
+        assert client.inputs[-1].params.max_tokens == 3
+        httpx.post(f"{s.url}/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}})
+        assert (client.inputs[-1].params.temperature, client.inputs[-1].params.max_tokens) == (0.6, 2)
+
+
 def test_api_key() -> None:
     key = "s3cret-ключ"
     with InProcessServer(FakeEngineClient(MODEL), ServerConfig(api_key=key)) as s:
