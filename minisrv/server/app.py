@@ -174,7 +174,7 @@ class ApiRoutes:
         grammar = await self._checked(req.grammar())
         prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, grammar,
                                        self.request_defaults)
-        ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage())
+        ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage(), _client_request_id(req, request))
         ctx.prompt_logprobs = req.prompt_logprobs
         ctx.tool_choice = req.resolved_tool_choice()
         if ctx.tool_choice == "auto" and not self.config.enable_auto_tool_choice:
@@ -196,7 +196,7 @@ class ApiRoutes:
         grammar = await self._checked(req.grammar())
         prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len,
                                          self.config.max_choices_per_request, grammar, self.request_defaults)
-        ctx = self._context("cmpl", req.include_usage(), req.continuous_usage())
+        ctx = self._context("cmpl", req.include_usage(), req.continuous_usage(), _client_request_id(req, request))
         ctx.prompt_logprobs = req.prompt_logprobs
         ctx.echo_logprobs = req.logprobs if req.echo else None
         return await self._respond(request, ctx, prompts, req.stream, responses.completion_stream,
@@ -269,9 +269,11 @@ class ApiRoutes:
         return {"id": self.engine.model_name, "object": "model", "created": self.started, "owned_by": "minisrv",
                 "root": self.config.engine.model, "max_model_len": self.engine.max_model_len}
 
-    def _context(self, id_prefix: str, include_usage: bool, continuous_usage: bool = False) -> ResponseContext:
+    def _context(self, id_prefix: str, include_usage: bool, continuous_usage: bool = False,
+                 request_id: str | None = None) -> ResponseContext:
+        """`request_id`: the client's (vLLM's request_id field or X-Request-Id header) for the response's id."""
         return ResponseContext.new(id_prefix, self.engine.model_name, include_usage,
-                                   continuous_usage, self.config.sse_timestamps)
+                                   continuous_usage, self.config.sse_timestamps, request_id)
 
     def _log_ignored(self, names: list[str]) -> None:
         for name in names:
@@ -364,6 +366,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         work_task.cancel()
         raise ClientDisconnected
     return work_task.result()
+
+
+MAX_REQUEST_ID_CHARS = 256
+
+
+def _client_request_id(req: ChatCompletionRequest | CompletionRequest, request: Request) -> str | None:
+    """The id a client gave its request (vLLM's request_id field, else the X-Request-Id header), if any."""
+    given = req.request_id or request.headers.get("x-request-id")
+    if given is not None and not 0 < len(given) <= MAX_REQUEST_ID_CHARS:
+        raise APIError(400, f"request_id: at most {MAX_REQUEST_ID_CHARS} characters, got {len(given)}", "request_id")
+    return given
 
 
 def build_app(engine: EngineHandle, config: ServerConfig, load_tokenizer: Callable[[], PromptTokenizer],

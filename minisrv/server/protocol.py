@@ -291,6 +291,10 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     no_stop_trim: bool = False
     return_hidden_states: bool = False
     truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens; -1: the context length
+    # vLLM's: the response's id (else the X-Request-Id header's, else a fresh one); a priority other than 0 asks
+    # for priority scheduling, which vLLM too refuses unless started for it.
+    request_id: str | None = None
+    priority: int = 0
     # Structured output (minisrv/structured_output.py): OpenAI's response_format, vLLM's structured_outputs and
     # its older guided_* fields; at most one of them. guided_decoding_backend names vLLM's engine: ignored.
     response_format: ResponseFormat | None = None
@@ -334,6 +338,9 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
         if self.return_hidden_states:
             raise APIError(400, "return_hidden_states: this server does not return hidden states",
                            "return_hidden_states", "unsupported_field")
+        if self.priority != 0:
+            raise APIError(400, f"priority: this server schedules first come, first served, so only 0 is "
+                                f"accepted, got {self.priority}", "priority", "unsupported_field")
 
     def output_options(self, max_model_len: int) -> dict:
         """The PromptRequest fields of the text and prompt options, checked."""

@@ -95,8 +95,9 @@ class ResponseContext:
 
     @classmethod
     def new(cls, id_prefix: str, model: str, include_usage: bool = False,
-            continuous_usage: bool = False, sse_timestamps: bool = False) -> ResponseContext:
-        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, include_usage,
+            continuous_usage: bool = False, sse_timestamps: bool = False,
+            request_id: str | None = None) -> ResponseContext:
+        return cls(f"{id_prefix}-{request_id or uuid.uuid4().hex}", int(time.time()), model, include_usage,
                    continuous_usage, sse_timestamps)
 
     def record(self, cd: ChoiceDelta) -> None:

@@ -489,6 +489,19 @@ def test_request_defaults_fill_only_the_options_a_request_leaves_out() -> None:
         assert (client.inputs[-1].params.temperature, client.inputs[-1].params.max_tokens) == (0.6, 2)
 
 
+def test_request_id_names_the_response_and_priority_zero_is_accepted(server) -> None:
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "request_id": "trace-7"}).json()["id"] \
+        == "chatcmpl-trace-7"
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                   headers={"X-Request-Id": "from-header"})
+    assert r.json()["id"] == "cmpl-from-header"
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "priority": 0}).status_code == 200
+    assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "priority": 3}), 400, "priority")
+    assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "request_id": "x" * 300}), 400,
+                 "request_id")
+
+
 def test_api_key() -> None:
     key = "s3cret-ключ"
     with InProcessServer(FakeEngineClient(MODEL), ServerConfig(api_key=key)) as s:
