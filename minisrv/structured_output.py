@@ -75,6 +75,14 @@ def choice(options: list[str], field: str) -> Grammar:
     return Grammar(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in options)), field)
 
 
+def token_ids(ids: list[int], field: str) -> Grammar:
+    """Only these tokens (vLLM's allowed_token_ids), any number of them; an end of sequence stays allowed, so the
+    output can end before max_tokens. llguidance's Lark names a token by id as <[id,...]>."""
+    if not ids:
+        raise GrammarError(field, "must list at least one token id")
+    return Grammar(LLMatcher.grammar_from_lark(f"start: <[{','.join(map(str, sorted(set(ids))))}]>*"), field)
+
+
 def ebnf(text: str, field: str) -> Grammar:
     """A GBNF grammar (rules written `name ::= ...`, root rule `root`) or a Lark one (`start: ...`)."""
     if "::=" in text:

@@ -295,6 +295,7 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     # for priority scheduling, which vLLM too refuses unless started for it.
     request_id: str | None = None
     priority: int = 0
+    allowed_token_ids: TokenIds | None = None   # vLLM's: a grammar of these tokens (structured_output.token_ids)
     # Structured output (minisrv/structured_output.py): OpenAI's response_format, vLLM's structured_outputs and
     # its older guided_* fields; at most one of them. guided_decoding_backend names vLLM's engine: ignored.
     response_format: ResponseFormat | None = None
@@ -319,7 +320,8 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
                 given_grammar(self.guided_json, structured_output.json_schema, "guided_json"),
                 given_grammar(self.guided_regex, structured_output.regex, "guided_regex"),
                 given_grammar(self.guided_choice, structured_output.choice, "guided_choice"),
-                given_grammar(self.guided_grammar, structured_output.ebnf, "guided_grammar")])
+                given_grammar(self.guided_grammar, structured_output.ebnf, "guided_grammar"),
+                given_grammar(self.allowed_token_ids, structured_output.token_ids, "allowed_token_ids")])
         except GrammarError as exc:
             raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
 
@@ -329,6 +331,7 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     def check_api_limits(self, vocab_size: int) -> None:
         check_token_ids(self.stop_token_ids or [], vocab_size, "stop_token_ids")
         check_token_ids([int(t) for t in self.logit_bias or {}], vocab_size, "logit_bias")
+        check_token_ids(self.allowed_token_ids or [], vocab_size, "allowed_token_ids")
         check_n(self.n, "n")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")

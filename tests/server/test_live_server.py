@@ -453,6 +453,10 @@ def test_guided_choice_regex_and_json_object(server, sdk, model) -> None:
     gbnf = post(server, "/generate", {"text": "Pick a colour:", "sampling_params": {
         "max_new_tokens": 8, "temperature": 0, "ebnf": 'root ::= "red" | "green" | "blue"'}}).json()
     assert gbnf["text"] in ("red", "green", "blue")
+    allowed = [post(server, "/tokenize", {"model": model, "prompt": word}).json()["tokens"][-1] for word in "AB"]
+    only = sdk.completions.create(model=model, prompt="Letters:", max_tokens=6, temperature=1.0, seed=2, n=3,
+                                  extra_body={"allowed_token_ids": allowed})
+    assert all(re.fullmatch("[AB]*", c.text) for c in only.choices), [c.text for c in only.choices]
 
 
 @pytest.mark.parametrize("body, param", [
@@ -464,6 +468,9 @@ def test_guided_choice_regex_and_json_object(server, sdk, model) -> None:
     ({"guided_choice": []}, "guided_choice"),
     ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+    ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"allowed_token_ids": [5], "guided_regex": "a"}, "allowed_token_ids"),
 ])
 def test_invalid_grammars_are_400s_naming_the_field(server, model, body: dict, param: str) -> None:
     r = post(server, "/v1/chat/completions", {"model": model, "messages": chat_messages("x"), **body})
