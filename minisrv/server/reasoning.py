@@ -10,6 +10,7 @@ first token has no thinking to split (its output is the grammar's).
 from __future__ import annotations
 
 from minisrv.config import REASONING_PARSERS
+from minisrv.server.streams import before_partial_tag
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -49,7 +50,7 @@ class ReasoningSplitter:
         if self.state == "thinking":
             end = self.text.find(THINK_END, self.done)
             if end < 0:
-                cut = len(self.text) if final else _safe_end(self.text, self.done, THINK_END)
+                cut = len(self.text) if final else before_partial_tag(self.text, self.done, THINK_END)
                 reasoning, self.done = self.text[self.done : cut], cut
                 return reasoning, ""
             reasoning, self.done, self.state = self.text[self.done : end], end + len(THINK_END), "after_thinking"
@@ -61,14 +62,6 @@ class ReasoningSplitter:
             self.state = "answer"
         content, self.done = self.text[self.done:], len(self.text)
         return reasoning, content
-
-
-def _safe_end(text: str, start: int, tag: str) -> int:
-    """Where text may be cut without splitting what could be the beginning of `tag`."""
-    for k in range(min(len(tag) - 1, len(text) - start), 0, -1):
-        if tag.startswith(text[-k:]):
-            return len(text) - k
-    return len(text)
 
 
 def split_reasoning(text: str, parser: str) -> tuple[str | None, str]:

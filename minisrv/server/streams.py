@@ -202,3 +202,11 @@ def prompt_logprobs_of(prompt: list[TokenLogprob] | None, top: int) -> list[dict
         entry[str(lp.token_id)] = {"logprob": _logprob(lp.logprob), "rank": lp.rank, "decoded_token": lp.token}
         entries.append(entry)
     return entries
+
+
+def before_partial_tag(text: str, start: int, tag: str) -> int:
+    """Where text[start:] may be cut for sending without splitting what could still become `tag`."""
+    for k in range(min(len(tag) - 1, len(text) - start), 0, -1):
+        if tag.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)

@@ -22,6 +22,7 @@ from typing import Callable
 from minisrv import structured_output
 from minisrv.config import TOOL_CALL_FORMATS
 from minisrv.server.call_reader import CallDeltas, CallReader
+from minisrv.server.streams import before_partial_tag
 from minisrv.structured_output import Grammar
 
 HERMES, LLAMA3_JSON = TOOL_CALL_FORMATS
@@ -135,11 +136,7 @@ class AutoCallStream:
             content, self.sent = self.text[self.sent : start], start
             self._read_from(start, len(HERMES_START))
             return content, self.deltas.update(self._found())
-        safe = len(self.text)   # keep back a tail that could be the beginning of a start tag
-        for k in range(min(len(HERMES_START) - 1, len(self.text) - self.sent), 0, -1):
-            if HERMES_START.startswith(self.text[-k:]):
-                safe = len(self.text) - k
-                break
+        safe = before_partial_tag(self.text, self.sent, HERMES_START)
         content, self.sent = self.text[self.sent : safe], max(self.sent, safe)
         return content, []
 
