@@ -4,8 +4,8 @@ inside <think> ... </think> as `reasoning_content` and the rest as `content`, st
 Two parsers, named as vLLM names them. qwen3: thinking only when the output opens with <think> (a template's
 enable_thinking=False leaves none). deepseek_r1: the output starts inside the thinking (its template opens the
 tag in the prompt; a <think> written anyway is dropped) up to </think>; an output that never closes it is all
-thinking. Tool calls and structured output read the answer only; a request constrained by a grammar from its
-first token has no thinking to split (its output is the grammar's).
+thinking. Tool calls under "auto" are read from the answer only; a request constrained by a grammar from its
+first token (structured output, a forced call) is not split, as its output is the grammar's.
 """
 from __future__ import annotations
 
