@@ -208,8 +208,11 @@ class ApiRoutes:
         req = parse_request(sglang.SGLangGenerateRequest, await read_body(request, self.config.body_read_timeout))
         prompt = req.to_prompt_request(self.engine.vocab_size, await self._checked(req.grammar()),
                                        self.request_defaults)
-        return await self._respond(request, self._context("gen", False), [prompt], req.stream,
-                                   sglang.generate_stream, sglang.generate_result)
+        ctx = self._context("gen", False)
+        ctx.id = req.rid or ctx.id   # SGLang's: meta_info.id is the client's rid as it is
+        ctx.logprob_text = req.return_text_in_logprobs if req.return_logprob else None
+        return await self._respond(request, ctx, [prompt], req.stream, sglang.generate_stream,
+                                   sglang.generate_result)
 
     async def tokenize(self, request: Request) -> Response:
         """The token ids of a prompt, or of a chat rendered with the chat template (vLLM's /tokenize)."""

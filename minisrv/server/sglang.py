@@ -1,9 +1,9 @@
 """SGLang's native `POST /generate`: its request schema and its response shapes.
 
 Request: exactly one of `text` / `input_ids`, a `sampling_params` object with SGLang's names
-(max_new_tokens, min_new_tokens, ...), and `stream`. Response: `{"text", "output_ids", "meta_info"}`
-per choice (a list when n > 1); a stream sends each choice's whole text so far in every event, as
-SGLang does, then `data: [DONE]`.
+(max_new_tokens, min_new_tokens, ...), `stream`, and `return_logprob` / `top_logprobs_num` for output logprobs.
+Response: `{"text", "output_ids", "meta_info"}` per choice (a list when n > 1); a stream sends each choice's whole
+text (and logprobs) so far in every event, as SGLang does, then `data: [DONE]`.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any, AsyncIterator
 from pydantic import Field
 
 from minisrv import structured_output
+from minisrv.sampling_params import MAX_TOP_LOGPROBS
+from minisrv.server.engine_handle import TokenLogprob
 from minisrv.server.errors import APIError
 from minisrv.server.protocol import (Schema, Stop, TokenIds, build_sampling_params, check_n, check_token_ids,
                                      given_grammar, sampling_schema, stop_strings)
@@ -38,6 +40,31 @@ class SGLangGenerateRequest(Schema):
     input_ids: TokenIds | None = None
     sampling_params: SGLangSamplingParams = Field(default_factory=SGLangSamplingParams)
     stream: bool = False
+    rid: str | None = None                   # meta_info.id
+    # Output logprobs in meta_info (output_token_logprobs, output_top_logprobs); a prompt's are not returned,
+    # so logprob_start_len stays -1.
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    # What SGLang's clients send along (its bench_serving: lora_path null, image_data, return_routed_experts
+    # false): taken as long as they ask for nothing this text-only, adapter-free server lacks.
+    lora_path: str | None = None
+    image_data: Any = None
+    return_routed_experts: bool = False
+
+    def check_unsupported(self) -> None:
+        for field, asked in (("lora_path", self.lora_path), ("image_data", self.image_data),
+                             ("return_routed_experts", self.return_routed_experts)):
+            if asked:
+                raise APIError(400, f"{field}: this server serves one text-only model without adapters", field,
+                               "unsupported_field")
+        if self.return_logprob and self.logprob_start_len != -1:
+            raise APIError(400, "logprob_start_len: prompt logprobs are not returned here, so only -1 is accepted",
+                           "logprob_start_len", "unsupported_field")
+        if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs_num}",
+                           "top_logprobs_num")
 
     def grammar(self) -> Grammar | None:
         """The output constraint sampling_params asks for (not yet validated)."""
@@ -63,9 +90,11 @@ class SGLangGenerateRequest(Schema):
         check_token_ids(sp.stop_token_ids or [], vocab_size, "sampling_params.stop_token_ids")
         check_token_ids([int(t) for t in sp.logit_bias or {}], vocab_size, "sampling_params.logit_bias")
         check_n(sp.n, "sampling_params.n")
+        self.check_unsupported()
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if sp.max_new_tokens is None else sp.max_new_tokens
         params = build_sampling_params(sp, "sglang", prefix="sampling_params.",
-                                       extra=dict(max_tokens=max_new_tokens, grammar=grammar and grammar.text),
+                                       extra=dict(max_tokens=max_new_tokens, grammar=grammar and grammar.text,
+                                                  logprobs=self.top_logprobs_num if self.return_logprob else None),
                                        defaults=defaults)
         stop = stop_strings(sp.stop, "sampling_params.stop")
         if self.text is not None:
@@ -74,17 +103,24 @@ class SGLangGenerateRequest(Schema):
 
 
 def _meta_info(ctx: ResponseContext, finish_reason: str | None, num_prompt_tokens: int, num_cached_tokens: int,
-               num_output_tokens: int) -> dict:
-    return {"id": ctx.id, "finish_reason": None if finish_reason is None else {"type": finish_reason},
+               num_output_tokens: int, logprobs: list[TokenLogprob] | None) -> dict:
+    meta = {"id": ctx.id, "finish_reason": None if finish_reason is None else {"type": finish_reason},
             "prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
             "cached_tokens": num_cached_tokens}
+    if ctx.logprob_text is not None:   # SGLang's (logprob, token id, text or None) triples
+        def triple(t: TokenLogprob) -> list:
+            return [t.logprob, t.token_id, t.token if ctx.logprob_text else None]
+        meta["output_token_logprobs"] = [triple(t) for t in logprobs or []]
+        meta["output_top_logprobs"] = [[triple(alt) for alt in t.top_logprobs] for t in logprobs or []]
+    return meta
 
 
 def generate_result(ctx: ResponseContext, results: list[ChoiceResult]) -> dict | list[dict]:
     usage = ctx.usage()
     cached = usage["prompt_tokens_details"]["cached_tokens"]
     outs = [{"text": r.text, "output_ids": r.token_ids,
-             "meta_info": _meta_info(ctx, r.finish_reason, usage["prompt_tokens"], cached, len(r.token_ids))}
+             "meta_info": _meta_info(ctx, r.finish_reason, usage["prompt_tokens"], cached, len(r.token_ids),
+                                     r.logprobs)}
             for r in results]
     return outs[0] if len(outs) == 1 else outs
 
@@ -94,13 +130,14 @@ def generate_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) ->
 
     def chunk_of(cd: ChoiceDelta) -> dict | None:
         d = cd.delta
-        result = so_far.setdefault(cd.choice, ChoiceResult())
+        result = so_far.setdefault(cd.choice, ChoiceResult(logprobs=[]))
         result.text_parts.append(d.text)
         result.token_ids += d.token_ids
+        result.logprobs += d.logprobs or []
         if not d.token_ids and d.finish_reason is None:
             return None
         return {"text": result.text, "output_ids": list(result.token_ids), "index": cd.choice,
                 "meta_info": _meta_info(ctx, d.finish_reason, d.num_prompt_tokens, d.num_cached_tokens,
-                                            d.num_output_tokens)}
+                                            d.num_output_tokens, result.logprobs)}
 
     return sse_stream(ctx, deltas, chunk_of, usage_object=None)   # usage is in every event's meta_info

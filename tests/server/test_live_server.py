@@ -226,6 +226,20 @@ def test_generate_endpoint(server) -> None:
                                    "sampling_params": {"max_new_tokens": 5, "temperature": 0}})
     body = r.json()
     assert r.status_code == 200 and body["meta_info"]["completion_tokens"] == len(body["output_ids"]) <= 5
+    # SGLang's bench_serving's payload, and output logprobs as SGLang gives them: (logprob, token id, text).
+    bench = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 5, "temperature": 0.0,
+                                                                     "ignore_eos": True},
+             "lora_path": None, "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": 2,
+             "return_text_in_logprobs": True, "rid": "bench-1"}
+    whole = post(server, "/generate", bench).json()
+    meta = whole["meta_info"]
+    assert meta["id"] == "bench-1" and [t[1] for t in meta["output_token_logprobs"]] == whole["output_ids"]
+    assert all(lp <= 0 and isinstance(text, str) for lp, _, text in meta["output_token_logprobs"])
+    assert [len(top) for top in meta["output_top_logprobs"]] == [2] * 5
+    assert all(top[0][0] >= top[1][0] for top in meta["output_top_logprobs"])
+    with httpx.stream("POST", f"{server.url}/generate", json={**bench, "stream": True}, headers=AUTH) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["meta_info"]["output_token_logprobs"] == meta["output_token_logprobs"]   # cumulative
 
 
 def test_logit_bias_steers_the_output(server, sdk, model) -> None:

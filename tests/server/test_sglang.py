@@ -45,9 +45,24 @@ def test_sglang_names_reach_sampling_params() -> None:
     ({"text": "a", "sampling_params": {"stop": ["", "x"]}}, "sampling_params.stop"),
     ({"text": "a", "sampling_params": {"stop_token_ids": [VOCAB]}}, "sampling_params.stop_token_ids"),
     ({"text": "a", "sampling_params": {"bogus": 1}}, "sampling_params.bogus"),
-    ({"text": "a", "return_logprob": True}, "return_logprob"),
+    ({"text": "a", "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len"),
+    ({"text": "a", "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num"),
+    ({"text": "a", "lora_path": "my-adapter"}, "lora_path"),
+    ({"text": "a", "image_data": "cat.png"}, "image_data"),
+    ({"text": "a", "return_routed_experts": True}, "return_routed_experts"),
 ])
 def test_rejects(body: dict, param: str) -> None:
     with pytest.raises(APIError) as exc:
         generate(body)
     assert exc.value.status == 400 and exc.value.param == param and param in exc.value.message
+
+
+def test_bench_serving_payload_is_taken_and_return_logprob_asks_for_logprobs() -> None:
+    """SGLang's bench_serving sends lora_path null, return_logprob false and logprob_start_len -1 along."""
+    plain = generate({"text": "hi", "sampling_params": {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True},
+                      "stream": True, "lora_path": None, "return_logprob": False, "logprob_start_len": -1,
+                      "return_routed_experts": False, "image_data": None, "rid": "r1"})
+    assert plain.params.max_tokens == 8 and plain.params.ignore_eos and plain.params.logprobs is None
+    assert generate({"text": "hi", "return_logprob": True}).params.logprobs == 0
+    assert generate({"text": "hi", "return_logprob": True, "top_logprobs_num": 3}).params.logprobs == 3
+
