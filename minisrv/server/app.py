@@ -182,6 +182,7 @@ class ApiRoutes:
                                 "--enable-auto-tool-choice; name a function or ask for \"required\"", "tool_choice")
         ctx.tool_names = frozenset(t.function.name for t in req.tools or [])
         ctx.tool_call_parser = self.config.tool_call_parser
+        ctx.echoed = req.echoed_text()
         if self.config.reasoning_parser != "none" and grammar is None:   # a grammar leaves no room to think
             ctx.reasoning_parser = self.config.reasoning_parser
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,

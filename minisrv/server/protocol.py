@@ -373,6 +373,13 @@ class ChatCompletionRequest(_OpenAIFields):
     chat_template_kwargs: dict[str, bool | int | float | str] | None = None   # e.g. {"enable_thinking": false}
     tools: Annotated[list[ToolDefinition], Field(min_length=1)] | None = None
     tool_choice: ToolChoice | None = None     # default: "auto" with tools, "none" without
+    echo: bool = False   # vLLM's: an answer continuing the last message (an assistant's) starts with its text
+
+    def echoed_text(self) -> str:
+        """What the answer's content starts with under `echo`: the last message's text when it is the
+        assistant's, else nothing."""
+        return self.messages[-1].text() if self.echo and self.messages and self.messages[-1].role == "assistant" \
+            else ""
 
     def ignored_fields(self) -> list[str]:
         ignored = super().ignored_fields()

@@ -81,6 +81,7 @@ def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
     for i, r in enumerate(results):
         reasoning, text = split_reasoning(r.text, ctx.reasoning_parser) if ctx.reasoning_parser else (None, r.text)
         content, calls, finish_reason = _calls_of(ctx, text, r.finish_reason)
+        content = ctx.echoed + content   # vLLM's echo (empty without it), streamed in the first delta
         message = {"role": "assistant", "content": None if calls and not content else content}
         if ctx.reasoning_parser:
             message["reasoning_content"] = reasoning
@@ -140,7 +141,7 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
         if cd.choice not in role_sent:  # the first delta of every choice names the role
             role_sent.add(cd.choice)
             delta["role"] = "assistant"
-            delta["content"] = text
+            delta["content"] = ctx.echoed + text
         elif text:
             delta["content"] = text
         if reasoning:

@@ -89,6 +89,7 @@ class ResponseContext:
     tool_names: frozenset[str] = frozenset()   # chat: the functions the request offers
     tool_call_parser: str = "auto"    # chat: the call formats tool_choice auto finds (--tool-call-parser)
     reasoning_parser: str | None = None   # chat: how thinking is split from the answer (--reasoning-parser)
+    echoed: str = ""                  # chat with vLLM's echo: the text each choice's content starts with
     logprob_text: bool | None = None  # /generate with return_logprob: whether its logprobs carry the token text
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token, None: not asked
     echo_logprobs: int | None = None    # completions with echo and logprobs: the prompt's tokens lead the logprobs

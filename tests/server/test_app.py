@@ -137,6 +137,19 @@ def test_auto_tool_calls_stream_their_arguments_and_match_the_whole_response(sdk
         [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
 
 
+def test_chat_echo_starts_the_answer_with_the_assistant_message_it_continues(sdk) -> None:
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}],
+                  max_tokens=5, extra_body={"echo": True, "continue_final_message": True,
+                                            "add_generation_prompt": False}, **GREEDY)
+    whole = sdk.chat.completions.create(**kwargs).choices[0].message.content
+    assert whole == "Well," + REPLY[:5]
+    assert "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(stream=True, **kwargs)
+                   if c.choices) == whole
+    after_a_user = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Well,"}],
+                                               max_tokens=5, extra_body={"echo": True}, **GREEDY)
+    assert after_a_user.choices[0].message.content == REPLY[:5]   # only an assistant's message is echoed
+
+
 def test_chat_logprobs(sdk) -> None:
     out = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                       logprobs=True, top_logprobs=3, **GREEDY)
