@@ -183,6 +183,7 @@ class ApiRoutes:
         ctx.tool_names = frozenset(t.function.name for t in req.tools or [])
         ctx.tool_call_parser = self.config.tool_call_parser
         ctx.echoed = req.echoed_text()
+        ctx.tokens_as_ids = req.return_tokens_as_token_ids
         if self.config.reasoning_parser != "none" and grammar is None:   # a grammar leaves no room to think
             ctx.reasoning_parser = self.config.reasoning_parser
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
@@ -200,6 +201,7 @@ class ApiRoutes:
         ctx = self._context("cmpl", req.include_usage(), req.continuous_usage(), _client_request_id(req, request))
         ctx.prompt_logprobs = req.prompt_logprobs
         ctx.echo_logprobs = req.logprobs if req.echo else None
+        ctx.tokens_as_ids = req.return_tokens_as_token_ids
         return await self._respond(request, ctx, prompts, req.stream, responses.completion_stream,
                                    responses.completion)
 

@@ -296,6 +296,7 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     request_id: str | None = None
     priority: int = 0
     allowed_token_ids: TokenIds | None = None   # vLLM's: a grammar of these tokens (structured_output.token_ids)
+    return_tokens_as_token_ids: bool = False    # vLLM's: logprobs name each token "token_id:<id>"
     # Structured output (minisrv/structured_output.py): OpenAI's response_format, vLLM's structured_outputs and
     # its older guided_* fields; at most one of them. guided_decoding_backend names vLLM's engine: ignored.
     response_format: ResponseFormat | None = None

@@ -88,7 +88,7 @@ def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
         if calls:
             message["tool_calls"] = [c.as_api() for c in calls]
         choices.append({"index": i, "message": message,
-                        "logprobs": chat_logprobs(r.logprobs) if r.logprobs is not None else None,
+                        "logprobs": chat_logprobs(r.logprobs, ctx.tokens_as_ids) if r.logprobs is not None else None,
                         "finish_reason": finish_reason})
     body = dict(_envelope(ctx, "chat.completion", choices), usage=ctx.usage())
     if ctx.prompt_logprobs is not None:   # vLLM's: one list for the response (its choices share the prompt)
@@ -151,7 +151,8 @@ def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> Asy
         if not delta and finish_reason is None and not d.logprobs:
             return None  # nothing new yet (e.g. half of a multi-byte character, or text held back)
         choice = {"index": cd.choice, "delta": delta,
-                  "logprobs": chat_logprobs(d.logprobs) if d.logprobs else None, "finish_reason": finish_reason}
+                  "logprobs": chat_logprobs(d.logprobs, ctx.tokens_as_ids) if d.logprobs else None,
+                  "finish_reason": finish_reason}
         return _envelope(ctx, CHAT_CHUNK, [choice], streaming=True)
 
     return sse_stream(ctx, deltas, chunk_of, CHAT_CHUNK)
@@ -164,7 +165,8 @@ def completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
     for i, r in enumerate(results):
         logprobs = echoed_logprobs(ctx, r.prompt_logprobs, r.logprobs)
         choice = {"index": i, "text": r.text,
-                  "logprobs": completion_logprobs(logprobs, 0, ctx.echo_logprobs) if logprobs is not None else None,
+                  "logprobs": completion_logprobs(logprobs, 0, ctx.echo_logprobs, ctx.tokens_as_ids)
+                  if logprobs is not None else None,
                   "finish_reason": r.finish_reason}
         if ctx.prompt_logprobs is not None:
             choice["prompt_logprobs"] = prompt_logprobs_of(r.prompt_logprobs, ctx.prompt_logprobs)
@@ -183,7 +185,8 @@ def completion_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) 
         offset = text_offset.get(cd.choice, 0)
         text_offset[cd.choice] = offset + len(d.text)
         choice = {"index": cd.choice, "text": d.text,
-                  "logprobs": completion_logprobs(logprobs, offset, ctx.echo_logprobs) if logprobs else None,
+                  "logprobs": completion_logprobs(logprobs, offset, ctx.echo_logprobs, ctx.tokens_as_ids)
+                  if logprobs else None,
                   "finish_reason": d.finish_reason}
         return _envelope(ctx, COMPLETION, [choice], streaming=True)
 

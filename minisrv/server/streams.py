@@ -90,6 +90,7 @@ class ResponseContext:
     tool_call_parser: str = "auto"    # chat: the call formats tool_choice auto finds (--tool-call-parser)
     reasoning_parser: str | None = None   # chat: how thinking is split from the answer (--reasoning-parser)
     echoed: str = ""                  # chat with vLLM's echo: the text each choice's content starts with
+    tokens_as_ids: bool = False       # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
     logprob_text: bool | None = None  # /generate with return_logprob: whether its logprobs carry the token text
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token, None: not asked
     echo_logprobs: int | None = None    # completions with echo and logprobs: the prompt's tokens lead the logprobs
@@ -159,27 +160,35 @@ def _logprob(value: float) -> float | None:
     return None if math.isnan(value) else max(value, MIN_LOGPROB)
 
 
-def chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
-    """OpenAI chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+def chat_logprobs(logprobs: list[TokenLogprob], as_ids: bool = False) -> dict:
+    """OpenAI chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]};
+    `as_ids`: vLLM's return_tokens_as_token_ids (each token named "token_id:<id>")."""
     return {"content": [
-        {"token": lp.token, "logprob": _logprob(lp.logprob), "bytes": list(lp.token_bytes),
-         "top_logprobs": [{"token": t.token, "logprob": _logprob(t.logprob), "bytes": list(t.token_bytes)}
+        {"token": _name(lp, as_ids), "logprob": _logprob(lp.logprob), "bytes": list(lp.token_bytes),
+         "top_logprobs": [{"token": _name(t, as_ids), "logprob": _logprob(t.logprob), "bytes": list(t.token_bytes)}
                           for t in lp.top_logprobs]}
         for lp in logprobs]}
 
 
-def completion_logprobs(logprobs: list[TokenLogprob], text_offset: int, top: int | None = None) -> dict:
+def completion_logprobs(logprobs: list[TokenLogprob], text_offset: int, top: int | None = None,
+                        as_ids: bool = False) -> dict:
     """OpenAI completions shape: parallel lists; `text_offset` is where the first token's text starts. A token
-    without a logprob (an echoed prompt's first) has null for it and its alternatives; `top` trims those."""
+    without a logprob (an echoed prompt's first) has null for it and its alternatives; `top` trims those;
+    `as_ids` as chat_logprobs' (the offsets stay those of the text)."""
     offsets = []
     for lp in logprobs:
         offsets.append(text_offset)
         text_offset += len(lp.token)
-    return {"tokens": [lp.token for lp in logprobs],
+    return {"tokens": [_name(lp, as_ids) for lp in logprobs],
             "token_logprobs": [_logprob(lp.logprob) for lp in logprobs],
             "top_logprobs": [None if math.isnan(lp.logprob) else
-                             {t.token: _logprob(t.logprob) for t in lp.top_logprobs[:top]} for lp in logprobs],
+                             {_name(t, as_ids): _logprob(t.logprob) for t in lp.top_logprobs[:top]}
+                             for lp in logprobs],
             "text_offset": offsets}
+
+
+def _name(lp: TokenLogprob, as_id: bool) -> str:
+    return f"token_id:{lp.token_id}" if as_id else lp.token
 
 
 def echoed_logprobs(ctx: ResponseContext, prompt: list[TokenLogprob] | None,

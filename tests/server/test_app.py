@@ -150,6 +150,21 @@ def test_chat_echo_starts_the_answer_with_the_assistant_message_it_continues(sdk
     assert after_a_user.choices[0].message.content == REPLY[:5]   # only an assistant's message is echoed
 
 
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(sdk) -> None:
+    """The fake's token id is the character's code point."""
+    chat = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                       logprobs=True, top_logprobs=1, extra_body={"return_tokens_as_token_ids": True},
+                                       **GREEDY)
+    assert [t.token for t in chat.choices[0].logprobs.content] == [f"token_id:{ord(c)}" for c in REPLY[:3]]
+    assert all(t.top_logprobs[0].token.startswith("token_id:") for t in chat.choices[0].logprobs.content)
+    for stream in (False, True):
+        out = sdk.completions.create(model=MODEL, prompt="x", max_tokens=3, logprobs=1, stream=stream,
+                                     extra_body={"return_tokens_as_token_ids": True}, **GREEDY)
+        tokens = [t for c in (out if stream else [out]) for t in (c.choices[0].logprobs.tokens if c.choices and
+                                                                  c.choices[0].logprobs else [])]
+        assert tokens == [f"token_id:{ord(c)}" for c in REPLY[:3]], stream
+
+
 def test_chat_logprobs(sdk) -> None:
     out = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                       logprobs=True, top_logprobs=3, **GREEDY)
