@@ -154,7 +154,8 @@ class DecodeGraphs:
 
     def draw_masked(self, bucket: int, bitmask: torch.Tensor) -> None:
         """Draw the tokens of the step last replayed in `bucket` again, into last_tokens, allowing only what
-        `bitmask` ([rows, words] int32, rows <= bucket; best pinned on the host) allows; the step's logits and parameters must still be in
-        the buffers (no step run since). Rows past `bitmask`'s are padding: whatever they draw is discarded."""
+        `bitmask` ([rows, words] int32, rows <= bucket; best pinned on the host) allows; the step's logits and
+        parameters must still be in the buffers (no step run since). Rows past `bitmask`'s are padding: whatever
+        they draw is discarded."""
         self.bitmask[: bitmask.shape[0]].copy_(bitmask, non_blocking=True)
         self.masked_draws[bucket].replay()

@@ -2,11 +2,10 @@
 
 Names follow vLLM's (`vllm:num_requests_running` -> `minisrv:num_requests_running`), and every series
 carries vLLM's `model_name` label; `--metrics-prefix vllm` gives vLLM's names exactly, so dashboards made for it
-read them unchanged. Nothing is counted
-here: gauges, counters and the request histograms (minisrv/scheduler/metrics.py) are the scheduler's, as it
-last published them (EngineHandle.stats() and .histograms()), so a slow or vanished client changes none of
-them, and several data-parallel replicas add up. The HTTP connection counts are the API server's own
-(minisrv/server/connections.py).
+read them unchanged. Nothing is counted here: gauges, counters and the request histograms
+(minisrv/scheduler/metrics.py) are the scheduler's, as it last published them (EngineHandle.stats() and
+.histograms()), so a slow or vanished client changes none of them, and several data-parallel replicas add up.
+The HTTP connection counts are the API server's own (minisrv/server/connections.py).
 """
 from __future__ import annotations
 
