@@ -16,7 +16,8 @@ from minisrv.models.dummy import init_dummy_weights
 from minisrv.models.loader import LoadedModel, build_model
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
-from minisrv.scheduler.request import Request, SampleResult
+from minisrv.scheduler.request import Request
+from tests.models.hf_tiny import RecordingGreedySampler
 
 TINY = dict(architectures=["Qwen2ForCausalLM"], vocab_size=101, hidden_size=48, intermediate_size=80,
             num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
@@ -36,15 +37,6 @@ def tiny_model() -> LoadedModel:
                        max_model_len=256, name="tiny")
 
 
-class Greedy:
-    def __init__(self) -> None:
-        self.logits: list[torch.Tensor] = []
-
-    def __call__(self, logits: torch.Tensor, requests: list[Request], positions=None, bitmask=None) -> list[SampleResult]:
-        self.logits = list(logits.clone())
-        return [SampleResult(int(t)) for t in logits.argmax(-1).tolist()]
-
-
 def new_request(rid: int, prompt: list[int], pages: list[int]) -> Request:
     request = Request(rid=rid, prompt_ids=prompt, params=SamplingParams(temperature=0.0), seed=0)
     request.pages = pages
@@ -53,19 +45,19 @@ def new_request(rid: int, prompt: list[int], pages: list[int]) -> Request:
 
 def test_pool_size_from_each_setting(loaded):
     per_page = kv_cache_bytes_per_page(loaded.model_config, 8, torch.float32)
-    assert ModelRunner(EngineConfig(page_size=8, num_pages=7), loaded, Greedy()).num_pages == 7
-    runner = ModelRunner(EngineConfig(page_size=8, kv_cache_memory=0.001), loaded, Greedy())
+    assert ModelRunner(EngineConfig(page_size=8, num_pages=7), loaded, RecordingGreedySampler()).num_pages == 7
+    runner = ModelRunner(EngineConfig(page_size=8, kv_cache_memory=0.001), loaded, RecordingGreedySampler())
     assert runner.num_pages == int(0.001 * 2**30 // per_page) and runner.bytes_per_page == per_page
     assert runner.kv_caches[0].shape == (runner.num_pages, 8, 2, 2, 8)
     # CPU default: every running request at full length, within the RAM budget.
-    runner = ModelRunner(EngineConfig(page_size=8, max_running_requests=3), loaded, Greedy())
+    runner = ModelRunner(EngineConfig(page_size=8, max_running_requests=3), loaded, RecordingGreedySampler())
     assert runner.num_pages == min(3 * math.ceil(256 / 8), int(CPU_DEFAULT_KV_GIB * 2**30 // per_page))
 
 
 def test_cpu_threads(loaded):
     before = torch.get_num_threads()
     try:
-        ModelRunner(EngineConfig(num_pages=4, cpu_threads=1), loaded, Greedy())
+        ModelRunner(EngineConfig(num_pages=4, cpu_threads=1), loaded, RecordingGreedySampler())
         assert torch.get_num_threads() == 1
         assert cpu_threads(EngineConfig(cpu_threads=3)) == 3
         assert cpu_threads(EngineConfig()) == len(os.sched_getaffinity(0))
@@ -81,7 +73,7 @@ def test_cpu_threads(loaded):
 ])
 def test_bad_pool_settings_name_the_field(loaded, settings, field):
     with pytest.raises(ValueError, match=field):
-        ModelRunner(EngineConfig(**settings), loaded, Greedy())
+        ModelRunner(EngineConfig(**settings), loaded, RecordingGreedySampler())
 
 
 def test_default_sampler_is_the_engine_sampler(loaded):
@@ -92,7 +84,7 @@ def test_default_sampler_is_the_engine_sampler(loaded):
 
 
 def test_results_follow_batch_order_and_sample_flags(loaded):
-    sampler = Greedy()
+    sampler = RecordingGreedySampler()
     runner = ModelRunner(EngineConfig(page_size=4, num_pages=64), loaded, sampler)
     rng = random.Random(0)
     a, b, c = (new_request(i, [rng.randrange(101) for _ in range(n)], list(range(16 * i, 16 * i + 16)))
@@ -102,12 +94,12 @@ def test_results_follow_batch_order_and_sample_flags(loaded):
     batch = [ScheduledSeq(c, 0, 5, True), ScheduledSeq(a, 8, 1, True), ScheduledSeq(b, 11, 1, False)]
     results = runner.execute(ScheduledBatch(batch))
     assert len(results) == 2
-    alone = Greedy()
+    alone = RecordingGreedySampler()
     solo = ModelRunner(EngineConfig(page_size=4, num_pages=64), loaded, alone)
     for position, seq in enumerate([s for s in batch if s.sample]):
         fresh = new_request(9, seq.request.prompt_ids, list(range(16)))
         solo.execute(ScheduledBatch([ScheduledSeq(fresh, 0, seq.start + seq.num_tokens, True)]))
-        torch.testing.assert_close(sampler.logits[position], alone.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sampler.rows[position], alone.rows[0], atol=1e-5, rtol=1e-5)
 
 
 def test_staggered_batched_generation_equals_solo(loaded):
@@ -118,7 +110,7 @@ def test_staggered_batched_generation_equals_solo(loaded):
     chunk, steps = 8, 14
 
     def generate(indices: list[int]) -> dict[int, list[int]]:
-        runner = ModelRunner(EngineConfig(page_size=4, num_pages=128), loaded, Greedy())
+        runner = ModelRunner(EngineConfig(page_size=4, num_pages=128), loaded, RecordingGreedySampler())
         requests = {i: new_request(i, prompts[i], list(range(32 * i, 32 * i + 32))[::-1]) for i in indices}
         for step in range(steps):
             batch = []
@@ -144,7 +136,7 @@ def test_staggered_batched_generation_equals_solo(loaded):
 
 
 def test_inconsistent_batches_are_rejected(loaded):
-    runner = ModelRunner(EngineConfig(page_size=4, num_pages=16), loaded, Greedy())
+    runner = ModelRunner(EngineConfig(page_size=4, num_pages=16), loaded, RecordingGreedySampler())
     request = new_request(0, list(range(10, 20)), [0, 1])
     with pytest.raises(ValueError, match="pages cannot hold"):
         runner.execute(ScheduledBatch([ScheduledSeq(request, 0, 10, True)]))
@@ -159,10 +151,10 @@ def test_int8_weights_give_nearly_the_float32_logits(quantization):
     logits = {}
     for mode in ("none", quantization):
         model_copy = tiny_model()
-        sampler = Greedy()
+        sampler = RecordingGreedySampler()
         runner = ModelRunner(EngineConfig(num_pages=8, quantization=mode), model_copy, sampler)
         runner.execute(ScheduledBatch([ScheduledSeq(new_request(0, prompt, [0, 1]), 0, len(prompt), True)]))
-        logits[mode] = sampler.logits[0]
+        logits[mode] = sampler.rows[0]
         quantized = [m for m in model_copy.model.modules()
                      if getattr(m, "int8", None) is not None or getattr(m, "int8_weight", None) is not None]
         assert len(quantized) == (0 if mode == "none" else 1 if mode == "int8-lm-head" else 2 * 4 + 1)
@@ -180,11 +172,11 @@ def test_int4_weights_give_nearly_the_float32_logits():
     for mode in ("none", "int4"):
         model = build_model(config, 256, torch.float32, torch.device("cpu"))
         init_dummy_weights(model, seed=5, std=0.2)
-        sampler = Greedy()
+        sampler = RecordingGreedySampler()
         runner = ModelRunner(EngineConfig(num_pages=8, quantization=mode),
                              LoadedModel(model, config, eos_token_ids=[3], max_model_len=256, name="tiny"), sampler)
         runner.execute(ScheduledBatch([ScheduledSeq(new_request(0, prompt, [0, 1]), 0, len(prompt), True)]))
-        logits[mode] = sampler.logits[0]
+        logits[mode] = sampler.rows[0]
         four_bit = [m for m in model.modules() if getattr(m, "int4_weight", None) is not None]
         eight_bit = [m for m in model.modules() if getattr(m, "int8_weight", None) is not None]
         assert (len(four_bit), len(eight_bit)) == ((0, 0) if mode == "none" else (2 * 4, 1))

@@ -78,7 +78,8 @@ class RecordingGreedySampler:
     def __init__(self) -> None:
         self.rows: list[torch.Tensor] = []
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request], positions=None, bitmask=None) -> list[SampleResult]:
+    def __call__(self, logits: torch.Tensor, requests: list[Request], positions=None,
+                 bitmask=None) -> list[SampleResult]:
         assert logits.dtype == torch.float32 and logits.shape[0] == len(requests)
         self.rows = list(logits.clone())
         return [SampleResult(int(t)) for t in logits.argmax(-1).tolist()]
