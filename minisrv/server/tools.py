@@ -121,8 +121,8 @@ class AutoCallStream:
         if self.reader is not None:
             self.reader.feed(delta)
             return "", self.deltas.update(self._found())
-        head = self.text.lstrip()
-        if self.llama and not self.sent:
+        if self.llama and not self.sent:   # only until content goes out: no copy of the whole text per delta after
+            head = self.text.lstrip()
             if head.startswith("{") or head.startswith(PYTHON_TAG):   # a Llama 3 call, maybe
                 self._read_from(0, 0)
                 return "", self.deltas.update(self._found())
