@@ -90,7 +90,7 @@ class ForcedCalls:
         """The calls so far, whole, with the ids their deltas carried."""
         found = self._found()
         self.deltas.update(found)
-        return [ToolCall(name, arguments, call_id) for (name, arguments), call_id in zip(found, self.deltas.ids)]
+        return _tool_calls(found, self.deltas)
 
     def _found(self) -> list[tuple[str, str]]:
         if self.reader is None:
@@ -147,8 +147,7 @@ class AutoCallStream:
             return self.text[self.sent:], [], []
         deltas = self.deltas.update(found)
         rest = self.text[self.sent : self.tag_at] if self.tag_at > self.sent else ""
-        return rest, deltas, [ToolCall(name, arguments, call_id)
-                              for (name, arguments), call_id in zip(found, self.deltas.ids)]
+        return rest, deltas, _tool_calls(found, self.deltas)
 
     def _read_from(self, start: int, skip: int) -> None:
         self.tag_at = start
@@ -157,6 +156,11 @@ class AutoCallStream:
 
     def _found(self) -> list[tuple[str, str]]:
         return _calls_read(self.reader, self.names.__contains__, arguments_in_strings=True)
+
+
+def _tool_calls(found: list[tuple[str, str]], deltas: CallDeltas) -> list[ToolCall]:
+    """The calls `found`, whole, with the ids their deltas carried (`deltas` updated with `found`)."""
+    return [ToolCall(name, arguments, call_id) for (name, arguments), call_id in zip(found, deltas.ids)]
 
 
 def _calls_read(reader: CallReader, allowed: Callable[[str], bool],
