@@ -39,7 +39,7 @@ from minisrv.server.connections import Connections, default_limit
 from minisrv.server.metrics import ServerMetrics
 from minisrv.server.openapi import openapi_document
 from minisrv.server.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest, Tokenization
-from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, checked_request_id, parse_request
 from minisrv.structured_output import Grammar, GrammarError, GrammarValidator
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext, choice_deltas, collect, to_json
 from minisrv.tokenizer.prompts import PromptTokenizer
@@ -374,15 +374,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return work_task.result()
 
 
-MAX_REQUEST_ID_CHARS = 256
-
-
 def _client_request_id(req: ChatCompletionRequest | CompletionRequest, request: Request) -> str | None:
     """The id a client gave its request (vLLM's request_id field, else the X-Request-Id header), if any."""
-    given = req.request_id or request.headers.get("x-request-id")
-    if given is not None and not 0 < len(given) <= MAX_REQUEST_ID_CHARS:
-        raise APIError(400, f"request_id: at most {MAX_REQUEST_ID_CHARS} characters, got {len(given)}", "request_id")
-    return given
+    return checked_request_id(req.request_id or request.headers.get("x-request-id"), "request_id")
 
 
 def build_app(engine: EngineHandle, config: ServerConfig, load_tokenizer: Callable[[], PromptTokenizer],

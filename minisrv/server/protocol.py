@@ -26,6 +26,7 @@ from minisrv.wire.records import PromptRequest
 from minisrv.wire.terms import MAX_CHOICES, pack_template_value
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions
+MAX_REQUEST_ID_CHARS = 256              # a client's id for its request: request_id, X-Request-Id, SGLang's rid
 TokenId = Annotated[int, Field(ge=0)]
 TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]   # a token id as a JSON object key
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -513,3 +514,11 @@ def parse_request(model: type[Schema], body: bytes) -> Schema:
         return model.model_validate_json(text)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
+
+
+def checked_request_id(given: str | None, field: str) -> str | None:
+    """A client's id for its request (None: it gave none), refused when empty or longer than
+    MAX_REQUEST_ID_CHARS: it becomes the response's id and goes into the logs."""
+    if given is not None and not 0 < len(given) <= MAX_REQUEST_ID_CHARS:
+        raise APIError(400, f"{field}: 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(given)}", field)
+    return given

@@ -16,7 +16,7 @@ from minisrv.sampling_params import MAX_TOP_LOGPROBS
 from minisrv.server.engine_handle import TokenLogprob
 from minisrv.server.errors import APIError
 from minisrv.server.protocol import (Schema, Stop, TokenIds, build_sampling_params, check_n, check_token_ids,
-                                     given_grammar, sampling_schema, stop_strings)
+                                     checked_request_id, given_grammar, sampling_schema, stop_strings)
 from minisrv.server.responses import sse_stream
 from minisrv.server.streams import ChoiceDelta, ChoiceResult, ResponseContext
 from minisrv.structured_output import Grammar, GrammarError
@@ -54,6 +54,7 @@ class SGLangGenerateRequest(Schema):
     return_routed_experts: bool = False
 
     def check_unsupported(self) -> None:
+        checked_request_id(self.rid, "rid")
         for field, asked in (("lora_path", self.lora_path), ("image_data", self.image_data),
                              ("return_routed_experts", self.return_routed_experts)):
             if asked:

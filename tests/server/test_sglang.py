@@ -50,6 +50,8 @@ def test_sglang_names_reach_sampling_params() -> None:
     ({"text": "a", "lora_path": "my-adapter"}, "lora_path"),
     ({"text": "a", "image_data": "cat.png"}, "image_data"),
     ({"text": "a", "return_routed_experts": True}, "return_routed_experts"),
+    ({"text": "a", "rid": "r" * 257}, "rid"),
+    ({"text": "a", "rid": ""}, "rid"),
 ])
 def test_rejects(body: dict, param: str) -> None:
     with pytest.raises(APIError) as exc:
