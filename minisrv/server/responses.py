@@ -11,7 +11,7 @@ from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
 from minisrv.server import tools
-from minisrv.server.engine_handle import RequestError
+from minisrv.server.engine_handle import OutputDelta, RequestError
 from minisrv.server.errors import error_body
 from minisrv.server.reasoning import ReasoningSplitter, split_reasoning
 from minisrv.server.streams import (SSE_DONE, ChoiceDelta, ChoiceResult, ResponseContext, chat_logprobs,
@@ -96,50 +96,61 @@ def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
     return body
 
 
-def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
-    """Text streams as it comes, a reasoning model's thinking as reasoning_content (ReasoningSplitter), calls as
-    tool_calls deltas while they are written (tools.ForcedCalls, tools.AutoCallStream); under "auto", text that
-    may be a call is held back until that is known."""
-    role_sent: set[int] = set()
-    thinking: dict[int, ReasoningSplitter] = {}
-    auto: dict[int, tools.AutoCallStream] = {}
-    forced: dict[int, tools.ForcedCalls] = {}
+class ChatChoiceReader:
+    """One chat choice's deltas as what goes out: (reasoning, content, tool_calls deltas, finish_reason) per delta.
+    A reasoning model's thinking is split from the answer (ReasoningSplitter), calls stream as tool_calls deltas
+    while they are written (tools.ForcedCalls, tools.AutoCallStream); under "auto", text that may be a call is
+    held back until that is known. /v1/chat/completions and /v1/responses (responses_api.py) both read so."""
 
-    def split(cd: ChoiceDelta) -> tuple[str, str]:
+    def __init__(self, ctx: ResponseContext) -> None:
+        self.ctx = ctx
+        self.thinking = ReasoningSplitter(ctx.reasoning_parser) if ctx.reasoning_parser else None
+        self.auto = tools.AutoCallStream(set(ctx.tool_names), ctx.tool_call_parser) \
+            if ctx.tool_choice == "auto" else None
+        self.forced = tools.ForcedCalls(ctx.tool_choice) if ctx.tool_choice not in ("none", "auto") else None
+
+    def read(self, delta: OutputDelta) -> tuple[str, str, list[dict], str | None]:
+        reasoning, answer = self._split(delta)
+        text, call_deltas, finish_reason = self._content(answer, delta.finish_reason)
+        return reasoning, text, call_deltas, finish_reason
+
+    def _split(self, delta: OutputDelta) -> tuple[str, str]:
         """(reasoning, answer text) of the delta."""
-        if not ctx.reasoning_parser:
-            return "", cd.delta.text
-        splitter = thinking.setdefault(cd.choice, ReasoningSplitter(ctx.reasoning_parser))
-        reasoning, text = splitter.feed(cd.delta.text)
-        if cd.delta.finish_reason is not None:
-            more_reasoning, more_text = splitter.finish()
+        if self.thinking is None:
+            return "", delta.text
+        reasoning, text = self.thinking.feed(delta.text)
+        if delta.finish_reason is not None:
+            more_reasoning, more_text = self.thinking.finish()
             reasoning, text = reasoning + more_reasoning, text + more_text
         return reasoning, text
 
-    def content_of(cd: ChoiceDelta, text: str) -> tuple[str, list[dict], str | None]:
-        finish_reason = cd.delta.finish_reason
-        if ctx.tool_choice == "none":
-            return text, [], finish_reason
-        if ctx.tool_choice == "auto":
-            stream = auto.setdefault(cd.choice, tools.AutoCallStream(set(ctx.tool_names), ctx.tool_call_parser))
-            text, call_deltas = stream.feed(text)
+    def _content(self, text: str, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
+        if self.auto is not None:
+            text, call_deltas = self.auto.feed(text)
             if finish_reason is None:
                 return text, call_deltas, None
-            rest, last_deltas, calls = stream.finish()
+            rest, last_deltas, calls = self.auto.finish()
             return text + rest, call_deltas + last_deltas, _finish_with_calls("auto", bool(calls), finish_reason)
-        calls = forced.setdefault(cd.choice, tools.ForcedCalls(ctx.tool_choice))
-        call_deltas = calls.feed(text)
-        if finish_reason is not None and not calls.deltas.ids:   # cut before a call was named: the text, whole
-            return calls.text, [], finish_reason
-        return "", call_deltas, _finish_with_calls(ctx.tool_choice, True, finish_reason)
+        if self.forced is None:
+            return text, [], finish_reason
+        call_deltas = self.forced.feed(text)
+        if finish_reason is not None and not self.forced.deltas.ids:   # cut before a call was named: the text
+            return self.forced.text, [], finish_reason
+        return "", call_deltas, _finish_with_calls(self.ctx.tool_choice, True, finish_reason)
+
+
+def chat_stream(ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
+    """Each choice's deltas as ChatChoiceReader reads them, the first naming the role."""
+    readers: dict[int, ChatChoiceReader] = {}
 
     def chunk_of(cd: ChoiceDelta) -> dict | None:
         d = cd.delta
-        reasoning, answer = split(cd)
-        text, call_deltas, finish_reason = content_of(cd, answer)
+        first = cd.choice not in readers
+        if first:
+            readers[cd.choice] = ChatChoiceReader(ctx)
+        reasoning, text, call_deltas, finish_reason = readers[cd.choice].read(d)
         delta: dict = {}
-        if cd.choice not in role_sent:  # the first delta of every choice names the role
-            role_sent.add(cd.choice)
+        if first:  # the first delta of every choice names the role
             delta["role"] = "assistant"
             delta["content"] = ctx.echoed + text
         elif text:
