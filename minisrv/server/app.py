@@ -14,6 +14,7 @@ import socket
 import time
 import types
 from contextlib import aclosing
+from functools import partial
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -31,7 +32,7 @@ from starlette.routing import Route
 
 from minisrv.config import ServerConfig
 from minisrv.sampling_params import SamplingParams
-from minisrv.server import responses, sglang
+from minisrv.server import responses, responses_api, sglang
 from minisrv.server.engine_handle import EngineHandle, RequestError
 from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from minisrv.server import connections
@@ -55,6 +56,7 @@ T = TypeVar("T")
 
 Streamer = Callable[[ResponseContext, AsyncIterator[ChoiceDelta]], AsyncIterator[bytes]]
 Builder = Callable[[ResponseContext, list[ChoiceResult]], object]
+Collector = Callable[[ResponseContext, AsyncIterator[ChoiceDelta]], Awaitable[object]]
 
 
 class ClientDisconnected(Exception):
@@ -107,6 +109,7 @@ class ApiRoutes:
             route("/v1/models/{model:path}", self.get_model, ["GET"]),
             route("/v1/chat/completions", self.chat_completions, ["POST"], ChatCompletionRequest),
             route("/v1/completions", self.completions, ["POST"], CompletionRequest),
+            route("/v1/responses", self.create_response, ["POST"], responses_api.ResponsesRequest),
             route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest),
             route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest)),
             route("/detokenize", self.detokenize, ["POST"], DetokenizeRequest),
@@ -169,12 +172,32 @@ class ApiRoutes:
         """OpenAI chat completions, streamed as server-sent events with stream: true."""
         self._authorize(request)
         req = parse_request(ChatCompletionRequest, await read_body(request, self.config.body_read_timeout))
+        ctx, prompt = await self._chat(req, request, "chatcmpl")
+        return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
+                                   responses.chat_completion)
+
+    async def create_response(self, request: Request) -> Response:
+        """OpenAI's Responses API (responses_api.py): the chat request it stands for, answered as output items."""
+        self._authorize(request)
+        req = parse_request(responses_api.ResponsesRequest, await read_body(request, self.config.body_read_timeout))
+        self._log_ignored(req.ignored_fields())
+        try:
+            ctx, prompt = await self._chat(req.to_chat_request(), request, "resp")
+            ctx.id = "resp_" + ctx.id.removeprefix("resp-")
+            return await self._respond(request, ctx, [prompt], req.stream, partial(responses_api.response_stream, req),
+                                       collector=partial(responses_api.whole_response, req))
+        except APIError as exc:   # named as the chat request it became: renamed as the client sent it
+            raise responses_api.renamed_error(exc) from None
+
+    async def _chat(self, req: ChatCompletionRequest, request: Request, id_prefix: str
+                    ) -> tuple[ResponseContext, PromptRequest]:
+        """A chat request's prompt and its response's context (tools, reasoning, echo), checked."""
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
         grammar = await self._checked(req.grammar())
         prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, grammar,
                                        self.request_defaults)
-        ctx = self._context("chatcmpl", req.include_usage(), req.continuous_usage(), _client_request_id(req, request))
+        ctx = self._context(id_prefix, req.include_usage(), req.continuous_usage(), _client_request_id(req, request))
         ctx.prompt_logprobs = req.prompt_logprobs
         ctx.tool_choice = req.resolved_tool_choice()
         if ctx.tool_choice == "auto" and not self.config.enable_auto_tool_choice:
@@ -186,8 +209,7 @@ class ApiRoutes:
         ctx.tokens_as_ids = req.return_tokens_as_token_ids
         if self.config.reasoning_parser != "none" and grammar is None:   # a grammar leaves no room to think
             ctx.reasoning_parser = self.config.reasoning_parser
-        return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
-                                   responses.chat_completion)
+        return ctx, prompt
 
     async def completions(self, request: Request) -> Response:
         """OpenAI (legacy) completions, streamed as server-sent events with stream: true."""
@@ -289,11 +311,16 @@ class ApiRoutes:
                                "logged once", name)
 
     async def _respond(self, request: Request, ctx: ResponseContext, prompts: list[PromptRequest], stream: bool,
-                       streamer: Streamer, builder: Builder) -> Response:
+                       streamer: Streamer, builder: Builder | None = None, collector: Collector | None = None
+                       ) -> Response:
+        """The prompts' answer: streamed by `streamer`, else made whole by `builder` from the collected choices
+        (or by `collector` from the deltas themselves)."""
         n = prompts[0].n
         deltas = choice_deltas([self.engine.stream(prompt) for prompt in prompts], n)
         try:
             if not stream:
+                if collector is not None:
+                    return json_response(await until_disconnect(request, collector(ctx, deltas)))
                 results = await until_disconnect(request, collect(ctx, deltas, n * len(prompts)))
                 return json_response(builder(ctx, results))
             # The first delta comes before the 200: a refused request (400 too long, 503) gets its status.

@@ -32,7 +32,7 @@ TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]   # a token id as a
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
-def _one_of(expected: str) -> WrapValidator:
+def one_of(expected: str) -> WrapValidator:
     """For a union field: one plain error saying what is accepted, not one error per union member."""
 
     def validate(value, handler):
@@ -44,7 +44,7 @@ def _one_of(expected: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-Stop = Annotated[str | list[str] | None, _one_of("a string or a list of strings")]
+Stop = Annotated[str | list[str] | None, one_of("a string or a list of strings")]
 
 
 class Schema(BaseModel):
@@ -131,8 +131,11 @@ class TextContentPart(Schema):
     text: str
 
 
+FunctionToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]   # OpenAI's rule for a tool's name
+
+
 class FunctionDefinition(Schema):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    name: FunctionToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None   # a JSON schema of the arguments object
     strict: bool | None = None                 # forced calls always follow the schema, strict or not
@@ -153,7 +156,7 @@ class NamedToolChoice(Schema):
 
 
 ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice,
-                       _one_of('"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')]
+                       one_of('"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')]
 
 
 class CalledFunction(Schema):
@@ -170,7 +173,7 @@ class MessageToolCall(Schema):
 class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | list[TextContentPart] | None,
-                       _one_of('a string or a list of {"type": "text", "text": ...} parts')] = None
+                       one_of('a string or a list of {"type": "text", "text": ...} parts')] = None
     name: str | None = None     # accepted and ignored: chat templates have no place for it
     tool_calls: list[MessageToolCall] | None = None   # an assistant's calls (its content may then be null)
     tool_call_id: str | None = None                   # a tool message: the call it answers
@@ -216,7 +219,7 @@ def chat_turns(messages: list[ChatMessage], add_generation_prompt: bool, continu
     return [(m.role, m.text()) for m in messages]
 
 
-JsonSchemaValue = Annotated[dict[str, Any] | str, _one_of("a JSON schema: an object, or a string holding one")]
+JsonSchemaValue = Annotated[dict[str, Any] | str, one_of("a JSON schema: an object, or a string holding one")]
 
 
 class JsonSchemaFormat(Schema):
@@ -455,7 +458,7 @@ class ChatCompletionRequest(_OpenAIFields):
 
 class CompletionRequest(_OpenAIFields):
     prompt: Annotated[str | list[str] | TokenIds | list[TokenIds],
-                      _one_of("a string, a list of strings, a list of token ids (integers >= 0) "
+                      one_of("a string, a list of strings, a list of token ids (integers >= 0) "
                               "or a list of such lists")]
     max_tokens: int | None = COMPLETIONS_DEFAULT_MAX_TOKENS   # null: up to the context length
     logprobs: int | None = None

@@ -656,3 +656,28 @@ def test_invalid_tool_requests_are_400s_naming_the_field(server, model, body: di
     r = post(server, "/v1/chat/completions", {"model": model, "messages": chat_messages("x"), **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_responses_api_answers_as_chat_does(sdk, model) -> None:
+    """/v1/responses renders the same prompt as chat: the same greedy text, whole and streamed; a forced call's
+    arguments follow the tool's parameters, and a call and its result go back in the input."""
+    chat = sdk.chat.completions.create(model=model, messages=[{"role": "system", "content": "Be brief."},
+                                                               *chat_messages("Name a colour.")],
+                                       max_tokens=12, **GREEDY).choices[0].message.content
+    kwargs = dict(model=model, instructions="Be brief.", input="Name a colour.", max_output_tokens=12, **GREEDY)
+    whole = sdk.responses.create(**kwargs)
+    assert whole.output_text == chat and whole.usage.output_tokens <= 12
+    streamed = "".join(e.delta for e in sdk.responses.create(stream=True, **kwargs)
+                       if e.type == "response.output_text.delta")
+    assert streamed == chat
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    forced = sdk.responses.create(model=model, input="What is the weather in Paris?", tools=[tool],
+                                  tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60,
+                                  **GREEDY)
+    (call,) = forced.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert set(json.loads(call.arguments)) == {"city", "unit"}
+    answer = sdk.responses.create(model=model, tools=[tool], max_output_tokens=16, **GREEDY, input=[
+        {"role": "user", "content": "What is the weather in Paris?"}, call.model_dump(),
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}])
+    assert answer.status in ("completed", "incomplete") and answer.output

@@ -10,6 +10,7 @@ import pytest
 from tests.server.conftest import FAKE_MODEL
 
 from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest
+from minisrv.server.responses_api import ResponsesRequest
 from minisrv.server.sglang import SGLangGenerateRequest
 
 MODEL = FAKE_MODEL
@@ -38,7 +39,7 @@ def test_every_route_is_documented_with_its_methods(server, document) -> None:
     expected = {"/health": {"get"}, "/ping": {"get", "post"}, "/health_generate": {"get"}, "/version": {"get"},
                 "/metrics": {"get"},
                 "/openapi.json": {"get"}, "/v1/models": {"get"}, "/v1/models/{model}": {"get"},
-                "/v1/chat/completions": {"post"}, "/v1/completions": {"post"}, "/generate": {"post"},
+                "/v1/chat/completions": {"post"}, "/v1/completions": {"post"}, "/v1/responses": {"post"}, "/generate": {"post"},
                 "/tokenize": {"post"}, "/detokenize": {"post"}, "/v1/embeddings": {"post"}}
     assert {path: set(ops) for path, ops in paths.items()} == expected
     # Each documented GET path answers (not 404/405); the model card needs the served model's name.
@@ -53,6 +54,7 @@ def test_every_route_is_documented_with_its_methods(server, document) -> None:
 
 @pytest.mark.parametrize("path, model", [("/v1/chat/completions", ChatCompletionRequest),
                                          ("/v1/completions", CompletionRequest),
+                                         ("/v1/responses", ResponsesRequest),
                                          ("/generate", SGLangGenerateRequest)])
 def test_request_bodies_are_the_pydantic_schemas(document, path: str, model: type) -> None:
     ref = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]

@@ -1,0 +1,445 @@
+"""OpenAI's Responses API (/v1/responses), as vLLM serves it: a request becomes the chat request it stands for,
+and a chat choice's output (responses.ChatChoiceReader) becomes output items: a reasoning item, a message,
+function calls.
+
+Nothing is stored (vLLM's default too): `previous_response_id` and the other features that need a stored response
+or OpenAI's hosted tools are a 400 naming the field; a conversation goes back whole in `input`, output items
+included as the API returned them. Streamed, every output item opens with output_item.added, grows by deltas and
+closes with its done events; the stream ends with response.completed or response.incomplete (no [DONE], as
+OpenAI's)."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import uuid
+from contextlib import aclosing
+from typing import Annotated, Any, AsyncIterator, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from minisrv.server.engine_handle import OutputDelta, RequestError
+from minisrv.server.errors import APIError, error_body, from_validation_error
+from minisrv.server.protocol import ChatCompletionRequest, FunctionToolName, Schema, one_of
+from minisrv.server.responses import ChatChoiceReader
+from minisrv.server.streams import ChoiceDelta, ResponseContext, chat_logprobs, sse_event
+
+logger = logging.getLogger(__name__)
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"   # the `include` entry that asks for the text's logprobs
+
+
+class _GivenBack(Schema):
+    """An input item or part. Output items go back into `input` as the API returned them, with bookkeeping
+    (ids, status, annotations) that changes nothing here: unknown fields are dropped, not refused."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class TextPart(_GivenBack):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+Text = Annotated[str | list[TextPart], one_of('a string or a list of {"type": "input_text", "text": ...} parts '
+                                              "(this server reads text only)")]
+
+
+class MessageItem(_GivenBack):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Text
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class FunctionCallItem(_GivenBack):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(_GivenBack):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Text
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "\n".join(p.text for p in self.output)
+
+
+class ReasoningItem(_GivenBack):
+    """A reasoning item given back: left out of the prompt, as chat templates leave out earlier thinking."""
+
+    type: Literal["reasoning"]
+
+
+def _item_kind(value: Any) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+    return kind if isinstance(kind, str) else "message"
+
+
+InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                      | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_kind)]
+
+
+def _as_items(value: Any) -> Any:
+    """A bare string input is one user message."""
+    return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+
+# One list type, not a union with str: an invalid item's error then names it (input.2.message.content).
+Input = Annotated[list[InputItem], BeforeValidator(_as_items, json_schema_input_type=str | list[InputItem])]
+
+
+class FunctionTool(Schema):
+    type: Literal["function"]
+    name: FunctionToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(Schema):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(Schema):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(Schema):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None   # ignored: a hint for OpenAI's own models
+
+
+class ReasoningConfig(Schema):
+    effort: str | None = None      # ignored, as chat's reasoning_effort
+    summary: str | None = None
+    generate_summary: str | None = None
+
+
+class ResponsesRequest(Schema):
+    model: str | None = None
+    input: Input
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_logprobs: int | None = None
+    stream: bool = False
+    tools: Annotated[list[FunctionTool], Field(min_length=1)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    include: list[str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    # Accepted and ignored, as on the chat endpoint: bookkeeping of OpenAI's platform.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    stream_options: dict[str, bool] | None = None
+    # Refused when set: each needs a stored response, a stored prompt, or server-side work this server lacks.
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    background: bool | None = None
+    max_tool_calls: int | None = None
+
+    def check_unsupported(self) -> None:
+        for field in ("previous_response_id", "conversation", "prompt", "max_tool_calls"):
+            if getattr(self, field) is not None:
+                raise APIError(400, f"{field}: this server stores no responses or prompts and runs no tools "
+                                    "itself; send the whole conversation in input", field, "unsupported_field")
+        if self.background:
+            raise APIError(400, "background: responses are not run in the background here (nothing is stored "
+                                "to poll)", "background", "unsupported_field")
+        if self.truncation == "auto":
+            raise APIError(400, 'truncation: only "disabled" (an input longer than the context is a 400)',
+                           "truncation", "unsupported_field")
+
+    def ignored_fields(self) -> list[str]:
+        ignored = ("store", "metadata", "user", "service_tier", "safety_identifier", "prompt_cache_key",
+                   "stream_options", "reasoning")
+        return [name for name in ignored if name in self.model_fields_set]
+
+    def wants_logprobs(self) -> bool:
+        return self.top_logprobs is not None or LOGPROBS_INCLUDE in (self.include or [])
+
+    def to_chat_request(self) -> ChatCompletionRequest:
+        """The chat request this stands for: instructions as the first system message, items as messages."""
+        self.check_unsupported()
+        chat: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream}
+        for ours, theirs in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"),
+                             ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls")):
+            if getattr(self, ours) is not None:
+                chat[theirs] = getattr(self, ours)
+        if self.wants_logprobs():
+            chat["logprobs"] = True
+            chat["top_logprobs"] = self.top_logprobs or 0
+        if self.tools:
+            chat["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        named = self.tool_choice.name if isinstance(self.tool_choice, FunctionChoice) else None
+        if named is not None and named not in {t.name for t in self.tools or []}:
+            raise APIError(400, f"tool_choice.name: {named!r} is not one of the tools", "tool_choice.name")
+        if self.tool_choice is not None:
+            chat["tool_choice"] = self.tool_choice if isinstance(self.tool_choice, str) else \
+                {"type": "function", "function": {"name": self.tool_choice.name}}
+        text_format = self.text.format if self.text is not None else None
+        if text_format is not None and text_format.type != "text":
+            chat["response_format"] = {"type": text_format.type} if text_format.type == "json_object" else \
+                {"type": "json_schema", "json_schema": text_format.model_dump(include={"name", "schema_", "strict"},
+                                                                              by_alias=True, exclude_none=True)}
+        try:
+            return ChatCompletionRequest.model_validate(chat)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from exc
+
+    def _messages(self) -> list[dict]:
+        messages: list[dict] = []
+        if self.instructions is not None:
+            messages.append({"role": "system", "content": self.instructions})
+        for i, item in enumerate(self.input):
+            if isinstance(item, MessageItem):
+                messages.append({"role": item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallItem):
+                try:
+                    json.loads(item.arguments)
+                except json.JSONDecodeError as exc:
+                    param = f"input.{i}.arguments"
+                    raise APIError(400, f"{param}: not valid JSON ({exc})", param) from None
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant":   # calls of one turn: one message
+                    last.setdefault("tool_calls", []).append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif isinstance(item, FunctionCallOutputItem):
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+        if not messages:
+            raise APIError(400, "input: no message to answer", "input")
+        return messages
+
+
+# The chat request's fields that name a field of the Responses request otherwise (messages: the input, whose
+# items do not map one to one to messages).
+_CHAT_FIELDS = (("max_completion_tokens", "max_output_tokens"),
+                ("response_format.json_schema.schema", "text.format.schema"),
+                ("response_format.json_schema", "text.format"), ("response_format", "text.format"),
+                ("tool_choice.function.name", "tool_choice.name"))
+
+
+def renamed_error(exc: APIError) -> APIError:
+    """`exc` naming the field of the Responses request that a field of its chat request came from."""
+    chat, ours = exc.param, _responses_param(exc.param)
+    if chat is not None and ours != chat:
+        exc.param = ours
+        if exc.message.startswith(chat):
+            exc.message = ours + exc.message[len(chat):]
+    return exc
+
+
+def _responses_param(param: str | None) -> str | None:
+    """The Responses request's name for a field of the chat request it became (errors name what was sent)."""
+    if param is None:
+        return None
+    if param == "messages" or param.startswith("messages."):
+        return "input"
+    if match := re.fullmatch(r"tools\.(\d+)\.function\.(.+)", param):
+        return f"tools.{match[1]}.{match[2]}"
+    for chat, ours in _CHAT_FIELDS:
+        if param == chat or param.startswith(chat + "."):
+            return ours + param[len(chat):]
+    return param
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class OutputItems:
+    """One choice's output items while its deltas arrive, and the stream events that tell each change (kept
+    only when `streaming`)."""
+
+    def __init__(self, ctx: ResponseContext, logprobs: bool, streaming: bool) -> None:
+        self.reader = ChatChoiceReader(ctx)
+        self.ctx, self.logprobs, self.streaming = ctx, logprobs, streaming
+        self.items: list[dict] = []
+        self.open: int | None = None       # output index of the item being written
+        self.calls: dict[int, int] = {}    # tool_calls delta index -> output index
+        self.events: list[tuple[str, dict]] = []
+        self.reasoning_tokens = 0
+        self.finish_reason: str | None = None
+
+    def feed(self, delta: OutputDelta) -> None:
+        reasoning, text, call_deltas, self.finish_reason = self.reader.read(delta)
+        if reasoning and not text and not call_deltas:
+            self.reasoning_tokens += len(delta.token_ids)
+        if reasoning:
+            self._append_text("reasoning", reasoning, [])
+        if text:
+            logprobs = chat_logprobs(delta.logprobs, self.ctx.tokens_as_ids)["content"] \
+                if self.logprobs and delta.logprobs else []
+            self._append_text("message", text, logprobs)
+        for call in call_deltas:
+            self._call_delta(call)
+        if self.finish_reason is not None:
+            self._close("incomplete" if self.finish_reason == "length" else "completed")
+
+    def _append_text(self, kind: str, text: str, logprobs: list[dict]) -> None:
+        index = self.open
+        if index is None or self.items[index]["type"] != kind:
+            item = {"id": _new_id("rs" if kind == "reasoning" else "msg"), "type": kind, "status": "in_progress"}
+            part = {"type": "reasoning_text", "text": ""} if kind == "reasoning" else \
+                {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            item.update({"summary": [], "content": []} if kind == "reasoning" else {"role": "assistant", "content": []})
+            index = self._add(item)
+            item["content"].append(part)
+            self._event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                        part=dict(part))
+        item = self.items[index]
+        part = item["content"][0]
+        part["text"] += text
+        if kind == "reasoning":
+            self._event("response.reasoning_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                        delta=text)
+        else:
+            part["logprobs"] += logprobs
+            self._event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                        delta=text, logprobs=logprobs)
+
+    def _call_delta(self, call: dict) -> None:
+        if "id" in call:   # a call's first delta: its id and name
+            self.calls[call["index"]] = self._add({"id": _new_id("fc"), "type": "function_call",
+                                                   "status": "in_progress", "call_id": call["id"],
+                                                   "name": call["function"]["name"], "arguments": ""})
+        index = self.calls[call["index"]]
+        item, arguments = self.items[index], call["function"]["arguments"]
+        if arguments:
+            item["arguments"] += arguments
+            self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                        delta=arguments)
+
+    def _add(self, item: dict) -> int:
+        self._close("completed")
+        self.items.append(item)
+        self.open = len(self.items) - 1
+        self._event("response.output_item.added", output_index=self.open, item=dict(item, content=[])
+                    if "content" in item else dict(item))
+        return self.open
+
+    def _close(self, status: str) -> None:
+        """The open item is done."""
+        if self.open is None:
+            return
+        index, self.open = self.open, None
+        item = self.items[index]
+        item["status"] = status
+        if item["type"] == "function_call":
+            self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        name=item["name"], arguments=item["arguments"])
+        else:
+            part = item["content"][0]
+            if item["type"] == "reasoning":
+                self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                            text=part["text"])
+            else:
+                self._event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                            text=part["text"], logprobs=part["logprobs"])
+            self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                        part=dict(part))
+        self._event("response.output_item.done", output_index=index, item=item)
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.streaming:
+            self.events.append((kind, fields))
+
+    def take_events(self) -> list[tuple[str, dict]]:
+        events, self.events = self.events, []
+        return events
+
+
+def response_body(req: ResponsesRequest, ctx: ResponseContext, output: OutputItems | None) -> dict:
+    """The response object; `output` None: one just created, nothing written yet."""
+    finish = output.finish_reason if output is not None else None
+    status = "in_progress" if finish is None else "incomplete" if finish in ("length", "abort") else "completed"
+    usage = None
+    if output is not None and finish is not None:
+        counts = ctx.usage()
+        usage = {"input_tokens": counts["prompt_tokens"], "input_tokens_details": {
+                     "cached_tokens": counts["prompt_tokens_details"]["cached_tokens"]},
+                 "output_tokens": counts["completion_tokens"],
+                 "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens},
+                 "total_tokens": counts["total_tokens"]}
+    text_format = req.text.format if req.text is not None and req.text.format is not None else None
+    tool_choice = req.tool_choice if req.tool_choice is None or isinstance(req.tool_choice, str) else \
+        req.tool_choice.model_dump()
+    return {"id": ctx.id, "object": "response", "created_at": ctx.created, "status": status, "background": False,
+            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "max_tool_calls": None,
+            "model": ctx.model, "output": output.items if output is not None else [],
+            "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
+            "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
+            "store": False, "temperature": req.temperature, "top_p": req.top_p, "top_logprobs": req.top_logprobs,
+            "text": {"format": text_format.model_dump(by_alias=True, exclude_none=True) if text_format
+                     else {"type": "text"}},
+            "tool_choice": tool_choice or ("auto" if req.tools else "none"),
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []], "truncation": "disabled",
+            "usage": usage, "user": req.user, "metadata": req.metadata or {}}
+
+
+async def whole_response(req: ResponsesRequest, ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]) -> dict:
+    output = OutputItems(ctx, req.wants_logprobs(), streaming=False)
+    async with aclosing(deltas):
+        async for cd in deltas:
+            ctx.record(cd)
+            output.feed(cd.delta)
+    return response_body(req, ctx, output)
+
+
+async def response_stream(req: ResponsesRequest, ctx: ResponseContext, deltas: AsyncIterator[ChoiceDelta]
+                          ) -> AsyncIterator[bytes]:
+    sequence = itertools.count()
+
+    def event(kind: str, fields: dict) -> bytes:
+        return f"event: {kind}\n".encode() + sse_event({"type": kind, "sequence_number": next(sequence), **fields})
+
+    output = OutputItems(ctx, req.wants_logprobs(), streaming=True)
+    yield event("response.created", {"response": response_body(req, ctx, None)})
+    yield event("response.in_progress", {"response": response_body(req, ctx, None)})
+    try:
+        async with aclosing(deltas):
+            async for cd in deltas:
+                ctx.record(cd)
+                output.feed(cd.delta)
+                for kind, fields in output.take_events():
+                    yield event(kind, fields)
+    except Exception as exc:   # the status went out already: an error event, then the failed response
+        if isinstance(exc, RequestError):
+            status, message, param = exc.status, exc.message, exc.param
+        else:
+            logger.exception("stream %s failed", ctx.id)
+            status, message, param = 500, "internal server error", None
+        error = error_body(status, message, param)["error"]
+        code = error["code"] or error["type"]
+        yield event("error", {"code": code, "message": message, "param": param})
+        failed = dict(response_body(req, ctx, None), status="failed", error={"code": code, "message": message})
+        yield event("response.failed", {"response": failed})
+        return
+    body = response_body(req, ctx, output)
+    yield event("response.incomplete" if body["status"] == "incomplete" else "response.completed", {"response": body})
