@@ -17,7 +17,7 @@ import typing
 from typing import Any, NoReturn
 
 from minisrv import __version__
-from minisrv.config import API_KEY_ENV, EngineConfig, ServerConfig, flag_name
+from minisrv.config import API_KEY_ENV, DEFAULT_MODEL, EngineConfig, ServerConfig, flag_name
 from minisrv.fields import Range, check_value
 
 FLAG_GROUPS = {"model": "model", "engine": "engine (scheduler, KV cache, device)",
@@ -157,6 +157,8 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p = _subcommand(subparsers, "serve", "start the OpenAI-compatible server",
                     "Serve a model over the OpenAI HTTP API (chat and completions, SSE streaming), "
                     "plus /generate, /health and /metrics.")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL",
+                   help="the model to serve, as --model gives it (`minisrv serve org/name`, as `vllm serve`)")
     groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
     add_config_flags(groups, EngineConfig)
     add_config_flags(groups, ServerConfig)
@@ -167,6 +169,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from minisrv.runtime.launch import serve  # imports the engine stack; keep `minisrv --help` light
 
     try:
+        if args.model_tag is not None:
+            if args.model not in (args.model_tag, DEFAULT_MODEL):
+                raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+            args.model = args.model_tag
         config = server_config(args)
     except ValueError as exc:   # settings that contradict each other (each alone passed argparse)
         print(f"minisrv serve: error: {exc}", file=sys.stderr)

@@ -53,7 +53,12 @@ class EngineConfig:
     model: str = setting(
         DEFAULT_MODEL, group="model", flags=("--model-path",),
         help="'embedded' (SmolLM2-135M-Instruct, fetched on first use), a Hugging Face model directory, "
+             "a Hugging Face Hub model id (org/name, fetched into the Hugging Face cache on first use), "
              "a .gguf file, or a preset name with --load-format dummy")
+    revision: str | None = setting(
+        None, group="model", help="the Hub model's branch, tag or commit (default: main)")
+    download_dir: str | None = setting(
+        None, group="model", help="where Hub models are kept (default: the Hugging Face cache, HF_HOME)")
     load_format: str = setting(
         "auto", group="model", choices=("auto", "dummy"),
         help="'dummy': random weights for a preset config (benchmarks without weights)")

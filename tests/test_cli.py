@@ -200,6 +200,10 @@ def test_serve_runs_the_launcher_with_the_config(monkeypatch: pytest.MonkeyPatch
 
     assert main(["serve", "--port", "8123", "--num-tokenizers", "2"]) == 3
     assert seen[0].port == 8123 and seen[0].num_tokenizers == 2
+    # The model as vLLM's `vllm serve MODEL` takes it: the same as --model, and once.
+    assert main(["serve", "org/model", "--port", "8124"]) == 3 and seen[1].engine.model == "org/model"
+    assert main(["serve", "org/model", "--model", "org/model"]) == 3 and seen[2].engine.model == "org/model"
+    assert main(["serve", "org/model", "--model", "org/other"]) == 2 and len(seen) == 3
 
 
 @pytest.mark.parametrize("device, cores, tokenizers, expected", [

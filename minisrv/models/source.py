@@ -1,9 +1,10 @@
 """Where a model comes from: the one resolver of --model for the engine and the tokenizer side.
 
 "embedded" (SmolLM2-135M-Instruct, converted once into a cached HF directory), a Hugging Face directory
-(config.json, *.safetensors, tokenizer files), a .gguf file, or with load_format "dummy" a preset name (or
-an HF directory's config) with random weights. The launcher resolves once and hands the result to every
-worker, so the embedded model is fetched by one process, and every process reads the same files.
+(config.json, *.safetensors, tokenizer files) or Hub model id (fetched into such a directory), a .gguf file,
+or with load_format "dummy" a preset name (or an HF directory's config) with random weights. The launcher
+resolves once and hands the result to every worker, so a model is fetched by one process, and every process
+reads the same files.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from minisrv.config import EngineConfig, ServerConfig, flag_name
+from minisrv.models import hub
 from minisrv.sampling_params import SamplingParams
 
 DUMMY_EMBEDDED_PRESET = "smollm2-135m"   # `--model embedded --load-format dummy`: the embedded model's shapes
@@ -38,7 +40,11 @@ class ModelSource:
 def resolve_source(config: EngineConfig) -> ModelSource:
     """Resolve `config.model`; ValueError naming the field when it is none of the accepted kinds."""
     model, path = config.model, Path(config.model).expanduser()
-    if config.load_format == "dummy":
+    dummy = config.load_format == "dummy"
+    if not path.exists() and hub.is_repo_id(model):   # served under its id, as vLLM names it
+        return ModelSource("hf", model, hub.fetch(model, config.revision, config.download_dir, weights=not dummy),
+                           dummy=dummy)
+    if dummy:
         if path.is_dir():   # an HF directory's shapes and tokenizer, random weights
             return ModelSource("hf", path.name, path, dummy=True)
         from minisrv.models.dummy import load_preset
@@ -61,7 +67,8 @@ def resolve_source(config: EngineConfig) -> ModelSource:
     if model in preset_names():
         raise ValueError(f"model: {model!r} is a preset config without weights; pass load_format='dummy' "
                          "(--load-format dummy) for random weights")
-    raise ValueError(f"model: {model!r} is not 'embedded', a Hugging Face directory, a .gguf file or a preset")
+    raise ValueError(f"model: {model!r} is not 'embedded', a Hugging Face directory or Hub id (org/name), a .gguf "
+                     "file or a preset")
 
 
 def request_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any]:

@@ -51,3 +51,48 @@ def test_request_defaults_come_from_generation_config_unless_vllm(tmp_path: Path
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
     with pytest.raises(ValueError, match=r"generation_config.json: top_p .*--generation-config vllm"):
         request_defaults(ServerConfig(), source)
+
+
+def cached_repo(cache: Path, repo_id: str, files: dict[str, str]) -> Path:
+    """A repository as huggingface_hub leaves it in its cache: refs/main naming a snapshot of the files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return snapshot
+
+
+def test_a_hub_id_resolves_to_its_cached_snapshot_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    snapshot = cached_repo(tmp_path, "org/tiny", {"config.json": "{}", "model.safetensors": ""})
+    hub = dict(model="org/tiny", download_dir=str(tmp_path))
+    assert resolve_source(EngineConfig(**hub)) == ModelSource("hf", "org/tiny", snapshot)
+    assert resolve_source(EngineConfig(**hub, load_format="dummy")) == ModelSource("hf", "org/tiny", snapshot,
+                                                                                   dummy=True)
+    with pytest.raises(ValueError, match=r"'org/missing' could not be fetched from the Hugging Face Hub: .*--model"):
+        resolve_source(EngineConfig(model="org/missing", download_dir=str(tmp_path)))
+    monkeypatch.chdir(tmp_path)   # a directory that exists under that name is a directory, not a Hub id
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    assert resolve_source(EngineConfig(model="org/local")) == ModelSource("hf", "local", Path("org/local"))
+
+
+def test_a_hub_fetch_asks_for_the_revision_and_skips_weights_it_will_not_load(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: asked.append((repo_id, kwargs)) or str(tmp_path))
+    resolve_source(EngineConfig(model="org/m", revision="v2", download_dir="/models"))
+    resolve_source(EngineConfig(model="org/m", load_format="dummy"))
+    (repo, real), (_, dummy) = asked
+    assert (repo, real["revision"], real["cache_dir"], dummy["revision"], dummy["cache_dir"]) == \
+        ("org/m", "v2", "/models", None, None)
+    assert "*.safetensors" in real["allow_patterns"] and "*.safetensors" not in dummy["allow_patterns"]
+    assert {"*.json", "*.jinja"} <= set(dummy["allow_patterns"]) and "original/*" in real["ignore_patterns"]
