@@ -240,6 +240,10 @@ class ServerConfig:
     num_tokenizers: int | None = setting(
         None, group="server", flags=("--tokenizer-worker-num",), range=Range(1, 64),
         help="tokenizer worker processes, each fed by one API server process (default: one per API server process)")
+    ssl_certfile: str | None = setting(
+        None, group="server", help="serve HTTPS with this certificate chain (PEM; with --ssl-keyfile), as vLLM")
+    ssl_keyfile: str | None = setting(
+        None, group="server", help="the private key (PEM) of --ssl-certfile")
     api_key: str | None = setting(
         None, group="server", env=API_KEY_ENV, secret=True,
         help=f"require 'Authorization: Bearer KEY' on /v1 and /generate (also ${API_KEY_ENV})")
@@ -305,9 +309,18 @@ class ServerConfig:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.metrics_prefix):
             raise ValueError(f"metrics_prefix ({flag_name('metrics_prefix')}) must be letters, digits and underscores, "
                              f"not starting with a digit, got {self.metrics_prefix!r}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            given, missing = ("ssl_certfile", "ssl_keyfile")[:: 1 if self.ssl_keyfile is None else -1]
+            raise ValueError(f"{given} ({flag_name(given)}) needs {missing} ({flag_name(missing)}): HTTPS takes both")
         if None not in (self.num_tokenizers, self.api_server_count) and self.num_tokenizers < self.api_server_count:
             raise ValueError(f"num_tokenizers (--num-tokenizers) {self.num_tokenizers}: each of --api-server-count "
                              f"{self.api_server_count} API server processes needs a tokenizer worker of its own")
+
+    @property
+    def url(self) -> str:
+        """Where clients reach the server."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.ssl_certfile else 'http'}://{host}:{self.port}"
 
     def resolved_api_server_count(self) -> int:
         if self.api_server_count is not None:

@@ -98,6 +98,8 @@ def _some_value(cls: type, f: dataclasses.Field, rng: random.Random) -> object:
 
 # Settings valid only with others: what makes a value of theirs valid.
 COMPANIONS = {
+    "ssl_certfile": lambda v: ["--ssl-keyfile", "key.pem"],
+    "ssl_keyfile": lambda v: ["--ssl-certfile", "cert.pem"],
     "nnodes": lambda n: ["--tp-size", str(n), "--dist-init-addr", "node0:5000"],
     "node_rank": lambda k: ["--nnodes", str(k + 1), "--tp-size", str(k + 1), "--dist-init-addr", "node0:5000"],
 }
@@ -174,6 +176,9 @@ def test_bad_values_are_one_line_errors(argv: list[str], flag: str, capsys: pyte
     (["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "h:1", "--dp-size", "2"], "--dp-size"),
     (["--api-server-count", "3", "--num-tokenizers", "2"], "--num-tokenizers"),
     (["--metrics-prefix", "my-server"], "--metrics-prefix"),
+    (["--ssl-certfile", "cert.pem"], "--ssl-keyfile"),
+    (["--ssl-keyfile", "key.pem"], "--ssl-certfile"),
+    (["--ssl-keyfile", "/nowhere/key.pem", "--ssl-certfile", "/nowhere/cert.pem"], "--ssl-certfile"),
 ])
 def test_contradicting_settings_are_one_line_errors(argv: list[str], flag: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

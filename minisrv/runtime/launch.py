@@ -52,6 +52,10 @@ def check_config(config: ServerConfig) -> None:
             flags = f"--tp-size {engine.tp_size}" + (f" --dp-size {engine.dp_size}" if engine.dp_size > 1 else "")
             per_node = f" on each of --nnodes {engine.nnodes}" if engine.nnodes > 1 else ""
             raise ValueError(f"{flags}: needs {needed} CUDA devices{per_node}, found {found}")
+    if config.ssl_certfile is not None:   # here, not in each API server process's hypercorn
+        from minisrv.server.app import check_tls
+
+        check_tls(config)
 
 
 def serve(config: ServerConfig) -> int:
@@ -178,8 +182,7 @@ class Supervisor:
             await asyncio.sleep(READY_POLL_S)
         self.pipeline.unlink()   # every process has attached by now (workers attach before loading anything)
         self.client.mark_ready(self.pipeline.status.model())
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        logger.info("serving %s at http://%s:%d (ready in %.1f s)", self.client.model_name, host, self.config.port,
+        logger.info("serving %s at %s (ready in %.1f s)", self.client.model_name, self.config.url,
                     time.monotonic() - started)
 
     async def watch_heartbeats(self) -> None:

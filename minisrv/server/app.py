@@ -11,6 +11,7 @@ import hmac
 import importlib.metadata
 import logging
 import socket
+import ssl
 import time
 import types
 from contextlib import aclosing
@@ -466,6 +467,15 @@ def listen_sockets(config: ServerConfig, count: int) -> list[socket.socket]:
     return sockets
 
 
+def check_tls(config: ServerConfig) -> None:
+    """ValueError naming the flags when the certificate and key do not load together."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"ssl_certfile, ssl_keyfile (--ssl-certfile {config.ssl_certfile} --ssl-keyfile "
+                         f"{config.ssl_keyfile}): cannot load them: {exc.strerror or exc}") from None
+
+
 async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio.Event,
                    listener: socket.socket | None = None) -> None:
     """Serve until `shutdown_event` is set; call on the (uvloop) loop the EngineClient runs on. On `listener`
@@ -478,6 +488,7 @@ async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio
     hc.bind = [f"fd://{listener.dup().detach()}" if listener is not None else f"{host}:{config.port}"]
     hc.graceful_timeout = SHUTDOWN_GRACE_S
     hc.include_server_header = False
+    hc.certfile, hc.keyfile = config.ssl_certfile, config.ssl_keyfile
     # Through our logging setup; its own "Running on" line would come before the workers are ready, and the
     # launcher logs the URL once they are, so hypercorn speaks only of problems unless debugging.
     http_log = logging.getLogger("minisrv.http")

@@ -4,7 +4,7 @@ Hypercorn serves each accepted connection with a TCPServer made in hypercorn.asy
 a subclass that counts it and, once `limit` connections are open, answers the new one at once with a 503 (an
 OpenAI error body, `Connection: close`) and closes it, so an idle or slow client can hold at most its share of
 the process's file descriptors instead of making accept() fail for everyone. It also closes a connection as
-soon as its client has closed it.
+soon as its client has closed it, and an idle TLS connection at once when the server closes it.
 """
 from __future__ import annotations
 
@@ -69,6 +69,13 @@ def install(connections: Connections) -> None:
             # to hypercorn, the socket would wait in CLOSE_WAIT until the keep-alive timer ends (5 s).
             self._uncount()
             await self._close()
+
+        async def _initiate_server_close(self) -> None:
+            await super()._initiate_server_close()
+            if self.writer.get_extra_info("ssl_object") is not None:
+                # Closing TLS waits for the client's close_notify, which an idle keep-alive client never sends: a
+                # shutdown would wait out its grace period for it, then log the cancelled connections as errors.
+                self.writer.transport.abort()
 
         def _uncount(self) -> None:
             if self.counted:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from dataclasses import dataclass, field
 
@@ -26,13 +27,14 @@ class InProcessServer:
     client: FakeEngineClient
     config: ServerConfig = field(default_factory=ServerConfig)
     request_defaults: dict = field(default_factory=dict)
+    verify: ssl.SSLContext | bool = True   # how the start-up probe checks the certificate of an HTTPS server
     _loop: asyncio.AbstractEventLoop | None = None
     _stop: asyncio.Event | None = None
     _thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.config.port}"
+        return self.config.url
 
     def __enter__(self) -> InProcessServer:
         self.config.port = free_port()
@@ -50,7 +52,7 @@ class InProcessServer:
         started.wait(10)
         for _ in range(200):
             try:
-                httpx.get(f"{self.url}/health", timeout=1)
+                httpx.get(f"{self.url}/health", timeout=1, verify=self.verify)
                 return self
             except httpx.TransportError:
                 threading.Event().wait(0.02)

@@ -619,3 +619,30 @@ def test_health_generate_runs_one_token_and_reports_an_unresponsive_worker(serve
     finally:
         server.client.unresponsive_worker = None
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_https_with_a_certificate_and_key(tmp_path) -> None:
+    """--ssl-certfile and --ssl-keyfile: the API over TLS, checked against the issuing CA."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    config = ServerConfig(ssl_certfile=str(certfile), ssl_keyfile=str(keyfile))
+    with httpx.Client(verify=trusted) as http:
+        with InProcessServer(FakeEngineClient(MODEL), config, verify=trusted) as s:
+            assert s.url.startswith("https://127.0.0.1:")
+            sdk = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, http_client=http)
+            out = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, **GREEDY)
+            assert out.choices[0].message.content == REPLY[:4]
+            with pytest.raises(httpx.ConnectError):   # an unknown issuer is refused by the client
+                httpx.get(f"{s.url}/health")
+        # The client's idle keep-alive connection did not hold the server open past its grace period.
+        assert not s._thread.is_alive()
