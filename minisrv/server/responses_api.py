@@ -299,6 +299,8 @@ class OutputItems:
         for call in call_deltas:
             self._call_delta(call)
         if self.finish_reason is not None:
+            if not self.items:   # nothing written: still a message, of no text, as the answer
+                self._append_text("message", "", [])
             self._close("incomplete" if self.finish_reason == "length" else "completed")
 
     def _append_text(self, kind: str, text: str, logprobs: list[dict]) -> None:
@@ -314,6 +316,8 @@ class OutputItems:
                         part=dict(part))
         item = self.items[index]
         part = item["content"][0]
+        if not text:
+            return
         part["text"] += text
         if kind == "reasoning":
             self._event("response.reasoning_text.delta", item_id=item["id"], output_index=index, content_index=0,

@@ -138,6 +138,15 @@ def test_max_output_tokens_leaves_the_response_incomplete(sdk) -> None:
     assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
 
 
+def test_an_empty_answer_is_a_message_of_no_text(sdk, monkeypatch) -> None:
+    monkeypatch.setattr(fake, "REPLY", "")
+    whole = sdk.responses.create(model=MODEL, input="hi", temperature=0)
+    assert [(item.type, item.content[0].text, item.status) for item in whole.output] == [("message", "", "completed")]
+    events = list(sdk.responses.create(model=MODEL, input="hi", temperature=0, stream=True))
+    assert not [e for e in events if e.type == "response.output_text.delta"]
+    assert without_ids(events[-1].response.output) == without_ids(whole.output)
+
+
 def test_logprobs_come_with_the_text_when_included(sdk) -> None:
     r = sdk.responses.create(model=MODEL, input="hi", max_output_tokens=4, temperature=0, top_logprobs=2,
                              include=["message.output_text.logprobs"])
