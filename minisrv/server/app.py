@@ -111,6 +111,8 @@ class ApiRoutes:
             route("/v1/chat/completions", self.chat_completions, ["POST"], ChatCompletionRequest),
             route("/v1/completions", self.completions, ["POST"], CompletionRequest),
             route("/v1/responses", self.create_response, ["POST"], responses_api.ResponsesRequest),
+            route("/v1/responses/{response_id}", self.stored_response, ["GET", "DELETE"]),
+            route("/v1/responses/{response_id}/cancel", self.stored_response, ["POST"]),
             route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest),
             route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest)),
             route("/detokenize", self.detokenize, ["POST"], DetokenizeRequest),
@@ -189,6 +191,13 @@ class ApiRoutes:
                                        collector=partial(responses_api.whole_response, req))
         except APIError as exc:   # named as the chat request it became: renamed as the client sent it
             raise responses_api.renamed_error(exc) from None
+
+    async def stored_response(self, request: Request) -> Response:
+        """Retrieving, deleting or cancelling a response: none is stored (responses_api.py), a 404 saying so."""
+        self._authorize(request)
+        raise APIError(404, f"response {request.path_params['response_id']!r} was not stored: this server stores no "
+                            "responses (as vLLM by default); a stream or the answer itself is all there is",
+                       "response_id", "response_not_stored")
 
     async def _chat(self, req: ChatCompletionRequest, request: Request, id_prefix: str
                     ) -> tuple[ResponseContext, PromptRequest]:

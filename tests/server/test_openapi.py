@@ -39,14 +39,20 @@ def test_every_route_is_documented_with_its_methods(server, document) -> None:
     expected = {"/health": {"get"}, "/ping": {"get", "post"}, "/health_generate": {"get"}, "/version": {"get"},
                 "/metrics": {"get"},
                 "/openapi.json": {"get"}, "/v1/models": {"get"}, "/v1/models/{model}": {"get"},
-                "/v1/chat/completions": {"post"}, "/v1/completions": {"post"}, "/v1/responses": {"post"}, "/generate": {"post"},
+                "/v1/chat/completions": {"post"}, "/v1/completions": {"post"}, "/v1/responses": {"post"},
+                "/v1/responses/{response_id}": {"get", "delete"}, "/v1/responses/{response_id}/cancel": {"post"},
+                "/generate": {"post"},
                 "/tokenize": {"post"}, "/detokenize": {"post"}, "/v1/embeddings": {"post"}}
     assert {path: set(ops) for path, ops in paths.items()} == expected
-    # Each documented GET path answers (not 404/405); the model card needs the served model's name.
+    # Each documented GET path answers (not 404/405); the model card needs the served model's name. No response
+    # is stored to be retrieved: that one says so.
     for path, ops in paths.items():
         if "get" in ops:
             r = httpx.get(f"{server.url}{path.replace('{model}', MODEL)}")
-            assert r.status_code == 200, path
+            if "{response_id}" in path:
+                assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_stored", path
+            else:
+                assert r.status_code == 200, path
     assert paths["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
     ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
     assert len(ids) == len(set(ids)) and all(op["summary"] for ops in paths.values() for op in ops.values())

@@ -226,6 +226,13 @@ def test_bad_requests_are_400s_or_404s_naming_the_field(fake_server, body: dict,
     assert httpx.post(f"{fake_server.url}/v1/responses", json={"input": "x", "max_output_tokens": 2}).status_code == 200
 
 
+def test_stored_responses_are_404s_saying_none_is_stored(sdk) -> None:
+    for call in (sdk.responses.retrieve, sdk.responses.delete, sdk.responses.cancel):
+        with pytest.raises(openai.NotFoundError) as exc:
+            call("resp_123")
+        assert exc.value.body["code"] == "response_not_stored" and "stores no responses" in exc.value.body["message"]
+
+
 def test_an_error_after_the_stream_began_is_an_error_event_then_the_failed_response() -> None:
     async def deltas():
         yield ChoiceDelta(0, 0, OutputDelta(0, "He", [1, 2], None, None, 3, 0, 2))
