@@ -80,6 +80,14 @@ def _string_list(text: str) -> tuple[str, ...]:
 _string_list.__name__ = "list"
 
 
+class _JoinedLists(argparse.Action):
+    """A list flag's values, several of them each a list (`--served-model-name a b`, `a,b` or '["a", "b"]'): one
+    tuple."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, tuple(item for value in values for item in value))
+
+
 def _base_type(hint: Any) -> type:
     """The type inside an Optional (`int | None` -> int); other hints as they are."""
     if typing.get_origin(hint) not in (typing.Union, types.UnionType):
@@ -107,8 +115,8 @@ def add_config_flags(groups: dict[str, argparse._ArgumentGroup], config_type: ty
             group.add_argument(*names, dest=f.name, type=_value_type(kind, f.name, meta), default=default,
                                help=meta["help"], metavar=kind.__name__.upper())
         elif typing.get_origin(kind) is tuple:
-            group.add_argument(*names, dest=f.name, type=_string_list, default=default, help=meta["help"],
-                               metavar="LIST")
+            group.add_argument(*names, dest=f.name, type=_string_list, nargs="+", action=_JoinedLists,
+                               default=default, help=meta["help"], metavar="LIST")
         else:
             choices = meta["choices"]
             group.add_argument(*names, dest=f.name, default=default, choices=choices, help=meta["help"],

@@ -220,8 +220,10 @@ class ServerConfig:
     """`minisrv serve`'s settings beyond the engine's."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
-    served_model_name: str | None = setting(
-        None, group="model", help="the model name clients send and responses report (default: from --model)")
+    served_model_name: tuple[str, ...] = setting(
+        (), group="model",
+        help="the model's names in the API (default: from --model), several as vLLM takes them (space- or "
+             "comma-separated, or a JSON list): a request may send any, responses report the first")
     generation_config: str = setting(
         "auto", group="model", choices=("auto", "vllm"),
         help="defaults for the sampling options a request leaves out (temperature, top_p, top_k, min_p, "
@@ -315,6 +317,11 @@ class ServerConfig:
         if None not in (self.num_tokenizers, self.api_server_count) and self.num_tokenizers < self.api_server_count:
             raise ValueError(f"num_tokenizers (--num-tokenizers) {self.num_tokenizers}: each of --api-server-count "
                              f"{self.api_server_count} API server processes needs a tokenizer worker of its own")
+
+    @property
+    def reported_model_name(self) -> str | None:
+        """The name responses carry: the first served name, else None (the model's own, known once loaded)."""
+        return self.served_model_name[0] if self.served_model_name else None
 
     @property
     def url(self) -> str:

@@ -69,8 +69,8 @@ def test_every_flag_reaches_the_config() -> None:
     config = server_config(args)
     e = config.engine
     assert (config.host, config.port, config.served_model_name, config.num_tokenizers, config.api_key,
-            config.log_level, config.chat_template) == ("0.0.0.0", values["port"], "x", values["tok"], "k", "debug",
-                                                        "t.jinja")
+            config.log_level, config.chat_template) == ("0.0.0.0", values["port"], ("x",), values["tok"], "k",
+                                                        "debug", "t.jinja")
     assert (e.model, e.device, e.dtype, e.tp_size, e.max_running_requests, e.max_num_batched_tokens,
             e.max_model_len, e.page_size, e.kv_cache_memory, e.enable_prefix_caching,
             e.load_format, e.seed, e.gpu_memory_utilization) == (
@@ -119,6 +119,16 @@ def test_every_setting_has_a_flag_and_each_of_its_names_reaches_the_config(cls: 
     for name in field.metadata["negative_flags"]:
         config = server_config(parse(["serve", name]))
         assert getattr(config if cls is ServerConfig else config.engine, field.name) is False, name
+
+
+def test_served_model_names_as_vllm_takes_them() -> None:
+    """Several values after the flag (vLLM's form), commas or a JSON list: one list; the model stays positional."""
+    for argv in (["a", "b"], ["a,b"], ['["a", "b"]'], ["a", "b,"]):
+        config = server_config(parse(["serve", "--served-model-name", *argv]))
+        assert config.served_model_name == ("a", "b") and config.reported_model_name == "a", argv
+    args = parse(["serve", "org/model", "--served-model-name", "a", "b", "--port", "9000"])
+    assert (args.model_tag, args.served_model_name, args.port) == ("org/model", ("a", "b"), 9000)
+    assert server_config(parse(["serve"])).reported_model_name is None
 
 
 def test_list_flags_take_a_json_list_or_commas(capsys: pytest.CaptureFixture[str]) -> None:

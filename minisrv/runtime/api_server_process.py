@@ -126,7 +126,7 @@ def main(info: WorkerInfo, config: ServerConfig, source: ModelSource, channels: 
     from_detokenizer = channels.from_detokenizer.open_async()
     server = None
     try:
-        client = EngineClient(to_tokenizers, from_detokenizer, status, config.served_model_name,
+        client = EngineClient(to_tokenizers, from_detokenizer, status, config.reported_model_name,
                               api_server=role.index, api_server_count=role.count)
         server = ApiServer(config, source, role, client, status, watch)
         status.mark_ready(info.slot, os.getpid())   # attached: the launcher may unlink the names

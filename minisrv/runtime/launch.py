@@ -138,7 +138,7 @@ class Supervisor:
         self.config = config
         self.pipeline = pipeline
         self.client = EngineClient(pipeline.to_tokenizers, pipeline.from_detokenizer, pipeline.status,
-                                   config.served_model_name, api_server=0, api_server_count=pipeline.api_server_count)
+                                   config.reported_model_name, api_server=0, api_server_count=pipeline.api_server_count)
         self.loop = asyncio.get_running_loop()
         self.shutdown = asyncio.Event()
         self.exit_code = 0

@@ -163,13 +163,13 @@ class ApiRoutes:
         """The served model (OpenAI's model list); 503 until the model is loaded."""
         self._authorize(request)
         self._check_ready()
-        return json_response({"object": "list", "data": [self._model_card()]})
+        return json_response({"object": "list", "data": [self._model_card(name) for name in self._model_names()]})
 
     async def get_model(self, request: Request) -> Response:
         """One model's card; 404 for any model but the served one."""
         self._authorize(request)
         self._check_model(request.path_params["model"])
-        return json_response(self._model_card())
+        return json_response(self._model_card(request.path_params["model"]))
 
     async def chat_completions(self, request: Request) -> Response:
         """OpenAI chat completions, streamed as server-sent events with stream: true."""
@@ -299,12 +299,17 @@ class ApiRoutes:
 
     def _check_model(self, model: str | None) -> None:
         self._check_ready()   # the served name is known only then
-        if model is not None and model != self.engine.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.engine.model_name}'",
+        if model is not None and model not in self._model_names():
+            served = " or ".join(repr(name) for name in self._model_names())
+            raise APIError(404, f"the model '{model}' does not exist; this server serves {served}",
                            "model", "model_not_found")
 
-    def _model_card(self) -> dict:
-        return {"id": self.engine.model_name, "object": "model", "created": self.started, "owned_by": "minisrv",
+    def _model_names(self) -> tuple[str, ...]:
+        """What requests may call the model: --served-model-name's names, else the model's own."""
+        return self.config.served_model_name or (self.engine.model_name,)
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "minisrv",
                 "root": self.config.engine.model, "max_model_len": self.engine.max_model_len}
 
     def _context(self, id_prefix: str, include_usage: bool, continuous_usage: bool = False,

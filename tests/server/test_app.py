@@ -59,6 +59,16 @@ def test_health_and_models(server) -> None:
     assert_error(httpx.get(f"{server.url}/v1/models/other"), 404, "model")
 
 
+def test_several_served_names_are_each_the_model() -> None:
+    with InProcessServer(FakeEngineClient("first"), ServerConfig(served_model_name=("first", "alias"))) as s:
+        assert [m["id"] for m in httpx.get(f"{s.url}/v1/models").json()["data"]] == ["first", "alias"]
+        assert httpx.get(f"{s.url}/v1/models/alias").json()["id"] == "alias"
+        body = {"model": "alias", "prompt": "x", "max_tokens": 2}
+        assert httpx.post(f"{s.url}/v1/completions", json=body).json()["model"] == "first"   # the first name
+        error = assert_error(httpx.post(f"{s.url}/v1/completions", json={**body, "model": "other"}), 404, "model")
+        assert "'first' or 'alias'" in error["message"]
+
+
 def test_health_503_while_not_ready_or_dead(server) -> None:
     client = server.client
     try:
