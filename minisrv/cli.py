@@ -163,8 +163,8 @@ def _subcommand(subparsers: argparse._SubParsersAction, name: str, help: str, de
 
 def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p = _subcommand(subparsers, "serve", "start the OpenAI-compatible server",
-                    "Serve a model over the OpenAI HTTP API (chat and completions, SSE streaming), "
-                    "plus /generate, /health and /metrics.")
+                    "Serve a model over the OpenAI HTTP API (chat completions, completions and responses, SSE "
+                    "streaming), plus /generate, /health and /metrics.")
     p.add_argument("model_tag", nargs="?", metavar="MODEL",
                    help="the model to serve, as --model gives it (`minisrv serve org/name`, as `vllm serve`)")
     groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
