@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from minisrv.config import ServerConfig
 from minisrv.sampling_params import SamplingParams
-from minisrv.server import responses, responses_api, sglang
+from minisrv.server import response_items, responses, responses_api, sglang
 from minisrv.server.engine_handle import EngineHandle, RequestError
 from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from minisrv.server import connections
@@ -180,20 +180,21 @@ class ApiRoutes:
                                    responses.chat_completion)
 
     async def create_response(self, request: Request) -> Response:
-        """OpenAI's Responses API (responses_api.py): the chat request it stands for, answered as output items."""
+        """OpenAI's Responses API: the chat request it stands for (responses_api.py), answered as output items
+        (response_items.py)."""
         self._authorize(request)
         req = parse_request(responses_api.ResponsesRequest, await read_body(request, self.config.body_read_timeout))
         self._log_ignored(req.ignored_fields())
         try:
             ctx, prompt = await self._chat(req.to_chat_request(), request, "resp")
             ctx.id = "resp_" + ctx.id.removeprefix("resp-")
-            return await self._respond(request, ctx, [prompt], req.stream, partial(responses_api.response_stream, req),
-                                       collector=partial(responses_api.whole_response, req))
+            return await self._respond(request, ctx, [prompt], req.stream, partial(response_items.response_stream, req),
+                                       collector=partial(response_items.whole_response, req))
         except APIError as exc:   # named as the chat request it became: renamed as the client sent it
             raise responses_api.renamed_error(exc) from None
 
     async def stored_response(self, request: Request) -> Response:
-        """Retrieving, deleting or cancelling a response: none is stored (responses_api.py), a 404 saying so."""
+        """Retrieving, deleting or cancelling a response: none is stored, a 404 saying so."""
         self._authorize(request)
         raise APIError(404, f"response {request.path_params['response_id']!r} was not stored: this server stores no "
                             "responses (as vLLM by default); a stream or the answer itself is all there is",

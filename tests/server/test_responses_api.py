@@ -1,8 +1,7 @@
-"""/v1/responses: the chat request a Responses request stands for, and its answer as output items, whole and
-streamed, through the openai SDK against the app with a fake engine."""
+"""/v1/responses: the chat request a Responses request stands for, and its answer as output items
+(response_items.py), whole and streamed, through the openai SDK against the app with a fake engine."""
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
@@ -14,10 +13,8 @@ from tests.server.fake_engine_client import REPLY, FakeEngineClient
 from tests.server.inprocess_server import InProcessServer
 
 from minisrv.config import ServerConfig
-from minisrv.server.engine_handle import OutputDelta, RequestError
 from minisrv.server.errors import APIError
-from minisrv.server.responses_api import ResponsesRequest, response_stream
-from minisrv.server.streams import ChoiceDelta, ResponseContext
+from minisrv.server.responses_api import ResponsesRequest
 
 MODEL = FAKE_MODEL
 TIME_TOOL = {"type": "function", "name": "get_time", "parameters": {"type": "object"}}
@@ -231,19 +228,3 @@ def test_stored_responses_are_404s_saying_none_is_stored(sdk) -> None:
         with pytest.raises(openai.NotFoundError) as exc:
             call("resp_123")
         assert exc.value.body["code"] == "response_not_stored" and "stores no responses" in exc.value.body["message"]
-
-
-def test_an_error_after_the_stream_began_is_an_error_event_then_the_failed_response() -> None:
-    async def deltas():
-        yield ChoiceDelta(0, 0, OutputDelta(0, "He", [1, 2], None, None, 3, 0, 2))
-        raise RequestError(503, "the scheduler died")
-
-    async def events() -> list[dict]:
-        req = ResponsesRequest.model_validate({"input": "x"})
-        stream = response_stream(req, ResponseContext.new("resp", MODEL), deltas())
-        return [json.loads(chunk.split(b"data: ", 1)[1]) async for chunk in stream]
-
-    sent = asyncio.run(events())
-    assert [e["type"] for e in sent][-3:] == ["response.output_text.delta", "error", "response.failed"]
-    assert sent[-2]["message"] == "the scheduler died" and sent[-1]["response"]["status"] == "failed"
-    assert sent[-1]["response"]["error"]["message"] == "the scheduler died"
