@@ -75,10 +75,10 @@ class EngineConfig:
     device: str = setting(
         "auto", group="engine", choices=("auto", "cpu", "cuda"), help="auto: cuda when a GPU is visible, else cpu")
     tp_size: int = setting(
-        1, group="parallel", flags=("--tensor-parallel-size",), range=Range(1),
+        1, group="parallel", flags=("--tensor-parallel-size", "-tp"), range=Range(1),
         help="tensor-parallel ranks (one scheduler process per GPU; on the CPU, ranks share the cores)")
     dp_size: int = setting(
-        1, group="parallel", flags=("--data-parallel-size",), range=Range(1, 64),
+        1, group="parallel", flags=("--data-parallel-size", "-dp"), range=Range(1, 64),
         help="scheduler replicas behind the one API server, each on its own GPU (or --tp-size GPUs); a request "
              "goes to the least loaded, or to one whose prefix cache holds its prompt's start")
     custom_all_reduce: bool = setting(
