@@ -81,6 +81,9 @@ class LLMEngine:
     def abort(self, rid: int) -> RequestOutput | None:
         return self.scheduler.abort(rid)
 
+    def flush_prefix_cache(self) -> int:
+        return self.scheduler.flush_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 

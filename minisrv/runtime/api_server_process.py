@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ApiServerChannels:
-    to_tokenizers: tuple[ChannelSpec, ...]   # PROMPT_REQUEST, ABORT, SHUTDOWN (its own tokenizer workers)
+    to_tokenizers: tuple[ChannelSpec, ...]   # PROMPT_REQUEST, ABORT, FLUSH_CACHE, SHUTDOWN (its own tokenizers)
     from_detokenizer: ChannelSpec            # TEXT_DELTAS, ERROR of the requests it numbered
 
 

@@ -19,7 +19,7 @@ from minisrv.ipc import PeerGone, RecordTooLarge, RingError, RingTimeout
 from minisrv.runtime.channels import AsyncRecordReader, RecordWriter
 from minisrv.runtime.status_block import ModelFacts, StatusBlock
 from minisrv.server.engine_handle import OutputDelta, RequestError, TokenLogprob
-from minisrv.wire.records import Abort, Error, PromptRequest, TextDeltas
+from minisrv.wire.records import Abort, Error, FlushCache, PromptRequest, TextDeltas
 from minisrv.wire.terms import (FINISH_API_NAMES, HistogramValues, SchedulerStats, api_base_ids, choice_rid,
                                 split_rid)
 
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 # stays full this long belongs to a tokenizer that is stuck or far behind: the client gets a 503 to retry
 # rather than a wait with no end (the watchdog deals with a stuck worker).
 SEND_TIMEOUT_S = 5.0
+FLUSH_TIMEOUT_S = 30.0      # for every scheduler replica to apply a FLUSH_CACHE (one step of a long prefill first)
+FLUSH_POLL_S = 0.002
 
 
 @dataclass
@@ -175,6 +177,24 @@ class EngineClient:
     def histograms(self) -> HistogramValues:
         """The scheduler's request and step histograms, as last published (every replica's added up)."""
         return self._status.total_histograms()
+
+    async def flush_cache(self) -> None:
+        """Have every scheduler replica evict its idle cached prefixes; returns once each has (its published
+        count of flushes moved past what it was)."""
+        if not self._ready:
+            raise RequestError(503, "the server is starting or shutting down")
+        replicas = range(self._status.spec.num_replicas)
+        before = [self._status.stats(r).prefix_cache_flushes for r in replicas]
+        try:   # one tokenizer worker forwards it to every replica
+            await self._to_tokenizers[0].send_async(FlushCache(), timeout=SEND_TIMEOUT_S)
+        except RingError as exc:
+            raise RequestError(503, f"the tokenizer worker is not taking requests: {exc}") from None
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while any(self._status.stats(r).prefix_cache_flushes <= before[r] for r in replicas):
+            if time.monotonic() > deadline:
+                raise RequestError(504, f"the schedulers did not flush their prefix caches within "
+                                        f"{FLUSH_TIMEOUT_S:g} s")
+            await asyncio.sleep(FLUSH_POLL_S)
 
     # -- channels ---------------------------------------------------------------------------------
     async def _send(self, channel: int, request: PromptRequest) -> None:

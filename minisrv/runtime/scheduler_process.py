@@ -27,7 +27,7 @@ from minisrv.runtime.tensor_parallel import TPGroup, TPLeader, load_rank_engine
 from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_worker
 from minisrv.scheduler.request import RequestOutput, SampleResult
 from minisrv.tokenizer.loading import load_fast_tokenizer
-from minisrv.wire.records import Abort, Error, Shutdown, StepTokens, TokenizedRequest
+from minisrv.wire.records import Abort, Error, FlushCache, Shutdown, StepTokens, TokenizedRequest
 from minisrv.wire.terms import FinishReason
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ COMPILE_POLL_S = 0.001   # how often an idle loop looks for finished grammar com
 
 @dataclass(frozen=True)
 class SchedulerChannels:
-    from_tokenizers: tuple[ChannelSpec, ...]   # TOKENIZED_REQUEST, ABORT, SHUTDOWN (one per tokenizer worker)
+    from_tokenizers: tuple[ChannelSpec, ...]   # TOKENIZED_REQUEST, ABORT, FLUSH_CACHE, SHUTDOWN (one per tokenizer)
     from_detokenizer: ChannelSpec              # ABORT (stop strings)
     to_detokenizer: ChannelSpec                # STEP_TOKENS, ERROR
     to_other_ranks: ChannelSpec | None = None  # tensor parallelism: TOKENIZED_REQUEST, ABORT, STEP, SHUTDOWN
@@ -166,7 +166,7 @@ class SchedulerLoop:
                 wait_any(self.inputs, COMPILE_POLL_S if self.compiles else IDLE_WAIT_S)
 
     def poll_inputs(self, outputs: list[RequestOutput]) -> bool:
-        """Apply every pending TOKENIZED_REQUEST and ABORT; False once a SHUTDOWN arrived."""
+        """Apply every pending TOKENIZED_REQUEST, ABORT and FLUSH_CACHE; False once a SHUTDOWN arrived."""
         for channel in self.inputs:
             for record in channel.drain():
                 if isinstance(record, TokenizedRequest):
@@ -180,6 +180,8 @@ class SchedulerLoop:
                     out = self.engine.abort(record.rid)
                     if out is not None:
                         outputs.append(out)
+                elif isinstance(record, FlushCache):
+                    logger.info("prefix cache flushed: %d pages freed", self.engine.flush_prefix_cache())
                 elif isinstance(record, Shutdown):
                     return False
                 else:

@@ -35,7 +35,7 @@ from minisrv.wire.terms import NUM_HISTOGRAM_COUNTS, REQUEST_HISTOGRAMS, Histogr
 T = TypeVar("T")
 
 MAGIC = int.from_bytes(b"MSRVSTAT", "little")
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 WORKER_WORDS = 3              # attached pid, ready pid, heartbeat
 LINE = 8                      # words per 64-byte line
 MODEL, NAME, WORKERS = 3 * LINE, 4 * LINE, 8 * LINE

@@ -145,6 +145,10 @@ class TPLeader:
         self._send(Abort(rid))
         return self.engine.abort(rid)
 
+    def flush_prefix_cache(self) -> int:
+        """Rank 0's bookkeeping alone: the other ranks compute the pages each step names, cached or not."""
+        return self.engine.flush_prefix_cache()
+
     def step(self) -> list[RequestOutput]:
         self._send(Step(self._digest))
         outputs = self.engine.step()

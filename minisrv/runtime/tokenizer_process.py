@@ -5,7 +5,7 @@ the detokenizer about the request (before the scheduler can produce its first to
 one TOKENIZED_REQUEST per choice. An ABORT travels on the same ring as its request, so it is
 forwarded after that request's records and can never overtake them. With data-parallel scheduler replicas
 (--dp-size) a ReplicaRouter picks each request's replica (minisrv/scheduler/routing.py); an ABORT goes to
-every replica (the others ignore a request they do not have).
+every replica (the others ignore a request they do not have), and so does a FLUSH_CACHE.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from minisrv.runtime.worker import IDLE_WAIT_S, ParentWatch, WorkerInfo, serve_w
 from minisrv.scheduler.routing import ReplicaRouter, RoutingPolicy
 from minisrv.scheduler.scheduler import prompt_leaves_no_room
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, load_prompt_tokenizer
-from minisrv.wire.records import Abort, DetokenizeRequest, Error, PromptRequest, Shutdown, TokenizedRequest
+from minisrv.wire.records import (Abort, DetokenizeRequest, Error, FlushCache, PromptRequest, Shutdown,
+                                  TokenizedRequest)
 from minisrv.wire.terms import choice_rid, choice_seed, unpack_template_value
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ MAX_PROMPT_LOGPROB_ENTRIES = RingCapacities.text // 4 // 32
 
 @dataclass(frozen=True)
 class TokenizerChannels:
-    requests: ChannelSpec                  # api -> this worker: PROMPT_REQUEST, ABORT, SHUTDOWN
-    to_schedulers: tuple[ChannelSpec, ...]  # TOKENIZED_REQUEST, ABORT, SHUTDOWN (one per scheduler replica)
+    requests: ChannelSpec                  # api -> this worker: PROMPT_REQUEST, ABORT, FLUSH_CACHE, SHUTDOWN
+    to_schedulers: tuple[ChannelSpec, ...]  # TOKENIZED_REQUEST, ABORT, FLUSH_CACHE, SHUTDOWN (one per replica)
     to_detokenizer: ChannelSpec            # DETOKENIZE_REQUEST, ERROR, SHUTDOWN
 
 
@@ -63,6 +64,11 @@ class TokenizerLoop:
                 elif isinstance(record, Abort):
                     for channel in self.to_schedulers:
                         channel.send(record)
+                elif isinstance(record, FlushCache):
+                    for channel in self.to_schedulers:
+                        channel.send(record)
+                    if self.router is not None:
+                        self.router.forget_prefixes()
                 elif isinstance(record, Shutdown):
                     for channel in self.to_schedulers:
                         channel.send(record)

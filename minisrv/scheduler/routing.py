@@ -49,6 +49,11 @@ class ReplicaRouter:
         if stats != self.published[replica]:
             self.published[replica], self.sent_since[replica] = stats, 0
 
+    def forget_prefixes(self) -> None:
+        """The replicas' prefix caches were flushed: nothing is known to be cached anywhere."""
+        for known in self.prefixes:
+            known.clear()
+
     def load(self, replica: int) -> int:
         stats = self.published[replica]
         published = stats.num_running + stats.num_waiting if stats is not None else 0

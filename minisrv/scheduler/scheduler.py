@@ -88,6 +88,7 @@ class Scheduler:
         self._preempted_rids: set[int] = set()        # so a resumed request keeps its first cache report
         self.prefix_cache_queries = 0                 # prompt tokens looked up at first admission
         self.prefix_cache_hits = 0                    # of those, tokens whose K/V came from the cache
+        self.prefix_cache_flushes = 0
         self.num_preemptions = 0
         self.metrics = RequestMetrics()
 
@@ -98,10 +99,17 @@ class Scheduler:
         return SchedulerStats(len(self.running), len(self.waiting), self.pool.num_in_use / self.pool.num_pages,
                               self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions,
                               m.prompt_tokens, m.generation_tokens, m.finished[FinishReason.STOP],
-                              m.finished[FinishReason.LENGTH], m.finished[FinishReason.ABORT])
+                              m.finished[FinishReason.LENGTH], m.finished[FinishReason.ABORT],
+                              self.prefix_cache_flushes)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
+
+    def flush_prefix_cache(self) -> int:
+        """Evict every cached page that no request holds, so that later prompts are computed afresh (pages of
+        running requests stay: they are evictable once those finish). Returns the pages freed."""
+        self.prefix_cache_flushes += 1
+        return 0 if self.prefix_cache is None else self.prefix_cache.evict(self.pool.num_pages)
 
     # ---- requests in and out
     def add_request(self, req: Request) -> None:

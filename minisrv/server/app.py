@@ -114,6 +114,8 @@ class ApiRoutes:
             route("/v1/responses/{response_id}", self.stored_response, ["GET", "DELETE"]),
             route("/v1/responses/{response_id}/cancel", self.stored_response, ["POST"]),
             route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest),
+            route("/flush_cache", self.flush_cache, ["GET", "POST"]),             # SGLang's
+            route("/reset_prefix_cache", self.reset_prefix_cache, ["POST"]),    # vLLM's
             route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest)),
             route("/detokenize", self.detokenize, ["POST"], DetokenizeRequest),
             route("/v1/embeddings", self.embeddings, ["POST"]),
@@ -249,6 +251,25 @@ class ApiRoutes:
         ctx.logprob_text = req.return_text_in_logprobs if req.return_logprob else None
         return await self._respond(request, ctx, [prompt], req.stream, sglang.generate_stream,
                                    sglang.generate_result)
+
+    async def flush_cache(self, request: Request) -> Response:
+        """SGLang's: evict every cached prompt prefix no running request holds (benchmarks flush before a
+        cold-cache run); answers once every replica has."""
+        await self._flush(request)
+        return Response("Cache flushed.\n", media_type="text/plain")
+
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """vLLM's name for /flush_cache."""
+        await self._flush(request)
+        return Response(status_code=200)
+
+    async def _flush(self, request: Request) -> None:
+        self._authorize(request)
+        self._check_ready()
+        try:
+            await self.engine.flush_cache()
+        except RequestError as exc:
+            raise APIError(exc.status, exc.message) from exc
 
     async def tokenize(self, request: Request) -> Response:
         """The token ids of a prompt, or of a chat rendered with the chat template (vLLM's /tokenize)."""

@@ -70,6 +70,11 @@ class EngineHandle(Protocol):
 
     def stats(self) -> SchedulerStats: ...
 
+    async def flush_cache(self) -> None:
+        """Evict every cached prompt prefix that no request holds, on every scheduler replica; returns once
+        done. RequestError when the engine cannot (503 while not ready, 504 when it takes too long)."""
+        ...
+
     def histograms(self) -> HistogramValues:
         """The scheduler's request and step histograms (REQUEST_HISTOGRAMS), as last published."""
         ...

@@ -16,7 +16,7 @@ from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, colum
                                 strings, text)
 from minisrv.wire.codec import text as text_field   # for a field declared after PromptRequest's own `text`
 
-LAYOUT_VERSION = 9
+LAYOUT_VERSION = 10
 
 
 class Kind(enum.IntEnum):
@@ -29,6 +29,7 @@ class Kind(enum.IntEnum):
     ERROR = 7
     SHUTDOWN = 8
     STEP = 9
+    FLUSH_CACHE = 10
 
 
 class Record:
@@ -194,6 +195,11 @@ class Step(Record):
     """Run one engine step. The ranks compare digests of their previous steps (batch and results)."""
 
     previous_digest: int = scalar("Q")
+
+
+@record(Kind.FLUSH_CACHE, "api -> tokenizer -> every scheduler replica")
+class FlushCache(Record):
+    """Evict every cached prefix no request holds (SGLang's /flush_cache, vLLM's /reset_prefix_cache)."""
 
 
 def peek_kind(buffer: bytes | bytearray | memoryview) -> Kind:

@@ -84,6 +84,7 @@ class SchedulerStats:
     finished_stop: int = 0           # requests finished, by reason (cumulative)
     finished_length: int = 0
     finished_abort: int = 0
+    prefix_cache_flushes: int = 0    # FLUSH_CACHE records applied (cumulative): /flush_cache waits on it
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Data-parallel scheduler replicas (--dp-size) behind one API server, live on the CPU: the same answers as one
-scheduler, requests routed to the replica whose cache holds their prefix, and a dead replica ending the server."""
+scheduler, requests routed to the replica whose cache holds their prefix, /flush_cache reaching both, and a dead replica
+ending the server."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,11 @@ def test_two_replicas_answer_like_one_route_by_prefix_and_go_down_together() -> 
         assert _complete(server, prompts[1]) == expected[1]
         assert metric(server, "minisrv:prefix_cache_hits_total") - hits >= 64
         assert _complete(server, prompts[2]) == expected[2]
+        # SGLang's /flush_cache empties both replicas' caches before it answers: the prefix is computed again.
+        assert httpx.post(f"{server.url}/flush_cache", timeout=60).status_code == 200
+        hits = metric(server, "minisrv:prefix_cache_hits_total")
+        assert _complete(server, prompts[1]) == expected[1]
+        assert metric(server, "minisrv:prefix_cache_hits_total") == hits
         pid = int(re.search(r"scheduler-dp1 \(pid (\d+)\)", server.log()).group(1))
         with open(f"/proc/{pid}/comm") as comm:   # top and ps name each worker's role
             assert comm.read().strip() == "scheduler-dp1"

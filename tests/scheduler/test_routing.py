@@ -44,6 +44,14 @@ def test_a_shared_prefix_goes_where_it_was_sent_while_the_load_allows() -> None:
     assert router.route(system + [6]) == 1 - first   # ...until balance wins
 
 
+def test_after_a_flush_no_replica_is_preferred_for_a_prefix() -> None:
+    router = ReplicaRouter(2, POLICY)
+    system = list(range(100, 116))
+    first = router.route(system + [1, 2])
+    router.forget_prefixes()
+    assert router.route(system + [3, 4]) != first   # balance alone: the other, idle replica
+
+
 def test_choices_count_as_load() -> None:
     router = ReplicaRouter(2, POLICY)
     router.route([1, 2, 3], choices=8)

@@ -83,6 +83,25 @@ def test_prefix_hits_are_counted_and_output_pages_are_cached_for_the_next_turn()
     check_drained(sched)
 
 
+def test_a_flush_evicts_the_idle_cached_pages_and_keeps_those_a_request_holds():
+    rng = random.Random(14)
+    sched = make_scheduler(num_pages=64, page_size=4)
+    engine = FakeEngine(sched)
+    prompt = tokens(rng, 12)
+    drive(engine, {0: [request(1, prompt, max_tokens=3)]})
+    cached = sched.prefix_cache.num_cached_pages
+    holder = request(2, tokens(rng, 9), max_tokens=30)
+    sched.add_request(holder)
+    sched.postprocess(batch := sched.schedule(), engine.execute(batch))   # running, its pages in use
+    assert sched.flush_prefix_cache() == cached and sched.stats().prefix_cache_flushes == 1
+    assert sched.prefix_cache.num_cached_pages == 2 and sched.pool.num_in_use == len(holder.pages)
+    again = request(3, prompt, max_tokens=3)
+    run = drive(engine, {0: [again]})
+    assert again.num_cached_tokens == 0   # computed afresh, and to the same tokens
+    assert_matches_reference(run, [again])
+    check_drained(sched)
+
+
 def test_a_fully_cached_prompt_recomputes_its_last_page_and_then_shares_it():
     rng = random.Random(12)
     sched = make_scheduler(num_pages=32, page_size=4)

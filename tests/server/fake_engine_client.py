@@ -59,6 +59,7 @@ class FakeEngineClient:
         self.inputs: list[PromptRequest] = []
         self.running: set[int] = set()
         self.aborted: list[int] = []
+        self.flushes = 0
         self._ids = itertools.count()
 
     def stats(self) -> SchedulerStats:
@@ -69,6 +70,11 @@ class FakeEngineClient:
     def histograms(self) -> HistogramValues:
         """Fixed values: bucket i of the flat array holds i observations, so the test can check the rendering."""
         return HistogramValues(list(range(NUM_HISTOGRAM_COUNTS)), [0.5 * i for i in range(len(REQUEST_HISTOGRAMS))])
+
+    async def flush_cache(self) -> None:
+        if not self.ready:
+            raise RequestError(503, "not ready")
+        self.flushes += 1
 
     async def stream(self, inp: PromptRequest) -> AsyncIterator[OutputDelta]:
         if not self.ready:

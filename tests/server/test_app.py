@@ -69,6 +69,20 @@ def test_several_served_names_are_each_the_model() -> None:
         assert "'first' or 'alias'" in error["message"]
 
 
+def test_flush_cache_and_reset_prefix_cache_flush_the_engine_and_need_the_key() -> None:
+    client = FakeEngineClient(MODEL)
+    with InProcessServer(client, ServerConfig(api_key="k")) as s:
+        auth = {"Authorization": "Bearer k"}
+        for method, path in (("GET", "/flush_cache"), ("POST", "/flush_cache"), ("POST", "/reset_prefix_cache")):
+            assert_error(httpx.request(method, f"{s.url}{path}"), 401)
+            r = httpx.request(method, f"{s.url}{path}", headers=auth)
+            assert r.status_code == 200, r.text
+        assert r.text == "" and client.flushes == 3
+        assert httpx.get(f"{s.url}/flush_cache", headers=auth).text == "Cache flushed.\n"   # SGLang's answer
+        client.ready = False
+        assert_error(httpx.post(f"{s.url}/flush_cache", headers=auth), 503)
+
+
 def test_health_503_while_not_ready_or_dead(server) -> None:
     client = server.client
     try:

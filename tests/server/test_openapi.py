@@ -41,7 +41,7 @@ def test_every_route_is_documented_with_its_methods(server, document) -> None:
                 "/openapi.json": {"get"}, "/v1/models": {"get"}, "/v1/models/{model}": {"get"},
                 "/v1/chat/completions": {"post"}, "/v1/completions": {"post"}, "/v1/responses": {"post"},
                 "/v1/responses/{response_id}": {"get", "delete"}, "/v1/responses/{response_id}/cancel": {"post"},
-                "/generate": {"post"},
+                "/generate": {"post"}, "/flush_cache": {"get", "post"}, "/reset_prefix_cache": {"post"},
                 "/tokenize": {"post"}, "/detokenize": {"post"}, "/v1/embeddings": {"post"}}
     assert {path: set(ops) for path, ops in paths.items()} == expected
     # Each documented GET path answers (not 404/405); the model card needs the served model's name. No response
