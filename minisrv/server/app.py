@@ -7,6 +7,7 @@ with uvloop, so the rings' asyncio consumer and the HTTP connections share one l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import importlib.metadata
 import logging
@@ -115,6 +116,8 @@ class ApiRoutes:
             route("/v1/responses/{response_id}/cancel", self.stored_response, ["POST"]),
             route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest),
             route("/flush_cache", self.flush_cache, ["GET", "POST"]),             # SGLang's
+            route("/get_model_info", self.model_info, ["GET"]),                   # SGLang's
+            route("/get_server_info", self.server_info, ["GET"]),                 # SGLang's
             route("/reset_prefix_cache", self.reset_prefix_cache, ["POST"]),    # vLLM's
             route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest)),
             route("/detokenize", self.detokenize, ["POST"], DetokenizeRequest),
@@ -149,7 +152,7 @@ class ApiRoutes:
 
     async def version(self, request: Request) -> Response:
         """The minisrv version."""
-        return json_response({"version": importlib.metadata.version("minisrv")})
+        return json_response({"version": _version()})
 
     async def metrics_text(self, request: Request) -> Response:
         """Prometheus metrics."""
@@ -251,6 +254,26 @@ class ApiRoutes:
         ctx.logprob_text = req.return_text_in_logprobs if req.return_logprob else None
         return await self._respond(request, ctx, [prompt], req.stream, sglang.generate_stream,
                                    sglang.generate_result)
+
+    async def model_info(self, request: Request) -> Response:
+        """SGLang's: the model as --model named it, and the sampling defaults requests get."""
+        self._authorize(request)
+        self._check_ready()
+        model = self.config.engine.model
+        return json_response({"model_path": model, "tokenizer_path": model, "is_generation": True,
+                              "preferred_sampling_params": self.request_defaults or None, "weight_version": "default"})
+
+    async def server_info(self, request: Request) -> Response:
+        """SGLang's: the server's settings (secrets left out), under minisrv's names and SGLang's for those its
+        tools read, and the schedulers' state (every replica's stats together)."""
+        self._authorize(request)
+        self._check_ready()
+        engine = self.config.engine
+        settings = {f.name: getattr(config, f.name) for config in (engine, self.config)
+                    for f in dataclasses.fields(config) if "help" in f.metadata and not f.metadata["secret"]}
+        return json_response({**settings, "model_path": engine.model, "context_length": self.engine.max_model_len,
+                              "served_model_name": self.engine.model_name, "version": _version(),
+                              "internal_states": [dataclasses.asdict(self.engine.stats())]})
 
     async def flush_cache(self, request: Request) -> Response:
         """SGLang's: evict every cached prompt prefix no running request holds (benchmarks flush before a
@@ -436,6 +459,10 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         work_task.cancel()
         raise ClientDisconnected
     return work_task.result()
+
+
+def _version() -> str:
+    return importlib.metadata.version("minisrv")
 
 
 def _client_request_id(req: ChatCompletionRequest | CompletionRequest, request: Request) -> str | None:

@@ -14,7 +14,7 @@ from tests.server.fake_engine_client import MAX_MODEL_LEN, REPLY, VOCAB_SIZE, Fa
 from tests.server.conftest import FAKE_MODEL
 from tests.server.inprocess_server import InProcessServer
 
-from minisrv.config import ServerConfig
+from minisrv.config import EngineConfig, ServerConfig
 from minisrv.wire.terms import REQUEST_HISTOGRAMS
 from minisrv.server.app import MAX_BODY_BYTES
 
@@ -81,6 +81,22 @@ def test_flush_cache_and_reset_prefix_cache_flush_the_engine_and_need_the_key() 
         assert httpx.get(f"{s.url}/flush_cache", headers=auth).text == "Cache flushed.\n"   # SGLang's answer
         client.ready = False
         assert_error(httpx.post(f"{s.url}/flush_cache", headers=auth), 503)
+
+
+def test_sglang_model_and_server_info() -> None:
+    config = ServerConfig(api_key="secret-key", engine=EngineConfig(model="org/model", tp_size=2))
+    with InProcessServer(FakeEngineClient(MODEL), config, request_defaults={"temperature": 0.6}) as s:
+        auth = {"Authorization": "Bearer secret-key"}
+        model = httpx.get(f"{s.url}/get_model_info", headers=auth).json()
+        assert (model["model_path"], model["is_generation"], model["preferred_sampling_params"]) == \
+            ("org/model", True, {"temperature": 0.6})
+        r = httpx.get(f"{s.url}/get_server_info", headers=auth)
+        info = r.json()
+        assert (info["model_path"], info["tp_size"], info["dp_size"], info["context_length"]) == \
+            ("org/model", 2, 1, MAX_MODEL_LEN)
+        assert info["internal_states"][0]["num_running"] == 0 and info["version"]
+        assert "secret-key" not in r.text and "api_key" not in info
+        assert_error(httpx.get(f"{s.url}/get_server_info"), 401)
 
 
 def test_health_503_while_not_ready_or_dead(server) -> None:

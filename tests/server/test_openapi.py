@@ -42,6 +42,7 @@ def test_every_route_is_documented_with_its_methods(server, document) -> None:
                 "/v1/chat/completions": {"post"}, "/v1/completions": {"post"}, "/v1/responses": {"post"},
                 "/v1/responses/{response_id}": {"get", "delete"}, "/v1/responses/{response_id}/cancel": {"post"},
                 "/generate": {"post"}, "/flush_cache": {"get", "post"}, "/reset_prefix_cache": {"post"},
+                "/get_model_info": {"get"}, "/get_server_info": {"get"},
                 "/tokenize": {"post"}, "/detokenize": {"post"}, "/v1/embeddings": {"post"}}
     assert {path: set(ops) for path, ops in paths.items()} == expected
     # Each documented GET path answers (not 404/405); the model card needs the served model's name. No response
