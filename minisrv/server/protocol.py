@@ -287,8 +287,11 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     modalities: list[Literal["text"]] | None = None
     separate_reasoning: bool | None = None
     stream_reasoning: bool | None = None
-    # vLLM's extensions for the output text and the prompt.
+    # vLLM's extensions for the output text and the prompt. spaces_between_special_tokens is taken and changes
+    # nothing, as with vLLM's detokenizer for a fast tokenizer (every model here has one): special tokens read as
+    # the tokenizer's decoder joins them (tokenizers' DecodeStream, in minisrv/tokenizer/incremental.py).
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # SGLang's, which sglang-router also sets on every request: no_stop_trim is include_stop_str_in_output;
     # hidden states are not returned (true is a 400).

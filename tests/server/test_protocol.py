@@ -169,7 +169,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                                         "stop", "logprobs", "top_logprobs", "stream", "stream_options", "seed",
                                         "echo", "top_k", "min_tokens", "stop_token_ids", "unknown",
                                         "truncate_prompt_tokens", "include_stop_str_in_output",
-                                        "continue_final_message", "skip_special_tokens"]),
+                                        "continue_final_message", "skip_special_tokens",
+                                        "spaces_between_special_tokens"]),
                        json_values, max_size=6))
 def test_any_json_is_accepted_or_a_400(body: dict) -> None:
     """Whatever a client sends, parsing and conversion end in PROMPT_REQUEST records or a 400: never anything else."""
@@ -195,6 +196,14 @@ def test_output_and_prompt_options_reach_the_prompt_request() -> None:
     assert whole.truncate_prompt_tokens == CONTEXT
     [capped] = completions({"truncate_prompt_tokens": 10 * CONTEXT, "include_stop_str_in_output": True})
     assert capped.truncate_prompt_tokens == CONTEXT and capped.include_stop_str_in_output
+
+
+def test_spaces_between_special_tokens_is_taken_as_vllm_takes_it() -> None:
+    """A flag of vLLM's slow detokenizer only: accepted either way (clients send it), a bool or a 400."""
+    assert chat({"spaces_between_special_tokens": False}) == chat({"spaces_between_special_tokens": True})
+    with pytest.raises(APIError) as exc:
+        chat({"spaces_between_special_tokens": "no"})
+    assert exc.value.param == "spaces_between_special_tokens"
 
 
 def test_what_sglang_router_adds_to_every_request_is_accepted() -> None:

@@ -80,6 +80,15 @@ def test_special_tokens_are_skipped(byte_level_tokenizer: Tokenizer) -> None:
     assert "".join(stream(tok, ids, [])[0]) == "hi"
 
 
+def test_kept_special_tokens_join_without_added_spaces(byte_level_tokenizer: Tokenizer) -> None:
+    """skip_special_tokens false: special tokens read as the decoder joins them, with no space put between them
+    (what vLLM's detokenizer does with a fast tokenizer, whatever spaces_between_special_tokens says)."""
+    tok = byte_level_tokenizer
+    ids = [tok.token_to_id("<|im_end|>")] * 2 + tok.encode("hi").ids
+    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
+    assert "".join([detok.step(i) for i in ids] + [detok.flush()]) == "<|im_end|><|im_end|>hi"
+
+
 def test_empty_stop_string_is_refused(byte_level_tokenizer: Tokenizer) -> None:
     with pytest.raises(ValueError, match="stop strings"):
         IncrementalDetokenizer(byte_level_tokenizer, ["ok", ""])
