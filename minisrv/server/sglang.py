@@ -30,6 +30,11 @@ class SGLangSamplingParams(sampling_schema("sglang", "_SGLangSampling")):
 
     stop: Stop = None
     n: int = 1
+    # The output text's options, as SGLang names them: no_stop_trim keeps a matched stop string (vLLM's
+    # include_stop_str_in_output); spaces_between_special_tokens changes nothing, as on the OpenAI endpoints.
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    spaces_between_special_tokens: bool = True
     json_schema: str | None = None   # structured output, at most one of these three
     regex: str | None = None
     ebnf: str | None = None
@@ -97,10 +102,11 @@ class SGLangGenerateRequest(Schema):
                                        extra=dict(max_tokens=max_new_tokens, grammar=grammar and grammar.text,
                                                   logprobs=self.top_logprobs_num if self.return_logprob else None),
                                        defaults=defaults)
-        stop = stop_strings(sp.stop, "sampling_params.stop")
+        options = dict(params=params, n=sp.n, stop=stop_strings(sp.stop, "sampling_params.stop"),
+                       skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim)
         if self.text is not None:
-            return PromptRequest(text=self.text, params=params, n=sp.n, stop=stop)
-        return PromptRequest(prompt_ids=list(self.input_ids), params=params, n=sp.n, stop=stop)
+            return PromptRequest(text=self.text, **options)
+        return PromptRequest(prompt_ids=list(self.input_ids), **options)
 
 
 def _meta_info(ctx: ResponseContext, finish_reason: str | None, num_prompt_tokens: int, num_cached_tokens: int,

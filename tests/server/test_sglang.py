@@ -59,6 +59,14 @@ def test_rejects(body: dict, param: str) -> None:
     assert exc.value.status == 400 and exc.value.param == param and param in exc.value.message
 
 
+def test_sglang_output_text_options_reach_the_prompt_request() -> None:
+    plain = generate({"text": "hi"})
+    assert plain.skip_special_tokens and not plain.include_stop_str_in_output
+    kept = generate({"text": "hi", "sampling_params": {"skip_special_tokens": False, "no_stop_trim": True,
+                                                       "spaces_between_special_tokens": False}})
+    assert not kept.skip_special_tokens and kept.include_stop_str_in_output
+
+
 def test_bench_serving_payload_is_taken_and_return_logprob_asks_for_logprobs() -> None:
     """SGLang's bench_serving sends lora_path null, return_logprob false and logprob_start_len -1 along."""
     plain = generate({"text": "hi", "sampling_params": {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True},
