@@ -324,10 +324,15 @@ class ServerConfig:
         return self.served_model_name[0] if self.served_model_name else None
 
     @property
+    def address(self) -> str:
+        """--host and --port as one address, an IPv6 host in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
     def url(self) -> str:
         """Where clients reach the server."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.ssl_certfile else 'http'}://{host}:{self.port}"
+        return f"{'https' if self.ssl_certfile else 'http'}://{self.address}"
 
     def resolved_api_server_count(self) -> int:
         if self.api_server_count is not None:

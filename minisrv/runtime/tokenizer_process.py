@@ -61,13 +61,10 @@ class TokenizerLoop:
             for record in records:
                 if isinstance(record, PromptRequest):
                     self.handle(record)
-                elif isinstance(record, Abort):
+                elif isinstance(record, (Abort, FlushCache)):
                     for channel in self.to_schedulers:
                         channel.send(record)
-                elif isinstance(record, FlushCache):
-                    for channel in self.to_schedulers:
-                        channel.send(record)
-                    if self.router is not None:
+                    if isinstance(record, FlushCache) and self.router is not None:
                         self.router.forget_prefixes()
                 elif isinstance(record, Shutdown):
                     for channel in self.to_schedulers:

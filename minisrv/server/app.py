@@ -546,9 +546,8 @@ async def run_http(app: Starlette, config: ServerConfig, shutdown_event: asyncio
     hypercorn_h11.h11 = _H11WithReasonPhrases("h11")
     connections.install(app.state.connections)
     hc = HypercornConfig()
-    host = f"[{config.host}]" if ":" in config.host else config.host
     # hypercorn closes the sockets it serves on: give it a duplicate of ours.
-    hc.bind = [f"fd://{listener.dup().detach()}" if listener is not None else f"{host}:{config.port}"]
+    hc.bind = [f"fd://{listener.dup().detach()}" if listener is not None else config.address]
     hc.graceful_timeout = SHUTDOWN_GRACE_S
     hc.include_server_header = False
     hc.certfile, hc.keyfile = config.ssl_certfile, config.ssl_keyfile
