@@ -59,6 +59,12 @@ class EngineConfig:
         None, group="model", help="the Hub model's branch, tag or commit (default: main)")
     download_dir: str | None = setting(
         None, group="model", help="where Hub models are kept (default: the Hugging Face cache, HF_HOME)")
+    tokenizer: str | None = setting(
+        None, group="model", flags=("--tokenizer-path",),
+        help="a Hugging Face directory or Hub id (org/name) whose tokenizer, chat template and end-of-sequence "
+             "tokens replace the model's; with --load-format dummy it gives a preset a real vocabulary")
+    tokenizer_revision: str | None = setting(
+        None, group="model", help="the Hub tokenizer's branch, tag or commit (default: main)")
     load_format: str = setting(
         "auto", group="model", choices=("auto", "dummy"),
         help="'dummy': random weights for a preset config (benchmarks without weights)")

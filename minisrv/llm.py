@@ -13,7 +13,7 @@ from minisrv.models.source import resolve_source
 from minisrv.runtime.tensor_parallel import TensorParallelRanks, TPLeader
 from minisrv.sampling_params import SamplingParams
 from minisrv.scheduler.request import SampleResult
-from minisrv.tokenizer.loading import load_fast_tokenizer, load_tokenizer
+from minisrv.tokenizer.loading import check_vocabulary, load_fast_tokenizer, load_tokenizer
 from minisrv.wire.terms import FinishReason
 
 Prompt = str | Sequence[int]
@@ -38,6 +38,7 @@ class LLM:
         self._ranks: TensorParallelRanks | None = None   # first: __del__ runs even when __init__ fails
         config = EngineConfig(model=model, **engine_args)
         self.source = resolve_source(config)
+        check_vocabulary(self.source)
         if config.tp_size > 1:
             self._ranks = TensorParallelRanks(config, self.source)
             self.engine: LLMEngine | TPLeader = self._ranks.leader

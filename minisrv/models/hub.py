@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from minisrv.config import flag_name
+
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # What a model directory holds besides its weights: config, generation config, tokenizer, chat template.
 TEXT_FILES = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
@@ -18,10 +20,10 @@ def is_repo_id(model: str) -> bool:
     return REPO_ID.fullmatch(model) is not None
 
 
-def fetch(repo_id: str, revision: str | None, download_dir: str | None, weights: bool) -> Path:
+def fetch(repo_id: str, revision: str | None, download_dir: str | None, weights: bool, field: str = "model") -> Path:
     """The local directory of the repository's files (without the weights unless `weights`); ValueError naming
-    --model with the Hub's reason when they cannot be had (unknown or gated repository, no connection and
-    nothing cached)."""
+    `field` and its flag with the Hub's reason when they cannot be had (unknown or gated repository, no connection
+    and nothing cached)."""
     from huggingface_hub import snapshot_download
 
     patterns = [*TEXT_FILES, *(WEIGHT_FILES if weights else ())]
@@ -30,5 +32,6 @@ def fetch(repo_id: str, revision: str | None, download_dir: str | None, weights:
                                       allow_patterns=patterns, ignore_patterns=list(SKIPPED)))
     except Exception as exc:   # the library's own errors say why: not found, gated, offline, bad revision
         reason = " ".join(str(exc).split())[:400] or type(exc).__name__
-        raise ValueError(f"model: {repo_id!r} could not be fetched from the Hugging Face Hub"
-                         f"{f' at revision {revision!r}' if revision else ''}: {reason} (--model)") from exc
+        raise ValueError(f"{field}: {repo_id!r} could not be fetched from the Hugging Face Hub"
+                         f"{f' at revision {revision!r}' if revision else ''}: {reason} "
+                         f"({flag_name(field)})") from exc

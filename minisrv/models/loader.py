@@ -47,12 +47,17 @@ def load_model(config: EngineConfig, source: ModelSource | None = None,
     tensor parallelism, this rank's part of it (every checkpoint tensor is read, its part kept)."""
     source = source or resolve_source(config)
     dtype, device = resolve_dtype(config), torch.device(config.resolved_device())
-    load = functools.partial(_finish, config=config, dtype=dtype, device=device, tp=tp)
+    tokenizer_path = source.tokenizer_path
+    # vLLM stops on its tokenizer's end of sequence too: --tokenizer's adds to the model's own.
+    tokenizer_eos = () if tokenizer_path is None else _tokenizer_eos_ids(tokenizer_path)
+    load = functools.partial(_finish, config=config, dtype=dtype, device=device, tp=tp, tokenizer_eos=tokenizer_eos)
     if source.format == "preset":
         from minisrv.models.dummy import BYTE_VOCAB_EOS_IDS, load_preset
 
-        # The byte-level vocabulary's end-of-turn ids replace the preset's, which index a vocabulary we lack.
-        hf_config = {**load_preset(source.name), "eos_token_id": BYTE_VOCAB_EOS_IDS}
+        # The vocabulary's end-of-turn ids (the byte-level one's, or --tokenizer's) replace the preset's, which
+        # index a vocabulary we lack.
+        eos = BYTE_VOCAB_EOS_IDS if tokenizer_path is None else _tokenizer_eos_ids(tokenizer_path)
+        hf_config = {**load_preset(source.name), "eos_token_id": eos}
         return load(ModelConfig.from_hf_dict(hf_config), None, name=source.name)
     if source.format == "gguf":
         from minisrv.models.gguf import GGUFCheckpoint
@@ -81,7 +86,8 @@ def build_model(model_config: ModelConfig, max_model_len: int, dtype: torch.dtyp
 
 def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]] | None, *, config: EngineConfig,
             dtype: torch.dtype, device: torch.device, tp: TensorParallel, name: str,
-            extra_eos: Iterable[int] = (), checkpoint_bits: int | None = None) -> LoadedModel:
+            extra_eos: Iterable[int] = (), tokenizer_eos: Iterable[int] = (),
+            checkpoint_bits: int | None = None) -> LoadedModel:
     max_model_len = _max_model_len(config, model_config)
     model = build_model(model_config, max_model_len, dtype, device, tp)
     if weights is None:
@@ -90,7 +96,7 @@ def _finish(model_config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor
         init_dummy_weights(model, config.seed)
     else:
         load_weights(model, weights)
-    eos = sorted({*model_config.eos_token_ids, *extra_eos})
+    eos = sorted({*model_config.eos_token_ids, *extra_eos, *tokenizer_eos})
     return LoadedModel(model, model_config, eos, max_model_len, name, checkpoint_bits)
 
 
@@ -107,10 +113,23 @@ def _max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
 def _extra_eos_ids(path: Path, model_config: ModelConfig) -> list[int]:
     """End-of-sequence ids beyond config.json's: generation_config.json's (what HF generate() stops on, often
     more than config.json lists); where neither names one, the tokenizer's eos_token, looked up in tokenizer.json."""
+    found = _generation_eos_ids(path)
+    return found if found or model_config.eos_token_ids else _eos_token_id(path)
+
+
+def _tokenizer_eos_ids(path: Path) -> list[int]:
+    """--tokenizer's end-of-sequence ids: its eos_token, and its generation_config.json's when the directory (a Hub
+    model's, fetched for its tokenizer) has one."""
+    return sorted({*_generation_eos_ids(path), *_eos_token_id(path)})
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
     generation = path / "generation_config.json"
-    found = as_id_list(json.loads(generation.read_text()).get("eos_token_id")) if generation.is_file() else []
-    if found or model_config.eos_token_ids:
-        return found
+    return as_id_list(json.loads(generation.read_text()).get("eos_token_id")) if generation.is_file() else []
+
+
+def _eos_token_id(path: Path) -> list[int]:
+    """The tokenizer's eos_token (tokenizer_config.json) as its id in tokenizer.json, when both files are there."""
     tokenizer_config, tokenizer_json = path / "tokenizer_config.json", path / "tokenizer.json"
     if not (tokenizer_config.is_file() and tokenizer_json.is_file()):
         return []

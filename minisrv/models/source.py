@@ -9,7 +9,7 @@ reads the same files.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from minisrv.sampling_params import SamplingParams
 DUMMY_EMBEDDED_PRESET = "smollm2-135m"   # `--model embedded --load-format dummy`: the embedded model's shapes
 # generation_config.json's keys that vLLM takes as defaults for the sampling options a request leaves out (its
 # max_new_tokens too, capped by the room the prompt leaves; here max_tokens keeps its default, all that room).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")   # either makes a directory a Hugging Face tokenizer
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -35,10 +36,18 @@ class ModelSource:
     # Bits per weight of the projections of the checkpoint the files were converted from, when quantized
     # (the embedded model's GGUF); a GGUF file's own come from the file (LoadedModel.checkpoint_bits).
     converted_from_bits: int | None = None
+    # --tokenizer's directory, whose tokenizer, chat template and end-of-sequence ids replace the model's
+    tokenizer_path: Path | None = None
 
 
 def resolve_source(config: EngineConfig) -> ModelSource:
-    """Resolve `config.model`; ValueError naming the field when it is none of the accepted kinds."""
+    """Resolve `config.model` and `config.tokenizer`; ValueError naming the field when one is none of the accepted
+    kinds (whether the tokenizer fits the model: minisrv/tokenizer/loading.py's check_vocabulary)."""
+    source = _resolve_model(config)
+    return source if config.tokenizer is None else replace(source, tokenizer_path=_resolve_tokenizer(config))
+
+
+def _resolve_model(config: EngineConfig) -> ModelSource:
     model, path = config.model, Path(config.model).expanduser()
     dummy = config.load_format == "dummy"
     if not path.exists() and hub.is_repo_id(model):   # served under its id, as vLLM names it
@@ -69,6 +78,35 @@ def resolve_source(config: EngineConfig) -> ModelSource:
                          "(--load-format dummy) for random weights")
     raise ValueError(f"model: {model!r} is not 'embedded', a Hugging Face directory or Hub id (org/name), a .gguf "
                      "file or a preset")
+
+
+def _resolve_tokenizer(config: EngineConfig) -> Path:
+    """--tokenizer as a directory holding a Hugging Face tokenizer, as vLLM takes it: a directory or a Hub id."""
+    name, path = config.tokenizer, Path(config.tokenizer).expanduser()
+    if not path.exists() and hub.is_repo_id(name):
+        path = hub.fetch(name, config.tokenizer_revision, config.download_dir, weights=False, field="tokenizer")
+    elif not path.is_dir():
+        raise ValueError(f"tokenizer: {name!r} is neither a directory nor a Hugging Face Hub id (org/name) "
+                         f"({flag_name('tokenizer')})")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"tokenizer: {name!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}) "
+                         f"({flag_name('tokenizer')})")
+    return path
+
+
+def model_vocab_size(source: ModelSource) -> int:
+    """The rows of the model's embedding, read from its config (a GGUF file's metadata) without its weights."""
+    if source.format == "preset":
+        from minisrv.models.dummy import load_preset
+
+        return load_preset(source.name)["vocab_size"]
+    if source.format == "gguf":
+        from minisrv.models.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(source.path).hf_config["vocab_size"]
+    from minisrv.models.config import ModelConfig
+
+    return ModelConfig.from_hf_dict(json.loads((source.path / "config.json").read_text())).vocab_size
 
 
 def request_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any]:

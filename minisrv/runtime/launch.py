@@ -66,9 +66,11 @@ def serve(config: ServerConfig) -> int:
     try:
         check_config(config)
         from minisrv.models.source import request_defaults, resolve_source
+        from minisrv.tokenizer.loading import check_vocabulary
 
         # Once, here: the embedded model is fetched by this process, not by several workers at a time.
         source = resolve_source(config.engine)
+        check_vocabulary(source)
         defaults = request_defaults(config, source)   # the API server processes read the same file again
     except ValueError as exc:
         print(f"minisrv serve: error: {exc}", file=sys.stderr)

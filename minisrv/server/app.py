@@ -259,9 +259,10 @@ class ApiRoutes:
         """SGLang's: the model as --model named it, and the sampling defaults requests get."""
         self._authorize(request)
         self._check_ready()
-        model = self.config.engine.model
-        return json_response({"model_path": model, "tokenizer_path": model, "is_generation": True,
-                              "preferred_sampling_params": self.request_defaults or None, "weight_version": "default"})
+        engine = self.config.engine
+        return json_response({"model_path": engine.model, "tokenizer_path": engine.tokenizer or engine.model,
+                              "is_generation": True, "preferred_sampling_params": self.request_defaults or None,
+                              "weight_version": "default"})
 
     async def server_info(self, request: Request) -> Response:
         """SGLang's: the server's settings (secrets left out), under minisrv's names and SGLang's for those its

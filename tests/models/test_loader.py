@@ -131,3 +131,18 @@ def test_dummy_weights_from_an_hf_directory_are_seeded(hf_dir):
     assert torch.equal(weights[0][name], weights[1][name]) and not torch.equal(weights[0][name], weights[2][name])
     source = resolve_source(EngineConfig(model=str(path), load_format="dummy"))
     assert source.dummy and load_tokenizer(source).chat_template is not None
+
+
+def test_a_tokenizer_of_its_own_brings_its_end_of_sequence(tmp_path):
+    """--tokenizer: the model's end-of-sequence ids are joined by the tokenizer's eos_token and the ids its
+    directory's generation_config.json names (a Hub model's, fetched for its tokenizer)."""
+    byte_tokenizer = build_byte_tokenizer()
+    model, tokenizer = tmp_path / "model", tmp_path / "tokenizer"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(tiny_config("llama", vocab_size=len(byte_tokenizer) + 5)))
+    byte_tokenizer.save_pretrained(tokenizer)
+    (tokenizer / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    config = EngineConfig(model=str(model), load_format="dummy", tokenizer=str(tokenizer))
+    im_end = byte_tokenizer.convert_tokens_to_ids(byte_tokenizer.eos_token)
+    assert load_model(config).eos_token_ids == sorted({2, 9, im_end})   # config.json's 2
+    assert load_tokenizer(resolve_source(config)).chat_template == byte_tokenizer.chat_template

@@ -38,6 +38,27 @@ def test_what_is_no_model_is_an_error_naming_the_field(settings: dict, message: 
         resolve_source(EngineConfig(**settings))
 
 
+def test_a_tokenizer_resolves_to_a_directory_or_a_hub_snapshot(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "tokenizer.json").write_text("{}")
+    preset = dict(model="qwen3-0.6b", load_format="dummy")
+    assert resolve_source(EngineConfig(**preset, tokenizer=str(tmp_path / "local"))) == ModelSource(
+        "preset", "qwen3-0.6b", dummy=True, tokenizer_path=tmp_path / "local")
+    snapshot = cached_repo(tmp_path, "org/tok", {"tokenizer_config.json": "{}"})
+    assert resolve_source(EngineConfig(**preset, tokenizer="org/tok", download_dir=str(tmp_path))).tokenizer_path \
+        == snapshot
+    (tmp_path / "empty").mkdir()
+    for tokenizer, message in ((str(tmp_path / "empty"), "has no tokenizer"),
+                               (str(tmp_path / "no" / "such" / "dir"), "neither a directory nor a Hugging Face"),
+                               ("org/missing", "'org/missing' could not be fetched from the Hugging Face Hub")):
+        with pytest.raises(ValueError, match=f"^tokenizer: .*{message}.*\\(--tokenizer\\)$"):
+            resolve_source(EngineConfig(**preset, tokenizer=tokenizer, download_dir=str(tmp_path)))
+
+
 def test_request_defaults_come_from_generation_config_unless_vllm(tmp_path: Path) -> None:
     source = ModelSource("hf", "m", tmp_path)
     assert request_defaults(ServerConfig(), source) == {}   # no file
