@@ -20,7 +20,8 @@ DEFAULT_MODEL = "embedded"  # SmolLM2-135M-Instruct, fetched and converted on fi
 # A GPU step prefills thousands of tokens in milliseconds: no cap there.
 CPU_MAX_PREFILL_TOKENS = 128
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-TOOL_CALL_FORMATS = ("hermes", "llama3_json")   # the call formats tool_choice "auto" finds, by vLLM's parser names
+# The call formats tool_choice "auto" finds, by vLLM's parser names
+TOOL_CALL_FORMATS = ("hermes", "llama3_json", "mistral", "pythonic")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")    # how a reasoning model marks its thinking, by vLLM's parser names
 # One H200 machine (16 cores), llama-3.2-1b at 128 streams: served median inter-token latency 8.5-10.3 ms with one
 # API server process against a 2.1 ms engine step, 2.6-3.1 ms with two; the same at 16 streams. The CPU engine
@@ -296,7 +297,9 @@ class ServerConfig:
     tool_call_parser: str = setting(
         "auto", group="server", choices=("auto", *TOOL_CALL_FORMATS),
         help="the call formats tool_choice auto finds in the output, by vLLM's parser names: Hermes <tool_call> "
-             "blocks (hermes: Qwen2.5, Qwen3), Llama 3.x JSON calls (llama3_json), or both (auto)")
+             "blocks (hermes: Qwen2.5, Qwen3), Llama 3.x JSON calls (llama3_json), Mistral's [TOOL_CALLS] JSON "
+             "array (mistral), a Python list of calls (pythonic: Llama 3.2's and 4's pythonic templates), or all "
+             "(auto)")
     reasoning_parser: str = setting(
         "none", group="server", choices=("none", *REASONING_PARSERS),
         help="split a reasoning model's thinking (<think> ... </think>) out of chat answers into reasoning_content, "

@@ -3,10 +3,13 @@
 tool_choice "required" and a named function are enforced through structured output, so their arguments always
 parse: a named function's output is its arguments (a JSON object of its parameters schema, as vLLM does); for
 "required" it is a JSON array of {"name", "parameters"} objects, one of the tools each, at least one (only one
-unless parallel_tool_calls). With "auto" the model writes calls in its own format, and both formats in use are
-recognised: Hermes-style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen2.5, Qwen3,
-Hermes) and Llama 3.x's bare JSON object `{"name": ..., "parameters": {...}}` (optionally after
-`<|python_tag|>`), or several separated by semicolons.
+unless parallel_tool_calls). With "auto" the model writes calls in its own format, and the formats in use are
+recognised (vLLM's parser names): Hermes-style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks
+(hermes: Qwen2.5, Qwen3, Hermes), anywhere in the output; and, opening it, Llama 3.x's bare JSON object
+`{"name": ..., "parameters": {...}}` (llama3_json; optionally after `<|python_tag|>`, several separated by
+semicolons), Mistral's JSON array `[{"name": ..., "arguments": {...}}, ...]` (mistral; after `[TOOL_CALLS]`
+when special tokens are kept) and a Python list of calls `[name(key=value, ...), ...]` (pythonic: Llama 3.2's
+and Llama 4's pythonic templates; pythonic_calls.py).
 
 Calls stream the way vLLM streams them (call_reader.py): a call's id, type and name as soon as its name is
 written, then its arguments' text as the model writes it. An object naming a function that is not a tool, or
@@ -16,18 +19,26 @@ reassemble to it exactly.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable
 
 from minisrv import structured_output
 from minisrv.config import TOOL_CALL_FORMATS
 from minisrv.server.call_reader import CallDeltas, CallReader
+from minisrv.server.pythonic_calls import PythonicCallReader
 from minisrv.server.streams import before_partial_tag
 from minisrv.structured_output import Grammar
 
-HERMES, LLAMA3_JSON = TOOL_CALL_FORMATS
+HERMES, LLAMA3_JSON, MISTRAL, PYTHONIC = TOOL_CALL_FORMATS
+LEADING_FORMATS = (LLAMA3_JSON, MISTRAL, PYTHONIC)   # calls that only open an output, not follow text
 HERMES_START = "<tool_call>"   # each call a JSON object in <tool_call>...</tool_call>
 PYTHON_TAG = "<|python_tag|>"
+# The special tokens that open some models' calls (Llama 3's, Mistral's, Llama 4's), seen when the detokenizer
+# keeps special tokens (skip_special_tokens false); by default they are left out and the calls open the output.
+LEADING_TAGS = (PYTHON_TAG, "[TOOL_CALLS]", "<|python_start|>")
+TOO_EARLY = "too early"   # leading_call: the output so far could still open a call or not
+IDENTIFIER = re.compile(r"[^\W\d]\w*")
 
 
 @dataclass(frozen=True)
@@ -100,18 +111,19 @@ class ForcedCalls:
 
 class AutoCallStream:
     """A choice's output under tool_choice "auto": content streams as it comes, calls as tool_calls deltas. From
-    a Hermes start tag on, or from the start of an output that opens like a Llama 3 call (a JSON object, maybe
-    after <|python_tag|>), the text is read as it grows (CallReader) and a call to one of `names` streams as a
-    forced one does; text that may be a call is never streamed as content, and an output whose objects call no
-    tool is content after all. `feed` gives what may go out now, `finish` the rest and the calls."""
+    a Hermes start tag on, or from the start of an output that opens like a call of a leading format (a Llama 3
+    JSON object, Mistral's JSON array, a pythonic list of calls; see leading_call), the text is read as it grows
+    (CallReader, PythonicCallReader) and a call to one of `names` streams as a forced one does; text that may be a
+    call is never streamed as content, and an output whose calls call no tool is content after all. `feed` gives
+    what may go out now, `finish` the rest and the calls."""
 
     def __init__(self, names: set[str], parser: str = "auto") -> None:
         self.names = names
-        formats = TOOL_CALL_FORMATS if parser == "auto" else (parser,)
-        self.hermes, self.llama = HERMES in formats, LLAMA3_JSON in formats
+        self.formats = TOOL_CALL_FORMATS if parser == "auto" else (parser,)
+        self.leading = any(f in self.formats for f in LEADING_FORMATS)
         self.text = ""
         self.sent = 0                             # characters of self.text streamed as content
-        self.reader: CallReader | None = None     # the text from where calls may begin
+        self.reader: CallReader | PythonicCallReader | None = None   # the text from where calls may begin
         self.tag_at = -1                          # where that is
         self.deltas = CallDeltas()
 
@@ -121,20 +133,22 @@ class AutoCallStream:
         if self.reader is not None:
             self.reader.feed(delta)
             return "", self.deltas.update(self._found())
-        if self.llama and not self.sent:   # only until content goes out: no copy of the whole text per delta after
+        if self.leading and not self.sent:   # only until content goes out: no copy of the whole text per delta after
             head = self.text.lstrip()
-            if head.startswith("{") or head.startswith(PYTHON_TAG):   # a Llama 3 call, maybe
-                self._read_from(0, 0)
+            opening = leading_call(head, self.formats)
+            if opening == TOO_EARLY:
+                return "", []
+            if opening is not None:
+                call_format, at = opening
+                self._read_from(0, len(self.text) - len(head) + at, call_format)
                 return "", self.deltas.update(self._found())
-            if not head or PYTHON_TAG.startswith(head[: len(PYTHON_TAG)]):
-                return "", []   # too early to tell
-        if not self.hermes:
+        if HERMES not in self.formats:
             content, self.sent = self.text[self.sent:], len(self.text)
             return content, []
         start = self.text.find(HERMES_START, self.sent)
         if start >= 0:
             content, self.sent = self.text[self.sent : start], start
-            self._read_from(start, len(HERMES_START))
+            self._read_from(start, len(HERMES_START), HERMES)
             return content, self.deltas.update(self._found())
         safe = before_partial_tag(self.text, self.sent, HERMES_START)
         content, self.sent = self.text[self.sent : safe], max(self.sent, safe)
@@ -149,13 +163,44 @@ class AutoCallStream:
         rest = self.text[self.sent : self.tag_at] if self.tag_at > self.sent else ""
         return rest, deltas, _tool_calls(found, self.deltas)
 
-    def _read_from(self, start: int, skip: int) -> None:
+    def _read_from(self, start: int, skip: int, call_format: str) -> None:
+        """Read calls of `call_format` from text[start + skip:]; text[start:] is no content if calls are found."""
         self.tag_at = start
-        self.reader = CallReader(depth=1)
+        self.reader = PythonicCallReader() if call_format == PYTHONIC else \
+            CallReader(depth=2 if call_format == MISTRAL else 1)
         self.reader.feed(self.text[start + skip:])
 
     def _found(self) -> list[tuple[str, str]]:
         return _calls_read(self.reader, self.names.__contains__, arguments_in_strings=True)
+
+
+def leading_call(head: str, formats: tuple[str, ...]) -> tuple[str, int] | str | None:
+    """How an output that begins with `head` (leading whitespace left out) opens: (the format of its calls, where
+    in `head` they begin) when like a call of one of `formats`, after one of LEADING_TAGS or not: a JSON object
+    (llama3_json), a JSON array of objects (mistral), a list of `name(` (pythonic); TOO_EARLY while it could
+    still become one; None when it cannot."""
+    tag = next((t for t in LEADING_TAGS if head.startswith(t)), "")
+    if not tag and any(t.startswith(head) for t in LEADING_TAGS):
+        return TOO_EARLY   # nothing yet, or a tag being written
+    body = head[len(tag):].lstrip()
+    at = len(head) - len(body)
+    if not body:
+        return TOO_EARLY
+    if body[0] == "{":
+        return (LLAMA3_JSON, at) if LLAMA3_JSON in formats else None
+    inner = body[1:].lstrip()
+    if body[0] != "[" or (inner and inner[0] != "{" and not inner[0].isidentifier()):
+        return None
+    if not inner:
+        return TOO_EARLY
+    if inner[0] == "{":
+        return (MISTRAL, at) if MISTRAL in formats else None
+    if PYTHONIC not in formats:
+        return None
+    after = inner[IDENTIFIER.match(inner).end():].lstrip()
+    if not after:
+        return TOO_EARLY
+    return (PYTHONIC, at) if after[0] == "(" else None
 
 
 def _tool_calls(found: list[tuple[str, str]], deltas: CallDeltas) -> list[ToolCall]:

@@ -85,11 +85,21 @@ def test_a_forced_call_cut_short_keeps_what_it_has() -> None:
     ('<|python_tag|>{"name": "get_time", "parameters": {"zone": "X"}}; '
      '{"name": "get_weather", "parameters": {"city": "Y"}}', "",
      [("get_time", {"zone": "X"}), ("get_weather", {"city": "Y"})]),
+    ('[{"name": "get_weather", "arguments": {"city": "A"}}, {"name": "get_time", "arguments": {"zone": "B"}}]', "",
+     [("get_weather", {"city": "A"}), ("get_time", {"zone": "B"})]),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {"zone": "B"}}]', "", [("get_time", {"zone": "B"})]),
+    ('[get_weather(city="Pa)ris", unit=\'C\'), get_time(zone="UTC")]', "",
+     [("get_weather", {"city": "Pa)ris", "unit": "C"}), ("get_time", {"zone": "UTC"})]),
+    ('<|python_start|>[get_time(zone="X")]<|python_end|>', "", [("get_time", {"zone": "X"})]),
+    ("[1, 2, 3] are the first numbers.", "[1, 2, 3] are the first numbers.", []),
+    ("[see below] for the answer", "[see below] for the answer", []),
+    ('[not_a_tool(x=1)]', '[not_a_tool(x=1)]', []),
+    ('[get_time(zone=unquoted)]', '[get_time(zone=unquoted)]', []),
     ('{"name": "not_a_tool", "parameters": {}}', '{"name": "not_a_tool", "parameters": {}}', []),
     ('<tool_call>{broken json</tool_call>', '<tool_call>{broken json</tool_call>', []),
     ("Just text, no call.", "Just text, no call.", []),
 ])
-def test_auto_calls_are_parsed_in_both_formats(text: str, content: str, expected: list) -> None:
+def test_auto_calls_are_parsed_in_every_format(text: str, content: str, expected: list) -> None:
     got_content, calls = tools.parse_calls(text, {"get_weather", "get_time"})
     assert got_content == content
     assert [(c.name, json.loads(c.arguments)) for c in calls] == expected
@@ -110,6 +120,11 @@ HERMES_TWO = ('Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": 
     "Plain text with a < sign and <tool_ not a call.",
     "<tool_call>{broken json</tool_call>",
     '{"not": "a call"}',
+    '[{"name": "get_weather", "arguments": {"city": "A"}}, {"name": "get_time", "arguments": {"zone": "B"}}]',
+    '[get_weather(city="Pa)ris", unit=\'C\'), get_time(zone="UTC")]',
+    '[get_weather(city="Paris"), get_time(zone=',   # cut short: the whole calls only
+    "[see below] for the answer",
+    "[TOOL_CALLS",
 ])
 def test_a_stream_sends_the_same_content_and_calls_as_the_whole_text(text: str) -> None:
     names = {"get_weather", "get_time"}
@@ -175,13 +190,41 @@ def test_tool_call_parser_limits_the_formats_found() -> None:
     names = {"get_time"}
     llama = '{"name": "get_time", "parameters": {"zone": "CET"}}'
     hermes = 'Sure. <tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+    mistral = '[{"name": "get_time", "arguments": {"zone": "CET"}}]'
+    pythonic = '[get_time(zone="CET")]'
     for parser, text, is_call in (("hermes", llama, False), ("hermes", hermes, True),
-                                  ("llama3_json", hermes, False), ("llama3_json", llama, True)):
+                                  ("llama3_json", hermes, False), ("llama3_json", llama, True),
+                                  ("llama3_json", mistral, False), ("mistral", mistral, True),
+                                  ("mistral", pythonic, False), ("pythonic", pythonic, True),
+                                  ("pythonic", llama, False)):
         content, calls = tools.parse_calls(text, names, parser)
         assert (content, [c.name for c in calls]) == (("Sure. " if parser == "hermes" else "", ["get_time"]) if is_call
                                                       else (text, [])), parser
     stream = tools.AutoCallStream(names, "hermes")   # not a Llama call: streams as content at once
     assert stream.feed(llama[:10]) == (llama[:10], [])
+
+
+def test_a_pythonic_call_goes_out_whole_at_its_closing_parenthesis() -> None:
+    text = '[get_weather(city="Paris", unit="C"), get_time(zone="UTC")]'
+    stream, streamed = tools.AutoCallStream({"get_weather", "get_time"}, "pythonic"), {}
+    for i, ch in enumerate(text):
+        content, deltas = stream.feed(ch)
+        assert content == ""
+        _collect(streamed, deltas)
+        assert len(streamed) == (i >= text.index(")")) + (i >= text.rindex(")")), text[: i + 1]
+    assert [json.loads(e["arguments"]) for _, e in sorted(streamed.items())] == \
+        [json.loads(c.arguments) for c in stream.finish()[2]] == [{"city": "Paris", "unit": "C"}, {"zone": "UTC"}]
+
+
+@pytest.mark.parametrize("head, opening", [
+    ("", tools.TOO_EARLY), ("<|pyth", tools.TOO_EARLY), ("<|python_tag|>", tools.TOO_EARLY),
+    ("<|python_tag|>{", ("llama3_json", 14)), ("{", ("llama3_json", 0)),
+    ("[", tools.TOO_EARLY), ("[TOOL", tools.TOO_EARLY), ("[TOOL_CALLS] [ {", ("mistral", 13)),
+    ("[ {", ("mistral", 0)), ("[get_weather", tools.TOO_EARLY), ("[get_weather (", ("pythonic", 0)),
+    ("[get weather(", None), ("[1", None), ("Hello", None), ("<tool_call>", None),
+])
+def test_how_an_output_opens_decides_the_format_of_its_calls(head: str, opening) -> None:
+    assert tools.leading_call(head, tools.TOOL_CALL_FORMATS) == opening
 
 
 def _collect(streamed: dict, deltas: list[dict]) -> None:
