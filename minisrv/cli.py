@@ -1,4 +1,4 @@
-"""The `minisrv` command: `serve` (its flags generated from the configs' fields) and `chat`.
+"""The `minisrv` command: `serve` and `run-batch` (their flags generated from the configs' fields) and `chat`.
 
 Every flag of `minisrv serve` comes from a field of EngineConfig or ServerConfig (minisrv/config.py):
 its name in dashes, the aliases vLLM and SGLang users know, its help, range and choices. Values are
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minisrv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     register_serve(sub)
+    register_run_batch(sub)
     register_chat(sub)
     return parser
 
@@ -165,27 +166,59 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p = _subcommand(subparsers, "serve", "start the OpenAI-compatible server",
                     "Serve a model over the OpenAI HTTP API (chat completions, completions and responses, SSE "
                     "streaming), plus /generate, /health and /metrics.")
+    add_server_flags(p)
+    p.set_defaults(run=run_serve)
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    """The model (positional or --model) and every setting's flag."""
     p.add_argument("model_tag", nargs="?", metavar="MODEL",
                    help="the model to serve, as --model gives it (`minisrv serve org/name`, as `vllm serve`)")
     groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
     add_config_flags(groups, EngineConfig)
     add_config_flags(groups, ServerConfig)
-    p.set_defaults(run=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from minisrv.runtime.launch import serve  # imports the engine stack; keep `minisrv --help` light
-
+def server_config_of(args: argparse.Namespace) -> ServerConfig | None:
+    """The settings `add_server_flags` parsed, or None after printing why they do not go together."""
     try:
         if args.model_tag is not None:
             if args.model not in (args.model_tag, DEFAULT_MODEL):
                 raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
             args.model = args.model_tag
-        config = server_config(args)
+        return server_config(args)
     except ValueError as exc:   # settings that contradict each other (each alone passed argparse)
-        print(f"minisrv serve: error: {exc}", file=sys.stderr)
-        return 2
-    return serve(config)
+        print(f"minisrv {args.command}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from minisrv.runtime.launch import serve  # imports the engine stack; keep `minisrv --help` light
+
+    config = server_config_of(args)
+    return 2 if config is None else serve(config)
+
+
+# --- run-batch ------------------------------------------------------------------------------------------
+
+def register_run_batch(subparsers: argparse._SubParsersAction) -> None:
+    p = _subcommand(subparsers, "run-batch", "answer a file of requests in OpenAI's batch format, offline",
+                    "Run every request of a JSONL file in OpenAI's batch format (one {custom_id, method, url, body} "
+                    "a line; /v1/chat/completions, /v1/completions, /v1/responses) through the server's engine and "
+                    "routes, without HTTP, and write one {id, custom_id, response, error} line per request, in the "
+                    "input's order, as `vllm run-batch` does. The flags are `minisrv serve`'s (those of HTTP "
+                    "itself do nothing here).")
+    p.add_argument("-i", "--input-file", required=True, help="the requests, one JSON object a line ('-': stdin)")
+    p.add_argument("-o", "--output-file", required=True, help="where the answers go ('-': stdout)")
+    add_server_flags(p)
+    p.set_defaults(run=run_batch_command)
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    from minisrv.runtime.batch import run_batch
+
+    config = server_config_of(args)
+    return 2 if config is None else run_batch(config, args.input_file, args.output_file)
 
 
 # --- chat -----------------------------------------------------------------------------------------------

@@ -58,8 +58,10 @@ def check_config(config: ServerConfig) -> None:
         check_tls(config)
 
 
-def serve(config: ServerConfig) -> int:
-    """Run the server until a signal or a worker's death; the process exit code."""
+def serve(config: ServerConfig, command: str = "serve",
+          supervisor: Callable[[ServerConfig, Pipeline], Supervisor] | None = None, serve_http: bool = True) -> int:
+    """Run the server until a signal or a worker's death; the process exit code. `minisrv run-batch` runs the same
+    workers under a supervisor of its own (minisrv/runtime/batch.py), without HTTP."""
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {'api-server' if config.engine.node_rank == 0 else 'node'} "
                                "%(levelname)s %(message)s")
@@ -73,7 +75,7 @@ def serve(config: ServerConfig) -> int:
         check_vocabulary(source)
         defaults = request_defaults(config, source)   # the API server processes read the same file again
     except ValueError as exc:
-        print(f"minisrv serve: error: {exc}", file=sys.stderr)
+        print(f"minisrv {command}: error: {exc}", file=sys.stderr)
         return 2
     if defaults:
         logger.info("a request's sampling options default to the model's generation_config.json: %s", defaults)
@@ -83,24 +85,26 @@ def serve(config: ServerConfig) -> int:
         return serve_node(config.engine, source)
     import uvloop
 
-    return uvloop.run(_serve(config, source))
+    return uvloop.run(_serve(config, source, command, supervisor or Supervisor, serve_http))
 
 
-async def _serve(config: ServerConfig, source: ModelSource) -> int:
+async def _serve(config: ServerConfig, source: ModelSource, command: str,
+                 supervisor: Callable[[ServerConfig, Pipeline], Supervisor], serve_http: bool) -> int:
     from minisrv.runtime.pipeline import Pipeline
 
     try:
-        pipeline = Pipeline(config, source)
+        pipeline = Pipeline(config, source, serve_http=serve_http)
     except ValueError as exc:   # the address cannot be bound
-        print(f"minisrv serve: error: {exc}", file=sys.stderr)
+        print(f"minisrv {command}: error: {exc}", file=sys.stderr)
         return 2
-    return await serve_pipeline(config, pipeline)
+    return await serve_pipeline(config, pipeline, supervisor)
 
 
-async def serve_pipeline(config: ServerConfig, pipeline: Pipeline) -> int:
+async def serve_pipeline(config: ServerConfig, pipeline: Pipeline,
+                         supervisor: Callable[[ServerConfig, Pipeline], Supervisor] | None = None) -> int:
     """Serve HTTP over `pipeline` until a signal or a worker's death (bench/pipeline.py brings its own)."""
     try:
-        return await Supervisor(config, pipeline).run()
+        return await (supervisor or Supervisor)(config, pipeline).run()
     finally:
         pipeline.unlink()   # idempotent; covers an exception before the workers were even started
 
@@ -161,12 +165,7 @@ class Supervisor:
             self.client.start(on_failure=self.fail)
             app = build_app(self.client, self.config, self.pipeline.prompt_tokenizer,
                             request_defaults(self.config, self.pipeline.source))
-            http = start_http(app, self.config, self.shutdown, self.pipeline.listeners[0], self.on_http_done)
-            await self.until_ready()
-            watchdog = self.loop.create_task(self.watch_heartbeats())
-            await self.shutdown.wait()
-            watchdog.cancel()
-            await finish_http(http)
+            await self.work(app)
         finally:
             self.stopping = True
             for worker in self.pipeline.workers:
@@ -176,16 +175,27 @@ class Supervisor:
             self.pipeline.close()
         return self.exit_code
 
-    async def until_ready(self) -> None:
+    async def work(self, app: Starlette) -> None:
+        """Serve HTTP until the shutdown event (a signal, a worker's death); the workers are starting."""
+        http = start_http(app, self.config, self.shutdown, self.pipeline.listeners[0], self.on_http_done)
         started = time.monotonic()
+        if await self.until_ready():
+            logger.info("serving %s at %s (ready in %.1f s)", self.client.model_name, self.config.url,
+                        time.monotonic() - started)
+        watchdog = self.loop.create_task(self.watch_heartbeats())
+        await self.shutdown.wait()
+        watchdog.cancel()
+        await finish_http(http)
+
+    async def until_ready(self) -> bool:
+        """Wait for every worker to be ready (True), or for the shutdown event (False)."""
         while not self.pipeline.all_ready():
             if self.shutdown.is_set():
-                return
+                return False
             await asyncio.sleep(READY_POLL_S)
         self.pipeline.unlink()   # every process has attached by now (workers attach before loading anything)
         self.client.mark_ready(self.pipeline.status.model())
-        logger.info("serving %s at %s (ready in %.1f s)", self.client.model_name, self.config.url,
-                    time.monotonic() - started)
+        return True
 
     async def watch_heartbeats(self) -> None:
         """/health says 503 while a worker's heartbeat is late; past --watchdog-timeout the server goes down."""

@@ -61,11 +61,12 @@ class Pipeline:
 
     `source` is the model, resolved once by the launcher (so the embedded model is fetched by one process).
     `channels` carry the records: shared-memory rings; bench/pipeline.py swaps in ZeroMQ to compare.
-    The listening sockets are bound here too, first: a port in use is a ValueError before anything starts."""
+    The listening sockets are bound here too (unless not `serve_http`), first: a port in use is a ValueError before
+    anything starts."""
 
     def __init__(self, config: ServerConfig, source: ModelSource, capacities: RingCapacities = RingCapacities(),
                  make_engine: Callable[[EngineConfig, ModelSource], object] = scheduler_process.load_engine,
-                 channels: Channels | None = None) -> None:
+                 channels: Channels | None = None, serve_http: bool = True) -> None:
         self.config = config
         self.source = source
         self.make_engine = make_engine   # picklable (a module-level function): it travels to the scheduler
@@ -74,7 +75,8 @@ class Pipeline:
             logger.info("removed %d shared-memory names left by a server that was killed while it started",
                         len(removed))
         self.api_server_count = num_api = config.resolved_api_server_count()
-        self.listeners = listen_sockets(config, num_api)   # one per API server process
+        # One per API server process; none for `minisrv run-batch`, which answers through the app in process.
+        self.listeners = listen_sockets(config, num_api) if serve_http else []
         self.channels = channels = channels or RingChannels()
         engine, num_tok = config.engine, config.resolved_num_tokenizers()
         replicas, local_ranks = range(engine.dp_size), engine.ranks_per_node
