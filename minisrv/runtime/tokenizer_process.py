@@ -9,7 +9,6 @@ every replica (the others ignore a request they do not have), and so does a FLUS
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 
@@ -23,7 +22,7 @@ from minisrv.scheduler.scheduler import prompt_leaves_no_room
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer, load_prompt_tokenizer
 from minisrv.wire.records import (Abort, DetokenizeRequest, Error, FlushCache, PromptRequest, Shutdown,
                                   TokenizedRequest)
-from minisrv.wire.terms import choice_rid, choice_seed, unpack_template_value
+from minisrv.wire.terms import choice_rid, choice_seed
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class TokenizerLoop:
 
     def handle(self, req: PromptRequest) -> None:
         try:
-            prompt_ids = self.token_ids(req)
+            prompt_ids = self.prompts.request_token_ids(req)
         except PromptError as exc:
             self.to_detokenizer.send(Error(choice_rid(req.rid, 0), 400, str(exc)))
             return
@@ -125,38 +124,9 @@ class TokenizerLoop:
             self.router.observe(replica, self.status.stats(replica))
         return self.router.route(prompt_ids, choices)
 
-    def token_ids(self, req: PromptRequest) -> list[int]:
-        if req.messages is not None:
-            kwargs = {name: unpack_template_value(value)
-                      for name, value in zip(req.template_kwarg_names, req.template_kwarg_values)}
-            return self.prompts.token_ids(req.messages, is_chat=True, add_generation_prompt=req.add_generation_prompt,
-                                          continue_final_message=req.continue_final_message, template_kwargs=kwargs,
-                                          tools=json.loads(req.tools) if req.tools else None,
-                                          message_extras=message_extras(req))
-        if req.prompt_ids is not None:
-            return req.prompt_ids.tolist()
-        return self.prompts.token_ids(req.text, is_chat=False)
-
     def close(self) -> None:
         for channel in (self.requests, *self.to_schedulers, self.to_detokenizer):
             channel.close()
-
-
-def message_extras(req: PromptRequest) -> list[dict] | None:
-    """What each chat message adds for the template beyond role and content: tool_calls, tool_call_id."""
-    if not req.message_tool_calls:
-        return None
-    if len(req.message_tool_calls) != len(req.messages):
-        raise PromptError(f"{len(req.message_tool_calls)} tool-call entries for {len(req.messages)} messages")
-    extras = []
-    for calls, call_id in zip(req.message_tool_calls, req.message_tool_call_ids):
-        extra: dict = {}
-        if calls:
-            extra["tool_calls"] = json.loads(calls)
-        if call_id:
-            extra["tool_call_id"] = call_id
-        extras.append(extra)
-    return extras
 
 
 def main(info: WorkerInfo, source: ModelSource, chat_template: str | None, channels: TokenizerChannels,

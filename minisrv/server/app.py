@@ -34,9 +34,10 @@ from starlette.routing import Route
 
 from minisrv.config import ServerConfig
 from minisrv.sampling_params import SamplingParams
-from minisrv.server import response_items, responses, responses_api, sglang
+from minisrv.server import message_blocks, messages_api, response_items, responses, responses_api, sglang
 from minisrv.server.engine_handle import EngineHandle, RequestError
-from minisrv.server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
+from minisrv.server.errors import (APIError, ErrorBody, handle_api_error, handle_http_exception,
+                                   handle_unexpected)
 from minisrv.server import connections
 from minisrv.server.connections import Connections, default_limit
 from minisrv.server.metrics import ServerMetrics
@@ -69,11 +70,12 @@ async def client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)   # nginx's "client closed request"; logged at debug where it is noticed
 
 
-def route(path: str, endpoint: Callable, methods: list[str], body_schema: type | tuple[type, ...] | None = None
-          ) -> Route:
-    """A route; `body_schema` is the pydantic model of its JSON body (a tuple: one of them), for /openapi.json."""
+def route(path: str, endpoint: Callable, methods: list[str], body_schema: type | tuple[type, ...] | None = None,
+          error_schema: type = ErrorBody) -> Route:
+    """A route; `body_schema` is the pydantic model of its JSON body (a tuple: one of them), `error_schema` that of
+    its error bodies, for /openapi.json."""
     declared = Route(path, endpoint, methods=methods)
-    declared.body_schema = body_schema
+    declared.body_schema, declared.error_schema = body_schema, error_schema
     return declared
 
 
@@ -112,6 +114,10 @@ class ApiRoutes:
             route("/v1/chat/completions", self.chat_completions, ["POST"], ChatCompletionRequest),
             route("/v1/completions", self.completions, ["POST"], CompletionRequest),
             route("/v1/responses", self.create_response, ["POST"], responses_api.ResponsesRequest),
+            route("/v1/messages", self.create_message, ["POST"], messages_api.MessagesRequest,
+                  messages_api.AnthropicErrorBody),
+            route("/v1/messages/count_tokens", self.count_message_tokens, ["POST"], messages_api.CountTokensRequest,
+                  messages_api.AnthropicErrorBody),
             route("/v1/responses/{response_id}", self.stored_response, ["GET", "DELETE"]),
             route("/v1/responses/{response_id}/cancel", self.stored_response, ["POST"]),
             route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest),
@@ -197,6 +203,33 @@ class ApiRoutes:
                                        collector=partial(response_items.whole_response, req))
         except APIError as exc:   # named as the chat request it became: renamed as the client sent it
             raise responses_api.renamed_error(exc) from None
+
+    async def create_message(self, request: Request) -> Response:
+        """Anthropic's Messages API: the chat request it stands for (messages_api.py), answered as content blocks
+        (message_blocks.py); errors in Anthropic's shape."""
+        try:
+            self._authorize(request, anthropic=True)
+            req = parse_request(messages_api.MessagesRequest, await read_body(request, self.config.body_read_timeout))
+            self._log_ignored(req.ignored_fields())
+            ctx, prompt = await self._chat(req.to_chat_request(), request, "msg")
+            return await self._respond(request, ctx, [prompt], req.stream, partial(message_blocks.message_stream, req),
+                                       collector=partial(message_blocks.whole_message, req))
+        except APIError as exc:
+            return messages_api.error_response(messages_api.renamed_error(exc))
+
+    async def count_message_tokens(self, request: Request) -> Response:
+        """Anthropic's count_tokens: the prompt's tokens as the chat template renders it, tools included."""
+        try:
+            self._authorize(request, anthropic=True)
+            req = parse_request(messages_api.CountTokensRequest, await read_body(request,
+                                                                                 self.config.body_read_timeout))
+            chat = req.to_chat_request()
+            self._check_model(chat.model)
+            prompt = chat.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, None,
+                                            self.request_defaults)
+            return json_response({"input_tokens": len(await self.tokenization.request_token_ids(prompt))})
+        except APIError as exc:
+            return messages_api.error_response(messages_api.renamed_error(exc))
 
     async def stored_response(self, request: Request) -> Response:
         """Retrieving, deleting or cancelling a response: none is stored, a 404 saying so."""
@@ -328,15 +361,18 @@ class ApiRoutes:
             raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
         return grammar
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request, anthropic: bool = False) -> None:
+        """`anthropic`: the key may come as Anthropic's SDK sends it, in X-Api-Key, too."""
         if self._api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if anthropic and "x-api-key" in request.headers:
+            scheme, token = "bearer", request.headers["x-api-key"]
         # Headers arrive decoded as latin-1; re-encoding gives back the bytes the client sent.
         given = token.strip().encode("latin-1")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._api_key):
-            raise APIError(401, "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(401, "missing or wrong API key; send it as 'Authorization: Bearer <key>'"
+                           + (" or 'X-Api-Key: <key>'" if anthropic else ""), code="invalid_api_key")
 
     def _check_ready(self) -> None:
         # Before the workers report, the model's name and context length are not known: no card with blanks.

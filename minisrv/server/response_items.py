@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 
 from minisrv.server.engine_handle import OutputDelta, RequestError
 from minisrv.server.errors import error_body
-from minisrv.server.responses import ChatChoiceReader
+from minisrv.server.responses import ChatChoiceReader, StreamEvents
 from minisrv.server.responses_api import ResponsesRequest
 from minisrv.server.streams import ChoiceDelta, ResponseContext, chat_logprobs, sse_event
 
@@ -24,17 +24,17 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class OutputItems:
+class OutputItems(StreamEvents):
     """One choice's output items while its deltas arrive, and the stream events that tell each change (kept
     only when `streaming`)."""
 
     def __init__(self, ctx: ResponseContext, logprobs: bool, streaming: bool) -> None:
+        super().__init__(streaming)
         self.reader = ChatChoiceReader(ctx)
-        self.ctx, self.logprobs, self.streaming = ctx, logprobs, streaming
+        self.ctx, self.logprobs = ctx, logprobs
         self.items: list[dict] = []
         self.open: int | None = None       # output index of the item being written
         self.calls: dict[int, int] = {}    # tool_calls delta index -> output index
-        self.events: list[tuple[str, dict]] = []
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
 
@@ -121,13 +121,6 @@ class OutputItems:
                         part=dict(part))
         self._event("response.output_item.done", output_index=index, item=item)
 
-    def _event(self, kind: str, **fields: Any) -> None:
-        if self.streaming:
-            self.events.append((kind, fields))
-
-    def take_events(self) -> list[tuple[str, dict]]:
-        events, self.events = self.events, []
-        return events
 
 
 def response_body(req: ResponsesRequest, ctx: ResponseContext, output: OutputItems | None) -> dict:

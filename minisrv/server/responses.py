@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import aclosing
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from minisrv.server import tools
 from minisrv.server.engine_handle import OutputDelta, RequestError
@@ -94,6 +94,23 @@ def chat_completion(ctx: ResponseContext, results: list[ChoiceResult]) -> dict:
     if ctx.prompt_logprobs is not None:   # vLLM's: one list for the response (its choices share the prompt)
         body["prompt_logprobs"] = prompt_logprobs_of(results[0].prompt_logprobs, ctx.prompt_logprobs)
     return body
+
+
+class StreamEvents:
+    """The events telling each change of an answer built from a choice's deltas, kept only when `streaming` (a
+    whole answer needs none): /v1/responses' output items and /v1/messages' content blocks."""
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+        self.events: list[tuple[str, dict]] = []
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.streaming:
+            self.events.append((kind, fields))
+
+    def take_events(self) -> list[tuple[str, dict]]:
+        events, self.events = self.events, []
+        return events
 
 
 class ChatChoiceReader:

@@ -234,23 +234,32 @@ _CHAT_FIELDS = (("max_completion_tokens", "max_output_tokens"),
 
 def renamed_error(exc: APIError) -> APIError:
     """`exc` naming the field of the Responses request that a field of its chat request came from."""
-    chat, ours = exc.param, _responses_param(exc.param)
-    if chat is not None and ours != chat:
-        exc.param = ours
+    return renamed_param(exc, "input", _CHAT_FIELDS)
+
+
+def renamed_param(exc: APIError, messages: str, fields: tuple[tuple[str, str], ...],
+                  tool_fields: dict[str, str] | None = None) -> APIError:
+    """`exc` naming, instead of a field of the chat request that a request of another API became, the field it
+    came from (errors name what was sent): `messages` for any message (the other API's items or messages do not
+    map one to one to chat messages), a tool's function fields as the tool's own (renamed by `tool_fields`), and
+    `fields`' (chat, theirs) prefixes."""
+    chat, theirs = exc.param, _their_param(exc.param, messages, fields, tool_fields or {})
+    if chat is not None and theirs != chat:
+        exc.param = theirs
         if exc.message.startswith(chat):
-            exc.message = ours + exc.message[len(chat):]
+            exc.message = theirs + exc.message[len(chat):]
     return exc
 
 
-def _responses_param(param: str | None) -> str | None:
-    """The Responses request's name for a field of the chat request it became (errors name what was sent)."""
+def _their_param(param: str | None, messages: str, fields: tuple[tuple[str, str], ...],
+                 tool_fields: dict[str, str]) -> str | None:
     if param is None:
         return None
     if param == "messages" or param.startswith("messages."):
-        return "input"
-    if match := re.fullmatch(r"tools\.(\d+)\.function\.(.+)", param):
-        return f"tools.{match[1]}.{match[2]}"
-    for chat, ours in _CHAT_FIELDS:
+        return messages
+    if match := re.fullmatch(r"tools\.(\d+)\.function\.([^.]+)(.*)", param):
+        return f"tools.{match[1]}.{tool_fields.get(match[2], match[2])}{match[3]}"
+    for chat, theirs in fields:
         if param == chat or param.startswith(chat + "."):
-            return ours + param[len(chat):]
+            return theirs + param[len(chat):]
     return param

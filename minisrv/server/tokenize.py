@@ -13,6 +13,7 @@ from typing import Callable
 from minisrv.server.errors import APIError
 from minisrv.server.protocol import ChatMessage, Schema, TokenId, chat_turns, check_token_ids
 from minisrv.tokenizer.prompts import PromptError, PromptTokenizer
+from minisrv.wire.records import PromptRequest
 
 
 class TokenizeCompletionRequest(Schema):
@@ -60,6 +61,14 @@ class Tokenization:
         except PromptError as exc:
             raise APIError(400, str(exc), "messages") from exc
         return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": None}
+
+    async def request_token_ids(self, req: PromptRequest) -> list[int]:
+        """The token ids a tokenizer worker would make of `req`'s prompt (tools and tool calls included)."""
+        prompts = await self.prompts()
+        try:
+            return await asyncio.to_thread(prompts.request_token_ids, req)
+        except PromptError as exc:
+            raise APIError(400, str(exc), "messages") from exc
 
     async def detokenize(self, req: DetokenizeRequest, vocab_size: int) -> dict:
         check_token_ids(req.tokens, vocab_size, "tokens")

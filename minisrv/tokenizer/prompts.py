@@ -1,10 +1,14 @@
 """Prompt rendering and tokenization: chat template (the model's or --chat-template), then token ids."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jinja2 import TemplateError
+
+from minisrv.wire.records import PromptRequest
+from minisrv.wire.terms import unpack_template_value
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,6 +80,37 @@ class PromptTokenizer:
         if isinstance(prompt, str):
             return self.encode_text(prompt, rendered_chat=False)
         return list(prompt)
+
+    def request_token_ids(self, req: PromptRequest) -> list[int]:
+        """The token ids of a request's prompt, as it came from the API server (chat messages with their tools,
+        template arguments and tool calls, text, or ids)."""
+        if req.messages is not None:
+            kwargs = {name: unpack_template_value(value)
+                      for name, value in zip(req.template_kwarg_names, req.template_kwarg_values)}
+            return self.token_ids(req.messages, is_chat=True, add_generation_prompt=req.add_generation_prompt,
+                                  continue_final_message=req.continue_final_message, template_kwargs=kwargs,
+                                  tools=json.loads(req.tools) if req.tools else None,
+                                  message_extras=message_extras(req))
+        if req.prompt_ids is not None:
+            return req.prompt_ids.tolist()
+        return self.token_ids(req.text, is_chat=False)
+
+
+def message_extras(req: PromptRequest) -> list[dict] | None:
+    """What each chat message adds for the template beyond role and content: tool_calls, tool_call_id."""
+    if not req.message_tool_calls:
+        return None
+    if len(req.message_tool_calls) != len(req.messages):
+        raise PromptError(f"{len(req.message_tool_calls)} tool-call entries for {len(req.messages)} messages")
+    extras = []
+    for calls, call_id in zip(req.message_tool_calls, req.message_tool_call_ids):
+        extra: dict = {}
+        if calls:
+            extra["tool_calls"] = json.loads(calls)
+        if call_id:
+            extra["tool_call_id"] = call_id
+        extras.append(extra)
+    return extras
 
 
 def load_prompt_tokenizer(source: ModelSource, chat_template: str | None) -> PromptTokenizer:

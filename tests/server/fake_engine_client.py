@@ -39,12 +39,19 @@ def reply_for(inp: PromptRequest, choice: int) -> str:
 def expected_text(inp: PromptRequest, choice: int, max_tokens: int) -> tuple[str, str]:
     """A choice's whole output text and finish reason."""
     text, reason = reply_for(inp, choice), "stop"
-    hits = [i for i in (text.find(s) for s in inp.stop) if i >= 0]
-    if hits:
-        text = text[: min(hits)]
+    matched = _matched_stop(inp, text)
+    if matched is not None:
+        start, stop = matched
+        text = text[: start + len(stop)] if inp.include_stop_str_in_output else text[:start]
     if len(text) > max_tokens:
         text, reason = text[:max_tokens], "length"
     return text, reason
+
+
+def _matched_stop(inp: PromptRequest, text: str) -> tuple[int, str] | None:
+    """(where, which) of the stop string that starts first in `text`, as the detokenizer finds it."""
+    hits = [(i, s) for i, s in ((text.find(s), s) for s in inp.stop) if i >= 0]
+    return min(hits, key=lambda hit: hit[0]) if hits else None
 
 
 class FakeEngineClient:
@@ -101,10 +108,11 @@ class FakeEngineClient:
                         continue
                     last = step == len(text) - 1
                     echo = prompt if (inp.echo and step == 0) else ""
-                    char = text[step]
+                    piece = text[step]
+                    token = piece[-1:] or " "   # a whole stop string: its last character's token
                     yield OutputDelta(
-                        index=c, text=echo + char, token_ids=[ord(char or " ")],
-                        logprobs=self._logprobs(char or " ", params.logprobs),
+                        index=c, text=echo + piece, token_ids=[ord(token)],
+                        logprobs=self._logprobs(token, params.logprobs),
                         finish_reason=reason if last else None, num_prompt_tokens=len(prompt),
                         num_cached_tokens=len(prompt) // 2 if c else 0, num_output_tokens=step + 1,
                         emitted_ns=time.monotonic_ns(),
@@ -117,9 +125,14 @@ class FakeEngineClient:
 
     @staticmethod
     def _choice_output(inp: PromptRequest, choice: int, max_tokens: int) -> tuple[list[str], str]:
-        """One character per step; a stop string at the very start still costs one (textless) token."""
+        """One character per step; a stop string at the very start still costs one (textless) token. A stop string
+        kept in the output comes whole in the last step, as the detokenizer holds back what may begin one."""
         text, reason = expected_text(inp, choice, max_tokens)
-        return (list(text) or [""]), reason
+        pieces = list(text) or [""]
+        matched = _matched_stop(inp, text) if inp.include_stop_str_in_output and reason == "stop" else None
+        if matched is not None and len(matched[1]) > 1:
+            pieces = pieces[: -len(matched[1])] + [matched[1]]
+        return pieces, reason
 
     @staticmethod
     def _logprobs(char: str, top: int | None) -> list[TokenLogprob] | None:

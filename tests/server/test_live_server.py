@@ -681,3 +681,34 @@ def test_responses_api_answers_as_chat_does(sdk, model) -> None:
         {"role": "user", "content": "What is the weather in Paris?"}, call.model_dump(),
         {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}])
     assert answer.status in ("completed", "incomplete") and answer.output
+
+
+def test_anthropic_messages_api_answers_as_chat_does(server, sdk, model) -> None:
+    """/v1/messages renders the same prompt as chat: the same greedy text, whole and streamed, the input tokens
+    count_tokens counts; a forced tool use follows the tool's schema and goes back with its result."""
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=120)
+    chat = sdk.chat.completions.create(model=model, messages=[{"role": "system", "content": "Be brief."},
+                                                               *chat_messages("Name a colour.")],
+                                       max_tokens=12, **GREEDY)
+    kwargs = dict(model=model, system="Be brief.", messages=chat_messages("Name a colour."), max_tokens=12,
+                  extra_body=GREEDY)
+    whole = claude.messages.create(**kwargs)
+    assert whole.content[0].text == chat.choices[0].message.content
+    assert whole.usage.input_tokens + whole.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    with claude.messages.stream(**kwargs) as stream:
+        assert "".join(stream.text_stream) == whole.content[0].text
+    counted = claude.messages.count_tokens(model=model, system="Be brief.", messages=chat_messages("Name a colour."))
+    assert counted.input_tokens == chat.usage.prompt_tokens
+    tool = {"name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
+            "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    forced = claude.messages.create(model=model, messages=chat_messages("What is the weather in Paris?"),
+                                    tools=[tool], tool_choice={"type": "tool", "name": "get_weather"},
+                                    max_tokens=60, extra_body=GREEDY)
+    (use,) = forced.content
+    assert use.type == "tool_use" and use.name == "get_weather" and set(use.input) == {"city", "unit"}
+    answer = claude.messages.create(model=model, tools=[tool], max_tokens=16, extra_body=GREEDY, messages=[
+        *chat_messages("What is the weather in Paris?"), {"role": "assistant", "content": forced.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": '{"temp": 21}'}]}])
+    assert answer.stop_reason in ("end_turn", "max_tokens") and answer.content

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hf_tiny import tiny_config
+from tests.models.hf_tiny import tiny_config
 
 from minisrv.config import EngineConfig
 from minisrv.models.source import resolve_source
