@@ -27,7 +27,6 @@ import gc
 import json
 import multiprocessing
 import os
-import platform
 import tempfile
 import threading
 import time

@@ -17,7 +17,6 @@ import asyncio
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 from llguidance import LLMatcher
 from llguidance.gbnf_to_lark import gbnf_to_lark

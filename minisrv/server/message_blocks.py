@@ -9,7 +9,7 @@ import dataclasses
 import json
 import logging
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from minisrv.server.engine_handle import OutputDelta, RequestError
 from minisrv.server.messages_api import AnthropicErrorDetail, MessagesRequest, error_type

@@ -9,7 +9,7 @@ import itertools
 import logging
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from minisrv.server.engine_handle import OutputDelta, RequestError
 from minisrv.server.errors import error_body

@@ -5,7 +5,6 @@ import json
 import random
 
 import pytest
-from llguidance import LLMatcher
 
 from minisrv.server import tools
 from tests.test_structured_output import accepts
