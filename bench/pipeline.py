@@ -65,7 +65,7 @@ class NullEngine:
         self._metrics = RequestMetrics()   # never observed: the pipeline is what this benchmark measures
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams, grammar=None,
-                    arrival: float | None = None) -> None:
+                    arrival: float | None = None, priority: int = 0) -> None:
         self.requests[rid] = (len(prompt_ids), params.max_tokens or 16, [])
 
     def abort(self, rid: int) -> RequestOutput | None:

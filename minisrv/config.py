@@ -134,6 +134,11 @@ class EngineConfig:
         help="replay decode steps as CUDA graphs, one per batch-size bucket (CUDA kernels only)")
     cuda_graph_max_bs: int = setting(
         256, group="engine", range=Range(1), help="largest decode batch with a CUDA graph (rounded up to a bucket)")
+    scheduling_policy: str = setting(
+        "fcfs", group="engine", choices=("fcfs", "priority"),
+        help="which waiting request runs first: the earliest (fcfs), or the one of the lowest `priority` value, then "
+             "the earliest (priority, vLLM's: a request's priority field is taken, and the running request of the "
+             "highest value, then the latest, is preempted first when memory runs short)")
     overlap_schedule: bool = setting(
         True, group="engine", negative_flags=("--disable-overlap", "--disable-overlap-schedule"),
         help="on CUDA, schedule and prepare step N+1 while the GPU runs step N")

@@ -36,7 +36,7 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args) -> None:
         self._ranks: TensorParallelRanks | None = None   # first: __del__ runs even when __init__ fails
-        config = EngineConfig(model=model, **engine_args)
+        self.config = config = EngineConfig(model=model, **engine_args)
         self.source = resolve_source(config)
         check_vocabulary(self.source)
         if config.tp_size > 1:
@@ -62,19 +62,26 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[GenerationOutput]:
-        """Text prompts are tokenized as they are (no chat template); token-id prompts pass through."""
+        """Text prompts are tokenized as they are (no chat template); token-id prompts pass through. `priority`:
+        one per prompt, lower first (vLLM's), with scheduling_policy="priority"."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # a single prompt
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(priorities)} priorities")
+        if any(priorities) and self.config.scheduling_policy != "priority":
+            raise ValueError("priority: needs scheduling_policy='priority' (the default, fcfs, runs requests in order)")
         outputs: dict[int, GenerationOutput] = {}
         order: list[int] = []
-        for prompt, p in zip(prompts, params_list):
+        for prompt, p, rank in zip(prompts, params_list, priorities):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
             rid, self._next_rid = self._next_rid, self._next_rid + 1
-            self.engine.add_request(rid, ids, p)
+            self.engine.add_request(rid, ids, p, priority=rank)
             outputs[rid] = GenerationOutput(prompt_token_ids=ids)
             order.append(rid)
         bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)

@@ -63,16 +63,17 @@ class LLMEngine:
         self.last_batch: ScheduledBatch | None = None   # what the last step scheduled (tensor-parallel ranks compare it)
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams,
-                    grammar: RequestGrammar | None = None, arrival: float | None = None) -> None:
+                    grammar: RequestGrammar | None = None, arrival: float | None = None, priority: int = 0) -> None:
         """Queue a request; raises ValueError (with a message fit for a client) when it is invalid. A request
         with params.grammar has it compiled here, unless the caller compiled it already (compile_grammar).
-        `arrival`: when it reached the server (time.monotonic()), for the latency metrics; default now."""
+        `arrival`: when it reached the server (time.monotonic()), for the latency metrics; default now.
+        `priority`: under --scheduling-policy priority, lower values run first."""
         if params.grammar is not None and grammar is None:
             grammar = self.compile_grammar(params.grammar)
         seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
         times = RequestTimes(time.monotonic() if arrival is None else arrival)
         self.scheduler.add_request(Request(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed,
-                                           grammar=grammar, times=times))
+                                           grammar=grammar, times=times, priority=priority))
 
     def compile_grammar(self, grammar: str) -> RequestGrammar:
         """A request's matcher for `grammar` (ValueError if it cannot be used); safe to call from another thread."""

@@ -191,7 +191,7 @@ class SchedulerLoop:
     def add(self, req: TokenizedRequest, grammar: RequestGrammar | None = None) -> None:
         try:
             self.engine.add_request(req.rid, req.prompt_ids.tolist(), req.params, grammar,
-                                    req.arrival_ns / 1e9 if req.arrival_ns else None)
+                                    req.arrival_ns / 1e9 if req.arrival_ns else None, req.priority)
         except ValueError as exc:
             self.refuse(req, exc)
 

@@ -132,11 +132,12 @@ class TPLeader:
             followers.send(record)
 
     def add_request(self, rid: int, prompt_ids: Sequence[int], params: SamplingParams,
-                    grammar: RequestGrammar | None = None, arrival: float | None = None) -> None:
+                    grammar: RequestGrammar | None = None, arrival: float | None = None, priority: int = 0) -> None:
         """The other ranks compile the request's grammar themselves, when its record reaches them: every rank
         then admits it at the same step."""
-        self._send(TokenizedRequest(rid, params, list(prompt_ids)))
-        self.engine.add_request(rid, prompt_ids, params, grammar, arrival)   # a ValueError: on every rank alike
+        self._send(TokenizedRequest(rid, params, list(prompt_ids), priority=priority))
+        # A ValueError: on every rank alike.
+        self.engine.add_request(rid, prompt_ids, params, grammar, arrival, priority)
 
     def compile_grammar(self, grammar: str) -> RequestGrammar:
         return self.engine.compile_grammar(grammar)
@@ -197,7 +198,8 @@ class FollowerLoop:
                     self._digest = step_digest(self.engine, self.engine.step())
                 elif isinstance(record, TokenizedRequest):
                     try:
-                        self.engine.add_request(record.rid, record.prompt_ids.tolist(), record.params)
+                        self.engine.add_request(record.rid, record.prompt_ids.tolist(), record.params,
+                                                priority=record.priority)
                     except ValueError:
                         pass   # rank 0 refused it too, and told the client
                 elif isinstance(record, Abort):

@@ -95,7 +95,7 @@ class TokenizerLoop:
             params = req.params
             self.to_schedulers[self.replica_for(prompt_ids, req.n)].send_many(
                 TokenizedRequest(choice_rid(req.rid, i), replace(params, seed=choice_seed(params.seed, i)),
-                                 prompt_ids, req.arrival_ns)
+                                 prompt_ids, req.arrival_ns, req.priority)
                 for i in range(req.n))
         except RecordTooLarge as exc:   # a context too long for the rings: refuse it, never die of it
             for i in range(req.n):

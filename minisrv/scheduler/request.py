@@ -58,6 +58,8 @@ class Request:
     grammar: TokenConstraint | None = None      # params.grammar, compiled: its state follows output_ids
     times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
     num_prompt_logprobs: int = 0                # prompt tokens whose logprobs went out (params.prompt_logprobs)
+    priority: int = 0                           # --scheduling-policy priority: lower values run first
+    arrival_order: int = 0                      # set by Scheduler.add_request: ties of priority go by it
 
     @property
     def wants_prompt_logprobs(self) -> bool:

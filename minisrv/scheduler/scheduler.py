@@ -12,17 +12,18 @@ finish (max_tokens, the context length) is not scheduled again. One whose in-fli
 stop it has computed one row for nothing; postprocess drops that row's result.
 
 Admission is optimistic: a request gets pages only for the tokens it computes now. When the pool runs
-dry, idle prefix-cache pages are evicted first; then the most recently admitted running request is
-preempted: it drops its pages (their full pages stay cached) and waits at the head of the queue to
-recompute its prompt and output so far. The earliest admitted request is never preempted for a later
-one, and add_request refuses any request that could not run alone in the whole pool, so the scheduler
-always makes progress.
+dry, idle prefix-cache pages are evicted first; then a running request is preempted: the most recently
+admitted (--scheduling-policy fcfs), or the one of the highest priority value, then the latest
+(priority; waiting.py keeps both orders). It drops its pages (their full pages stay cached) and waits at
+the head of the queue (of its priority) to recompute its prompt and output so far. A request is never
+preempted for a later one of its priority, nor for one of a higher value, and add_request refuses any
+request that could not run alone in the whole pool, so the scheduler always makes progress.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +33,7 @@ from minisrv.scheduler.kv_pages import PagePool, pages_for_tokens
 from minisrv.scheduler.metrics import RequestMetrics
 from minisrv.scheduler.prefix_cache import CacheNode, PrefixCache
 from minisrv.scheduler.request import Request, RequestOutput, RequestStatus, SampleResult
+from minisrv.scheduler.waiting import WaitingQueue
 from minisrv.wire.terms import FinishReason, SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -81,11 +83,12 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
 
-        self.waiting: deque[Request] = deque()
-        self.running: dict[int, Request] = {}         # admission order: the last is preempted first
+        self.waiting = WaitingQueue(by_priority=config.scheduling_policy == "priority")
+        self.running: dict[int, Request] = {}         # in admission order
         self._requests: dict[int, Request] = {}       # every unfinished request, by id
         self._cursors: dict[int, CacheNode] = {}      # running request -> deepest cached page on its path
         self._preempted_rids: set[int] = set()        # so a resumed request keeps its first cache report
+        self._arrivals = itertools.count()             # Request.arrival_order
         self.prefix_cache_queries = 0                 # prompt tokens looked up at first admission
         self.prefix_cache_hits = 0                    # of those, tokens whose K/V came from the cache
         self.prefix_cache_flushes = 0
@@ -145,7 +148,8 @@ class Scheduler:
                              f"tokens, but the KV cache holds only {self.pool.num_pages} pages; lower "
                              "max_tokens or give the KV cache more memory")
         self._requests[rid] = req
-        self.waiting.append(req)
+        req.arrival_order = next(self._arrivals)
+        self.waiting.add(req)
         self.metrics.admitted(req)
 
     def abort(self, rid: int) -> RequestOutput | None:
@@ -236,7 +240,7 @@ class Scheduler:
         if num_tokens == 0 or self._length_reached(req):
             return
         while not self._grow(req, req.num_computed + num_tokens):
-            victim = next(reversed(self.running.values()))
+            victim = self.waiting.preemption_victim(self.running)
             self._preempt(victim, step)
             if victim is req:
                 return
@@ -255,7 +259,7 @@ class Scheduler:
             self.pool.release(req.pages)
             req.pages = []
             return False
-        self.waiting.popleft()
+        self.waiting.pop_first()
         req.status = RequestStatus.RUNNING
         self.running[req.rid] = req
         if cursor is not None:
@@ -308,12 +312,28 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request, step: _Step) -> None:
+        self._unschedule(req, step)
         self._drop_pages(req)
         req.status = RequestStatus.WAITING
-        self.waiting.appendleft(req)
+        self.waiting.add(req, preempted=True)
         self._preempted_rids.add(req.rid)
         self.num_preemptions += 1
         step.preempted = True
+
+    @staticmethod
+    def _unschedule(req: Request, step: _Step) -> None:
+        """Take req's seq out of the step being planned, if it has one (only a victim chosen by priority can: by
+        admission order, the newest is never scheduled before the request that needs its pages)."""
+        seq = next((s for s in step.seqs if s.request is req), None)
+        if seq is None:
+            return
+        step.seqs.remove(seq)
+        step.budget += seq.num_tokens
+        req.num_in_flight -= seq.sample
+        if seq.num_tokens == 1 and seq.sample:
+            step.num_decodes -= 1
+        else:
+            step.prefill_used -= seq.num_tokens
 
     def _drop_pages(self, req: Request) -> None:
         """Free the request's pages; full ones it cached stay in the prefix cache as idle pages."""

@@ -243,6 +243,7 @@ class ApiRoutes:
         """A chat request's prompt and its response's context (tools, reasoning, echo), checked."""
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
+        self._check_priority(req.priority)
         grammar = await self._checked(req.grammar())
         prompt = req.to_prompt_request(self.engine.vocab_size, self.engine.max_model_len, grammar,
                                        self.request_defaults)
@@ -266,6 +267,7 @@ class ApiRoutes:
         req = parse_request(CompletionRequest, await read_body(request, self.config.body_read_timeout))
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
+        self._check_priority(req.priority)
         grammar = await self._checked(req.grammar())
         prompts = req.to_prompt_requests(self.engine.vocab_size, self.engine.max_model_len,
                                          self.config.max_choices_per_request, grammar, self.request_defaults)
@@ -373,6 +375,12 @@ class ApiRoutes:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._api_key):
             raise APIError(401, "missing or wrong API key; send it as 'Authorization: Bearer <key>'"
                            + (" or 'X-Api-Key: <key>'" if anthropic else ""), code="invalid_api_key")
+
+    def _check_priority(self, priority: int) -> None:
+        if priority != 0 and self.config.engine.scheduling_policy != "priority":
+            raise APIError(400, f"priority: this server schedules first come, first served (start it with "
+                                f"--scheduling-policy priority), so only 0 is accepted, got {priority}", "priority",
+                           "unsupported_field")
 
     def _check_ready(self) -> None:
         # Before the workers report, the model's name and context length are not known: no card with blanks.

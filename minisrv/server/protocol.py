@@ -298,8 +298,8 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
     no_stop_trim: bool = False
     return_hidden_states: bool = False
     truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens; -1: the context length
-    # vLLM's: the response's id (else the X-Request-Id header's, else a fresh one); a priority other than 0 asks
-    # for priority scheduling, which vLLM too refuses unless started for it.
+    # vLLM's: the response's id (else the X-Request-Id header's, else a fresh one), and the request's priority
+    # under --scheduling-policy priority (lower runs first), which vLLM too refuses unless started for it.
     request_id: str | None = None
     priority: int = 0
     allowed_token_ids: TokenIds | None = None   # vLLM's: a grammar of these tokens (structured_output.token_ids)
@@ -349,9 +349,8 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
         if self.return_hidden_states:
             raise APIError(400, "return_hidden_states: this server does not return hidden states",
                            "return_hidden_states", "unsupported_field")
-        if self.priority != 0:
-            raise APIError(400, f"priority: this server schedules first come, first served, so only 0 is "
-                                f"accepted, got {self.priority}", "priority", "unsupported_field")
+        if not -2**31 <= self.priority < 2**31:
+            raise APIError(400, f"priority must be a 32-bit integer, got {self.priority}", "priority")
 
     def output_options(self, max_model_len: int) -> dict:
         """The PromptRequest fields of the text and prompt options, checked."""
@@ -359,7 +358,7 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
         if k is not None and (k == 0 or k < -1):
             raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or >= 1, got {k}",
                            "truncate_prompt_tokens")
-        return dict(skip_special_tokens=self.skip_special_tokens,
+        return dict(skip_special_tokens=self.skip_special_tokens, priority=self.priority,
                     include_stop_str_in_output=self.include_stop_str_in_output or self.no_stop_trim,
                     truncate_prompt_tokens=0 if k is None else (max_model_len if k == -1 else min(k, max_model_len)))
 

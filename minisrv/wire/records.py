@@ -16,7 +16,7 @@ from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, colum
                                 strings, text)
 from minisrv.wire.codec import text as text_field   # for a field declared after PromptRequest's own `text`
 
-LAYOUT_VERSION = 10
+LAYOUT_VERSION = 11
 
 
 class Kind(enum.IntEnum):
@@ -94,6 +94,7 @@ class PromptRequest(Record):
     arrival_ns: int = scalar("Q")
     message_tool_calls: list[str] = strings("message_extra")
     message_tool_call_ids: list[str] = strings("message_extra")
+    priority: int = scalar("i")   # --scheduling-policy priority: lower values are admitted first
 
     def __post_init__(self) -> None:
         given = [name for name in ("text", "prompt_ids", "messages") if getattr(self, name) is not None]
@@ -109,6 +110,7 @@ class TokenizedRequest(Record):
     params: SamplingParams = sampling()
     prompt_ids: Column = column("<i4")
     arrival_ns: int = scalar("Q")   # PromptRequest.arrival_ns
+    priority: int = scalar("i")     # PromptRequest.priority
 
 
 @record(Kind.DETOKENIZE_REQUEST, "tokenizer -> detokenizer")

@@ -60,7 +60,8 @@ def reference(hf, prompt_ids: list[list[int]]) -> list[list[int]]:
 def _engine(llm: LLM, **overrides) -> LLM:
     """An LLM on the already-loaded weights with other engine settings."""
     clone = object.__new__(LLM)
-    clone.engine = LLMEngine(EngineConfig(**overrides), loaded=llm.engine.loaded)
+    clone.config = EngineConfig(**overrides)
+    clone.engine = LLMEngine(clone.config, loaded=llm.engine.loaded)
     clone.tokenizer = llm.tokenizer
     clone._next_rid = 0
     return clone
@@ -100,6 +101,22 @@ def test_tiny_kv_pool_preempts(llm: LLM, prompt_ids: list[list[int]], reference:
     outs = engine.generate(prompt_ids, GREEDY)
     assert [o.token_ids for o in outs] == reference
     assert engine.engine.scheduler.num_preemptions > 0
+
+
+def test_priorities_preempt_the_highest_value_and_change_no_output(llm: LLM, prompt_ids: list[list[int]],
+                                                                    reference: list[list[int]]) -> None:
+    longest = max(len(ids) for ids in prompt_ids) + MAX_TOKENS
+    engine = _engine(llm, page_size=4, num_pages=(longest + 3) // 4 + 6, enable_prefix_caching=False,
+                     scheduling_policy="priority")
+    preempted = []
+    preempt = engine.engine.scheduler._preempt
+    engine.engine.scheduler._preempt = lambda req, step: (preempted.append(req.priority), preempt(req, step))
+    priorities = [len(prompt_ids) - i for i in range(len(prompt_ids))]   # the last prompt first
+    outs = engine.generate(prompt_ids, GREEDY, priority=priorities)
+    assert [o.token_ids for o in outs] == reference
+    assert preempted and all(p > min(priorities) for p in preempted)     # the first in line is never preempted
+    with pytest.raises(ValueError, match="scheduling_policy='priority'"):
+        _engine(llm).generate(prompt_ids[:1], GREEDY, priority=[1])
 
 
 @pytest.mark.parametrize("settings", [

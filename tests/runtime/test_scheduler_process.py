@@ -32,7 +32,7 @@ class FakeEngine:
         self._metrics = RequestMetrics()
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams, grammar=None,
-                    arrival: float | None = None) -> None:
+                    arrival: float | None = None, priority: int = 0) -> None:
         self.arrivals[rid] = arrival
         if not prompt_ids:
             raise ValueError(f"request {rid}: the prompt is empty; it needs at least one token")

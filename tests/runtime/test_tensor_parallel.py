@@ -133,8 +133,8 @@ class RecordingEngine:
         self.calls: list[tuple] = []
         self.last_batch = None
 
-    def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.calls.append(("add", rid, prompt_ids))
+    def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+        self.calls.append(("add", rid, prompt_ids, priority))
 
     def abort(self, rid: int) -> None:
         self.calls.append(("abort", rid))
@@ -164,9 +164,9 @@ def _follow(records: list) -> RecordingEngine:
 
 def test_a_follower_applies_rank_0s_records_in_order() -> None:
     one_token = step_digest(RecordingEngine(), [_one_token(1)])
-    engine = _follow([TokenizedRequest(1, SamplingParams(), np.array([5, 6], dtype=np.int32)), Step(0),
+    engine = _follow([TokenizedRequest(1, SamplingParams(), np.array([5, 6], dtype=np.int32), priority=-3), Step(0),
                       Abort(1), Step(one_token), Shutdown()])
-    assert engine.calls == [("add", 1, [5, 6]), ("step",), ("abort", 1), ("step",)]
+    assert engine.calls == [("add", 1, [5, 6], -3), ("step",), ("abort", 1), ("step",)]   # queued as rank 0 does
 
 
 def test_a_follower_whose_results_differ_from_rank_0s_stops() -> None:

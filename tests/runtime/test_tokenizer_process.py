@@ -54,7 +54,7 @@ def test_a_chat_request_becomes_detokenize_request_then_n_tokenized_requests(pip
     rng = random.Random(4)
     messages = [("user", random_text(rng, 15))]
     params = SamplingParams(temperature=0.5, max_tokens=5, seed=rng.randrange(1 << 40))
-    serve(api, worker, PromptRequest(7, params=params, messages=messages, n=3, stop=["x"]).encode())
+    serve(api, worker, PromptRequest(7, params=params, messages=messages, n=3, stop=["x"], priority=-2).encode())
     expected_ids = PromptTokenizer(hf_tokenizer, CHATML).token_ids(messages, is_chat=True)
     [detok_record, shutdown] = detokenizer.drain()
     detok_req = DetokenizeRequest.decode(detok_record)
@@ -63,7 +63,7 @@ def test_a_chat_request_becomes_detokenize_request_then_n_tokenized_requests(pip
     *generates, shutdown = scheduler.drain()
     assert peek_kind(shutdown) is Kind.SHUTDOWN
     decoded = [TokenizedRequest.decode(g) for g in generates]
-    assert [g.rid for g in decoded] == [choice_rid(7, i) for i in range(3)]
+    assert [(g.rid, g.priority) for g in decoded] == [(choice_rid(7, i), -2) for i in range(3)]
     assert all(g.prompt_ids.tolist() == expected_ids for g in decoded)
     # Same parameters, but each choice its own seed: a seed fixes the n samples, which still differ.
     assert decoded[0].params == params

@@ -147,9 +147,9 @@ def check_drained(sched: Scheduler) -> None:
 
 def make_scheduler(*, num_pages: int, page_size: int = 4, budget: int = 64, max_running: int = 16,
                    prefix_cache: bool = True, eos: tuple[int, ...] = (), max_model_len: int = 4096,
-                   vocab_size: int = 50, max_prefill_tokens: int | None = None) -> Scheduler:
+                   vocab_size: int = 50, max_prefill_tokens: int | None = None, policy: str = "fcfs") -> Scheduler:
     config = EngineConfig(page_size=page_size, max_num_batched_tokens=budget, max_running_requests=max_running,
-                          enable_prefix_caching=prefix_cache)
+                          enable_prefix_caching=prefix_cache, scheduling_policy=policy)
     return Scheduler(config, num_pages=num_pages, eos_token_ids=list(eos), max_model_len=max_model_len,
                      vocab_size=vocab_size, max_prefill_tokens=max_prefill_tokens)
 
@@ -204,5 +204,6 @@ def drive(engine: FakeEngine, arrivals: dict[int, list[Request]] | None = None,
     raise AssertionError(f"not drained after {max_steps} steps")
 
 
-def request(rid: int, prompt: list[int], **params) -> Request:
-    return Request(rid=rid, prompt_ids=list(prompt), params=SamplingParams(temperature=0.0, **params), seed=rid)
+def request(rid: int, prompt: list[int], priority: int = 0, **params) -> Request:
+    return Request(rid=rid, prompt_ids=list(prompt), params=SamplingParams(temperature=0.0, **params), seed=rid,
+                   priority=priority)

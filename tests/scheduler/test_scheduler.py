@@ -284,6 +284,54 @@ def test_preemption_takes_the_most_recently_admitted_and_it_resumes_from_the_cac
     check_drained(sched)
 
 
+def test_by_priority_the_lowest_value_is_admitted_first_then_the_earliest():
+    rng = random.Random(20)
+    sched = make_scheduler(num_pages=64, page_size=4, max_running=1, policy="priority")
+    reqs = [request(rid, tokens(rng, 5), priority=p, max_tokens=2, ignore_eos=True)
+            for rid, p in enumerate([2, 0, 1, 0, -1])]
+    run = drive(FakeEngine(sched), {0: reqs[:4], 1: reqs[4:]})
+    first_steps = {rid: next(i for i, batch in enumerate(run.batches) if any(s[0] == rid for s in batch))
+                   for rid in range(5)}
+    # 1 runs first; 4 (-1) arrives while 1 runs and goes before 3 (0, earlier) and 2 and 0.
+    assert sorted(first_steps, key=first_steps.get) == [1, 4, 3, 2, 0]
+    fcfs = make_scheduler(num_pages=64, page_size=4, max_running=1)
+    run = drive(FakeEngine(fcfs), {0: [request(r.rid, r.prompt_ids, priority=r.priority, max_tokens=2,
+                                               ignore_eos=True) for r in reqs]})
+    assert [batch[0][0] for batch in run.batches if batch][::2] == [0, 1, 2, 3, 4]   # priorities do not count
+
+
+def test_by_priority_the_highest_value_is_preempted_even_when_admitted_first():
+    rng = random.Random(21)
+    # As in the fcfs test above, but the older request has the higher value: it gives its pages to the newer one,
+    # admitted a step later, whose seq is scheduled after its own in the same step (the older one's seq is taken
+    # out of it).
+    sched = make_scheduler(num_pages=10, page_size=4, budget=16, policy="priority")
+    older = request(1, tokens(rng, 8), priority=5, max_tokens=14, ignore_eos=True)
+    newer = request(2, tokens(rng, 10), priority=0, max_tokens=14, ignore_eos=True)   # the first to need a page
+    engine = FakeEngine(sched)
+    sched.add_request(older)
+    outputs: dict[int, list[int]] = {1: [], 2: []}
+    added: set[int] = set()
+    while sched.has_unfinished():
+        if older.output_ids and newer.rid not in added:
+            sched.add_request(newer)   # admitted after the older one: second in the running order
+            added.add(newer.rid)
+        preempted_before = sched.num_preemptions
+        batch = sched.schedule()
+        check_invariants(sched, batch)
+        if newer.output_ids and not newer.finished:
+            assert newer.status is RequestStatus.RUNNING               # the lower value is never preempted
+        if sched.num_preemptions > preempted_before:
+            assert older.status is RequestStatus.WAITING and not older.pages
+            assert all(s.request is not older for s in batch.seqs) and older.num_in_flight == 0
+        for out in sched.postprocess(batch, engine.execute(batch)):
+            outputs[out.rid] += out.new_token_ids
+    assert sched.num_preemptions >= 1
+    for req in (older, newer):
+        assert outputs[req.rid] == reference_generate(req.prompt_ids, req.params, [], 4096, VOCAB)[0]
+    check_drained(sched)
+
+
 def test_lru_eviction_through_the_scheduler():
     rng = random.Random(19)
     sched = make_scheduler(num_pages=8, page_size=4)

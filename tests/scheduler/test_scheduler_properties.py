@@ -24,6 +24,7 @@ class Workload:
     max_model_len: int
     arrivals: dict[int, list[Request]]
     aborts: dict[int, list[int]]
+    policy: str
 
 
 @st.composite
@@ -38,8 +39,9 @@ def workloads(draw) -> Workload:
         cut = draw(st.one_of(st.just(len(stem)), st.integers(0, len(stem))))
         prompt = stem[:cut] + draw(st.lists(token, min_size=1, max_size=6))
         max_tokens = draw(st.integers(1, 10))
-        req = request(rid, prompt, max_tokens=max_tokens, min_tokens=draw(st.integers(0, max_tokens)),
-                      ignore_eos=draw(st.booleans()), stop_token_ids=draw(st.lists(token, max_size=1)))
+        req = request(rid, prompt, priority=draw(st.integers(-2, 2)), max_tokens=max_tokens,
+                      min_tokens=draw(st.integers(0, max_tokens)), ignore_eos=draw(st.booleans()),
+                      stop_token_ids=draw(st.lists(token, max_size=1)))
         reqs.append(req)
         arrivals.setdefault(draw(st.integers(0, 4)), []).append(req)
         if draw(st.integers(0, 4)) == 0:
@@ -49,7 +51,7 @@ def workloads(draw) -> Workload:
     return Workload(page_size=page_size, num_pages=draw(st.integers(biggest, biggest + 8)),
                     budget=draw(st.integers(1, 24)), max_running=draw(st.integers(1, 6)),
                     prefix_cache=draw(st.booleans()), max_model_len=longest + draw(st.integers(0, 3)),
-                    arrivals=arrivals, aborts=aborts)
+                    arrivals=arrivals, aborts=aborts, policy=draw(st.sampled_from(["fcfs", "priority"])))
 
 
 @settings(max_examples=400, derandomize=True, database=None, deadline=None,
@@ -58,7 +60,7 @@ def workloads(draw) -> Workload:
 def test_random_workloads_match_an_unconstrained_run(work: Workload):
     sched = make_scheduler(num_pages=work.num_pages, page_size=work.page_size, budget=work.budget,
                            max_running=work.max_running, prefix_cache=work.prefix_cache, eos=EOS,
-                           max_model_len=work.max_model_len, vocab_size=VOCAB)
+                           max_model_len=work.max_model_len, vocab_size=VOCAB, policy=work.policy)
     reqs = [r for batch in work.arrivals.values() for r in batch]
     # drive() checks after every step: pages in exactly one place, refcounts = holders, budget kept.
     run = drive(FakeEngine(sched), work.arrivals, work.aborts)
@@ -82,9 +84,9 @@ def test_shortage_of_pages_or_budget_does_not_change_results(work: Workload):
     for num_pages, budget in [(work.num_pages, work.budget), (256, 4096)]:  # 256 pages hold them all
         sched = make_scheduler(num_pages=num_pages, page_size=work.page_size, budget=budget,
                                max_running=64, prefix_cache=work.prefix_cache, eos=EOS,
-                               max_model_len=work.max_model_len, vocab_size=VOCAB)
-        fresh = {step: [Request(rid=r.rid, prompt_ids=list(r.prompt_ids), params=r.params, seed=r.seed) for r in batch]
-                 for step, batch in work.arrivals.items()}
+                               max_model_len=work.max_model_len, vocab_size=VOCAB, policy=work.policy)
+        fresh = {step: [Request(rid=r.rid, prompt_ids=list(r.prompt_ids), params=r.params, seed=r.seed,
+                                priority=r.priority) for r in batch] for step, batch in work.arrivals.items()}
         run = drive(FakeEngine(sched), fresh)
         check_drained(sched)
         assert num_pages < 256 or sched.num_preemptions == 0

@@ -557,7 +557,7 @@ def test_request_defaults_fill_only_the_options_a_request_leaves_out() -> None:
         assert (client.inputs[-1].params.temperature, client.inputs[-1].params.max_tokens) == (0.6, 2)
 
 
-def test_request_id_names_the_response_and_priority_zero_is_accepted(server) -> None:
+def test_request_id_names_the_response_and_only_priority_zero_is_accepted_first_come_first_served(server) -> None:
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "request_id": "trace-7"}).json()["id"] \
         == "chatcmpl-trace-7"
@@ -568,6 +568,19 @@ def test_request_id_names_the_response_and_priority_zero_is_accepted(server) -> 
     assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "priority": 3}), 400, "priority")
     assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "request_id": "x" * 300}), 400,
                  "request_id")
+
+
+def test_priority_reaches_the_engine_under_the_priority_policy() -> None:
+    client = FakeEngineClient(MODEL)
+    config = ServerConfig(engine=EngineConfig(scheduling_policy="priority"))
+    with InProcessServer(client, config) as s:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(f"{s.url}/v1/chat/completions", json={**chat, "priority": -5}).status_code == 200
+        assert client.inputs[-1].priority == -5
+        assert httpx.post(f"{s.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2,
+                                                          "priority": 7}).status_code == 200
+        assert client.inputs[-1].priority == 7
+        assert_error(httpx.post(f"{s.url}/v1/chat/completions", json={**chat, "priority": 2**31}), 400, "priority")
 
 
 def test_api_key() -> None:
