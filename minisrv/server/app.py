@@ -337,7 +337,7 @@ class ApiRoutes:
         schema = TokenizeChatRequest if b'"messages"' in body else TokenizeCompletionRequest
         req = parse_request(schema, body)
         self._check_model(req.model)
-        return json_response(await self.tokenization.tokenize(req, self.engine.max_model_len))
+        return json_response(await self.tokenization.tokenize(req, self.engine.vocab_size, self.engine.max_model_len))
 
     async def embeddings(self, request: Request) -> Response:
         """Not served: a 404 saying why, rather than an unexplained one."""
