@@ -241,6 +241,10 @@ class ServerConfig:
         help="defaults for the sampling options a request leaves out (temperature, top_p, top_k, min_p, "
              "repetition_penalty): the model's generation_config.json (auto, as vLLM does) or the neutral ones "
              "(vllm: temperature 1, no top-k, ...)")
+    override_generation_config: str | None = setting(
+        None, group="model",
+        help="a JSON object of those defaults that wins over the model's, e.g. '{\"temperature\": 0.6}' (vLLM's; "
+             "with --generation-config vllm, the only defaults)")
     chat_template: str | None = setting(
         None, group="model", help="a Jinja chat template, or a file holding one (default: the model's)")
     host: str = setting("127.0.0.1", group="server", help="address to bind (use 0.0.0.0 to accept remote clients)")

@@ -111,20 +111,42 @@ def model_vocab_size(source: ModelSource) -> int:
 
 def request_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any]:
     """The sampling options a request leaves out take these (SamplingParams' names): with --generation-config
-    auto (vLLM's default) those a Hugging Face directory's generation_config.json sets, else none. ValueError
-    naming the file and the flag when one is out of range."""
+    auto (vLLM's default) those a Hugging Face directory's generation_config.json sets, else none; then
+    --override-generation-config's. ValueError naming the file or the flag when one is out of range."""
+    defaults = _generation_config_defaults(config, source)
+    overrides = config.override_generation_config
+    if overrides is None:
+        return defaults
+    flag = flag_name("override_generation_config")
+    try:
+        written = json.loads(overrides)
+    except ValueError as exc:
+        raise ValueError(f"override_generation_config ({flag}): not JSON ({exc})") from None
+    if not isinstance(written, dict) or set(written) - set(GENERATION_DEFAULTS):
+        raise ValueError(f"override_generation_config ({flag}): a JSON object of {', '.join(GENERATION_DEFAULTS)} "
+                         f"is expected, got {overrides!r}")
+    return {**defaults, **_checked(written, f"override_generation_config ({flag})")}
+
+
+def _generation_config_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any]:
     if config.generation_config == "vllm" or source.format != "hf" or source.path is None:
         return {}
     path = source.path / "generation_config.json"
     if not path.is_file():
         return {}
+    ignored = f"{flag_name('generation_config')} vllm ignores the file"
     try:
         written = json.loads(path.read_text())
     except ValueError as exc:
-        raise ValueError(f"{path}: not JSON ({exc}); {flag_name('generation_config')} vllm ignores the file") from None
-    defaults = {key: written[key] for key in GENERATION_DEFAULTS if written.get(key) is not None}
+        raise ValueError(f"{path}: not JSON ({exc}); {ignored}") from None
+    return _checked({key: written[key] for key in GENERATION_DEFAULTS if written.get(key) is not None},
+                    str(path), f"; {ignored}")
+
+
+def _checked(defaults: dict[str, Any], where: str, hint: str = "") -> dict[str, Any]:
+    """`defaults`, once SamplingParams takes them; ValueError naming `where` otherwise."""
     try:
         SamplingParams(**defaults)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}; {flag_name('generation_config')} vllm ignores the file") from None
+        raise ValueError(f"{where}: {exc}{hint}") from None
     return defaults

@@ -74,6 +74,23 @@ def test_request_defaults_come_from_generation_config_unless_vllm(tmp_path: Path
         request_defaults(ServerConfig(), source)
 
 
+def test_override_generation_config_wins_over_the_models_defaults(tmp_path: Path) -> None:
+    source = ModelSource("hf", "m", tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9}))
+    override = '{"temperature": 0.2, "top_k": 5}'
+    assert request_defaults(ServerConfig(override_generation_config=override), source) == \
+        {"temperature": 0.2, "top_p": 0.9, "top_k": 5}
+    assert request_defaults(ServerConfig(generation_config="vllm", override_generation_config=override), source) \
+        == {"temperature": 0.2, "top_k": 5}
+    preset = ModelSource("preset", "smollm2-135m", dummy=True)
+    assert request_defaults(ServerConfig(override_generation_config='{"min_p": 0.1}'), preset) == {"min_p": 0.1}
+    for bad, message in (("{", "not JSON"), ('{"max_new_tokens": 5}', "a JSON object of temperature"),
+                         ("[0.5]", "a JSON object of"), ('{"top_p": 2}', "top_p")):
+        with pytest.raises(ValueError, match=rf"^override_generation_config \(--override-generation-config\): "
+                                             rf".*{message}"):
+            request_defaults(ServerConfig(override_generation_config=bad), source)
+
+
 def cached_repo(cache: Path, repo_id: str, files: dict[str, str]) -> Path:
     """A repository as huggingface_hub leaves it in its cache: refs/main naming a snapshot of the files."""
     commit = "0123456789abcdef0123456789abcdef01234567"
