@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
 from minisrv.server.errors import APIError, from_validation_error
@@ -61,19 +63,40 @@ class ThinkingBlock(_Block):
     type: Literal["thinking", "redacted_thinking"]
 
 
+class OtherBlock(_Block):
+    """Images, documents, search results, server tool results: not read here."""
+
+    type: str
+
+    @model_validator(mode="after")
+    def refuse(self) -> OtherBlock:
+        raise PydanticCustomError("unsupported_block", f"{self.type!r} blocks are not read by this server (it reads "
+                                                       "text, tool_use, tool_result and thinking blocks)")
+
+
+BLOCK_KINDS = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
+
+
 def _block_kind(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if kind in ("text", "tool_use", "tool_result", "thinking", "redacted_thinking") else "text"
+    return kind if kind in BLOCK_KINDS else "other"
 
 
 Block = Annotated[Annotated[TextBlock, Tag("text")] | Annotated[ToolUseBlock, Tag("tool_use")]
                   | Annotated[ToolResultBlock, Tag("tool_result")] | Annotated[ThinkingBlock, Tag("thinking")]
-                  | Annotated[ThinkingBlock, Tag("redacted_thinking")], Discriminator(_block_kind)]
+                  | Annotated[ThinkingBlock, Tag("redacted_thinking")] | Annotated[OtherBlock, Tag("other")],
+                  Discriminator(_block_kind)]
+
+
+def _as_blocks(value: Any) -> Any:
+    """A bare string content is one text block."""
+    return [{"type": "text", "text": value}] if isinstance(value, str) else value
 
 
 class Message(Schema):
     role: Literal["user", "assistant"]
-    content: str | list[Block]
+    # One list type, not a union with str: an invalid block's error then names it (messages.0.content.1...).
+    content: Annotated[list[Block], BeforeValidator(_as_blocks, json_schema_input_type=str | list[Block])]
 
 
 class Tool(Schema):
@@ -150,9 +173,6 @@ class Conversation(Schema):
             system = self.system if isinstance(self.system, str) else "\n".join(b.text for b in self.system)
             messages.append({"role": "system", "content": system})
         for message in self.messages:
-            if isinstance(message.content, str):
-                messages.append({"role": message.role, "content": message.content})
-                continue
             texts = [b.text for b in message.content if isinstance(b, TextBlock)]
             calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(
                 b.input, ensure_ascii=False)}} for b in message.content if isinstance(b, ToolUseBlock)]

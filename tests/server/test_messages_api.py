@@ -85,7 +85,7 @@ def test_tool_choices_and_options_become_the_chat_requests(choice: dict, chat_ch
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "'image' blocks are not read"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search", "input_schema": {}}]}, "tools.0.type"),
     ({"mcp_servers": [{"url": "x"}]}, "mcp_servers"),
     ({"tools": [TIME_TOOL], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
