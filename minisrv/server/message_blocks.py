@@ -90,11 +90,11 @@ class ContentBlocks(StreamEvents):
         block = self.blocks[index]
         if block["type"] == "tool_use":   # a call cut short (max_tokens) keeps an empty input: it has no JSON yet
             try:
-                block["input"] = json.loads(self.arguments[index] or "{}")
+                parsed = json.loads(self.arguments[index] or "{}")
             except json.JSONDecodeError:
-                pass
+                parsed = {}
+            block["input"] = parsed if isinstance(parsed, dict) else {}
         self._event("content_block_stop", index=index)
-
 
 
 def message_body(ctx: ResponseContext, blocks: ContentBlocks | None) -> dict:
