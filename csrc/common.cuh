@@ -35,6 +35,22 @@ template <> __device__ __forceinline__ f16_t from_float<f16_t>(float f) {
     return f16_t{h};
 }
 
+// An 8-bit float of the KV cache (--kv-cache-dtype fp8): e4m3 (no infinities, +-448 at most), converted with
+// PTX cvt (sm_89 and later). Storing saturates to +-448, as vLLM's fp8 KV cache does.
+struct e4m3_t { unsigned char bits; };
+__device__ __forceinline__ float to_float(e4m3_t v) {
+    u32 halves;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"((u16)v.bits));
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)(halves & 0xffffu)));
+    return f;
+}
+template <> __device__ __forceinline__ e4m3_t from_float<e4m3_t>(float f) {
+    u16 pair;   // the first operand goes to the upper byte
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(f));
+    return e4m3_t{(unsigned char)(pair & 0xffu)};
+}
+
 // VEC elements of T in one 16-byte access. Aligned to 16 so that a copy is one 128-bit load or store: aligned only
 // as T, it compiled to eight 16-bit accesses for bfloat16 (with csrc/norm.cu's batched loads, a one-row RMSNorm
 // went from 4.4 us to 2.3 on an H200).

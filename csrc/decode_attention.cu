@@ -11,8 +11,9 @@
 // blocks (a CUDA graph launches for the longest length any sequence may reach).
 // Positions at or past seq_len are never read: a partial last page cannot inject NaN.
 //
-// Cache slot s = page * page_size + offset holds [2, num_kv_heads, D] (K then V); page_table[b, i] is the
-// page of positions [i * page_size, (i + 1) * page_size) of sequence b.
+// Cache slot s = page * page_size + offset holds [2, num_kv_heads, D] (K then V) of type C: T, or e4m3_t
+// (--kv-cache-dtype fp8: tiles staged as bytes, widened to T in shared memory, mma.cuh widen_tile);
+// page_table[b, i] is the page of positions [i * page_size, (i + 1) * page_size) of sequence b.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -32,16 +33,20 @@ __device__ __forceinline__ int split_len(int len, int max_splits) {
 // cp.async STAGES - 1 ahead of the one in use; at 27 KB of shared memory a block, eight warps fit an SM.
 // A sequence of one split (len <= SPLIT) is written straight to out, and the merge skips it; a padding
 // row (len 0) gets zeros.
-template <typename T, int D>
+template <typename T, typename C, int D>
 __global__ void __launch_bounds__(32) paged_decode_split(
         T* __restrict__ out, i64 out_stride, float* __restrict__ part_out, float* __restrict__ part_lse,
         const T* __restrict__ q, i64 q_stride,
-        const T* __restrict__ cache, const i64* __restrict__ page_table, i64 page_table_stride,
+        const C* __restrict__ cache, const i64* __restrict__ page_table, i64 page_table_stride,
         const i64* __restrict__ seq_lens, int page_size, int num_kv_heads, int group, int max_splits,
         float scale_log2) {
     static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
-    __shared__ __align__(16) u16 k_tile[STAGES][TILE][D + PAD];
-    __shared__ __align__(16) u16 v_tile[STAGES][TILE][D + PAD];
+    constexpr bool BYTES = sizeof(C) == 1;   // an 8-bit cache: STAGES byte tiles in flight, one widened tile
+    constexpr int ELEMS = 16 / sizeof(C);    // cache values per 16-byte copy
+    __shared__ __align__(16) u16 k_tile[BYTES ? 1 : STAGES][TILE][D + PAD];
+    __shared__ __align__(16) u16 v_tile[BYTES ? 1 : STAGES][TILE][D + PAD];
+    __shared__ __align__(16) unsigned char k_bytes[BYTES ? STAGES : 1][BYTES ? TILE : 1][D];
+    __shared__ __align__(16) unsigned char v_bytes[BYTES ? STAGES : 1][BYTES ? TILE : 1][D];
     __shared__ int slots[SPLIT];   // cache slot of each position of the split (a pool holds far fewer than 2^31)
     const int split = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
     const int lane = threadIdx.x, gid = lane >> 2, tig = lane & 3;
@@ -90,12 +95,18 @@ __global__ void __launch_bounds__(32) paged_decode_split(
         }
         __syncwarp();
         auto load_tile = [&](int buffer, int key0) {
-            for (int c = lane; c < TILE * (D / 8); c += 32) {
-                const int key = c / (D / 8), d = (c % (D / 8)) * 8, pos = key0 + key;
+            for (int c = lane; c < TILE * (D / ELEMS); c += 32) {
+                const int key = c / (D / ELEMS), d = (c % (D / ELEMS)) * ELEMS, pos = key0 + key;
                 const bool valid = pos < end;   // positions past the sequence are never read: they may hold anything
-                const T* src = valid ? cache + slots[pos - run] * slot_stride + (i64)kv_head * D + d : cache;
-                copy_async16(&k_tile[buffer][key][d], src, valid);
-                copy_async16(&v_tile[buffer][key][d], src + (valid ? (i64)num_kv_heads * D : 0), valid);
+                const C* src = valid ? cache + slots[pos - run] * slot_stride + (i64)kv_head * D + d : cache;
+                const C* v_src = src + (valid ? (i64)num_kv_heads * D : 0);
+                if constexpr (BYTES) {
+                    copy_async16(&k_bytes[buffer][key][d], src, valid);
+                    copy_async16(&v_bytes[buffer][key][d], v_src, valid);
+                } else {
+                    copy_async16(&k_tile[buffer][key][d], src, valid);
+                    copy_async16(&v_tile[buffer][key][d], v_src, valid);
+                }
             }
             copy_async_commit();
         };
@@ -109,8 +120,13 @@ __global__ void __launch_bounds__(32) paged_decode_split(
             else copy_async_commit();
             copy_async_wait<STAGES - 1>();   // groups 0..t are complete: tile t is in
             __syncwarp();
-            const u16 (*k_rows)[D + PAD] = k_tile[buffer];
-            const u16 (*v_rows)[D + PAD] = v_tile[buffer];
+            if constexpr (BYTES) {
+                widen_tile<T, TILE, D>(k_tile[0], k_bytes[buffer], lane, 32);
+                widen_tile<T, TILE, D>(v_tile[0], v_bytes[buffer], lane, 32);
+                __syncwarp();
+            }
+            const u16 (*k_rows)[D + PAD] = k_tile[BYTES ? 0 : buffer];
+            const u16 (*v_rows)[D + PAD] = v_tile[BYTES ? 0 : buffer];
             float s[TILE / 8][4];
             qk_scores<T, TILE, D>(s, qa, k_rows, gid, tig);
             float tile_max[2] = {NEG_INF, NEG_INF};

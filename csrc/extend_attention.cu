@@ -17,15 +17,20 @@ constexpr int EXT_THREADS = 128;
 // tile_seq[x], tile_token[x]: the sequence of block x and the index (among its new tokens) of its first
 // token. query_start[s]: the row of sequence s's first new token in q and out; seq_lens[s]: its tokens
 // including the new ones. Out-of-range rows and keys are masked; out gets exactly the valid rows.
-template <typename T, int D>
+// The cache's values are of type C: T, or e4m3_t (--kv-cache-dtype fp8: tiles staged as bytes, widened to T).
+template <typename T, typename C, int D>
 __global__ void __launch_bounds__(EXT_THREADS) paged_extend(
-        T* __restrict__ out, i64 out_stride, const T* __restrict__ q, i64 q_stride, const T* __restrict__ cache,
+        T* __restrict__ out, i64 out_stride, const T* __restrict__ q, i64 q_stride, const C* __restrict__ cache,
         const i64* __restrict__ page_table, i64 page_table_stride, const int* __restrict__ tile_seq,
         const int* __restrict__ tile_token, const int* __restrict__ query_start, const int* __restrict__ seq_lens,
         int page_size, int num_kv_heads, int group, float scale_log2) {
     static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
-    __shared__ __align__(16) u16 k_tile[2][KEYS][D + PAD];     // [buffer][key][dim]
-    __shared__ __align__(16) u16 v_tile[2][KEYS][D + PAD];
+    constexpr bool BYTES = sizeof(C) == 1;   // an 8-bit cache: two byte tiles in flight, one widened tile
+    constexpr int ELEMS = 16 / sizeof(C);    // cache values per 16-byte copy
+    __shared__ __align__(16) u16 k_tile[BYTES ? 1 : 2][KEYS][D + PAD];     // [buffer][key][dim]
+    __shared__ __align__(16) u16 v_tile[BYTES ? 1 : 2][KEYS][D + PAD];
+    __shared__ __align__(16) unsigned char k_bytes[BYTES ? 2 : 1][BYTES ? KEYS : 1][D];
+    __shared__ __align__(16) unsigned char v_bytes[BYTES ? 2 : 1][BYTES ? KEYS : 1][D];
 
     const int kv_head = blockIdx.y, seq = tile_seq[blockIdx.x], token0 = tile_token[blockIdx.x];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -66,13 +71,19 @@ __global__ void __launch_bounds__(EXT_THREADS) paged_extend(
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
     auto load_tile = [&](int buffer, int key0) {   // keys past last_pos (or len) are zeros
-        for (int c = threadIdx.x; c < KEYS * (D / 8); c += EXT_THREADS) {
-            const int key = c / (D / 8), d = (c % (D / 8)) * 8, pos = key0 + key;
+        for (int c = threadIdx.x; c < KEYS * (D / ELEMS); c += EXT_THREADS) {
+            const int key = c / (D / ELEMS), d = (c % (D / ELEMS)) * ELEMS, pos = key0 + key;
             const bool valid = pos <= last_pos && pos < len;
-            const T* src = valid ? cache + (pages[pos / page_size] * page_size + pos % page_size) * slot_stride +
+            const C* src = valid ? cache + (pages[pos / page_size] * page_size + pos % page_size) * slot_stride +
                                    (i64)kv_head * D + d : cache;
-            copy_async16(&k_tile[buffer][key][d], src, valid);
-            copy_async16(&v_tile[buffer][key][d], src + (valid ? (i64)num_kv_heads * D : 0), valid);
+            const C* v_src = src + (valid ? (i64)num_kv_heads * D : 0);
+            if constexpr (BYTES) {
+                copy_async16(&k_bytes[buffer][key][d], src, valid);
+                copy_async16(&v_bytes[buffer][key][d], v_src, valid);
+            } else {
+                copy_async16(&k_tile[buffer][key][d], src, valid);
+                copy_async16(&v_tile[buffer][key][d], v_src, valid);
+            }
         }
         copy_async_commit();
     };
@@ -82,8 +93,13 @@ __global__ void __launch_bounds__(EXT_THREADS) paged_extend(
         else copy_async_commit();   // an empty group keeps the count: the current tile is the older one
         copy_async_wait<1>();
         __syncthreads();
-        const u16 (*k_rows)[D + PAD] = k_tile[buffer];
-        const u16 (*v_rows)[D + PAD] = v_tile[buffer];
+        if constexpr (BYTES) {
+            widen_tile<T, KEYS, D>(k_tile[0], k_bytes[buffer], threadIdx.x, EXT_THREADS);
+            widen_tile<T, KEYS, D>(v_tile[0], v_bytes[buffer], threadIdx.x, EXT_THREADS);
+            __syncthreads();
+        }
+        const u16 (*k_rows)[D + PAD] = k_tile[BYTES ? 0 : buffer];
+        const u16 (*v_rows)[D + PAD] = v_tile[BYTES ? 0 : buffer];
 
         // S = Q K^T for this warp's 16 rows and the tile's keys: 8 n-tiles of 8 keys.
         float s[KEYS / 8][4];

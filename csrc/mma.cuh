@@ -12,6 +12,7 @@ constexpr int PAD = 8;   // shared-memory row padding (16 bytes): conflict-free 
 
 template <typename T> struct Mma;
 template <> struct Mma<bf16_t> {
+    static constexpr bool IS_F16 = false;
     __device__ static void run(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                      "{%0,%1,%2,%3};"
@@ -25,6 +26,7 @@ template <> struct Mma<bf16_t> {
     }
 };
 template <> struct Mma<f16_t> {
+    static constexpr bool IS_F16 = true;
     __device__ static void run(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                      "{%0,%1,%2,%3};"
@@ -105,4 +107,31 @@ __device__ __forceinline__ void copy_async16(void* dst, const void* src, bool va
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int PENDING> __device__ __forceinline__ void copy_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
+}
+
+// An 8-bit KV cache (e4m3_t): its tiles are staged as bytes by the same cp.async pipeline, then widened into the
+// 16-bit rows the tensor cores read. Two e4m3 values become f16 exactly (one cvt); bfloat16 takes them through
+// float, also exactly (e4m3's 3 mantissa bits fit either).
+template <typename T>
+__device__ __forceinline__ u32 widen_e4m3x2(u16 pair) {
+    u32 halves;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(pair));
+    if constexpr (Mma<T>::IS_F16) {
+        return halves;
+    } else {
+        float lo, hi;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"((u16)(halves & 0xffffu)));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"((u16)(halves >> 16)));
+        return Mma<T>::pack(lo, hi);
+    }
+}
+
+// rows x D bytes of `src` into rows of 16-bit values of `dst`, by `threads` threads (this one: `thread`).
+template <typename T, int ROWS_, int D>
+__device__ __forceinline__ void widen_tile(u16 (*dst)[D + PAD], const unsigned char (*src)[D], int thread,
+                                           int threads) {
+    for (int i = thread; i < ROWS_ * (D / 2); i += threads) {
+        const int row = i / (D / 2), col = (i % (D / 2)) * 2;
+        *reinterpret_cast<u32*>(&dst[row][col]) = widen_e4m3x2<T>(*reinterpret_cast<const u16*>(&src[row][col]));
+    }
 }

@@ -3,14 +3,15 @@
 //
 // Layouts (minisrv/kernels/reference.py): qkv row t = [q heads | k heads | v heads], head_dim D each, q/k
 // in the interleaved RoPE layout (pairs (2i, 2i+1)); rotation table [max_positions, D/2] of (cos, sin);
-// cache slot s = page * page_size + offset holds [2, num_kv_heads, D] (K then V). A negative slot is padding:
-// its q/k are still rotated, nothing is stored.
+// cache slot s = page * page_size + offset holds [2, num_kv_heads, D] (K then V), of type C: T, or e4m3_t
+// (--kv-cache-dtype fp8, rounded on the way in). A negative slot is padding: its q/k are still rotated, nothing is
+// stored.
 #include "common.cuh"
 
-template <typename T>
+template <typename T, typename C>
 __global__ void rope_store_kv(T* __restrict__ qkv, i64 qkv_stride, const i64* __restrict__ positions,
                               const float* __restrict__ rotations, const T* __restrict__ qk_norm, float eps,
-                              T* __restrict__ cache, const i64* __restrict__ slots, int num_heads,
+                              C* __restrict__ cache, const i64* __restrict__ slots, int num_heads,
                               int num_kv_heads, int head_dim) {
     const i64 token = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -43,18 +44,22 @@ __global__ void rope_store_kv(T* __restrict__ qkv, i64 qkv_stride, const i64* __
             head[2 * i] = y0;
             head[2 * i + 1] = y1;
             if (h >= num_heads && slot >= 0) {
-                T* k = cache + slot * slot_stride + (h - num_heads) * head_dim;
-                k[2 * i] = y0;
-                k[2 * i + 1] = y1;
+                C* k = cache + slot * slot_stride + (h - num_heads) * head_dim;
+                k[2 * i] = from_float<C>(to_float(y0));   // exact when C is T
+                k[2 * i + 1] = from_float<C>(to_float(y1));
             }
         }
     }
     if (slot < 0) return;
-    // V heads: a straight copy, 16 bytes a thread.
-    constexpr int VEC = Vec<T>::N;
+    // V heads: a straight copy, 16 bytes a thread; into an 8-bit cache, converted value by value.
     const int v_elems = num_kv_heads * head_dim;
     const T* v = row + rotated_heads * head_dim;
-    T* v_dst = cache + slot * slot_stride + v_elems;
-    for (int i = threadIdx.x * VEC; i < v_elems; i += blockDim.x * VEC)
-        *reinterpret_cast<Vec<T>*>(v_dst + i) = *reinterpret_cast<const Vec<T>*>(v + i);
+    C* v_dst = cache + slot * slot_stride + v_elems;
+    if constexpr (sizeof(C) == sizeof(T)) {
+        constexpr int VEC = Vec<T>::N;
+        for (int i = threadIdx.x * VEC; i < v_elems; i += blockDim.x * VEC)
+            *reinterpret_cast<Vec<T>*>(v_dst + i) = *reinterpret_cast<const Vec<T>*>(v + i);
+    } else {
+        for (int i = threadIdx.x; i < v_elems; i += blockDim.x) v_dst[i] = from_float<C>(to_float(v[i]));
+    }
 }

@@ -122,6 +122,11 @@ class EngineConfig:
     gpu_memory_utilization: float = setting(
         0.85, group="engine", flags=("--mem-fraction-static", "--mem-fraction"), range=Range(0, 1, low_open=True),
         help="share of the GPU memory free after the weights and the CUDA graphs that the KV cache takes")
+    kv_cache_dtype: str = setting(
+        "auto", group="engine", choices=("auto", "fp8", "fp8_e4m3"),
+        help="how the KV cache stores keys and values: in the model's dtype (auto), or in 8-bit floats (fp8, "
+             "e4m3 with a scale of 1, as vLLM's without calibrated scales): half the bytes a token, so twice the "
+             "tokens fit, read back in the model's dtype by attention")
     enable_prefix_caching: bool = setting(
         True, group="engine", negative_flags=("--disable-prefix-cache", "--disable-radix-cache"),
         help="reuse the KV cache of shared prompt prefixes")

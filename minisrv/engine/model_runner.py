@@ -16,7 +16,7 @@ import torch
 from minisrv.config import EngineConfig, usable_cores
 from minisrv.engine.cuda_graph import SAMPLER_ROWS, DecodeGraphs
 from minisrv.engine.grammar import MaskFiller, PendingMasks, host_bitmasks
-from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page
+from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page, kv_cache_dtype
 from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
 from minisrv.kernels import select_ops
 from minisrv.layers.attention import sdpa_backends
@@ -108,7 +108,8 @@ class ModelRunner:
         # other processes for the cores (bench/pipeline.py, issue 9's OMP_NUM_THREADS clue).
         torch.set_num_threads(cpu_threads(config) if self.device.type == "cpu" else config.cpu_threads or 1)
         self.page_size = config.page_size
-        self.bytes_per_page = kv_cache_bytes_per_page(self.model_config, self.page_size, self.dtype)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.bytes_per_page = kv_cache_bytes_per_page(self.model_config, self.page_size, self.kv_dtype)
         self.quantization = config.resolved_quantization(loaded.checkpoint_bits)
         if self.quantization != "none" and self.device.type != "cpu":
             raise ValueError(f"quantization (--quantization) {self.quantization}: only the CPU engine quantizes")
@@ -134,7 +135,11 @@ class ModelRunner:
                                        device=self.device)
         reserve = self._probe_graph_memory(graph_bs) if graph_bs else 0
         self.num_pages = self._num_pages(reserve)
-        self.kv_caches = allocate_kv_cache(self.model_config, self.num_pages, self.page_size, self.dtype, self.device)
+        if self.kv_dtype != self.dtype:
+            logger.info("KV cache in %s (--kv-cache-dtype %s): %d pages of %d tokens", str(self.kv_dtype).split(".")[-1],
+                        config.kv_cache_dtype, self.num_pages, self.page_size)
+        self.kv_caches = allocate_kv_cache(self.model_config, self.num_pages, self.page_size, self.kv_dtype,
+                                           self.device)
         self.model.bind_kv_cache(self.kv_caches)
         self.graphs: DecodeGraphs | None = None
         self.graph_capture_seconds, self.graph_memory_bytes = 0.0, 0
@@ -149,7 +154,7 @@ class ModelRunner:
         from minisrv.engine.sampling import FusedSampler
 
         q = torch.empty(1, self.model_config.num_heads, self.model_config.head_dim, dtype=self.dtype)
-        kv = torch.empty(1, 1, 2, self.model_config.num_kv_heads, self.model_config.head_dim, dtype=self.dtype)
+        kv = torch.empty(1, 1, 2, self.model_config.num_kv_heads, self.model_config.head_dim, dtype=self.kv_dtype)
         if (self.ops.NAME != "cuda" or not isinstance(self.sampler, FusedSampler)
                 or not self.ops.attention_supported(q, kv, self.model_config.num_heads)):
             logger.warning("CUDA graphs off: they need the CUDA kernels (kernel_backend), a bfloat16 or float16 "
@@ -164,7 +169,7 @@ class ModelRunner:
         """Bytes the graphs will take, measured by capturing the largest against a one-page KV cache, so the KV
         pool can be sized from what is free after them (the largest graph's pool holds the smaller ones')."""
         free_before, _ = torch.cuda.mem_get_info(self.device)
-        self.model.bind_kv_cache(allocate_kv_cache(self.model_config, 1, self.page_size, self.dtype, self.device))
+        self.model.bind_kv_cache(allocate_kv_cache(self.model_config, 1, self.page_size, self.kv_dtype, self.device))
         probe = self._new_graphs(graph_bs)
         probe.capture([probe.max_bs])
         free_after, _ = torch.cuda.mem_get_info(self.device)
@@ -176,7 +181,7 @@ class ModelRunner:
     def _unbound_caches(self) -> list[torch.Tensor]:
         # Empty placeholders, so the probe's one-page pool is freed before the real one is allocated.
         shape = (0, self.page_size, 2, self.model_config.num_kv_heads, self.model_config.head_dim)
-        return [torch.empty(shape, dtype=self.dtype, device=self.device)] * self.model_config.num_layers
+        return [torch.empty(shape, dtype=self.kv_dtype, device=self.device)] * self.model_config.num_layers
 
     def _capture(self, graph_bs: int) -> None:
         free_before, _ = torch.cuda.mem_get_info(self.device)

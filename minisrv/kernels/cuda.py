@@ -25,6 +25,7 @@ NAME = "cuda"
 # minisrv/_csrc is a link to the repository's csrc/ (a wheel carries the files themselves).
 CSRC = Path(__file__).resolve().parents[1] / "_csrc"
 TYPE_NAMES = {torch.bfloat16: "bf16_t", torch.float16: "f16_t", torch.float32: "float"}
+CACHE_TYPE_NAMES = {torch.float8_e4m3fn: "e4m3_t"}   # an 8-bit KV cache (--kv-cache-dtype fp8), beside TYPE_NAMES
 ATTENTION_HEAD_DIMS = (64, 128)
 MAX_GROUP = 16                # query heads per kv head: the rows of one tensor-core tile
 DECODE_SPLIT = 64             # csrc/decode_attention.cu SPLIT
@@ -113,6 +114,10 @@ def _f32(x: float) -> ctypes.c_float:
     return ctypes.c_float(x)
 
 
+def _cache_type(kv_cache: torch.Tensor) -> str:
+    return CACHE_TYPE_NAMES.get(kv_cache.dtype) or TYPE_NAMES[kv_cache.dtype]
+
+
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x as [rows, last] with a contiguous last dimension, and its row stride."""
     flat = x.reshape(-1, x.shape[-1])
@@ -182,9 +187,9 @@ def rope_store_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], qk
         qkv = qkv.contiguous()
     num_tokens = qkv.shape[0]
     if num_tokens:
-        _launch("rope_kv.cu", f"rope_store_kv<{TYPE_NAMES[qkv.dtype]}>", (num_tokens,), (256,), _ptr(qkv),
-                _i64(qkv.stride(0)), _ptr(positions), _ptr(table), _ptr(qk_norm), _f32(eps), _ptr(kv_cache),
-                _ptr(slot_mapping), _i32(num_heads), _i32(num_kv_heads), _i32(head_dim))
+        _launch("rope_kv.cu", f"rope_store_kv<{TYPE_NAMES[qkv.dtype]}, {_cache_type(kv_cache)}>", (num_tokens,),
+                (256,), _ptr(qkv), _i64(qkv.stride(0)), _ptr(positions), _ptr(table), _ptr(qk_norm), _f32(eps),
+                _ptr(kv_cache), _ptr(slot_mapping), _i32(num_heads), _i32(num_kv_heads), _i32(head_dim))
     q_size = num_heads * head_dim
     q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
     return q, qkv[:, q_size:].view(num_tokens, 2, num_kv_heads, head_dim)
@@ -194,8 +199,8 @@ def rope_store_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], qk
 
 def attention_supported(q: torch.Tensor, kv_cache: torch.Tensor, num_heads: int) -> bool:
     group = num_heads // kv_cache.shape[3]
-    return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in ATTENTION_HEAD_DIMS
-            and 1 <= group <= MAX_GROUP)
+    return (q.dtype in (torch.bfloat16, torch.float16) and kv_cache.dtype in (q.dtype, *CACHE_TYPE_NAMES)
+            and q.shape[-1] in ATTENTION_HEAD_DIMS and 1 <= group <= MAX_GROUP)
 
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -235,7 +240,8 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
     part_out = torch.empty(batch, num_heads, max_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, max_splits, dtype=torch.float32, device=q.device)
     dtype = TYPE_NAMES[q.dtype]
-    _launch("decode_attention.cu", f"paged_decode_split<{dtype}, {head_dim}>", (max_splits, num_kv_heads, batch),
+    _launch("decode_attention.cu", f"paged_decode_split<{dtype}, {_cache_type(kv_cache)}, {head_dim}>",
+            (max_splits, num_kv_heads, batch),
             (32,), _ptr(out), _i64(out.stride(0)), _ptr(part_out), _ptr(part_lse), _ptr(q), _i64(q.stride(0)),
             _ptr(kv_cache), _ptr(page_table), _i64(page_table.stride(0)), _ptr(seq_lens), _i32(kv_cache.shape[1]),
             _i32(num_kv_heads), _i32(group), _i32(max_splits), _f32(math.log2(math.e) / math.sqrt(head_dim)))
@@ -269,7 +275,7 @@ def extend_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
     if tile_seq.shape[0] == 0:
         return
     scale_log2 = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)
-    _launch("extend_attention.cu", f"paged_extend<{TYPE_NAMES[q.dtype]}, {head_dim}>",
+    _launch("extend_attention.cu", f"paged_extend<{TYPE_NAMES[q.dtype]}, {_cache_type(kv_cache)}, {head_dim}>",
             (tile_seq.shape[0], num_kv_heads), (128,), _ptr(out), _i64(out.stride(0)), _ptr(q), _i64(q.stride(0)),
             _ptr(kv_cache), _ptr(meta.extend_page_table), _i64(meta.extend_page_table.stride(0)), _ptr(tile_seq),
             _ptr(tile_token), _ptr(query_start), _ptr(seq_lens), _i32(kv_cache.shape[1]), _i32(num_kv_heads),

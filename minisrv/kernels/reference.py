@@ -72,8 +72,13 @@ def rope_store_kv(qkv: torch.Tensor, rope: torch.Tensor, qk_norm: torch.Tensor |
 
 
 def store_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv: [T, 2, num_kv_heads, head_dim] (any strides) -> cache slots slot_mapping [T]."""
-    kv_cache.view(-1, *kv_cache.shape[2:]).index_copy_(0, slot_mapping, kv)
+    """kv: [T, 2, num_kv_heads, head_dim] (any strides) -> cache slots slot_mapping [T], rounded to an 8-bit cache's
+    dtype (--kv-cache-dtype fp8)."""
+    slots = kv_cache.view(-1, *kv_cache.shape[2:])
+    if kv_cache.dtype == kv.dtype:
+        slots.index_copy_(0, slot_mapping, kv)
+    else:   # as bytes: index_copy_ has no 8-bit float kernel on the CPU
+        slots.view(torch.uint8).index_copy_(0, slot_mapping, kv.to(kv_cache.dtype).view(torch.uint8))
 
 
 def gather_kv(kv_cache: torch.Tensor, page_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -115,7 +120,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, page_table: torch.
     attend) or None when every sequence has max_seq_len tokens. Returns [B, num_heads, head_dim].
     """
     batch, num_heads, head_dim = q.shape
-    k, v = gather_kv(kv_cache, page_table, max_seq_len).permute(2, 0, 3, 1, 4).unbind(0)   # [B, kv_heads, L, D]
+    kv = gather_kv(kv_cache, page_table, max_seq_len).to(q.dtype)
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)   # [B, kv_heads, L, D]
     num_kv_heads = k.shape[1]
     # The query heads that share a KV head become SDPA's query-length axis: one decode token has no causal
     # structure, so they are just several queries against the same keys. On the CPU this is faster than
@@ -134,12 +140,15 @@ def extend_attention(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tens
     """
     n = q.shape[0]
     if context_len == 0:
-        # A fresh prefill attends only to its own tokens: no need to read them back from the pages.
+        # A fresh prefill attends only to its own tokens: no need to read them back from the pages (rounded as the
+        # pages hold them, in an 8-bit cache).
+        if kv_cache.dtype != kv_new.dtype:
+            kv_new = kv_new.to(kv_cache.dtype).to(q.dtype)
         k, v = kv_new[:, 0], kv_new[:, 1]
         mask, causal = None, True
     else:
         total = context_len + n
-        kv = gather_kv(kv_cache, pages.unsqueeze(0), total)[0]
+        kv = gather_kv(kv_cache, pages.unsqueeze(0), total)[0].to(q.dtype)
         k, v = kv[:, 0], kv[:, 1]
         # Query i sits at position context_len + i: it sees every key up to there (bottom-right causal).
         query_pos = torch.arange(context_len, total, device=q.device)

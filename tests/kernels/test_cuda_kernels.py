@@ -21,6 +21,7 @@ DEVICE = "cuda"
 DTYPES = [torch.bfloat16, torch.float16]
 # Relative error bounds against the reference, by storage type (one rounding of a 16-bit result, or a few).
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}
+FP8 = torch.float8_e4m3fn   # --kv-cache-dtype fp8
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,29 @@ def test_rope_store_kv(cuda, dtype, heads, kv_heads, head_dim, qk_norm, page_siz
     assert torch.equal(flat_k[untouched], flat_r[untouched])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 64), (16, 8, 128)])
+def test_rope_store_kv_into_an_fp8_cache(cuda, dtype, heads, kv_heads, head_dim):
+    """--kv-cache-dtype fp8: the kernel stores what the reference stores, K and V rounded to e4m3."""
+    from minisrv.layers.rope import RopeConfig, RotaryEmbedding
+
+    tokens, page_size, num_pages = 41, 16, 8
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), head_dim, 4096, DEVICE)
+    positions = torch.randint(0, 4096, (tokens,), device=DEVICE)
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=15) * 4   # some values past 1, 8, ...
+    slots = torch.randperm(num_pages * page_size, device=DEVICE)[:tokens]
+    caches = [torch.zeros(num_pages, page_size, 2, kv_heads, head_dim, dtype=FP8, device=DEVICE) for _ in range(2)]
+    cuda.rope_store_kv(qkv.clone(), cuda.rope_inputs(rope.table, positions), None, 1e-6, caches[0], slots, heads,
+                       kv_heads, head_dim)
+    reference.rope_store_kv(qkv.clone(), reference.rope_inputs(rope.table, positions), None, 1e-6, caches[1], slots,
+                            heads, kv_heads, head_dim)
+    stored_k, stored_r = (c.view(-1, 2, kv_heads, head_dim)[slots].float() for c in caches)
+    assert torch.equal(stored_k[:, 1], stored_r[:, 1])   # V: one rounding of the same values
+    # K: rotated in float by both, rounded to dtype then e4m3; a value at a rounding boundary may go either way.
+    assert rel_error(stored_k[:, 0], stored_r[:, 0]) < 1e-2
+    assert (stored_k[:, 0] == stored_r[:, 0]).float().mean() > 0.99
+
+
 # --- attention ---------------------------------------------------------------------------------------------
 
 def paged_cache(lengths: list[int], page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
@@ -141,6 +165,44 @@ def test_decode_attention(cuda, dtype, head_dim, group, page_size):
         cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=max_splits)
         for b, n in enumerate(lengths):
             assert rel_error(out[b], ref[b]) < TOLERANCE[dtype], f"length {n}, {max_splits} splits"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_attention_over_an_fp8_cache(cuda, dtype, head_dim, group, page_size):
+    """Decode and extend attention reading an e4m3 cache (widened to dtype in shared memory) against the reference
+    over the same cache: only the arithmetic differs, as with a 16-bit cache."""
+    kv_heads = 2
+    heads = kv_heads * group
+    lengths = [1, 17, 64, 65, 257, 1000, 4096]
+    clean, poisoned, table, _ = paged_cache(lengths, page_size, kv_heads, head_dim, dtype, seed=head_dim + group + 1)
+    clean, poisoned = clean.to(FP8), poisoned.to(FP8)
+    q = randn(len(lengths), heads, head_dim, dtype=dtype, seed=19)
+    seq_lens = torch.tensor(lengths, device=DEVICE)
+    out = torch.empty_like(q)
+    mask = (torch.arange(max(lengths), device=DEVICE) < seq_lens[:, None]).view(len(lengths), 1, 1, -1)
+    ref = reference.decode_attention(q, clean, table, max(lengths), mask)
+    for max_splits in (cuda.decode_splits(max(lengths), len(lengths), kv_heads), 3):
+        cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=max_splits)
+        for b, n in enumerate(lengths):
+            assert rel_error(out[b], ref[b]) < TOLERANCE[dtype], f"decode, length {n}, {max_splits} splits"
+
+    chunks = [(0, 1), (0, 37), (16, 17), (100, 64), (1000, 130)]
+    clean, poisoned, table, pages = paged_cache([c + n for c, n in chunks], page_size, kv_heads, head_dim, dtype,
+                                                seed=head_dim * group + 2)
+    clean, poisoned = clean.to(FP8), poisoned.to(FP8)
+    meta = extend_metadata(chunks, table, pages, page_size)
+    q = randn(sum(n for _, n in chunks), heads, head_dim, dtype=dtype, seed=23)
+    out = torch.full_like(q, float("nan"))
+    cuda.extend_attention(out, q, poisoned, meta)
+    row = 0
+    for i, (ctx, n) in enumerate(chunks):
+        kv_new = clean.view(-1, 2, kv_heads, head_dim)[meta.slot_mapping[row:row + n]].to(dtype)
+        ref = reference.extend_attention(q[row:row + n], kv_new, clean, table[i], ctx)
+        assert rel_error(out[row:row + n], ref) < TOLERANCE[dtype], f"extend, chunk {(ctx, n)}"
+        row += n
 
 
 def test_decode_attention_does_not_depend_on_the_batch(cuda):

@@ -87,6 +87,37 @@ def test_extend_attention_over_cached_prefix(context_len, dtype):
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+FP8 = torch.float8_e4m3fn
+
+
+def test_an_fp8_cache_stores_rounded_values_and_attention_reads_them_back():
+    """--kv-cache-dtype fp8: what is stored is the value rounded to e4m3, and attention over the 8-bit cache is
+    attention over those rounded values (exactly, in the model's dtype): here against a bfloat16 cache holding
+    them."""
+    lengths, page_size = [5, 19, 32], 4
+    seqs = PagedSequences(lengths, page_size, seed=3)
+    wide = torch.zeros_like(seqs.cache, dtype=torch.bfloat16)
+    narrow = torch.zeros_like(seqs.cache, dtype=FP8)
+    for kv, pages in zip(seqs.kv, seqs.pages):
+        slots = seqs.slots(pages, 0, len(kv))
+        reference.store_kv(wide, kv.to(torch.bfloat16).to(FP8).to(torch.bfloat16), slots)
+        reference.store_kv(narrow, kv.to(torch.bfloat16), slots)
+    assert torch.equal(narrow.to(torch.bfloat16), wide)
+    q = torch.randn(len(lengths), NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    width = max(len(p) for p in seqs.pages)
+    table = torch.tensor([p + [p[0]] * (width - len(p)) for p in seqs.pages])
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).view(len(lengths), 1, 1, -1)
+    assert torch.equal(reference.decode_attention(q, narrow, table, max(lengths), mask),
+                       reference.decode_attention(q, wide, table, max(lengths), mask))
+    for context_len in (0, 12):   # a fresh prefill's own K/V are taken as the cache rounds them, too
+        pages = torch.tensor(seqs.pages[2])
+        new = seqs.kv[2][context_len:].to(torch.bfloat16)
+        rounded = new.to(FP8).to(torch.bfloat16)
+        assert torch.equal(reference.extend_attention(q[:1].expand(len(new), -1, -1), new, narrow, pages, context_len),
+                           reference.extend_attention(q[:1].expand(len(new), -1, -1), rounded, wide, pages,
+                                                      context_len))
+
+
 @pytest.mark.parametrize("context_len", [0, 16])
 def test_extend_attention_takes_the_cpu_flash_kernel(context_len):
     """Not SDPA's math fallback, which materializes every score: it made a 2000-token prefill 3-10x slower."""
