@@ -5,6 +5,7 @@ in a CUDA graph and replayed, so launch overhead on the host stays out of them.
   copy      device-to-device copy bandwidth (bytes read + written): the ceiling for memory-bound kernels
   decode    paged decode attention: GB/s of K/V read against the copy bandwidth, and against the reference
             (gather + SDPA); 32 query / 8 KV heads, head_dim 128, page size 16, bfloat16
+  decode-fp8  the same over an e4m3 cache (--kv-cache-dtype fp8), against the bfloat16 cache
   sample    µs per batch, vocabulary 128256, top-k 50 + top-p 0.9, against a PyTorch sort-based sampler
   sample-parts  the same launch with one feature at a time (greedy, temperature, top-k, top-p, min-p)
   fused     add + RMSNorm, RoPE + KV store, SiLU-and-multiply against their PyTorch sequences
@@ -118,6 +119,30 @@ def bench_decode(copy_gbs: float, quick: bool, repeats: int) -> list[Row]:
             rows.append(Row("decode", f"batch {batch}, context {ctx}", us, "gather+SDPA", peer_us,
                             f"{gbs:.0f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy"))
             del cache, table
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode_fp8(copy_gbs: float, quick: bool, repeats: int) -> list[Row]:
+    """--kv-cache-dtype fp8: decode attention over an e4m3 cache against the same kernel over a bfloat16 one."""
+    rows = []
+    batches, contexts = ([1, 64], [4096, 32768]) if quick else ([1, 8, 64, 256], [512, 4096, 32768])
+    for batch in batches:
+        for ctx in contexts:
+            if batch * ctx > (1 << 23):
+                continue
+            cache, table = paged(batch, ctx)
+            narrow = cache.to(torch.float8_e4m3fn)
+            q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+            out = torch.empty_like(q)
+            lens = torch.full((batch,), ctx, device=DEVICE)
+            splits = cuda.decode_splits(ctx, batch, 8)
+            us = time_us(lambda: cuda.decode_attention(out, q, narrow, table, lens, splits), repeats)
+            wide_us = time_us(lambda: cuda.decode_attention(out, q, cache, table, lens, splits), repeats)
+            gbs = batch * ctx * 2 * 8 * 128 / us / 1e3
+            rows.append(Row("decode-fp8", f"batch {batch}, context {ctx}", us, "bfloat16 cache", wide_us,
+                            f"{gbs:.0f} GB/s of e4m3 = {100 * gbs / copy_gbs:.0f}% of copy"))
+            del cache, narrow, table
             torch.cuda.empty_cache()
     return rows
 
@@ -342,7 +367,7 @@ def plot(rows: list[Row], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    parser.add_argument("--only", default="copy,decode,sample,sample-parts,fused,extend,gemm,engine",
+    parser.add_argument("--only", default="copy,decode,decode-fp8,sample,sample-parts,fused,extend,gemm,engine",
                         help="comma-separated sections")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG plot")
@@ -367,6 +392,7 @@ def main() -> None:
     copy_gbs = copy_bandwidth(repeats)
     rows: list[Row] = []
     for name, fn in (("decode", lambda: bench_decode(copy_gbs, args.quick, repeats)),
+                     ("decode-fp8", lambda: bench_decode_fp8(copy_gbs, args.quick, repeats)),
                      ("sample", lambda: bench_sample(repeats)), ("sample-parts", lambda: bench_sample_parts(repeats)),
                      ("fused", lambda: bench_fused(repeats)),
                      ("extend", lambda: bench_extend(repeats)), ("gemm", lambda: bench_gemm(copy_gbs, repeats)),

@@ -12,7 +12,7 @@
 // Positions at or past seq_len are never read: a partial last page cannot inject NaN.
 //
 // Cache slot s = page * page_size + offset holds [2, num_kv_heads, D] (K then V) of type C: T, or e4m3_t
-// (--kv-cache-dtype fp8: tiles staged as bytes, widened to T in shared memory, mma.cuh widen_tile);
+// (--kv-cache-dtype fp8: tiles staged as bytes, widened to T in shared memory, mma.cuh widen_tiles);
 // page_table[b, i] is the page of positions [i * page_size, (i + 1) * page_size) of sequence b.
 #include "common.cuh"
 #include "mma.cuh"
@@ -121,8 +121,7 @@ __global__ void __launch_bounds__(32) paged_decode_split(
             copy_async_wait<STAGES - 1>();   // groups 0..t are complete: tile t is in
             __syncwarp();
             if constexpr (BYTES) {
-                widen_tile<T, TILE, D>(k_tile[0], k_bytes[buffer], lane, 32);
-                widen_tile<T, TILE, D>(v_tile[0], v_bytes[buffer], lane, 32);
+                widen_tiles<T, TILE, D, 32>(k_tile[0], k_bytes[buffer], v_tile[0], v_bytes[buffer], lane);
                 __syncwarp();
             }
             const u16 (*k_rows)[D + PAD] = k_tile[BYTES ? 0 : buffer];

@@ -94,8 +94,7 @@ __global__ void __launch_bounds__(EXT_THREADS) paged_extend(
         copy_async_wait<1>();
         __syncthreads();
         if constexpr (BYTES) {
-            widen_tile<T, KEYS, D>(k_tile[0], k_bytes[buffer], threadIdx.x, EXT_THREADS);
-            widen_tile<T, KEYS, D>(v_tile[0], v_bytes[buffer], threadIdx.x, EXT_THREADS);
+            widen_tiles<T, KEYS, D, EXT_THREADS>(k_tile[0], k_bytes[buffer], v_tile[0], v_bytes[buffer], threadIdx.x);
             __syncthreads();
         }
         const u16 (*k_rows)[D + PAD] = k_tile[BYTES ? 0 : buffer];

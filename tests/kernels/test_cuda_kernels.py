@@ -205,6 +205,22 @@ def test_attention_over_an_fp8_cache(cuda, dtype, head_dim, group, page_size):
         row += n
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_fp8_cache_widens_every_e4m3_value_exactly(cuda, dtype):
+    """A sequence of one position attends to it alone: decode attention returns its V row, so each of the 254
+    e4m3 values (all but the NaNs, which the cache never holds), subnormals included, must come back exactly."""
+    values = torch.arange(256, dtype=torch.int32, device=DEVICE)
+    values[(values & 0x7F) == 0x7F] = 0
+    cache = torch.zeros(2, 1, 2, 1, 128, dtype=torch.uint8, device=DEVICE)
+    cache[:, 0, 1, 0] = values.to(torch.uint8).view(2, 128)   # V rows: bytes 0..127, then 128..255
+    cache = cache.view(FP8)
+    q = randn(2, 1, 128, dtype=dtype, seed=31)
+    out = torch.empty_like(q)
+    cuda.decode_attention(out, q, cache, torch.tensor([[0], [1]], device=DEVICE), torch.tensor([1, 1], device=DEVICE),
+                          max_splits=1)
+    assert torch.equal(out[:, 0], cache[:, 0, 1, 0].to(dtype))
+
+
 def test_decode_attention_does_not_depend_on_the_batch(cuda):
     """A sequence's output is bitwise the same alone and in a batch under one split count, and under any split
     count that gives it splits of DECODE_SPLIT."""
