@@ -3,6 +3,7 @@
     python bench/perplexity.py                       # the embedded model: none against int8
     python bench/perplexity.py --quantizations none int8-weight-only int8-lm-head --chunk 4
     python bench/perplexity.py --json bench/results/perplexity.json
+    python bench/perplexity.py --quantizations none --kv-cache-dtypes auto fp8 --chunk 16   # an 8-bit KV cache
 
 The text (below, written for this benchmark) is scored in one teacher-forced pass per setting through the
 engine's own model, so the figure is what the served model computes; `--chunk N` feeds it N tokens a step
@@ -72,23 +73,28 @@ def main() -> None:
     ap.add_argument("--quantizations", nargs="+", default=["none", "int8"])
     ap.add_argument("--chunk", type=int, help="tokens per step (default: the whole text in one step)")
     ap.add_argument("--dtype", default="auto", help="the engine's --dtype for every row")
+    ap.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"],
+                    help="the engine's --kv-cache-dtype: a row for each, after each quantization")
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=".*quantize.*deprecated.*")
     rows = []
     for quantization in args.quantizations:
-        llm = LLM(model=args.model, quantization=quantization, num_pages=128, dtype=args.dtype)
-        ids = llm.tokenizer.encode(TEXT, add_special_tokens=False)
-        rows.append({"quantization": quantization, "tokens": len(ids), "chunk": args.chunk,
-                     "perplexity": perplexity(llm, ids, args.chunk)})
+        for kv_cache_dtype in args.kv_cache_dtypes:
+            llm = LLM(model=args.model, quantization=quantization, num_pages=128, dtype=args.dtype,
+                      kv_cache_dtype=kv_cache_dtype)
+            ids = llm.tokenizer.encode(TEXT, add_special_tokens=False)
+            rows.append({"quantization": quantization, "kv_cache_dtype": kv_cache_dtype, "tokens": len(ids),
+                         "chunk": args.chunk, "perplexity": perplexity(llm, ids, args.chunk)})
     base = rows[0]["perplexity"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "model": args.model, "results": rows}, f, indent=1)
+    label = lambda r: r["quantization"] + (f", kv {r['kv_cache_dtype']}" if len(args.kv_cache_dtypes) > 1 else "")  # noqa: E731
     print(f"\n{args.model}: {rows[0]['tokens']} tokens of fixed text")
-    print(f"{'quantization':<14}{'perplexity':>12}{'vs ' + rows[0]['quantization']:>10}")
+    print(f"{'setting':<20}{'perplexity':>12}{'vs ' + label(rows[0]):>18}")
     for r in rows:
-        print(f"{r['quantization']:<14}{r['perplexity']:>12.3f}{100 * (r['perplexity'] / base - 1):>+9.2f}%")
+        print(f"{label(r):<20}{r['perplexity']:>12.3f}{100 * (r['perplexity'] / base - 1):>+17.2f}%")
 
 
 if __name__ == "__main__":
