@@ -90,7 +90,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "model": args.model, "results": rows}, f, indent=1)
-    label = lambda r: r["quantization"] + (f", kv {r['kv_cache_dtype']}" if len(args.kv_cache_dtypes) > 1 else "")  # noqa: E731
+    def label(row: dict) -> str:
+        return row["quantization"] + (f", kv {row['kv_cache_dtype']}" if len(args.kv_cache_dtypes) > 1 else "")
+
     print(f"\n{args.model}: {rows[0]['tokens']} tokens of fixed text")
     print(f"{'setting':<20}{'perplexity':>12}{'vs ' + label(rows[0]):>18}")
     for r in rows:

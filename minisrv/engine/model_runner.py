@@ -136,8 +136,9 @@ class ModelRunner:
         reserve = self._probe_graph_memory(graph_bs) if graph_bs else 0
         self.num_pages = self._num_pages(reserve)
         if self.kv_dtype != self.dtype:
-            logger.info("KV cache in %s (--kv-cache-dtype %s): %d pages of %d tokens", str(self.kv_dtype).split(".")[-1],
-                        config.kv_cache_dtype, self.num_pages, self.page_size)
+            logger.info("KV cache in %s (--kv-cache-dtype %s): %d pages of %d tokens",
+                        str(self.kv_dtype).removeprefix("torch."), config.kv_cache_dtype, self.num_pages,
+                        self.page_size)
         self.kv_caches = allocate_kv_cache(self.model_config, self.num_pages, self.page_size, self.kv_dtype,
                                            self.device)
         self.model.bind_kv_cache(self.kv_caches)

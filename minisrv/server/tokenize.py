@@ -68,10 +68,11 @@ class Tokenization:
                        max_model_len: int) -> dict:
         prompts = await self.prompts()
         if isinstance(req, TokenizeChatRequest):
-            ids = await self.request_token_ids(req.to_chat_request().to_prompt_request(vocab_size, max_model_len,
-                                                                                       None, {}))
+            prompt = req.to_chat_request().to_prompt_request(vocab_size, max_model_len, None, {})
+            ids = await self.request_token_ids(prompt)
         else:
-            ids = await asyncio.to_thread(prompts.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await asyncio.to_thread(prompts.tokenizer.encode, req.prompt,
+                                          add_special_tokens=req.add_special_tokens)
         strs = prompts.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs}
 
