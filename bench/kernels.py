@@ -136,8 +136,8 @@ def bench_decode_fp8(copy_gbs: float, quick: bool, repeats: int) -> list[Row]:
             q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
             out = torch.empty_like(q)
             lens = torch.full((batch,), ctx, device=DEVICE)
-            splits = cuda.decode_splits(ctx, batch, 8)
-            us = time_us(lambda: cuda.decode_attention(out, q, narrow, table, lens, splits), repeats)
+            splits, narrow_splits = cuda.decode_splits(ctx, batch, 8), cuda.decode_splits(ctx, batch, 8, narrow=True)
+            us = time_us(lambda: cuda.decode_attention(out, q, narrow, table, lens, narrow_splits), repeats)
             wide_us = time_us(lambda: cuda.decode_attention(out, q, cache, table, lens, splits), repeats)
             gbs = batch * ctx * 2 * 8 * 128 / us / 1e3
             rows.append(Row("decode-fp8", f"batch {batch}, context {ctx}", us, "bfloat16 cache", wide_us,
