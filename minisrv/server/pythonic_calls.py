@@ -4,7 +4,8 @@ format Llama 3.2's and Llama 4's pythonic chat templates ask for (vLLM's `python
 The text is scanned once as it grows, keeping track of brackets and string literals, so that each call is known
 complete at its closing parenthesis; it is then parsed by Python's own `ast` (keyword arguments of literal
 values only, JSON's true/false/null taken as well) and its arguments become a JSON object. A call that does not
-parse is no call, and the output it is in stays content. The reader answers as CallReader does (names,
+parse is no call, and the output it is in stays content: so a tool whose name Python cannot call (a keyword such
+as `import`, a name with a dash) is never called in this format, as with vLLM's parser, which parses alike. The reader answers as CallReader does (names,
 arguments, complete), a call appearing only once whole.
 """
 from __future__ import annotations
