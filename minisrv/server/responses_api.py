@@ -130,6 +130,7 @@ class ResponsesRequest(Schema):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
+    priority: int | None = None   # vLLM's, under --scheduling-policy priority
     include: list[str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     # Accepted and ignored, as on the chat endpoint: bookkeeping of OpenAI's platform.
@@ -172,7 +173,8 @@ class ResponsesRequest(Schema):
         self.check_unsupported()
         chat: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream}
         for ours, theirs in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"),
-                             ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls")):
+                             ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
+                             ("priority", "priority")):
             if getattr(self, ours) is not None:
                 chat[theirs] = getattr(self, ours)
         if self.wants_logprobs():

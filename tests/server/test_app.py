@@ -566,6 +566,8 @@ def test_request_id_names_the_response_and_only_priority_zero_is_accepted_first_
     assert r.json()["id"] == "cmpl-from-header"
     assert httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "priority": 0}).status_code == 200
     assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "priority": 3}), 400, "priority")
+    assert_error(httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "hi", "priority": 3}), 400,
+                 "priority")
     assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "request_id": "x" * 300}), 400,
                  "request_id")
 
@@ -581,6 +583,9 @@ def test_priority_reaches_the_engine_under_the_priority_policy() -> None:
                                                           "priority": 7}).status_code == 200
         assert client.inputs[-1].priority == 7
         assert_error(httpx.post(f"{s.url}/v1/chat/completions", json={**chat, "priority": 2**31}), 400, "priority")
+        assert httpx.post(f"{s.url}/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2,
+                                                        "priority": 3}).status_code == 200
+        assert client.inputs[-1].priority == 3
 
 
 def test_api_key() -> None:
