@@ -6,6 +6,7 @@ in a CUDA graph and replayed, so launch overhead on the host stays out of them.
   decode    paged decode attention: GB/s of K/V read against the copy bandwidth, and against the reference
             (gather + SDPA); 32 query / 8 KV heads, head_dim 128, page size 16, bfloat16
   decode-fp8  the same over an e4m3 cache (--kv-cache-dtype fp8), against the bfloat16 cache
+  extend-fp8  extend attention over an e4m3 cache, against the bfloat16 cache
   sample    µs per batch, vocabulary 128256, top-k 50 + top-p 0.9, against a PyTorch sort-based sampler
   sample-parts  the same launch with one feature at a time (greedy, temperature, top-k, top-p, min-p)
   fused     add + RMSNorm, RoPE + KV store, SiLU-and-multiply against their PyTorch sequences
@@ -247,6 +248,26 @@ def bench_extend(repeats: int) -> list[Row]:
     return rows
 
 
+def bench_extend_fp8(repeats: int) -> list[Row]:
+    """--kv-cache-dtype fp8: extend attention over an e4m3 cache against the same kernel over a bfloat16 one."""
+    rows = []
+    for ctx, new in ((0, 2048), (4096, 512), (16384, 256)):
+        cache, table = paged(1, ctx + new)
+        narrow = cache.to(torch.float8_e4m3fn)
+        q = torch.randn(new, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+        slots = (table[0].repeat_interleave(16) * 16 + torch.arange(16, device=DEVICE).repeat(table.shape[1]))
+        meta = AttentionMetadata(
+            slot_mapping=slots[ctx:ctx + new], num_decodes=0, extends=[ExtendSeq(0, new, ctx, table[0])],
+            extend_query_start_loc=torch.tensor([0, new], dtype=torch.int32, device=DEVICE),
+            extend_seq_lens=torch.tensor([ctx + new], dtype=torch.int32, device=DEVICE), extend_page_table=table)
+        out = torch.empty_like(q)
+        ours = time_us(lambda: cuda.extend_attention(out, q, narrow, meta), repeats)
+        wide = time_us(lambda: cuda.extend_attention(out, q, cache, meta), repeats)
+        name = "fresh prefill" if ctx == 0 else f"chunk on a {ctx}-token prefix"
+        rows.append(Row("extend-fp8", f"{name}, {new} new tokens", ours, "bfloat16 cache", wide))
+    return rows
+
+
 LLAMA_1B_PROJECTIONS = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
                         "lm_head": (128256, 2048)}
 
@@ -367,7 +388,8 @@ def plot(rows: list[Row], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    parser.add_argument("--only", default="copy,decode,decode-fp8,sample,sample-parts,fused,extend,gemm,engine",
+    parser.add_argument("--only",
+                        default="copy,decode,decode-fp8,sample,sample-parts,fused,extend,extend-fp8,gemm,engine",
                         help="comma-separated sections")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG plot")
@@ -395,7 +417,8 @@ def main() -> None:
                      ("decode-fp8", lambda: bench_decode_fp8(copy_gbs, args.quick, repeats)),
                      ("sample", lambda: bench_sample(repeats)), ("sample-parts", lambda: bench_sample_parts(repeats)),
                      ("fused", lambda: bench_fused(repeats)),
-                     ("extend", lambda: bench_extend(repeats)), ("gemm", lambda: bench_gemm(copy_gbs, repeats)),
+                     ("extend", lambda: bench_extend(repeats)), ("extend-fp8", lambda: bench_extend_fp8(repeats)),
+                     ("gemm", lambda: bench_gemm(copy_gbs, repeats)),
                      ("engine", lambda: bench_engine(args.quick))):
         if name in sections:
             new = fn()
