@@ -153,18 +153,24 @@ def paged_cache(lengths: list[int], page_size: int, kv_heads: int, head_dim: int
 def test_decode_attention(cuda, dtype, head_dim, group, page_size):
     lengths = [1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 1000, 4096, 8192]
     kv_heads = 2
-    heads = kv_heads * group
     clean, poisoned, table, _ = paged_cache(lengths, page_size, kv_heads, head_dim, dtype, seed=head_dim + group)
-    q = randn(len(lengths), heads, head_dim, dtype=dtype, seed=9)
+    q = randn(len(lengths), kv_heads * group, head_dim, dtype=dtype, seed=9)
+    check_decode(cuda, q, clean, poisoned, table, lengths, TOLERANCE[dtype])
+
+
+def check_decode(cuda, q: torch.Tensor, clean: torch.Tensor, poisoned: torch.Tensor, table: torch.Tensor,
+                 lengths: list[int], tolerance: float) -> None:
+    """Decode attention over `poisoned` against the reference over `clean`, under the engine's split count for
+    this batch and a small one under which long sequences take long splits."""
+    kv_heads = clean.shape[3]
     seq_lens = torch.tensor(lengths, device=DEVICE)
     out = torch.empty_like(q)
     mask = (torch.arange(max(lengths), device=DEVICE) < seq_lens[:, None]).view(len(lengths), 1, 1, -1)
     ref = reference.decode_attention(q, clean, table, max(lengths), mask)
-    # The engine's split count for this batch, and a small one under which long sequences take long splits.
     for max_splits in (cuda.decode_splits(max(lengths), len(lengths), kv_heads), 3):
         cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=max_splits)
         for b, n in enumerate(lengths):
-            assert rel_error(out[b], ref[b]) < TOLERANCE[dtype], f"length {n}, {max_splits} splits"
+            assert rel_error(out[b], ref[b]) < tolerance, f"decode, length {n}, {max_splits} splits"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -178,31 +184,14 @@ def test_attention_over_an_fp8_cache(cuda, dtype, head_dim, group, page_size):
     heads = kv_heads * group
     lengths = [1, 17, 64, 65, 257, 1000, 4096]
     clean, poisoned, table, _ = paged_cache(lengths, page_size, kv_heads, head_dim, dtype, seed=head_dim + group + 1)
-    clean, poisoned = clean.to(FP8), poisoned.to(FP8)
     q = randn(len(lengths), heads, head_dim, dtype=dtype, seed=19)
-    seq_lens = torch.tensor(lengths, device=DEVICE)
-    out = torch.empty_like(q)
-    mask = (torch.arange(max(lengths), device=DEVICE) < seq_lens[:, None]).view(len(lengths), 1, 1, -1)
-    ref = reference.decode_attention(q, clean, table, max(lengths), mask)
-    for max_splits in (cuda.decode_splits(max(lengths), len(lengths), kv_heads), 3):
-        cuda.decode_attention(out, q, poisoned, table, seq_lens, max_splits=max_splits)
-        for b, n in enumerate(lengths):
-            assert rel_error(out[b], ref[b]) < TOLERANCE[dtype], f"decode, length {n}, {max_splits} splits"
+    check_decode(cuda, q, clean.to(FP8), poisoned.to(FP8), table, lengths, TOLERANCE[dtype])
 
     chunks = [(0, 1), (0, 37), (16, 17), (100, 64), (1000, 130)]
     clean, poisoned, table, pages = paged_cache([c + n for c, n in chunks], page_size, kv_heads, head_dim, dtype,
                                                 seed=head_dim * group + 2)
-    clean, poisoned = clean.to(FP8), poisoned.to(FP8)
-    meta = extend_metadata(chunks, table, pages, page_size)
     q = randn(sum(n for _, n in chunks), heads, head_dim, dtype=dtype, seed=23)
-    out = torch.full_like(q, float("nan"))
-    cuda.extend_attention(out, q, poisoned, meta)
-    row = 0
-    for i, (ctx, n) in enumerate(chunks):
-        kv_new = clean.view(-1, 2, kv_heads, head_dim)[meta.slot_mapping[row:row + n]].to(dtype)
-        ref = reference.extend_attention(q[row:row + n], kv_new, clean, table[i], ctx)
-        assert rel_error(out[row:row + n], ref) < TOLERANCE[dtype], f"extend, chunk {(ctx, n)}"
-        row += n
+    check_extend(cuda, q, clean.to(FP8), poisoned.to(FP8), table, pages, chunks, page_size, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -280,19 +269,25 @@ def extend_metadata(chunks: list[tuple[int, int]], table: torch.Tensor, pages: l
 def test_extend_attention(cuda, dtype, head_dim, group, page_size):
     chunks = [(0, 1), (0, 37), (15, 1), (16, 17), (100, 64), (0, 200), (1000, 130), (63, 65)]
     kv_heads = 2
-    heads = kv_heads * group
     lengths = [ctx + n for ctx, n in chunks]
     clean, poisoned, table, pages = paged_cache(lengths, page_size, kv_heads, head_dim, dtype, seed=head_dim * group)
+    q = randn(sum(n for _, n in chunks), kv_heads * group, head_dim, dtype=dtype, seed=13)
+    check_extend(cuda, q, clean, poisoned, table, pages, chunks, page_size, TOLERANCE[dtype])
+
+
+def check_extend(cuda, q: torch.Tensor, clean: torch.Tensor, poisoned: torch.Tensor, table: torch.Tensor,
+                 pages: list[list[int]], chunks: list[tuple[int, int]], page_size: int, tolerance: float) -> None:
+    """Extend attention of `chunks` (context, new tokens) over `poisoned` against the reference over `clean`, each
+    chunk's own K/V read from the cache in q's dtype, as the engine hands them to the reference."""
+    kv_heads, head_dim = clean.shape[3], clean.shape[4]
     meta = extend_metadata(chunks, table, pages, page_size)
-    total = sum(n for _, n in chunks)
-    q = randn(total, heads, head_dim, dtype=dtype, seed=13)
     out = torch.full_like(q, float("nan"))
     cuda.extend_attention(out, q, poisoned, meta)
     row = 0
     for i, (ctx, n) in enumerate(chunks):
-        kv_new = clean.view(-1, 2, kv_heads, head_dim)[meta.slot_mapping[row:row + n]]
+        kv_new = clean.view(-1, 2, kv_heads, head_dim)[meta.slot_mapping[row:row + n]].to(q.dtype)
         ref = reference.extend_attention(q[row:row + n], kv_new, clean, table[i], ctx)
-        assert rel_error(out[row:row + n], ref) < TOLERANCE[dtype], f"chunk {(ctx, n)}"
+        assert rel_error(out[row:row + n], ref) < tolerance, f"extend, chunk {(ctx, n)}"
         row += n
 
 
