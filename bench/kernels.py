@@ -100,51 +100,51 @@ def paged(batch: int, ctx: int, page_size: int = 16, kv_heads: int = 8, head_dim
     return cache, table
 
 
+def decode_cases(quick: bool):
+    """(batch, context) of the decode sections' cases."""
+    batches, contexts = ([1, 64], [4096, 32768]) if quick else ([1, 8, 64, 256], [512, 4096, 32768])
+    return [(batch, ctx) for batch in batches for ctx in contexts if batch * ctx <= (1 << 23)]
+
+
+def decode_inputs(batch: int, ctx: int) -> tuple[torch.Tensor, ...]:
+    """(cache, page table, q, out, lengths) of a decode case: 32 query / 8 KV heads, head_dim 128, page size 16,
+    bfloat16. The caller deletes them before the next case's (the largest cache is 32 GiB)."""
+    cache, table = paged(batch, ctx)
+    q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    return cache, table, q, torch.empty_like(q), torch.full((batch,), ctx, device=DEVICE)
+
+
 def bench_decode(copy_gbs: float, quick: bool, repeats: int) -> list[Row]:
     rows = []
-    batches, contexts = ([1, 64], [4096, 32768]) if quick else ([1, 8, 64, 256], [512, 4096, 32768])
-    for batch in batches:
-        for ctx in contexts:
-            if batch * ctx > (1 << 23):
-                continue
-            cache, table = paged(batch, ctx)
-            q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
-            out = torch.empty_like(q)
-            lens = torch.full((batch,), ctx, device=DEVICE)
-            splits = cuda.decode_splits(ctx, batch, 8)
-            us = time_us(lambda: cuda.decode_attention(out, q, cache, table, lens, splits), repeats)
-            gbs = batch * ctx * 2 * 8 * 128 * 2 / us / 1e3
-            peer_us = None
-            if batch * ctx <= (1 << 19):
-                peer_us = time_us(lambda: reference.decode_attention(q, cache, table, ctx, None), repeats)
-            rows.append(Row("decode", f"batch {batch}, context {ctx}", us, "gather+SDPA", peer_us,
-                            f"{gbs:.0f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy"))
-            del cache, table
-            torch.cuda.empty_cache()
+    for batch, ctx in decode_cases(quick):
+        cache, table, q, out, lens = decode_inputs(batch, ctx)
+        splits = cuda.decode_splits(ctx, batch, 8)
+        us = time_us(lambda: cuda.decode_attention(out, q, cache, table, lens, splits), repeats)
+        gbs = batch * ctx * 2 * 8 * 128 * 2 / us / 1e3
+        peer_us = None
+        if batch * ctx <= (1 << 19):
+            peer_us = time_us(lambda: reference.decode_attention(q, cache, table, ctx, None), repeats)
+        rows.append(Row("decode", f"batch {batch}, context {ctx}", us, "gather+SDPA", peer_us,
+                        f"{gbs:.0f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy"))
+        del cache, table
+        torch.cuda.empty_cache()
     return rows
 
 
 def bench_decode_fp8(copy_gbs: float, quick: bool, repeats: int) -> list[Row]:
     """--kv-cache-dtype fp8: decode attention over an e4m3 cache against the same kernel over a bfloat16 one."""
     rows = []
-    batches, contexts = ([1, 64], [4096, 32768]) if quick else ([1, 8, 64, 256], [512, 4096, 32768])
-    for batch in batches:
-        for ctx in contexts:
-            if batch * ctx > (1 << 23):
-                continue
-            cache, table = paged(batch, ctx)
-            narrow = cache.to(torch.float8_e4m3fn)
-            q = torch.randn(batch, 32, 128, device=DEVICE, dtype=torch.bfloat16)
-            out = torch.empty_like(q)
-            lens = torch.full((batch,), ctx, device=DEVICE)
-            splits, narrow_splits = cuda.decode_splits(ctx, batch, 8), cuda.decode_splits(ctx, batch, 8, narrow=True)
-            us = time_us(lambda: cuda.decode_attention(out, q, narrow, table, lens, narrow_splits), repeats)
-            wide_us = time_us(lambda: cuda.decode_attention(out, q, cache, table, lens, splits), repeats)
-            gbs = batch * ctx * 2 * 8 * 128 / us / 1e3
-            rows.append(Row("decode-fp8", f"batch {batch}, context {ctx}", us, "bfloat16 cache", wide_us,
-                            f"{gbs:.0f} GB/s of e4m3 = {100 * gbs / copy_gbs:.0f}% of copy"))
-            del cache, narrow, table
-            torch.cuda.empty_cache()
+    for batch, ctx in decode_cases(quick):
+        cache, table, q, out, lens = decode_inputs(batch, ctx)
+        narrow = cache.to(torch.float8_e4m3fn)
+        splits, narrow_splits = cuda.decode_splits(ctx, batch, 8), cuda.decode_splits(ctx, batch, 8, narrow=True)
+        us = time_us(lambda: cuda.decode_attention(out, q, narrow, table, lens, narrow_splits), repeats)
+        wide_us = time_us(lambda: cuda.decode_attention(out, q, cache, table, lens, splits), repeats)
+        gbs = batch * ctx * 2 * 8 * 128 / us / 1e3
+        rows.append(Row("decode-fp8", f"batch {batch}, context {ctx}", us, "bfloat16 cache", wide_us,
+                        f"{gbs:.0f} GB/s of e4m3 = {100 * gbs / copy_gbs:.0f}% of copy"))
+        del cache, narrow, table
+        torch.cuda.empty_cache()
     return rows
 
 
