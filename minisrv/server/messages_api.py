@@ -101,7 +101,7 @@ class Message(Schema):
 
 class Tool(Schema):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)   # cache_control and the like
-    type: Literal["custom"] | None = None   # hosted tools (bash_..., web_search_...) are other types: refused
+    type: str | None = None   # "custom"; hosted tools (bash_..., web_search_...) are other types, refused by name
     name: FunctionToolName
     description: str | None = None
     input_schema: dict[str, Any]
