@@ -22,6 +22,7 @@ CPU_MAX_PREFILL_TOKENS = 128
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # The call formats tool_choice "auto" finds, by vLLM's parser names
 TOOL_CALL_FORMATS = ("hermes", "llama3_json", "mistral", "pythonic")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")        # --kv-cache-dtype's 8-bit names (vLLM's), both e4m3
 REASONING_PARSERS = ("qwen3", "deepseek_r1")    # how a reasoning model marks its thinking, by vLLM's parser names
 # One H200 machine (16 cores), llama-3.2-1b at 128 streams: served median inter-token latency 8.5-10.3 ms with one
 # API server process against a 2.1 ms engine step, 2.6-3.1 ms with two; the same at 16 streams. The CPU engine
@@ -123,7 +124,7 @@ class EngineConfig:
         0.85, group="engine", flags=("--mem-fraction-static", "--mem-fraction"), range=Range(0, 1, low_open=True),
         help="share of the GPU memory free after the weights and the CUDA graphs that the KV cache takes")
     kv_cache_dtype: str = setting(
-        "auto", group="engine", choices=("auto", "fp8", "fp8_e4m3"),
+        "auto", group="engine", choices=("auto", *FP8_KV_CACHE_DTYPES),
         help="how the KV cache stores keys and values: in the model's dtype (auto), or in 8-bit floats (fp8, "
              "e4m3 with a scale of 1, as vLLM's without calibrated scales): half the bytes a token, so twice the "
              "tokens fit, read back in the model's dtype by attention")

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from minisrv.config import FP8_KV_CACHE_DTYPES
 from minisrv.models.config import ModelConfig
 
 
 # --kv-cache-dtype's 8-bit choices; "auto" keeps the model's dtype. e4m3 keeps 3 bits of mantissa (a value within
 # 6% of its own) up to +-448, where keys and values of the models here stay.
-FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+FP8_KV_DTYPES = dict.fromkeys(FP8_KV_CACHE_DTYPES, torch.float8_e4m3fn)
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
