@@ -6,6 +6,8 @@ field's name in dashes; `flags` adds the names vLLM and SGLang users know for th
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -159,9 +161,20 @@ class EngineConfig:
     cpu_threads: int | None = setting(
         None, group="engine", range=Range(1),
         help="PyTorch intra-op threads of the CPU engine (default: every core it may run on)")
+    speculative_config: str | None = setting(
+        None, group="engine",
+        help="speculative decoding, as vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+             "(prompt_lookup_max, default 5, and prompt_lookup_min, default 2: the n-gram sizes looked up). "
+             "A decoding request's last n tokens are looked up in its prompt and output; the tokens that followed "
+             "their latest earlier occurrence are checked in the same step as the next token. Each token is drawn "
+             "from the same logits, seed and position as without, so the output is the same where every row computes "
+             "alike (float32 weights; in bfloat16, or int4 on the CPU, a near-tie can go either way, as when the batch "
+             "changes). Requests with penalties or a grammar are not speculated; the engine runs without overlap "
+             "scheduling")
 
     def __post_init__(self) -> None:
         validate_fields(self, _name_the_flag)
+        self.speculative = SpeculativeConfig.parse(self.speculative_config)
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank (--node-rank) {self.node_rank}: must be below --nnodes {self.nnodes}")
         if self.nnodes > 1 and self.dp_size > 1:
@@ -205,6 +218,49 @@ class EngineConfig:
         if self.resolved_device() == "cuda":
             return "bfloat16"
         return "bfloat16" if cpu_multiplies_bfloat16() else "float32"
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """--speculative-config, parsed: n-gram drafting (vLLM's "ngram" method, SGLang's NGRAM)."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 5
+    # A single repeated token predicts poorly: drafted from 1-grams, an open continuation of the embedded model had
+    # 4-14% of its drafts right and ran up to 1.15x slower; from 2-grams, 1.02-1.06x (bench/speculative.py, README).
+    prompt_lookup_min: int = 2
+    method: str = "ngram"
+
+    @classmethod
+    def parse(cls, text: str | None) -> SpeculativeConfig | None:
+        """The JSON object of --speculative-config, checked; ValueError naming the flag and the key."""
+        if text is None:
+            return None
+        where = f"speculative_config ({flag_name('speculative_config')})"
+        try:
+            given = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{where}: not JSON ({exc})") from None
+        if not isinstance(given, dict):
+            raise ValueError(f"{where}: a JSON object, e.g. {{\"method\": \"ngram\", \"num_speculative_tokens\": 4}}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        if given.get("method") != "ngram":
+            raise ValueError(f"{where}: method {given.get('method')!r}: only \"ngram\" (drafts looked up in the "
+                             "request's own tokens) is served; draft models, EAGLE and MTP are not")
+        if "num_speculative_tokens" not in given:
+            raise ValueError(f"{where}: num_speculative_tokens is required")
+        for key in known - {"method"}:
+            value = given.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+                raise ValueError(f"{where}: {key} must be an integer in [1, 64], got {value!r}")
+        config = cls(**given)
+        if config.prompt_lookup_min > config.prompt_lookup_max:
+            raise ValueError(f"{where}: prompt_lookup_min {config.prompt_lookup_min} is above prompt_lookup_max "
+                             f"{config.prompt_lookup_max}")
+        return config
 
 
 def usable_cores() -> int:

@@ -67,6 +67,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def penalised(self) -> bool:
+        """Whether repetition, presence or frequency penalties change the logits (they read the output so far)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range field."""
         validate_fields(self)

@@ -78,6 +78,10 @@ def test_every_flag_reaches_the_config() -> None:
         values["page"], values["kv"], False, "dummy", values["seed"], 0.5)
 
 
+# Settings whose value is a JSON object that the config parses at once.
+JSON_VALUES = {"speculative_config": '{"method": "ngram", "num_speculative_tokens": 3}'}
+
+
 def _some_value(cls: type, f: dataclasses.Field, rng: random.Random) -> object:
     """A valid value for a setting other than its default, drawn from its type, range and choices."""
     meta, kind = f.metadata, typing.get_type_hints(cls)[f.name]
@@ -88,6 +92,8 @@ def _some_value(cls: type, f: dataclasses.Field, rng: random.Random) -> object:
     if typing.get_origin(kind) is tuple:
         return tuple(f"value-{rng.randrange(1000)}" for _ in range(2))
     allowed = meta["range"]
+    if f.name in JSON_VALUES:
+        return JSON_VALUES[f.name]
     if allowed is None:
         return f"value_{rng.randrange(1000)}"   # a word: valid for every free string (--metrics-prefix wants one)
     low, high = allowed.low, allowed.high if allowed.high is not None else allowed.low + 1000
@@ -189,6 +195,14 @@ def test_bad_values_are_one_line_errors(argv: list[str], flag: str, capsys: pyte
     (["--ssl-certfile", "cert.pem"], "--ssl-keyfile"),
     (["--ssl-keyfile", "key.pem"], "--ssl-certfile"),
     (["--ssl-keyfile", "/nowhere/key.pem", "--ssl-certfile", "/nowhere/cert.pem"], "--ssl-certfile"),
+    (["--speculative-config", "ngram"], "--speculative-config"),
+    (["--speculative-config", '{"method": "eagle", "num_speculative_tokens": 2}'], "--speculative-config"),
+    (["--speculative-config", '{"method": "ngram"}'], "--speculative-config"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}'], "--speculative-config"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "model": "x"}'],
+     "--speculative-config"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 6}'],
+     "--speculative-config"),
 ])
 def test_contradicting_settings_are_one_line_errors(argv: list[str], flag: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

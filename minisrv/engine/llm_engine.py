@@ -13,6 +13,7 @@ when step N+2 is launched, after N+2's inputs are prepared on the host, or when 
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from functools import partial
@@ -31,6 +32,8 @@ from minisrv.scheduler.request import Request, RequestOutput, RequestTimes
 from minisrv.scheduler.metrics import RequestMetrics
 from minisrv.scheduler.scheduler import Scheduler
 from minisrv.wire.terms import SchedulerStats
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -56,7 +59,18 @@ class LLMEngine:
         )
         # Unseeded requests still get a concrete seed, so every draw is a function of (seed, position).
         self._seed_source = random.Random(config.seed)
-        self.overlap = (config.overlap_schedule and self.runner.device.type == "cuda") if overlap is None else overlap
+        # A drafted step's next one depends on how many drafts held, which only its results tell: no overlap.
+        speculative = config.speculative is not None
+        if overlap is None:
+            overlap = config.overlap_schedule and self.runner.device.type == "cuda" and not speculative
+        elif overlap and speculative:
+            raise ValueError("speculative decoding (--speculative-config) runs without overlap scheduling")
+        self.overlap = overlap
+        if speculative:
+            spec = config.speculative
+            logger.info("speculative decoding (--speculative-config): up to %d drafted tokens from %d- to %d-grams of "
+                        "each request's tokens; overlap scheduling off", spec.num_speculative_tokens,
+                        spec.prompt_lookup_min, spec.prompt_lookup_max)
         self._in_flight: LaunchedStep | None = None
         self.grammars = GrammarCompiler(load_tokenizer or _no_tokenizer, self.loaded.model_config.vocab_size,
                                         self.loaded.eos_token_ids)

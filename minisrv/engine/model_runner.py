@@ -59,6 +59,7 @@ class StepInputs:
     sample_positions: list[int]   # [S] the output index each sampled token will have
     in_flight_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, row in last_tokens) per unknown id
     prompt_logprob_rows: list[tuple[ScheduledSeq, int]] = field(default_factory=list)   # (seq, its first row)
+    num_generated_rows: int = 0   # decode rows, then drafted seqs' rows (ForwardContext.num_generated_rows)
 
 
 @dataclass
@@ -130,9 +131,11 @@ class ModelRunner:
         self.sampler = sampler
         self.mask_filler = MaskFiller()
         graph_bs = self._graph_batch_size()
-        # Where every step leaves its sampled tokens: the next step reads in-flight input ids from here.
-        self.last_tokens = torch.zeros(max(config.max_running_requests, graph_bs), dtype=torch.int64,
-                                       device=self.device)
+        # Where every step leaves its sampled tokens: the next step reads in-flight input ids from here. A request
+        # with drafts samples a token after each.
+        rows_per_request = 1 + (config.speculative.num_speculative_tokens if config.speculative else 0)
+        self.last_tokens = torch.zeros(max(config.max_running_requests * rows_per_request, graph_bs),
+                                       dtype=torch.int64, device=self.device)
         reserve = self._probe_graph_memory(graph_bs) if graph_bs else 0
         self.num_pages = self._num_pages(reserve)
         if self.kv_dtype != self.dtype:
@@ -286,7 +289,7 @@ class ModelRunner:
             rows, sources = zip(*step.in_flight_rows)
             input_ids = input_ids.index_copy(0, self._tensor(list(rows)),
                                              self.last_tokens.index_select(0, self._tensor(list(sources))))
-        with forward_context(ForwardContext(step.attn)), sdpa_backends(self.device):
+        with forward_context(ForwardContext(step.attn, step.num_generated_rows)), sdpa_backends(self.device):
             hidden = self.model(input_ids, step.positions)
         for seq, first_row in step.prompt_logprob_rows:
             self._prompt_logprobs(seq, hidden[first_row: first_row + seq.num_tokens])
@@ -350,9 +353,10 @@ class ModelRunner:
         return 0, previous.token_rows[request.rid]
 
     def prepare(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> StepInputs:
-        """Flatten the batch: decode rows (one token each) first, then each extending sequence's tokens."""
+        """Flatten the batch: decode rows (one token each) first, then each extending sequence's tokens, those of
+        drafted decodes first."""
         decodes = [s for s in batch.seqs if s.num_tokens == 1]
-        extends = [s for s in batch.seqs if s.num_tokens != 1]
+        extends = sorted((s for s in batch.seqs if s.num_tokens != 1), key=lambda s: not s.draft_ids)
         ps = self.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -374,7 +378,7 @@ class ModelRunner:
             end = seq.start + seq.num_tokens
             query_starts.append(len(input_ids))
             row_of[id(seq)] = len(input_ids) + seq.num_tokens - 1
-            input_ids += _token_slice(seq.request, seq.start, seq.num_tokens)
+            input_ids += _token_slice(seq.request, seq.start, seq.num_tokens - len(seq.draft_ids)) + seq.draft_ids
             positions += range(seq.start, end)
             pages = seq.request.pages
             slots += [pages[p // ps] * ps + p % ps for p in range(seq.start, end)]
@@ -390,13 +394,19 @@ class ModelRunner:
             attn.extend_seq_lens = self._tensor([s.start + s.num_tokens for s in extends], torch.int32)
             attn.extend_query_start_loc = self._tensor(
                 [start - len(decodes) for start in query_starts] + [len(input_ids) - len(decodes)], torch.int32)
-        sampled = [s for s in batch.seqs if s.sample]
+        # A seq samples after its last token, and a drafted one after each draft as well (its last rows).
+        sample_rows, sample_requests, sample_positions = [], [], []
+        for seq in batch.seqs:
+            last_position = seq.start + seq.num_tokens - seq.request.num_prompt_tokens
+            for back in reversed(range(seq.num_samples)):
+                sample_rows.append(row_of[id(seq)] - back)
+                sample_requests.append(seq.request)
+                sample_positions.append(last_position - back)
         prompt_logprob_rows = [(s, row_of[id(s)] - s.num_tokens + 1) for s in batch.seqs
                                if _computes_prompt_logprobs(s)]
-        return StepInputs(self._tensor(input_ids), self._tensor(positions), attn,
-                          self._tensor([row_of[id(s)] for s in sampled]), [s.request for s in sampled],
-                          [s.start + s.num_tokens - s.request.num_prompt_tokens for s in sampled], in_flight_rows,
-                          prompt_logprob_rows)
+        num_generated_rows = len(decodes) + sum(s.num_tokens for s in extends if s.draft_ids)
+        return StepInputs(self._tensor(input_ids), self._tensor(positions), attn, self._tensor(sample_rows),
+                          sample_requests, sample_positions, in_flight_rows, prompt_logprob_rows, num_generated_rows)
 
     def _decode_metadata(self, attn: AttentionMetadata, decodes: list[ScheduledSeq]) -> None:
         ps = self.page_size

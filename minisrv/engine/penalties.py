@@ -26,9 +26,7 @@ from minisrv.scheduler.request import Request
 
 
 def uses_penalties(request: Request) -> bool:
-    params = request.params
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)
+    return request.params.penalised
 
 
 def output_positions(requests: Sequence[Request]) -> list[int]:

@@ -19,6 +19,9 @@ __all__ = ["AttentionMetadata", "ExtendSeq", "ForwardContext", "decode_rows", "f
 @dataclass
 class ForwardContext:
     attn: AttentionMetadata
+    # Leading rows of generated tokens: the decodes, then the rows of drafted sequences (speculative decoding),
+    # which the CPU's weight-only kernels take as they take decodes (None: the decodes alone).
+    num_generated_rows: int | None = None
 
 
 _FORWARD_CONTEXT: ForwardContext | None = None
@@ -31,9 +34,13 @@ def get_forward_context() -> ForwardContext:
 
 
 def decode_rows(rows: int) -> int:
-    """How many of the `rows` leading rows of a layer's input are single-token decodes: the step's count inside a
-    forward context (decode rows come first, prompt rows after), all of them outside one (the LM head's rows)."""
-    return rows if _FORWARD_CONTEXT is None else min(rows, _FORWARD_CONTEXT.attn.num_decodes)
+    """How many of the `rows` leading rows of a layer's input are generated tokens (decodes, and drafts after
+    them): the step's count inside a forward context (they come first, prompt rows after), all of them outside one
+    (the LM head's rows)."""
+    if _FORWARD_CONTEXT is None:
+        return rows
+    generated = _FORWARD_CONTEXT.num_generated_rows
+    return min(rows, _FORWARD_CONTEXT.attn.num_decodes if generated is None else generated)
 
 
 @contextmanager

@@ -47,10 +47,10 @@ DIGEST_MASK = (1 << 64) - 1
 
 
 def step_digest(engine: LLMEngine, outputs: Sequence[RequestOutput]) -> int:
-    """A 64-bit summary of one step: the batch it scheduled (each sequence's request, first position and token
-    count) and its results (which requests got which tokens, which finished)."""
+    """A 64-bit summary of one step: the batch it scheduled (each sequence's request, first position, token count
+    and drafts) and its results (which requests got which tokens, which finished)."""
     batch = engine.last_batch
-    scheduled = tuple((s.request.rid, s.start, s.num_tokens) for s in batch.seqs) if batch is not None else ()
+    scheduled = tuple((s.request.rid, s.start, s.num_tokens, *s.draft_ids) for s in batch.seqs) if batch else ()
     return hash((scheduled, tuple((o.rid, *o.new_token_ids, int(o.finish_reason)) for o in outputs))) & DIGEST_MASK
 
 

@@ -18,6 +18,11 @@ admitted (--scheduling-policy fcfs), or the one of the highest priority value, t
 the head of the queue (of its priority) to recompute its prompt and output so far. A request is never
 preempted for a later one of its priority, nor for one of a higher value, and add_request refuses any
 request that could not run alone in the whole pool, so the scheduler always makes progress.
+
+With speculative decoding (--speculative-config), a decoding request may also get drafts (ngram.py): guessed
+tokens computed after its newest one in the same step, each sampled after. The samples are kept while each
+matches the draft it follows (_accepted); the K/V of the drafts after the first miss is left to be overwritten.
+Drafts take pages and budget only where they are free: they never preempt nor hold back another request.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from minisrv.config import EngineConfig
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.kv_pages import PagePool, pages_for_tokens
 from minisrv.scheduler.metrics import RequestMetrics
+from minisrv.scheduler.ngram import NgramDrafter
 from minisrv.scheduler.prefix_cache import CacheNode, PrefixCache
 from minisrv.scheduler.request import Request, RequestOutput, RequestStatus, SampleResult
 from minisrv.scheduler.waiting import WaitingQueue
@@ -94,6 +100,11 @@ class Scheduler:
         self.prefix_cache_flushes = 0
         self.num_preemptions = 0
         self.metrics = RequestMetrics()
+        self.speculative = config.speculative
+        self._drafters: dict[int, NgramDrafter] = {}  # by request id, for requests that speculate
+        self.num_drafts = 0                           # decode seqs scheduled with drafts (cumulative)
+        self.num_draft_tokens = 0                     # tokens drafted (cumulative)
+        self.num_accepted_tokens = 0                  # of those, tokens the model agreed with (cumulative)
 
     # ---- stats for metrics
     def stats(self) -> SchedulerStats:
@@ -103,7 +114,8 @@ class Scheduler:
                               self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions,
                               m.prompt_tokens, m.generation_tokens, m.finished[FinishReason.STOP],
                               m.finished[FinishReason.LENGTH], m.finished[FinishReason.ABORT],
-                              self.prefix_cache_flushes)
+                              self.prefix_cache_flushes, self.num_drafts, self.num_draft_tokens,
+                              self.num_accepted_tokens)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -166,11 +178,12 @@ class Scheduler:
         # Admission order is decodes first: a request is admitted only with budget left after every
         # running one got all its remaining tokens, so only the newest running request can still be
         # prefilling. It also means preemption victims (the newest) are never already in this step.
-        for req in list(self.running.values()):
+        running = list(self.running.values())
+        for i, req in enumerate(running):
             if step.budget == 0:
                 break
             if req.status is RequestStatus.RUNNING:     # not preempted earlier in this step
-                self._schedule_running(req, step)
+                self._schedule_running(req, step, len(running) - 1 - i)
         # Memory is short when someone was just preempted: admitting more would only thrash.
         while (self.waiting and step.budget > 0 and not step.preempted
                and len(self.running) < self.max_running
@@ -184,35 +197,68 @@ class Scheduler:
         """Record the step's sampled tokens (one result per sampling seq, in batch order). Every token is
         appended and fed to its grammar first; then `grammars_advanced` is called, if given (the engine starts
         filling the next step's grammar masks there, beside the rest of this), and the outputs are made."""
-        num_sampling = sum(seq.sample for seq in batch.seqs)
-        if len(results) != num_sampling:
-            raise ValueError(f"postprocess got {len(results)} sample results for a batch with "
-                             f"{num_sampling} sampling sequences")
-        recorded: list[tuple[ScheduledSeq, SampleResult | None, FinishReason]] = []
-        next_result = iter(results)
+        num_samples = sum(seq.num_samples for seq in batch.seqs)
+        if len(results) != num_samples:
+            raise ValueError(f"postprocess got {len(results)} sample results for a batch that samples "
+                             f"{num_samples} tokens")
+        recorded: list[tuple[ScheduledSeq, list[SampleResult], FinishReason]] = []
+        first = 0
         for seq in batch.seqs:
-            result = next(next_result) if seq.sample else None
+            samples, first = results[first: first + seq.num_samples], first + seq.num_samples
             if seq.request.finished:   # aborted, or stopped by the token before, after it was scheduled
                 continue
-            recorded.append((seq, result, FinishReason.NONE if result is None else self._record(seq.request, result)))
+            recorded.append((seq, *self._record_all(seq, samples)))
         if grammars_advanced is not None:
             grammars_advanced()
         outputs: list[RequestOutput] = []
         now = time.monotonic()
-        for seq, result, reason in recorded:
+        for seq, kept, reason in recorded:
             req = seq.request
             if req.rid in self._cursors:
-                self._cache_full_pages(req, seq.start + seq.num_tokens)
+                # A drafted seq's K/V holds from its start up to the last draft that was right.
+                computed = seq.start + (len(kept) if seq.draft_ids else seq.num_tokens)
+                self._cache_full_pages(req, computed)
             prompt_samples = self._new_prompt_logprobs(seq) if seq.prompt_logprobs else []
-            if result is None:
+            if not kept:
                 if prompt_samples:
                     outputs.append(self._output(req, [], prompt_samples))
                 continue
-            self.metrics.sampled(req, now)
+            for _ in kept:
+                self.metrics.sampled(req, now)
             if reason is not FinishReason.NONE:
                 self._finish(req, reason)
-            outputs.append(self._output(req, [result], prompt_samples))
+            outputs.append(self._output(req, kept, prompt_samples))
         return outputs
+
+    def _record_all(self, seq: ScheduledSeq, samples: list[SampleResult]) -> tuple[list[SampleResult], FinishReason]:
+        """Record the samples of `seq` that hold (_accepted) up to the first that finishes the request; the rest,
+        and the drafts they follow, are forgotten (the scheduler computes from the first position not kept)."""
+        req, kept = seq.request, []
+        reason = FinishReason.NONE
+        for sample in self._accepted(seq, samples):
+            kept.append(sample)
+            reason = self._record(req, sample)
+            if reason is not FinishReason.NONE:
+                break
+        if seq.draft_ids:
+            self.num_accepted_tokens += len(self._accepted(seq, samples)) - 1
+            # Computing resumes at the first position whose K/V is not known to be right.
+            unused = seq.num_samples - len(kept)
+            req.num_in_flight -= unused
+            req.num_computed -= unused
+        return kept, reason
+
+    @staticmethod
+    def _accepted(seq: ScheduledSeq, samples: list[SampleResult]) -> list[SampleResult]:
+        """The samples of a step that hold: the one after the newest token, then, while each sampled token equals
+        the draft computed after it, the one sampled after that draft. Every sample is drawn as it would have been
+        without drafts (the same logits, seed and output position), so the output is the same, only sooner."""
+        kept = samples[:1]
+        for draft, sample in zip(seq.draft_ids, samples[1:]):
+            if kept[-1].token_id != draft:
+                break
+            kept.append(sample)
+        return kept
 
     def _record(self, req: Request, result: SampleResult) -> FinishReason:
         """Append a sampled token to the request's output and feed it to its grammar; whether and why it ends the
@@ -235,9 +281,15 @@ class Scheduler:
         return new
 
     # ---- internals
-    def _schedule_running(self, req: Request, step: _Step) -> None:
+    def _schedule_running(self, req: Request, step: _Step, num_after: int) -> None:
+        """num_after: running requests still to schedule in this step; drafts leave each a token of budget."""
         num_tokens = step.room(req.num_tokens - req.num_computed)
         if num_tokens == 0 or self._length_reached(req):
+            return
+        drafts = (self._drafts(req, step.budget - 1 - num_after)
+                  if num_tokens == req.num_tokens - req.num_computed == 1 else [])
+        if drafts and self._grow(req, req.num_computed + 1 + len(drafts), evict=False):
+            self._add_seq(req, req.num_computed, 1, step, drafts)
             return
         while not self._grow(req, req.num_computed + num_tokens):
             victim = self.waiting.preemption_victim(self.running)
@@ -245,6 +297,21 @@ class Scheduler:
             if victim is req:
                 return
         self._add_seq(req, req.num_computed, num_tokens, step)
+
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        """Guesses at the tokens after a decoding request's newest (none for requests whose sampling reads the
+        output so far: penalties, grammars), as many as its max_tokens, the context and `budget` leave."""
+        spec = self.speculative
+        if spec is None or req.num_in_flight or req.grammar is not None or req.params.penalised:
+            return []
+        room = min(spec.num_speculative_tokens, budget, req.max_tokens - req.num_output_tokens - 1,
+                   self.max_model_len - req.num_tokens - 1)
+        if room <= 0:
+            return []
+        drafter = self._drafters.get(req.rid)
+        if drafter is None:
+            drafter = self._drafters[req.rid] = NgramDrafter(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        return drafter.propose(req.token_ids, room)
 
     def _admit(self, req: Request, step: _Step) -> bool:
         cursor = None
@@ -286,24 +353,28 @@ class Scheduler:
         return any(seq.start < self.page_size <= seq.request.num_prompt_tokens
                    and seq.request.prompt_ids[:self.page_size] == first_page for seq in step.seqs)
 
-    def _add_seq(self, req: Request, start: int, num_tokens: int, step: _Step) -> None:
+    def _add_seq(self, req: Request, start: int, num_tokens: int, step: _Step, draft_ids: list[int] = ()) -> None:
         self.metrics.scheduled(req)
-        req.num_computed = start + num_tokens
-        sample = req.num_computed == req.num_tokens
-        step.seqs.append(ScheduledSeq(req, start, num_tokens, sample=sample))
-        req.num_in_flight += sample
-        step.budget -= num_tokens
-        if num_tokens == 1 and sample:
+        sample = start + num_tokens == req.num_tokens
+        seq = ScheduledSeq(req, start, num_tokens + len(draft_ids), sample=sample, draft_ids=list(draft_ids))
+        step.seqs.append(seq)
+        req.num_computed = start + seq.num_tokens
+        req.num_in_flight += seq.num_samples
+        step.budget -= seq.num_tokens
+        if seq.is_decode:
             step.num_decodes += 1
         else:
             step.prefill_used += num_tokens
+        if draft_ids:
+            self.num_drafts += 1
+            self.num_draft_tokens += len(draft_ids)
 
-    def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Give req pages for its first num_tokens tokens, evicting idle cached pages if needed."""
+    def _grow(self, req: Request, num_tokens: int, evict: bool = True) -> bool:
+        """Give req pages for its first num_tokens tokens, evicting idle cached pages if needed (and allowed)."""
         need = pages_for_tokens(num_tokens, self.page_size) - len(req.pages)
         if need <= 0:
             return True
-        if need > self.pool.num_free + self.pool.num_idle:
+        if need > self.pool.num_free + (self.pool.num_idle if evict else 0):
             return False
         if need > self.pool.num_free:
             assert self.prefix_cache is not None
@@ -320,8 +391,7 @@ class Scheduler:
         self.num_preemptions += 1
         step.preempted = True
 
-    @staticmethod
-    def _unschedule(req: Request, step: _Step) -> None:
+    def _unschedule(self, req: Request, step: _Step) -> None:
         """Take req's seq out of the step being planned, if it has one (only a victim chosen by priority can: by
         admission order, the newest is never scheduled before the request that needs its pages)."""
         seq = next((s for s in step.seqs if s.request is req), None)
@@ -329,11 +399,14 @@ class Scheduler:
             return
         step.seqs.remove(seq)
         step.budget += seq.num_tokens
-        req.num_in_flight -= seq.sample
-        if seq.num_tokens == 1 and seq.sample:
+        req.num_in_flight -= seq.num_samples
+        if seq.is_decode:
             step.num_decodes -= 1
         else:
             step.prefill_used -= seq.num_tokens
+        if seq.draft_ids:
+            self.num_drafts -= 1
+            self.num_draft_tokens -= len(seq.draft_ids)
 
     def _drop_pages(self, req: Request) -> None:
         """Free the request's pages; full ones it cached stay in the prefix cache as idle pages."""
@@ -381,6 +454,7 @@ class Scheduler:
         self.metrics.finished_request(req, reason)
         del self._requests[req.rid]
         self._preempted_rids.discard(req.rid)
+        self._drafters.pop(req.rid, None)
 
     def _output(self, req: Request, samples: list[SampleResult],
                 prompt_samples: list[SampleResult] | None = None) -> RequestOutput:

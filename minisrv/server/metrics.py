@@ -42,7 +42,13 @@ class _SchedulerCollector:
                 (CounterMetricFamily, "num_preemptions", "Running requests preempted to wait for KV pages.",
                  s.num_preemptions),
                 (CounterMetricFamily, "prompt_tokens", "Prompt tokens of admitted requests.", s.prompt_tokens),
-                (CounterMetricFamily, "generation_tokens", "Generated tokens.", s.generation_tokens)):
+                (CounterMetricFamily, "generation_tokens", "Generated tokens.", s.generation_tokens),
+                (CounterMetricFamily, "spec_decode_num_drafts", "Decode steps of a request with drafted tokens.",
+                 s.spec_decode_num_drafts),
+                (CounterMetricFamily, "spec_decode_num_draft_tokens", "Tokens drafted (--speculative-config).",
+                 s.spec_decode_num_draft_tokens),
+                (CounterMetricFamily, "spec_decode_num_accepted_tokens", "Drafted tokens the model agreed with.",
+                 s.spec_decode_num_accepted_tokens)):
             metric = family(f"{self._prefix}:{name}", doc, labels=MODEL_LABEL)
             metric.add_metric(labels, value)
             yield metric

@@ -85,6 +85,9 @@ class SchedulerStats:
     finished_length: int = 0
     finished_abort: int = 0
     prefix_cache_flushes: int = 0    # FLUSH_CACHE records applied (cumulative): /flush_cache waits on it
+    spec_decode_num_drafts: int = 0          # decode steps of a request with drafts (cumulative)
+    spec_decode_num_draft_tokens: int = 0    # tokens drafted (cumulative)
+    spec_decode_num_accepted_tokens: int = 0  # of those, tokens the model agreed with (cumulative)
 
 
 @dataclass(frozen=True)

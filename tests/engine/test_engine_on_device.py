@@ -200,6 +200,16 @@ def test_an_fp8_kv_cache_serves_every_scheduling_mode(oracle, loaded, prompts, b
     assert fp8.runner.num_pages // element == bf16.runner.num_pages
 
 
+def test_speculative_decoding_agrees_with_the_oracle(oracle, loaded, prompts, backend) -> None:
+    """--speculative-config ngram: drafted steps run eagerly (several sampled rows a sequence), the others replay
+    the graphs; every token kept is the oracle's choice."""
+    repeating = [ids[:8] * 4 for ids in prompts]   # drafts from the first decode on
+    engine, outs = generate(loaded, repeating, backend,
+                            speculative_config='{"method": "ngram", "num_speculative_tokens": 3}')
+    assert engine.scheduler.num_draft_tokens > 0 and not engine.overlap
+    assert_oracle_agrees(oracle, repeating, outs)
+
+
 def test_prompt_logprobs_match_the_oracle(oracle, loaded, prompts, backend) -> None:
     """Chunked prefill with CUDA graphs and overlap as served: every prompt token's logprob is the oracle's."""
     hf, _ = oracle

@@ -165,3 +165,48 @@ def test_an_fp8_kv_cache_holds_more_tokens_and_keeps_the_prompts_likelihood(llm:
     print(f"fp8 KV: mean NLL {nll:.4f} -> {fp8_nll:.4f}, first tokens {firsts} -> {fp8_firsts}")
     assert fp8_pages // 4 == pages   # float32 values: four bytes each, against one
     assert abs(fp8_nll - nll) < 0.05 and sum(a == b for a, b in zip(firsts, fp8_firsts)) >= len(firsts) - 1
+
+
+# 1-grams too: more drafts, right and wrong, to check
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(max_num_batched_tokens=7, page_size=4),            # drafts squeezed by a tiny budget
+    dict(page_size=4, num_pages=40, enable_prefix_caching=False),   # preemption recomputes prompts
+], ids=["whole", "chunked", "preempted"])
+def test_speculative_decoding_gives_transformers_tokens(llm: LLM, prompt_ids: list[list[int]],
+                                                        reference: list[list[int]], settings: dict) -> None:
+    engine = _engine(llm, speculative_config=NGRAM, **settings)
+    outs = engine.generate(prompt_ids, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    scheduler = engine.engine.scheduler
+    print(f"{settings}: drafted {scheduler.num_draft_tokens}, accepted {scheduler.num_accepted_tokens}")
+    # the embedded model repeats itself on several of these prompts: each accepted draft is a token without a step
+    assert scheduler.num_accepted_tokens > 20
+    if "num_pages" in settings:
+        assert scheduler.num_preemptions > 0
+
+
+def test_speculative_decoding_samples_exactly_the_tokens_and_logprobs_it_would_without(
+        llm: LLM, prompt_ids: list[list[int]]) -> None:
+    """Each sample is drawn from the same logits with the same seed and output position as without drafts."""
+    eos = llm.engine.loaded.eos_token_ids[0]
+    params = [SamplingParams(temperature=0.7, top_p=0.9, seed=i, max_tokens=24, logprobs=2, min_tokens=4,
+                             logit_bias={eos: 5.0} if i % 3 == 0 else {}, top_k=40 if i % 2 else -1)
+              for i in range(len(prompt_ids))]
+    plain = _engine(llm).generate(prompt_ids, params)
+    engine = _engine(llm, speculative_config=NGRAM)
+    drafted = engine.generate(prompt_ids, params)
+    for a, b in zip(plain, drafted):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+        assert [s.top_ids for s in a.logprobs] == [s.top_ids for s in b.logprobs]
+        assert torch.allclose(torch.tensor([s.logprob for s in a.logprobs]),
+                              torch.tensor([s.logprob for s in b.logprobs]), atol=1e-3)
+    assert engine.engine.scheduler.num_accepted_tokens > 0
+
+
+def test_speculative_decoding_refuses_overlap_scheduling(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="speculative-config.*without overlap"):
+        LLMEngine(EngineConfig(speculative_config=NGRAM), loaded=llm.engine.loaded, overlap=True)

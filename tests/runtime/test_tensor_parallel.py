@@ -36,9 +36,13 @@ def one_rank() -> list[list[int]]:
     return [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]
 
 
-def test_two_ranks_generate_what_one_does(one_rank: list[list[int]]) -> None:
-    """The embedded model split over two gloo ranks (uneven: 9 heads, 3 KV heads), prompts chunked over steps."""
-    llm = LLM(device="cpu", tp_size=2, max_num_batched_tokens=128, max_model_len=1024, **FLOAT32_ARGS)
+@pytest.mark.parametrize("speculative", [None, '{"method": "ngram", "num_speculative_tokens": 3}'],
+                         ids=["plain", "drafting"])
+def test_two_ranks_generate_what_one_does(one_rank: list[list[int]], speculative: str | None) -> None:
+    """The embedded model split over two gloo ranks (uneven: 9 heads, 3 KV heads), prompts chunked over steps;
+    with drafts too, which every rank proposes alike from the same tokens."""
+    llm = LLM(device="cpu", tp_size=2, max_num_batched_tokens=128, max_model_len=1024, speculative_config=speculative,
+              **FLOAT32_ARGS)
     try:
         assert [out.token_ids for out in llm.generate(PROMPTS, GREEDY)] == one_rank
         # Sampled, seeded requests. Rank 1 checks every step's digest (the batch scheduled, the tokens drawn)
@@ -46,6 +50,7 @@ def test_two_ranks_generate_what_one_does(one_rank: list[list[int]]) -> None:
         sampled = llm.generate(PROMPTS, SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=16))
         assert all(len(out.token_ids) >= 1 for out in sampled)
         assert [p.is_alive() for p in llm._ranks.processes] == [True]
+        assert (llm.engine.engine.scheduler.num_accepted_tokens > 0) == bool(speculative)
     finally:
         llm.close()
 

@@ -43,7 +43,8 @@ class FakeEngine:
         for seq in batch.seqs:
             req, end = seq.request, seq.start + seq.num_tokens
             assert end <= len(req.pages) * self.page_size, "scheduled tokens without pages for them"
-            tokens = req.token_ids
+            tokens = req.token_ids + seq.draft_ids
+            assert len(tokens) == end or not seq.draft_ids, "drafts do not follow the newest token"
             prev = 0
             if seq.start > 0:
                 page, slot = self._slot(req, seq.start - 1)
@@ -54,9 +55,9 @@ class FakeEngine:
                 page, slot = self._slot(req, pos)
                 assert not pool.is_cached(page) and pool.ref_count(page) == 1, f"wrote into shared page {page}"
                 self.kv[page][slot] = prev
-            if seq.sample:
-                context = [self.kv[p][s] for p, s in (self._slot(req, pos) for pos in range(end))]
-                results.append(SampleResult(token_id=next_token(context, self.scheduler.vocab_size)))
+            context = [self.kv[p][s] for p, s in (self._slot(req, pos) for pos in range(end))]
+            for last in range(end - seq.num_samples + 1, end + 1):   # a token after each draft too
+                results.append(SampleResult(token_id=next_token(context[:last], self.scheduler.vocab_size)))
         return results
 
 
@@ -147,9 +148,13 @@ def check_drained(sched: Scheduler) -> None:
 
 def make_scheduler(*, num_pages: int, page_size: int = 4, budget: int = 64, max_running: int = 16,
                    prefix_cache: bool = True, eos: tuple[int, ...] = (), max_model_len: int = 4096,
-                   vocab_size: int = 50, max_prefill_tokens: int | None = None, policy: str = "fcfs") -> Scheduler:
+                   vocab_size: int = 50, max_prefill_tokens: int | None = None, policy: str = "fcfs",
+                   speculative: int = 0) -> Scheduler:
+    """speculative: n-gram drafts of up to that many tokens (0: none)."""
+    spec = f'{{"method": "ngram", "num_speculative_tokens": {speculative}, "prompt_lookup_max": 3}}'
     config = EngineConfig(page_size=page_size, max_num_batched_tokens=budget, max_running_requests=max_running,
-                          enable_prefix_caching=prefix_cache, scheduling_policy=policy)
+                          enable_prefix_caching=prefix_cache, scheduling_policy=policy,
+                          speculative_config=spec if speculative else None)
     return Scheduler(config, num_pages=num_pages, eos_token_ids=list(eos), max_model_len=max_model_len,
                      vocab_size=vocab_size, max_prefill_tokens=max_prefill_tokens)
 
@@ -197,8 +202,9 @@ def drive(engine: FakeEngine, arrivals: dict[int, list[Request]] | None = None,
         run.batches.append([(s.request.rid, s.start, s.num_tokens, s.sample) for s in batch.seqs])
         if sched.has_unfinished():
             assert batch, "no progress: requests are unfinished but nothing was scheduled"
+        drafted = {s.request.rid: len(s.draft_ids) for s in batch.seqs}
         for out in sched.postprocess(batch, engine.execute(batch)):
-            assert len(out.new_token_ids) == 1
+            assert 1 <= len(out.new_token_ids) <= 1 + drafted.get(out.rid, 0) or out.finish_reason is FinishReason.ABORT
             run.outputs.setdefault(out.rid, []).append(out)
         check_invariants(sched)
     raise AssertionError(f"not drained after {max_steps} steps")

@@ -354,7 +354,7 @@ def test_postprocess_rejects_a_wrong_number_of_results():
     sched = make_scheduler(num_pages=8)
     sched.add_request(request(1, [1, 2, 3], max_tokens=2))
     batch = sched.schedule()
-    with pytest.raises(ValueError, match="got 2 sample results for a batch with 1 sampling sequences"):
+    with pytest.raises(ValueError, match="got 2 sample results for a batch that samples 1 tokens"):
         sched.postprocess(batch, [SampleResult(1), SampleResult(2)])
 
 

@@ -25,6 +25,7 @@ class Workload:
     arrivals: dict[int, list[Request]]
     aborts: dict[int, list[int]]
     policy: str
+    speculative: int   # n-gram drafts of up to this many tokens (0: none)
 
 
 @st.composite
@@ -51,7 +52,8 @@ def workloads(draw) -> Workload:
     return Workload(page_size=page_size, num_pages=draw(st.integers(biggest, biggest + 8)),
                     budget=draw(st.integers(1, 24)), max_running=draw(st.integers(1, 6)),
                     prefix_cache=draw(st.booleans()), max_model_len=longest + draw(st.integers(0, 3)),
-                    arrivals=arrivals, aborts=aborts, policy=draw(st.sampled_from(["fcfs", "priority"])))
+                    arrivals=arrivals, aborts=aborts, policy=draw(st.sampled_from(["fcfs", "priority"])),
+                    speculative=draw(st.sampled_from([0, 1, 3])))
 
 
 @settings(max_examples=400, derandomize=True, database=None, deadline=None,
@@ -60,7 +62,8 @@ def workloads(draw) -> Workload:
 def test_random_workloads_match_an_unconstrained_run(work: Workload):
     sched = make_scheduler(num_pages=work.num_pages, page_size=work.page_size, budget=work.budget,
                            max_running=work.max_running, prefix_cache=work.prefix_cache, eos=EOS,
-                           max_model_len=work.max_model_len, vocab_size=VOCAB, policy=work.policy)
+                           max_model_len=work.max_model_len, vocab_size=VOCAB, policy=work.policy,
+                           speculative=work.speculative)
     reqs = [r for batch in work.arrivals.values() for r in batch]
     # drive() checks after every step: pages in exactly one place, refcounts = holders, budget kept.
     run = drive(FakeEngine(sched), work.arrivals, work.aborts)
@@ -84,7 +87,8 @@ def test_shortage_of_pages_or_budget_does_not_change_results(work: Workload):
     for num_pages, budget in [(work.num_pages, work.budget), (256, 4096)]:  # 256 pages hold them all
         sched = make_scheduler(num_pages=num_pages, page_size=work.page_size, budget=budget,
                                max_running=64, prefix_cache=work.prefix_cache, eos=EOS,
-                               max_model_len=work.max_model_len, vocab_size=VOCAB, policy=work.policy)
+                               max_model_len=work.max_model_len, vocab_size=VOCAB, policy=work.policy,
+                               speculative=work.speculative)
         fresh = {step: [Request(rid=r.rid, prompt_ids=list(r.prompt_ids), params=r.params, seed=r.seed,
                                 priority=r.priority) for r in batch] for step, batch in work.arrivals.items()}
         run = drive(FakeEngine(sched), fresh)

@@ -407,6 +407,36 @@ def test_stream_interval_and_sse_timestamps_through_every_process() -> None:
     assert len(stamps) == len(chunks) and before < stamps[0] < stamps[1] < stamps[2] < stamps[3] < after
 
 
+def test_speculative_decoding_serves_the_same_text_and_counts_its_drafts() -> None:
+    """--speculative-config ngram: several tokens a step for a stream that repeats its prompt, the same text and
+    logprobs as without (float32 weights: every row takes the same arithmetic), streamed or whole, a stop string cut
+    as without, and vLLM's spec_decode counters."""
+    prompt = "Copy the list exactly.\nList: apples, pears, plums, figs, limes, dates.\nCopy: apples, pears,"
+    bodies = [{"prompt": prompt, "max_tokens": 24, "temperature": 0.0, "logprobs": 1},
+              {"prompt": prompt, "max_tokens": 24, "temperature": 0.0, "stop": [" figs"]},
+              {"prompt": prompt, "max_tokens": 24, "temperature": 0.8, "seed": 3}]
+    flags = ["--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--dtype", "float32",
+             "--quantization", "none"]
+    with (LiveServer(flags, env={"MINISRV_API_KEY": API_KEY}) as plain_server,
+          LiveServer([*flags, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}'],
+                     env={"MINISRV_API_KEY": API_KEY}) as drafting):
+        for body in bodies:
+            plain = post(plain_server, "/v1/completions", body).json()["choices"][0]
+            whole = post(drafting, "/v1/completions", body).json()["choices"][0]
+            lines = post(drafting, "/v1/completions", {**body, "stream": True}).text.split("\n")
+            chunks = [json.loads(line[6:])["choices"][0] for line in lines if line.startswith("data: {")]
+            assert (whole["text"], whole["finish_reason"]) == (plain["text"], plain["finish_reason"])
+            assert "".join(c["text"] for c in chunks) == plain["text"]
+            assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == [plain["finish_reason"]]
+            if body.get("logprobs"):
+                assert whole["logprobs"]["tokens"] == plain["logprobs"]["tokens"]
+                assert whole["logprobs"]["token_logprobs"] == pytest.approx(plain["logprobs"]["token_logprobs"],
+                                                                             abs=1e-3)
+        counted = metrics(drafting)
+    drafted, accepted = (counted[f"minisrv:spec_decode_num_{name}_tokens_total"] for name in ("draft", "accepted"))
+    assert drafted >= accepted > 4 and counted["minisrv:spec_decode_num_drafts_total"] > 0
+
+
 def test_tokenize_counts_what_the_engine_gets(server, sdk, model) -> None:
     prompt = "The quick brown fox jumps over the lazy dog."
     tokens = post(server, "/tokenize", {"model": model, "prompt": prompt}).json()

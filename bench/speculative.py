@@ -1,0 +1,117 @@
+"""What n-gram speculative decoding (--speculative-config) buys: time per output token with drafts against without,
+on the same engine weights, in one run.
+
+Two workloads, greedy, one stream (or --streams N): `copy`, a prompt whose answer repeats text of the prompt (the
+case drafts are for: quoting, extraction, edits), and `free`, an open continuation where drafts are rarely right.
+Each runs with and without drafts in alternation, --repeats times; the table gives median ms per output token,
+the ratio (drafting / plain: below 1 is faster), the drafted tokens per step and the share the model accepted.
+The tokens must be the same with and without drafts (checked when the weights are not quantized per row count:
+see the README on --speculative-config).
+
+    python bench/speculative.py                                     # the embedded model, this machine's defaults
+    python bench/speculative.py --quantization none --dtype float32 --json bench/results/speculative-cpu.json
+    python bench/speculative.py --model llama-3.2-1b --load-format dummy --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from machine import machine
+
+from minisrv.config import EngineConfig
+from minisrv.engine.llm_engine import LLMEngine
+from minisrv.models.source import resolve_source
+from minisrv.sampling_params import SamplingParams
+from minisrv.tokenizer.loading import load_fast_tokenizer
+
+PASSAGE = ("The committee met on Tuesday to review the budget for the coming year. It agreed to raise the "
+           "spending on schools by four percent, to keep the spending on roads as it was, and to set aside a "
+           "small fund for repairs to the old library on Main Street.")
+WORKLOADS = {
+    "copy": f"Repeat the following text word for word.\nText: {PASSAGE}\nRepeated text:",
+    "free": "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+}
+
+
+def run(engine: LLMEngine, prompt: list[int], streams: int, tokens: int, rid: int) -> tuple[float, list[list[int]]]:
+    """Seconds per output token (after the first, which prefill gives) and each stream's tokens."""
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    for i in range(streams):
+        engine.add_request(rid + i, list(prompt), params)
+    outputs: dict[int, list[int]] = {rid + i: [] for i in range(streams)}
+    first = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.rid] += out.new_token_ids
+        if first is None and all(outputs.values()):
+            first = time.perf_counter()
+    return (time.perf_counter() - first) / (tokens - 1), list(outputs.values())
+
+
+def counts(engine: LLMEngine) -> tuple[int, int, int]:
+    s = engine.scheduler
+    return s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default="auto")
+    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4], help="num_speculative_tokens to try")
+    ap.add_argument("--prompt-lookup-min", type=int, default=2)
+    ap.add_argument("--streams", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    base = dict(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+                quantization=args.quantization, max_model_len=1024)
+    plain = LLMEngine(EngineConfig(**base))
+    source = resolve_source(EngineConfig(**base))
+    tokenizer = load_fast_tokenizer(source) if args.load_format != "dummy" else None
+    engines = {0: plain}
+    for k in args.draft_tokens:
+        spec = json.dumps({"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": args.prompt_lookup_min})
+        engines[k] = LLMEngine(EngineConfig(**base, speculative_config=spec), loaded=plain.loaded)
+    rows, rid = [], 0
+    for workload, text in WORKLOADS.items():
+        prompt = (tokenizer.encode(text).ids if tokenizer is not None
+                  else [(i * 7919) % 30000 + 100 for i in range(64)] * (2 if workload == "copy" else 1))
+        per_token: dict[int, list[float]] = {k: [] for k in engines}
+        counted_before = {k: counts(engine) for k, engine in engines.items()}
+        outputs: dict[int, list[list[int]]] = {}
+        for repeat in range(args.repeats + 1):   # the first round warms up
+            order = list(engines) if repeat % 2 else list(engines)[::-1]
+            for k in order:
+                seconds, outputs[k] = run(engines[k], prompt, args.streams, args.tokens, rid := rid + args.streams)
+                if repeat:
+                    per_token[k].append(seconds * 1e3)
+        for k in engines:
+            drafts, drafted, accepted = (now - before for now, before in zip(counts(engines[k]), counted_before[k]))
+            rows.append(dict(workload=workload, draft_tokens=k, ms_per_token=statistics.median(per_token[k]),
+                             runs_ms=per_token[k], same_tokens=outputs[k] == outputs[0],
+                             acceptance=accepted / drafted if drafted else 0.0,
+                             tokens_per_draft_step=accepted / drafts + 1 if drafts else 1.0))
+            rows[-1]["ratio"] = rows[-1]["ms_per_token"] / statistics.median(per_token[0])
+    setup = {**machine(), **base, "streams": args.streams, "tokens": args.tokens, "repeats": args.repeats,
+             "prompt_lookup_min": args.prompt_lookup_min}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": setup, "rows": rows}, f, indent=1)
+    print(f"\n{args.model} on {args.device}, {args.streams} stream(s), {args.tokens} tokens, greedy "
+          f"(dtype {args.dtype}, quantization {args.quantization})")
+    print(f"{'workload':<9}{'drafts':>7}{'ms/token':>10}{'vs plain':>10}{'accepted':>10}{'tokens/step':>13}"
+          f"{'same tokens':>13}")
+    for r in rows:
+        print(f"{r['workload']:<9}{r['draft_tokens']:>7}{r['ms_per_token']:>10.2f}{r['ratio']:>9.2f}x"
+              f"{r['acceptance']:>9.0%}{r['tokens_per_draft_step']:>13.2f}{str(r['same_tokens']):>13}")
+
+
+if __name__ == "__main__":
+    main()
