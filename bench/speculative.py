@@ -2,11 +2,11 @@
 on the same engine weights, in one run.
 
 Two workloads, greedy, one stream (or --streams N): `copy`, a prompt whose answer repeats text of the prompt (the
-case drafts are for: quoting, extraction, edits), and `free`, an open continuation where drafts are rarely right.
-Each runs with and without drafts in alternation, --repeats times; the table gives median ms per output token,
-the ratio (drafting / plain: below 1 is faster), the drafted tokens per step and the share the model accepted.
-The tokens must be the same with and without drafts (checked when the weights are not quantized per row count:
-see the README on --speculative-config).
+case drafts are for: quoting, extraction, edits), and `free`, an open continuation. One engine runs each with and
+without drafts (its scheduler's drafting switched between runs: engines sharing one model would share its bound KV
+cache), in alternation, --repeats times; the table gives median ms per output token, the ratio (drafting / plain:
+below 1 is faster), the share of drafted tokens the model accepted, the tokens a drafted step gave, and whether the
+tokens were those of the run without drafts (they are up to rounding: see the README on --speculative-config).
 
     python bench/speculative.py                                     # the embedded model, this machine's defaults
     python bench/speculative.py --quantization none --dtype float32 --json bench/results/speculative-cpu.json
@@ -15,6 +15,7 @@ see the README on --speculative-config).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -65,35 +66,38 @@ def main() -> None:
     ap.add_argument("--quantization", default="auto")
     ap.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4], help="num_speculative_tokens to try")
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
-    ap.add_argument("--streams", type=int, default=2)
+    ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     base = dict(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                 quantization=args.quantization, max_model_len=1024)
-    plain = LLMEngine(EngineConfig(**base))
-    source = resolve_source(EngineConfig(**base))
-    tokenizer = load_fast_tokenizer(source) if args.load_format != "dummy" else None
-    engines = {0: plain}
-    for k in args.draft_tokens:
-        spec = json.dumps({"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": args.prompt_lookup_min})
-        engines[k] = LLMEngine(EngineConfig(**base, speculative_config=spec), loaded=plain.loaded)
+    most = json.dumps({"method": "ngram", "num_speculative_tokens": max(args.draft_tokens),
+                       "prompt_lookup_min": args.prompt_lookup_min})
+    engine = LLMEngine(EngineConfig(**base, speculative_config=most))
+    tokenizer = load_fast_tokenizer(resolve_source(engine.config)) if args.load_format != "dummy" else None
+    drafting = {0: None, **{k: dataclasses.replace(engine.config.speculative, num_speculative_tokens=k)
+                            for k in args.draft_tokens}}
     rows, rid = [], 0
-    for workload, text in WORKLOADS.items():
+    for workload in args.workloads:
+        text = WORKLOADS[workload]
         prompt = (tokenizer.encode(text).ids if tokenizer is not None
                   else [(i * 7919) % 30000 + 100 for i in range(64)] * (2 if workload == "copy" else 1))
-        per_token: dict[int, list[float]] = {k: [] for k in engines}
-        counted_before = {k: counts(engine) for k, engine in engines.items()}
+        per_token: dict[int, list[float]] = {k: [] for k in drafting}
+        counted: dict[int, list[int]] = {k: [0, 0, 0] for k in drafting}
         outputs: dict[int, list[list[int]]] = {}
         for repeat in range(args.repeats + 1):   # the first round warms up
-            order = list(engines) if repeat % 2 else list(engines)[::-1]
-            for k in order:
-                seconds, outputs[k] = run(engines[k], prompt, args.streams, args.tokens, rid := rid + args.streams)
+            for k in list(drafting) if repeat % 2 else list(drafting)[::-1]:
+                engine.scheduler.speculative = drafting[k]
+                before = counts(engine)
+                seconds, outputs[k] = run(engine, prompt, args.streams, args.tokens, rid := rid + args.streams)
+                counted[k] = [total + now - then for total, now, then in zip(counted[k], counts(engine), before)]
                 if repeat:
                     per_token[k].append(seconds * 1e3)
-        for k in engines:
-            drafts, drafted, accepted = (now - before for now, before in zip(counts(engines[k]), counted_before[k]))
+        for k in drafting:
+            drafts, drafted, accepted = counted[k]
             rows.append(dict(workload=workload, draft_tokens=k, ms_per_token=statistics.median(per_token[k]),
                              runs_ms=per_token[k], same_tokens=outputs[k] == outputs[0],
                              acceptance=accepted / drafted if drafted else 0.0,

@@ -11,18 +11,43 @@ date as tokens are appended, so a lookup is one dict probe per size instead of a
 """
 from __future__ import annotations
 
+# The most steps a request goes without drafts after one-token drafts kept missing: text that starts to repeat itself
+# is drafted again within this many tokens.
+MAX_PAUSE = 16
+
 
 class NgramDrafter:
-    """One request's n-gram tables."""
+    """One request's n-gram tables, and how many tokens its drafts may have.
 
-    def __init__(self, min_n: int, max_n: int) -> None:
+    That length follows how the last draft fared (`checked`): after a miss it is one more than the tokens that were
+    right, back to the most after a draft that was right throughout. A one-token draft that misses pauses drafting
+    for a number of steps that doubles with each such miss in a row (up to MAX_PAUSE). Text that copies keeps long
+    drafts; text that does not drafts now and then, a token at a time, so its wrong guesses cost little."""
+
+    def __init__(self, min_n: int, max_n: int, max_tokens: int) -> None:
         self.sizes = range(max_n, min_n - 1, -1)   # longest first: a longer match predicts better
+        self.max_tokens = max_tokens
+        self.length = max_tokens   # of the next draft
+        self.pause = 0             # steps to go without a draft
+        self._next_pause = 1
         self._next: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self._indexed = 0   # n-grams ending before tokens[:_indexed] are in the tables
 
-    def propose(self, tokens: list[int], max_tokens: int) -> list[int]:
-        """Up to max_tokens tokens guessed to follow `tokens` (the request's prompt and recorded output, which only
-        ever grows); [] when no suffix occurred before."""
+    def checked(self, num_drafted: int, num_right: int) -> None:
+        """The model agreed with the first num_right of the last draft's num_drafted tokens."""
+        self.length = self.max_tokens if num_right == num_drafted else num_right + 1
+        if num_drafted == 1 and num_right == 0:
+            self.pause, self._next_pause = self._next_pause, min(2 * self._next_pause, MAX_PAUSE)
+        elif num_right:
+            self._next_pause = 1
+
+    def propose(self, tokens: list[int], room: int) -> list[int]:
+        """Up to `length` (and `room`) tokens guessed to follow `tokens` (the request's prompt and recorded output,
+        which only ever grows); [] when no suffix occurred before."""
+        max_tokens = min(room, self.length)
+        if self.pause:
+            self.pause -= 1
+            return []
         if max_tokens <= 0:
             return []
         self._index(tokens)

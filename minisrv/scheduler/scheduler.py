@@ -194,7 +194,7 @@ class Scheduler:
 
     def postprocess(self, batch: ScheduledBatch, results: list[SampleResult],
                     grammars_advanced: Callable[[], None] | None = None) -> list[RequestOutput]:
-        """Record the step's sampled tokens (one result per sampling seq, in batch order). Every token is
+        """Record the step's sampled tokens (each seq's num_samples results, in batch order). Every token kept is
         appended and fed to its grammar first; then `grammars_advanced` is called, if given (the engine starts
         filling the next step's grammar masks there, beside the rest of this), and the outputs are made."""
         num_samples = sum(seq.num_samples for seq in batch.seqs)
@@ -233,15 +233,16 @@ class Scheduler:
     def _record_all(self, seq: ScheduledSeq, samples: list[SampleResult]) -> tuple[list[SampleResult], FinishReason]:
         """Record the samples of `seq` that hold (_accepted) up to the first that finishes the request; the rest,
         and the drafts they follow, are forgotten (the scheduler computes from the first position not kept)."""
-        req, kept = seq.request, []
+        req, accepted, kept = seq.request, self._accepted(seq, samples), []
         reason = FinishReason.NONE
-        for sample in self._accepted(seq, samples):
+        for sample in accepted:
             kept.append(sample)
             reason = self._record(req, sample)
             if reason is not FinishReason.NONE:
                 break
         if seq.draft_ids:
-            self.num_accepted_tokens += len(self._accepted(seq, samples)) - 1
+            self.num_accepted_tokens += len(accepted) - 1
+            self._drafters[req.rid].checked(len(seq.draft_ids), len(accepted) - 1)
             # Computing resumes at the first position whose K/V is not known to be right.
             unused = seq.num_samples - len(kept)
             req.num_in_flight -= unused
@@ -304,13 +305,14 @@ class Scheduler:
         spec = self.speculative
         if spec is None or req.num_in_flight or req.grammar is not None or req.params.penalised:
             return []
-        room = min(spec.num_speculative_tokens, budget, req.max_tokens - req.num_output_tokens - 1,
+        room = min(budget, req.max_tokens - req.num_output_tokens - 1,
                    self.max_model_len - req.num_tokens - 1)
         if room <= 0:
             return []
         drafter = self._drafters.get(req.rid)
         if drafter is None:
-            drafter = self._drafters[req.rid] = NgramDrafter(spec.prompt_lookup_min, spec.prompt_lookup_max)
+            drafter = self._drafters[req.rid] = NgramDrafter(spec.prompt_lookup_min, spec.prompt_lookup_max,
+                                                             spec.num_speculative_tokens)
         return drafter.propose(req.token_ids, room)
 
     def _admit(self, req: Request, step: _Step) -> bool:
