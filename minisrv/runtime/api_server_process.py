@@ -30,7 +30,7 @@ from minisrv.runtime.engine_client import EngineClient
 from minisrv.runtime.launch import GOING_DOWN, finish_http, late_heartbeat, start_http
 from minisrv.runtime.status_block import StatusBlock
 from minisrv.runtime.worker import (PARENT_CHECK_INTERVAL_S, ParentGone, ParentWatch, WorkerInfo, exit_quickly,
-                                    start_worker)
+                                    freeze_start_up_objects, start_worker)
 from minisrv.server.app import build_app
 from minisrv.server.engine_handle import RequestError
 from minisrv.tokenizer.prompts import load_prompt_tokenizer
@@ -129,6 +129,7 @@ def main(info: WorkerInfo, config: ServerConfig, source: ModelSource, channels: 
         client = EngineClient(to_tokenizers, from_detokenizer, status, config.reported_model_name,
                               api_server=role.index, api_server_count=role.count)
         server = ApiServer(config, source, role, client, status, watch)
+        freeze_start_up_objects()
         status.mark_ready(info.slot, os.getpid())   # attached: the launcher may unlink the names
         uvloop.run(server.run())
     finally:

