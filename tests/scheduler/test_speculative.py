@@ -2,7 +2,8 @@
 request resumes after a draft went wrong."""
 from __future__ import annotations
 
-from sched_harness import FakeEngine, check_drained, check_invariants, drive, make_scheduler, reference_generate, request
+from sched_harness import (FakeEngine, check_drained, check_invariants, drive, make_scheduler, reference_generate,
+                           request)
 
 from minisrv.scheduler.request import FinishReason, SampleResult
 
