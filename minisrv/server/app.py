@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hmac
 import importlib.metadata
+import json
 import logging
 import socket
 import ssl
@@ -113,6 +114,7 @@ class ApiRoutes:
             route("/v1/models/{model:path}", self.get_model, ["GET"]),
             route("/v1/chat/completions", self.chat_completions, ["POST"], ChatCompletionRequest),
             route("/v1/completions", self.completions, ["POST"], CompletionRequest),
+            route("/invocations", self.invocations, ["POST"], (ChatCompletionRequest, CompletionRequest)),  # SageMaker's
             route("/v1/responses", self.create_response, ["POST"], responses_api.ResponsesRequest),
             route("/v1/messages", self.create_message, ["POST"], messages_api.MessagesRequest,
                   messages_api.AnthropicErrorBody),
@@ -185,7 +187,28 @@ class ApiRoutes:
     async def chat_completions(self, request: Request) -> Response:
         """OpenAI chat completions, streamed as server-sent events with stream: true."""
         self._authorize(request)
-        req = parse_request(ChatCompletionRequest, await read_body(request, self.config.body_read_timeout))
+        return await self._chat_completions(request, await read_body(request, self.config.body_read_timeout))
+
+    async def invocations(self, request: Request) -> Response:
+        """SageMaker's one route, as vLLM serves it: a chat completions body (it has `messages`) or a completions
+        body (`prompt`), answered as that endpoint answers."""
+        self._authorize(request)
+        body = await read_body(request, self.config.body_read_timeout)
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            fields = None   # parse_request names what is wrong with it
+        if isinstance(fields, dict) and "messages" in fields:
+            return await self._chat_completions(request, body)
+        if isinstance(fields, dict) and "prompt" in fields:
+            return await self._completions(request, body)
+        if not isinstance(fields, dict):
+            parse_request(CompletionRequest, body)
+        raise APIError(400, "/invocations takes a chat completions request (with `messages`) or a completions request "
+                            "(with `prompt`)", "messages")
+
+    async def _chat_completions(self, request: Request, body: bytes) -> Response:
+        req = parse_request(ChatCompletionRequest, body)
         ctx, prompt = await self._chat(req, request, "chatcmpl")
         return await self._respond(request, ctx, [prompt], req.stream, responses.chat_stream,
                                    responses.chat_completion)
@@ -264,7 +287,10 @@ class ApiRoutes:
     async def completions(self, request: Request) -> Response:
         """OpenAI (legacy) completions, streamed as server-sent events with stream: true."""
         self._authorize(request)
-        req = parse_request(CompletionRequest, await read_body(request, self.config.body_read_timeout))
+        return await self._completions(request, await read_body(request, self.config.body_read_timeout))
+
+    async def _completions(self, request: Request, body: bytes) -> Response:
+        req = parse_request(CompletionRequest, body)
         self._check_model(req.model)
         self._log_ignored(req.ignored_fields())
         self._check_priority(req.priority)

@@ -231,6 +231,21 @@ def test_completions_several_prompts_and_n(sdk) -> None:
     assert texts == {c.index: c.text for c in out.choices}
 
 
+def test_invocations_answers_a_chat_body_as_chat_and_a_prompt_as_completions(server, sdk) -> None:
+    """SageMaker's /invocations, as vLLM routes it: by the body's shape."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "seed": 3}
+    completion = {"model": MODEL, "prompt": "ab", "max_tokens": 5, "seed": 3}
+    for body, path, kind in ((chat, "/v1/chat/completions", "chat.completion"),
+                             (completion, "/v1/completions", "text_completion")):
+        invoked = httpx.post(f"{server.url}/invocations", json=body).json()
+        direct = httpx.post(f"{server.url}{path}", json=body).json()
+        assert invoked["object"] == direct["object"] == kind
+        assert invoked["choices"] == direct["choices"] and invoked["usage"] == direct["usage"]
+    streamed = sse_events(httpx.post(f"{server.url}/invocations", json={**completion, "stream": True}))
+    assert streamed[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in streamed[:-1]) == \
+        httpx.post(f"{server.url}/v1/completions", json=completion).json()["choices"][0]["text"]
+
+
 def test_completions_logprobs_and_echo(sdk) -> None:
     out = sdk.completions.create(model=MODEL, prompt="p", max_tokens=3, logprobs=2, **GREEDY)
     lp = out.choices[0].logprobs
@@ -289,6 +304,10 @@ def test_sse_framing(server) -> None:
     ("PUT", "/v1/models", b"", 405, None),
     ("GET", "/v1/nothing", b"", 404, None),
     ("POST", "/generate", b'{"text": 5}', 400, "text"),
+    ("POST", "/invocations", b'{"input": "x"}', 400, "messages"),
+    ("POST", "/invocations", b'[1, 2]', 400, None),
+    ("POST", "/invocations", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ("POST", "/invocations", b'{"messages": []}', 400, "messages"),
 ])
 def test_error_bodies(server, method: str, path: str, body: bytes, status: int, param: str | None) -> None:
     response = httpx.request(method, f"{server.url}{path}", content=body, headers={"Content-Type": "application/json"})

@@ -44,7 +44,7 @@ def test_every_route_is_documented_with_its_methods(server, document) -> None:
                 "/generate": {"post"}, "/flush_cache": {"get", "post"}, "/reset_prefix_cache": {"post"},
                 "/get_model_info": {"get"}, "/get_server_info": {"get"},
                 "/tokenize": {"post"}, "/detokenize": {"post"}, "/v1/embeddings": {"post"},
-                "/v1/messages": {"post"}, "/v1/messages/count_tokens": {"post"}}
+                "/v1/messages": {"post"}, "/v1/messages/count_tokens": {"post"}, "/invocations": {"post"}}
     assert {path: set(ops) for path, ops in paths.items()} == expected
     # Each documented GET path answers (not 404/405); the model card needs the served model's name. No response
     # is stored to be retrieved: that one says so.
