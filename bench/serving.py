@@ -8,6 +8,9 @@ requests. Every response is streamed; per request: time to first token (TTFT), t
 the first (TPOT), the gaps between content chunks (ITL) and the end-to-end latency (E2EL). Output tokens
 are the server's usage count when it sends one (stream_options.include_usage), else the content chunks.
 
+`--dataset copy` instead asks the model to repeat a passage of its prompt word for word (COPY_PASSAGES, drawn in
+turn; the output length is --random-output-len): the work that speculative decoding's n-gram drafts are for.
+
 It prints the block vLLM's `bench serve` prints, and with --json writes those figures under vLLM's key names.
 
     python bench/serving.py --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 16
@@ -27,6 +30,17 @@ from dataclasses import dataclass, field
 from machine import machine
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+COPY_PASSAGES = (
+    "The committee met on Tuesday to review the budget for the coming year. It agreed to raise the spending on "
+    "schools by four percent, to keep the spending on roads as it was, and to set aside a small fund for repairs to "
+    "the old library on Main Street.",
+    "To reset the router, unplug it from the wall, wait thirty seconds, and plug it back in. When the light on the "
+    "front turns green, open the settings page and enter the password printed on the label under the router.",
+    "The bakery opens at seven in the morning and closes at six in the evening. On Sundays it opens at nine and "
+    "sells only bread, rolls and the apple cake that the owner's mother first baked forty years ago.",
+    "Patients should not eat or drink anything after midnight before the operation. They should bring a list of "
+    "the medicines they take, wear loose clothes, and ask a friend or relative to drive them home afterwards.",
+)
 
 
 @dataclass
@@ -76,6 +90,10 @@ def exact_prompt(tokenizer, length: int, rng: random.Random) -> str:
         vocab = [i for i in rng.sample(vocab, min(len(vocab), 20000))
                  if tokenizer.encode(tokenizer.decode([i]), add_special_tokens=False) == [i]]
     raise SystemExit(f"could not make a prompt of exactly {length} tokens with this tokenizer")
+
+
+def copy_prompt(passage: str) -> str:
+    return f"Repeat the following text word for word.\nText: {passage}\nRepeated text:"
 
 
 def lengths(mean: int, ratio: float, count: int, rng: random.Random) -> list[int]:
@@ -258,6 +276,7 @@ def main() -> None:
                         help="the served model's tokenizer: a Hugging Face directory or id, or 'embedded' "
                              "(minisrv's default model)")
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--dataset", choices=("random", "copy"), default="random")
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--random-input-len", type=int, default=256)
     parser.add_argument("--random-output-len", type=int, default=64)
@@ -294,7 +313,11 @@ def main() -> None:
     count = args.num_prompts + args.num_warmups
     ins = lengths(args.random_input_len, args.random_range_ratio, count, rng)
     outs = lengths(args.random_output_len, args.random_range_ratio, count, rng)
-    prompts = [(exact_prompt(tokenizer, i, rng), i, o) for i, o in zip(ins, outs)]
+    if args.dataset == "copy":
+        texts = [copy_prompt(COPY_PASSAGES[k % len(COPY_PASSAGES)]) for k in range(count)]
+        prompts = [(t, len(tokenizer.encode(t, add_special_tokens=False)), o) for t, o in zip(texts, outs)]
+    else:
+        prompts = [(exact_prompt(tokenizer, i, rng), i, o) for i, o in zip(ins, outs)]
     warmups, prompts = prompts[: args.num_warmups], prompts[args.num_warmups:]
     import uvloop
 

@@ -21,6 +21,7 @@ import statistics
 import time
 
 from machine import machine
+from serving import COPY_PASSAGES, copy_prompt
 
 from minisrv.config import EngineConfig
 from minisrv.engine.llm_engine import LLMEngine
@@ -28,11 +29,8 @@ from minisrv.models.source import resolve_source
 from minisrv.sampling_params import SamplingParams
 from minisrv.tokenizer.loading import load_fast_tokenizer
 
-PASSAGE = ("The committee met on Tuesday to review the budget for the coming year. It agreed to raise the "
-           "spending on schools by four percent, to keep the spending on roads as it was, and to set aside a "
-           "small fund for repairs to the old library on Main Street.")
 WORKLOADS = {
-    "copy": f"Repeat the following text word for word.\nText: {PASSAGE}\nRepeated text:",
+    "copy": copy_prompt(COPY_PASSAGES[0]),
     "free": "Once upon a time, in a small village by the sea, there lived an old fisherman who",
 }
 
