@@ -49,7 +49,9 @@ class RequestMetrics:
             t.first_scheduled = time.monotonic()
             self.observe(QUEUE, t.first_scheduled - t.queued)
 
-    def sampled(self, req: Request, now: float) -> None:
+    def sampled(self, req: Request, now: float, num_tokens: int = 1) -> None:
+        """A step gave `req` num_tokens tokens (several when drafts held): one inter-token latency, as vLLM observes
+        one per request and step."""
         t = req.times
         if t.first_token is None:
             t.first_token = now
@@ -58,7 +60,7 @@ class RequestMetrics:
         else:
             self.observe(ITL, now - t.last_token)
         t.last_token = now
-        self.generation_tokens += 1
+        self.generation_tokens += num_tokens
 
     def finished_request(self, req: Request, reason: FinishReason) -> None:
         t, now = req.times, time.monotonic()

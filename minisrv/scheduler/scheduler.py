@@ -223,8 +223,7 @@ class Scheduler:
                 if prompt_samples:
                     outputs.append(self._output(req, [], prompt_samples))
                 continue
-            for _ in kept:
-                self.metrics.sampled(req, now)
+            self.metrics.sampled(req, now, len(kept))
             if reason is not FinishReason.NONE:
                 self._finish(req, reason)
             outputs.append(self._output(req, kept, prompt_samples))

@@ -30,10 +30,13 @@ def test_buckets_are_less_than_or_equal() -> None:
     assert counts[0] == 1 and counts[1] == 1 and counts[-1] == 1 and sum(counts) == 3
 
 
-def test_a_run_counts_every_request_token_and_step() -> None:
-    sched = make_scheduler(num_pages=64, budget=16)
+@pytest.mark.parametrize("speculative", [0, 3], ids=["plain", "drafting"])
+def test_a_run_counts_every_request_token_and_step(speculative: int) -> None:
+    # Drafting: a vocabulary of 2 makes outputs repeat, so steps give several tokens (one latency each, as vLLM's).
+    sched = make_scheduler(num_pages=64, budget=16, speculative=speculative, vocab_size=2 if speculative else 50)
     arrived = time.monotonic() - 2.0   # the API server got these two seconds ago
-    reqs = [request(rid, list(range(1, 3 + 5 * rid)), max_tokens=4 + rid, ignore_eos=True) for rid in range(4)]
+    reqs = [request(rid, [(t * 7) % sched.vocab_size for t in range(1, 3 + 5 * rid)], max_tokens=8 + rid,
+                    ignore_eos=True) for rid in range(4)]
     for r in reqs:
         r.times = RequestTimes(arrived)
     run = drive(FakeEngine(sched), arrivals={0: reqs[:3], 2: reqs[3:]}, aborts={3: [3]})
@@ -44,7 +47,9 @@ def test_a_run_counts_every_request_token_and_step() -> None:
     assert m.generation_tokens == generated and m.prompt_tokens == sum(r.num_prompt_tokens for r in reqs)
     assert m.finished == {FinishReason.STOP: 0, FinishReason.LENGTH: len(finished), FinishReason.ABORT: 1}
     assert count(m, "time_to_first_token_seconds") == first_tokens
-    assert count(m, "inter_token_latency_seconds") == generated - first_tokens
+    steps_with_tokens = sum(1 for rid in range(4) for out in run.outputs[rid] if out.new_token_ids)
+    assert count(m, "inter_token_latency_seconds") == steps_with_tokens - first_tokens
+    assert (steps_with_tokens < generated) == bool(speculative)
     assert count(m, "e2e_request_latency_seconds") == 4 == count(m, "request_generation_tokens")
     assert count(m, "request_queue_time_seconds") == 4   # each was scheduled before it finished
     # Latencies run from the API server's arrival: every one of them is at least the two seconds.
