@@ -121,8 +121,10 @@ class Client:
         assert 400 <= out.status_code < 500 and out.json()["error"]["message"], out.text
 
 
-def test_mixed_traffic_soak() -> None:
-    with LiveServer(["--max-model-len", "1024"]) as server:
+@pytest.mark.parametrize("flags", [[], ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']],
+                         ids=["plain", "drafting"])
+def test_mixed_traffic_soak(flags: list[str]) -> None:
+    with LiveServer(["--max-model-len", "1024", *flags]) as server:
         warm = Client(server.url, 0, 0.0, [])
         with httpx.Client(timeout=120) as http:
             warm.stream_to_the_end(http)
