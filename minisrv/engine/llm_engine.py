@@ -59,13 +59,12 @@ class LLMEngine:
         )
         # Unseeded requests still get a concrete seed, so every draw is a function of (seed, position).
         self._seed_source = random.Random(config.seed)
-        # A drafted step's next one depends on how many drafts held, which only its results tell: no overlap.
+        self.overlap = (config.overlap_schedule and self.runner.device.type == "cuda") if overlap is None else overlap
+        # A drafted step's next one depends on how many drafts held, which only its results tell: no overlap (drafts
+        # run on the CPU engine only, whose default is none).
         speculative = config.speculative is not None
-        if overlap is None:
-            overlap = config.overlap_schedule and self.runner.device.type == "cuda" and not speculative
-        elif overlap and speculative:
+        if self.overlap and speculative:
             raise ValueError("speculative decoding (--speculative-config) runs without overlap scheduling")
-        self.overlap = overlap
         if speculative:
             spec = config.speculative
             logger.info("speculative decoding (--speculative-config): up to %d drafted tokens from %d- to %d-grams of "
