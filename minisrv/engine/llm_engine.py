@@ -22,7 +22,6 @@ from typing import Callable
 from minisrv.config import EngineConfig
 from minisrv.engine.grammar import GrammarCompiler, RequestGrammar
 from minisrv.engine.model_runner import LaunchedStep, ModelRunner
-from minisrv.engine.penalties import uses_penalties
 from minisrv.layers.parallel import TensorParallel
 from minisrv.models.loader import LoadedModel, load_model
 from minisrv.models.source import ModelSource
@@ -131,8 +130,8 @@ class LLMEngine:
 def _needs_recorded_tokens(batch: ScheduledBatch, previous: LaunchedStep) -> bool:
     """Whether a request of `batch` with a token in flight from `previous` uses penalties or a grammar, which
     read its recorded tokens."""
-    return any(seq.request.rid in previous.token_rows
-               and (uses_penalties(seq.request) or seq.request.grammar is not None) for seq in batch.seqs)
+    return any((seq.request.grammar is not None or seq.request.params.penalised)
+               and seq.request.rid in previous.token_rows for seq in batch.seqs)
 
 
 def _no_tokenizer() -> object:

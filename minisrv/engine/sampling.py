@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from minisrv.engine.grammar import grammar_bitmasks
-from minisrv.engine.penalties import apply_logit_adjustments, banned_stop_ids, output_positions, uses_penalties
+from minisrv.engine.penalties import apply_logit_adjustments, banned_stop_ids, output_positions
 from minisrv.engine.philox import uniform_draws
 from minisrv.scheduler.request import Request, SampleResult
 
@@ -238,8 +238,9 @@ class FusedSampler(Sampler):
     def needs_adjustment(self, requests: list[Request], positions: list[int], grammars: bool = True) -> bool:
         """Whether some row has min_tokens bans, logit_bias, penalties or (unless `grammars` is False) a grammar:
         what `draw` alone does not apply (it takes grammar bitmasks, but does not fill them)."""
-        return any((grammars and r.grammar is not None) or uses_penalties(r) or r.params.logit_bias
-                   or banned_stop_ids(r, self.eos_token_ids, pos)
+        # The cheap tests first: this runs for every row of every step.
+        return any((grammars and r.grammar is not None) or r.params.penalised or r.params.logit_bias
+                   or (pos < r.params.min_tokens and banned_stop_ids(r, self.eos_token_ids, pos))
                    for r, pos in zip(requests, positions))
 
     def launch(self, logits: torch.Tensor, requests: list[Request], positions: list[int],
