@@ -71,13 +71,20 @@ class GrammarCompiler:
 
     def compile(self, grammar: str) -> RequestGrammar:
         """A fresh matcher for `grammar`; ValueError (fit for the client) when llguidance rejects it."""
+        return RequestGrammar(self._compiled_matcher(grammar).deep_copy())
+
+    def validate(self, grammar: str) -> None:
+        """ValueError (fit for the client) when llguidance rejects `grammar`: compile's check, without a matcher."""
+        self._compiled_matcher(grammar)
+
+    def _compiled_matcher(self, grammar: str):
         from llguidance import LLMatcher
 
         with self._lock:
             compiled = self._compiled.get(grammar)
             if compiled is not None:
                 self._compiled.move_to_end(grammar)
-                return RequestGrammar(compiled.deep_copy())
+                return compiled
             tokenizer = self._tokenizer()
         compiled = LLMatcher(tokenizer, grammar, log_level=0)   # outside the lock: this is the slow part
         if compiled.is_error():
@@ -86,7 +93,11 @@ class GrammarCompiler:
             self._compiled[grammar] = compiled
             if len(self._compiled) > self.capacity:
                 self._compiled.popitem(last=False)
-        return RequestGrammar(compiled.deep_copy())
+        return compiled
+
+    def tokenizer_json(self) -> str:
+        """The tokenizer as JSON, for a grammar process to compile against."""
+        return self._load_tokenizer().to_str()
 
     def _tokenizer(self):
         if self._ll_tokenizer is None:

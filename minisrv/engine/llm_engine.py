@@ -21,6 +21,7 @@ from typing import Callable
 
 from minisrv.config import EngineConfig
 from minisrv.engine.grammar import GrammarCompiler, RequestGrammar
+from minisrv.engine.grammar_process import GrammarProcess, RemoteGrammar
 from minisrv.engine.model_runner import LaunchedStep, ModelRunner
 from minisrv.layers.parallel import TensorParallel
 from minisrv.models.loader import LoadedModel, load_model
@@ -72,6 +73,11 @@ class LLMEngine:
         self._in_flight: LaunchedStep | None = None
         self.grammars = GrammarCompiler(load_tokenizer or _no_tokenizer, self.loaded.model_config.vocab_size,
                                         self.loaded.eos_token_ids)
+        if load_tokenizer is not None and _grammar_process_wanted(config, self.runner.device.type, tp):
+            # Started now, so that it has loaded while the first grammar's request is on its way.
+            self.runner.grammar_process = GrammarProcess(
+                self.grammars.tokenizer_json(), self.loaded.model_config.vocab_size, self.loaded.eos_token_ids,
+                max_rows=self.runner.last_tokens.shape[0])
         self.last_batch: ScheduledBatch | None = None   # what the last step scheduled (tensor-parallel ranks compare it)
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams,
@@ -84,11 +90,18 @@ class LLMEngine:
             grammar = self.compile_grammar(params.grammar)
         seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
         times = RequestTimes(time.monotonic() if arrival is None else arrival)
-        self.scheduler.add_request(Request(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed,
-                                           grammar=grammar, times=times, priority=priority))
+        request = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed, grammar=grammar,
+                          times=times, priority=priority)
+        self.scheduler.add_request(request)
+        if isinstance(grammar, RemoteGrammar):
+            self.runner.grammar_process.register(request)   # compiled there while the prompt is computed
 
-    def compile_grammar(self, grammar: str) -> RequestGrammar:
-        """A request's matcher for `grammar` (ValueError if it cannot be used); safe to call from another thread."""
+    def compile_grammar(self, grammar: str) -> RequestGrammar | RemoteGrammar:
+        """A request's matcher for `grammar` (ValueError if it cannot be used); safe to call from another thread.
+        With a grammar process, the grammar is only checked here: the process keeps the matcher."""
+        if self.runner.grammar_process is not None:
+            self.grammars.validate(grammar)
+            return RemoteGrammar()
         return self.grammars.compile(grammar)
 
     def abort(self, rid: int) -> RequestOutput | None:
@@ -132,6 +145,26 @@ def _needs_recorded_tokens(batch: ScheduledBatch, previous: LaunchedStep) -> boo
     read its recorded tokens."""
     return any((seq.request.grammar is not None or seq.request.params.penalised)
                and seq.request.rid in previous.token_rows for seq in batch.seqs)
+
+
+def _grammar_process_wanted(config: EngineConfig, device_type: str, tp: TensorParallel) -> bool:
+    """EngineConfig.grammar_process resolved. auto: on a CUDA device, unless under tensor parallelism (every rank
+    must learn of a grammar's completion at the same step, so they all keep the matchers in process) or in a
+    daemon process (which multiprocessing lets have no children)."""
+    import multiprocessing
+
+    if config.grammar_process == "off" or (config.grammar_process == "auto" and device_type != "cuda"):
+        return False
+    if tp.size > 1:
+        if config.grammar_process == "on":
+            logger.warning("grammar_process (--grammar-process) on: not under tensor parallelism; the grammars stay "
+                           "in the engine's process")
+        return False
+    if multiprocessing.current_process().daemon:
+        logger.warning("grammar_process (--grammar-process) %s: this is a daemon process, which cannot start one; "
+                       "the grammars stay in the engine's process", config.grammar_process)
+        return False
+    return True
 
 
 def _no_tokenizer() -> object:

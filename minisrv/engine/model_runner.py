@@ -16,6 +16,7 @@ import torch
 from minisrv.config import EngineConfig, usable_cores
 from minisrv.engine.cuda_graph import SAMPLER_ROWS, DecodeGraphs
 from minisrv.engine.grammar import MaskFiller, PendingMasks, host_bitmasks
+from minisrv.engine.grammar_process import GrammarProcess, PendingFill
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page, kv_cache_dtype
 from minisrv.engine.sampling import INT_PARAMS, DeviceSamples, logprob_results
 from minisrv.kernels import select_ops
@@ -71,7 +72,7 @@ class DeferredSampling:
     positions: list[int]
     params: tuple[torch.Tensor, torch.Tensor] | None   # the graph's parameter buffers, when it replayed one
     bucket: int | None = None                          # the bucket of the graph it replayed, if any
-    masks: PendingMasks | None = None                  # its grammar masks, when being filled (fill_masks)
+    masks: PendingMasks | PendingFill | None = None    # its grammar masks, when being filled (fill_masks)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class ModelRunner:
                        else Sampler(vocab_size, eos, self.device))
         self.sampler = sampler
         self.mask_filler = MaskFiller()
+        self.grammar_process: GrammarProcess | None = None   # set by the engine when grammars live there
         graph_bs = self._graph_batch_size()
         # Where every step leaves its sampled tokens: the next step reads in-flight input ids from here. A request
         # with drafts samples a token after each.
@@ -248,8 +250,12 @@ class ModelRunner:
         requests' grammars have seen every recorded token, while the caller prepares the next step; a step with
         fewer constrained rows than MaskFiller.min_rows has them filled by its draw."""
         deferred = step.samples
-        if isinstance(deferred, DeferredSampling) and deferred.masks is None:
+        if not isinstance(deferred, DeferredSampling) or deferred.masks is not None:
+            return
+        if self.grammar_process is None:
             deferred.masks = self.mask_filler.start(step.requests, self.model_config.vocab_size, self.device)
+        elif any(r.grammar is not None for r in step.requests):
+            deferred.masks = self.grammar_process.fill(step.requests)
 
     @torch.inference_mode()
     def sample_deferred(self, step: LaunchedStep | None) -> None:
@@ -258,9 +264,7 @@ class ModelRunner:
         if not isinstance(deferred, DeferredSampling):
             return
         requests, positions = step.requests, deferred.positions
-        vocab_size = self.model_config.vocab_size
-        bitmask = host_bitmasks(requests, vocab_size, self.device) if deferred.masks is None \
-            else deferred.masks.result()
+        bitmask = self._bitmask(requests, deferred.masks)
         if deferred.bucket is not None and not self.sampler.needs_adjustment(requests, positions, grammars=False):
             # Nothing but grammars: the graph's own draw again, under their masks (one replay, not the launches).
             if bitmask is not None:
@@ -271,10 +275,35 @@ class ModelRunner:
                 bitmask = bitmask.to(self.device, non_blocking=True)
             step.samples = self._draw(deferred.logits, requests, positions, deferred.params, bitmask)
 
+    def _bitmask(self, requests: list[Request], pending: PendingMasks | PendingFill | None = None
+                 ) -> torch.Tensor | None:
+        """The grammar masks of `requests` on the host (None when no row has a grammar): `pending`'s, when
+        fill_masks started them, else filled now. From the grammar process, they come with the requests whose
+        grammar the tokens recorded so far completed: those end at their next postprocess."""
+        if self.grammar_process is None:
+            return host_bitmasks(requests, self.model_config.vocab_size, self.device) if pending is None \
+                else pending.result()
+        if pending is None:
+            if not any(r.grammar is not None for r in requests):
+                return None
+            pending = self.grammar_process.fill(requests)
+        filled = pending.result()
+        if filled.completed:
+            completed = set(filled.completed)
+            for req in requests:
+                if req.rid in completed:
+                    req.grammar_complete = True
+        return filled.masks
+
     def _draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int],
               params: tuple[torch.Tensor, torch.Tensor] | None = None,
               bitmask: torch.Tensor | None = None) -> DeviceSamples | list[SampleResult]:
         """Sample a token per row into last_tokens: queued on the device (FusedSampler), or drawn at once."""
+        if bitmask is None and self.grammar_process is not None:
+            # The sampler would fill masks from the requests' own matchers, which live in the grammar process.
+            bitmask = self._bitmask(requests)
+            if bitmask is not None and hasattr(self.sampler, "launch"):
+                bitmask = bitmask.to(self.device, non_blocking=True)
         tokens = self.last_tokens[: len(requests)]
         if hasattr(self.sampler, "launch"):
             return self.sampler.launch(logits, requests, positions, params=params, out=tokens, bitmask=bitmask)

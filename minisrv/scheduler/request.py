@@ -56,6 +56,9 @@ class Request:
     max_tokens: int = 0                         # params.max_tokens, or the room the context leaves (add_request)
     finish_reason: FinishReason = FinishReason.NONE
     grammar: TokenConstraint | None = None      # params.grammar, compiled: its state follows output_ids
+    # Set when a grammar process (minisrv/engine/grammar_process.py) finds the grammar complete after output_ids:
+    # the request then ends at its next postprocess, whatever that step sampled for it.
+    grammar_complete: bool = False
     times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
     num_prompt_logprobs: int = 0                # prompt tokens whose logprobs went out (params.prompt_logprobs)
     priority: int = 0                           # --scheduling-policy priority: lower values run first

@@ -207,6 +207,10 @@ class Scheduler:
             samples, first = results[first: first + seq.num_samples], first + seq.num_samples
             if seq.request.finished:   # aborted, or stopped by the token before, after it was scheduled
                 continue
+            if seq.request.grammar_complete:   # by the token before: what this step sampled for it is not kept
+                seq.request.num_in_flight -= len(samples)
+                recorded.append((seq, [], FinishReason.STOP))
+                continue
             recorded.append((seq, *self._record_all(seq, samples)))
         if grammars_advanced is not None:
             grammars_advanced()
@@ -220,7 +224,9 @@ class Scheduler:
                 self._cache_full_pages(req, computed)
             prompt_samples = self._new_prompt_logprobs(seq) if seq.prompt_logprobs else []
             if not kept:
-                if prompt_samples:
+                if reason is not FinishReason.NONE:
+                    self._finish(req, reason)
+                if prompt_samples or reason is not FinishReason.NONE:
                     outputs.append(self._output(req, [], prompt_samples))
                 continue
             self.metrics.sampled(req, now, len(kept))

@@ -476,6 +476,23 @@ def test_response_format_json_schema_is_followed(sdk, model) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole.choices[0].message.content
 
 
+def test_a_grammar_process_gives_the_same_structured_output(sdk, model) -> None:
+    """`--grammar-process on` (the default on a GPU): the grammars' matchers in a process of their own give the
+    greedy JSON the in-process matchers give, whole and streamed, and the server stops cleanly with it."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    ask = dict(model=model, messages=chat_messages("Describe Ada Lovelace as JSON."), response_format=fmt,
+               max_tokens=60, **GREEDY)
+    expected = sdk.chat.completions.create(**ask).choices[0]
+    with LiveServer(["--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", "--dtype", "float32",
+                     "--grammar-process", "on"], env={"MINISRV_API_KEY": API_KEY}) as other:
+        client = openai.OpenAI(base_url=f"{other.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        whole = client.chat.completions.create(**ask).choices[0]
+        assert (whole.message.content, whole.finish_reason) == (expected.message.content, expected.finish_reason)
+        stream = client.chat.completions.create(**ask, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole.message.content
+    assert other.process.returncode == 0
+
+
 def test_guided_choice_regex_and_json_object(server, sdk, model) -> None:
     yes_no = sdk.completions.create(model=model, prompt="Is the sky green? Answer:", max_tokens=8, n=4, seed=3,
                                     temperature=1.0, extra_body={"guided_choice": ["yes", "no", "it depends"]})
