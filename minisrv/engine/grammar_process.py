@@ -44,6 +44,7 @@ FILL_HEADER = struct.Struct("<qII4x")  # sequence number, batch rows, rows with 
 COMPLETED, REFUSED = 1, 2              # a row's flag: its grammar is complete / refused a token
 DONE_WORDS = 8                         # the FILL sequence number, alone on its cache line
 SPIN_CHECKS = 100_000                  # spins between checks that the child still lives
+STARTUP_TIMEOUT_S = 120.0              # for the child to import llguidance and build its token trie
 COMPILE_THREADS = 1
 MATCHER_THREADS = 1                    # llguidance's executor for advancing and filling (more were no faster)
 
@@ -98,11 +99,18 @@ class GrammarProcess:
                                             list(eos_token_ids), os.getpid()))
         self._process.start()
         child_end.close()
-        self._conn.send_bytes(tokenizer_json.encode())
-        if self._conn.recv_bytes() != b"ready":
-            raise GrammarProcessGone("the grammar process did not start")
-        # The child has mapped the segment: its name can go, so a crash leaves nothing in /dev/shm.
+        try:
+            self._conn.send_bytes(tokenizer_json.encode())
+            ready = self._conn.poll(STARTUP_TIMEOUT_S) and self._conn.recv_bytes() == b"ready"
+        except (EOFError, OSError):
+            ready = False
+        # The child has mapped the segment (or failed): its name can go, so nothing is left in /dev/shm.
         self._shm.unlink()
+        if not ready:
+            self.close()
+            raise GrammarProcessGone("the grammar process did not start (a script that builds an engine when it is "
+                                     "imported needs an `if __name__ == \"__main__\":` guard: multiprocessing's "
+                                     "spawn imports it again in the child)")
         self._sequence = 0
         self._synced: dict[int, int] = {}       # rid -> output tokens the child has consumed
         self._requests: dict[int, Request] = {}
@@ -156,6 +164,8 @@ class GrammarProcess:
                 raise GrammarProcessGone(f"the grammar process exited (code {self._process.exitcode})")
 
     def close(self) -> None:
+        if not hasattr(self, "masks"):
+            return   # closed already
         if self._process.is_alive():
             try:
                 self._conn.send_bytes(STOP)

@@ -21,7 +21,7 @@ from typing import Callable
 
 from minisrv.config import EngineConfig
 from minisrv.engine.grammar import GrammarCompiler, RequestGrammar
-from minisrv.engine.grammar_process import GrammarProcess, RemoteGrammar
+from minisrv.engine.grammar_process import GrammarProcess, GrammarProcessGone, RemoteGrammar
 from minisrv.engine.model_runner import LaunchedStep, ModelRunner
 from minisrv.layers.parallel import TensorParallel
 from minisrv.models.loader import LoadedModel, load_model
@@ -74,10 +74,14 @@ class LLMEngine:
         self.grammars = GrammarCompiler(load_tokenizer or _no_tokenizer, self.loaded.model_config.vocab_size,
                                         self.loaded.eos_token_ids)
         if load_tokenizer is not None and _grammar_process_wanted(config, self.runner.device.type, tp):
-            # Started now, so that it has loaded while the first grammar's request is on its way.
-            self.runner.grammar_process = GrammarProcess(
-                self.grammars.tokenizer_json(), self.loaded.model_config.vocab_size, self.loaded.eos_token_ids,
-                max_rows=self.runner.last_tokens.shape[0])
+            # Started with the engine (a second or two), not at the first grammar, which would hold up running streams.
+            try:
+                self.runner.grammar_process = GrammarProcess(
+                    self.grammars.tokenizer_json(), self.loaded.model_config.vocab_size, self.loaded.eos_token_ids,
+                    max_rows=self.runner.last_tokens.shape[0])
+            except GrammarProcessGone as exc:
+                logger.warning("grammar_process (--grammar-process): %s; the grammars stay in the engine's process",
+                               exc)
         self.last_batch: ScheduledBatch | None = None   # what the last step scheduled (tensor-parallel ranks compare it)
 
     def add_request(self, rid: int, prompt_ids: list[int], params: SamplingParams,

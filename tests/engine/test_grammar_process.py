@@ -152,3 +152,11 @@ def test_the_engine_gives_the_same_outputs_with_the_grammars_in_a_process(llm):
     assert any(reason == "STOP" for _, reason in in_process.values())   # some grammar completes
     assert run("on", overlap=False) == in_process
     assert run("on", overlap=True) == in_process
+
+
+def test_a_process_that_cannot_start_is_reported_and_leaves_nothing():
+    shm_names = (lambda: set(os.listdir("/dev/shm"))) if os.path.isdir("/dev/shm") else set
+    before = shm_names()
+    with pytest.raises(GrammarProcessGone, match="did not start"):
+        GrammarProcess("not a tokenizer", VOCAB, EOS, max_rows=4)   # the child fails to build its tokenizer
+    assert not shm_names() - before
