@@ -8,10 +8,11 @@ H200 machine a constrained llama-3.2-1b step took 1.23-1.28x a free one that way
 The engine side (`GrammarProcess`) sends binary records through a pipe (`send_bytes`: no pickling): NEW (a
 request's grammar and the tokens it has output so far), FILL (a step's rows: each request's tokens since the last
 FILL, and the row its mask goes to) and DROP (requests gone). The child keeps one matcher per request, compiles
-grammars on a thread of its own (a big schema never holds up the masks of the others), advances the matchers and
-writes the masks into shared memory, the engine's pinned host buffer (registered with CUDA where there is one),
-then a flag per row (the grammar completed or refused a token) and the FILL's sequence number. The engine spins on
-that number: masks are needed within a step, so a wake-up through the kernel would cost more than it saves.
+grammars on a thread of its own (NEW comes at admission, so a big schema compiles while the prompt is computed and
+the other requests' masks are filled; only a step that needs its first mask sooner waits for it), advances the
+matchers and writes the masks into shared memory, the engine's pinned host buffer (registered with CUDA where there
+is one), then a flag per row (the grammar completed or refused a token) and the FILL's sequence number. The engine
+spins on that number: masks are needed within a step, so a wake-up through the kernel would cost more than it saves.
 
 The matchers here follow each request's recorded output, so a grammar's completion is learnt when the next
 step's masks come back (`FilledMasks.completed`), one step after the token that completed it.
