@@ -50,6 +50,22 @@ COMPILE_THREADS = 1
 MATCHER_THREADS = 1                    # llguidance's executor for advancing and filling (more were no faster)
 
 
+def _segment_bytes(max_rows: int, words: int) -> int:
+    return _masks_offset(max_rows) + max_rows * words * 4
+
+
+def _masks_offset(max_rows: int) -> int:
+    return DONE_WORDS * 8 + -(-max_rows // 64) * 64   # the sequence number's line, then a flag a row in whole lines
+
+
+def _segment_views(buf: memoryview, max_rows: int, words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shared segment's layout, for both ends: the FILL sequence number done, a flag per row, the masks."""
+    done = np.ndarray((1,), np.int64, buffer=buf[:8])
+    flags = np.ndarray((max_rows,), np.uint8, buffer=buf[DONE_WORDS * 8: DONE_WORDS * 8 + max_rows])
+    masks = np.ndarray((max_rows, words), np.int32, buffer=buf[_masks_offset(max_rows):])
+    return done, flags, masks
+
+
 class GrammarProcessGone(RuntimeError):
     """The grammar process exited; the engine cannot constrain output any more."""
 
@@ -79,14 +95,9 @@ class GrammarProcess:
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], max_rows: int) -> None:
         self.words = (vocab_size + 31) // 32
-        self.max_rows = max_rows
-        flags_bytes = -(-max_rows // 64) * 64
-        self._masks_offset = DONE_WORDS * 8 + flags_bytes
-        self._shm = shared_memory.SharedMemory(create=True, size=self._masks_offset + max_rows * self.words * 4)
-        buf = self._shm.buf
-        self._done = np.ndarray((1,), np.int64, buffer=buf[:8])
-        self._flags = np.ndarray((max_rows,), np.uint8, buffer=buf[DONE_WORDS * 8: DONE_WORDS * 8 + max_rows])
-        self.masks = torch.from_numpy(np.ndarray((max_rows, self.words), np.int32, buffer=buf[self._masks_offset:]))
+        self._shm = shared_memory.SharedMemory(create=True, size=_segment_bytes(max_rows, self.words))
+        self._done, self._flags, masks = _segment_views(self._shm.buf, max_rows, self.words)
+        self.masks = torch.from_numpy(masks)
         self._done[0] = 0
         self._registered = False
         if torch.cuda.is_available():
@@ -207,11 +218,7 @@ def _serve(conn, shm_name: str, max_rows: int, words: int, vocab_size: int, eos_
     from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
     shm = shared_memory.SharedMemory(name=shm_name)
-    flags_bytes = -(-max_rows // 64) * 64
-    masks_offset = DONE_WORDS * 8 + flags_bytes
-    done = np.ndarray((1,), np.int64, buffer=shm.buf[:8])
-    flags = np.ndarray((max_rows,), np.uint8, buffer=shm.buf[DONE_WORDS * 8: DONE_WORDS * 8 + max_rows])
-    masks = np.ndarray((max_rows, words), np.int32, buffer=shm.buf[masks_offset:])
+    done, flags, masks = _segment_views(shm.buf, max_rows, words)
     tokenizer = LLTokenizer(conn.recv_bytes().decode(), n_vocab=vocab_size, eos_token=eos_token_ids)
     executor = LLExecutor(MATCHER_THREADS)
     compiler = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="compile")
@@ -293,7 +300,7 @@ def _fill(table: np.ndarray, tokens: list[int], batch: int, matchers: dict[int, 
 
 def _refused(rid: int, token: int, matcher, row: int, flags: np.ndarray) -> None:
     # Only a row whose every token was masked can sample one its grammar refuses; the engine stops it.
-    logging.getLogger(__name__).error("request %d: the grammar refused token %d: %s", rid, token, matcher.get_error())
+    logger.error("request %d: the grammar refused token %d: %s", rid, token, matcher.get_error())
     flags[row] = REFUSED
 
 

@@ -246,9 +246,10 @@ class ModelRunner:
         return LaunchedStep(batch, requests, samples, {r.rid: i for i, r in enumerate(requests)})
 
     def fill_masks(self, step: LaunchedStep) -> None:
-        """Begin filling the grammar masks of a step launched with defer_sampling on the mask thread, once its
-        requests' grammars have seen every recorded token, while the caller prepares the next step; a step with
-        fewer constrained rows than MaskFiller.min_rows has them filled by its draw."""
+        """Begin filling the grammar masks of a step launched with defer_sampling, once its
+        requests' grammars have seen every recorded token, while the caller prepares the next step: in the grammar
+        process when there is one, else on the mask thread (a step with fewer constrained rows than
+        MaskFiller.min_rows has them filled by its draw)."""
         deferred = step.samples
         if not isinstance(deferred, DeferredSampling) or deferred.masks is not None:
             return
