@@ -34,9 +34,9 @@ def compiler(tokenizer) -> GrammarCompiler:
     return GrammarCompiler(lambda: tokenizer, VOCAB, EOS)
 
 
-@pytest.fixture
-def process(tokenizer):
-    grammar_process = GrammarProcess(tokenizer.to_str(), VOCAB, EOS, max_rows=16)
+@pytest.fixture(params=[1, 2], ids=["one process", "two processes"])
+def process(tokenizer, request):
+    grammar_process = GrammarProcess(tokenizer.to_str(), VOCAB, EOS, max_rows=16, processes=request.param)
     yield grammar_process
     grammar_process.close()
 
@@ -96,13 +96,15 @@ def test_a_new_request_catches_up_with_its_output(process, compiler, tokenizer):
 def test_nothing_is_left_in_dev_shm_and_a_dead_child_is_reported(tokenizer, compiler):
     shm_names = (lambda: set(os.listdir("/dev/shm"))) if os.path.isdir("/dev/shm") else set
     before = shm_names()
-    grammar_process = GrammarProcess(tokenizer.to_str(), VOCAB, EOS, max_rows=4)
+    grammar_process = GrammarProcess(tokenizer.to_str(), VOCAB, EOS, max_rows=4, processes=2)
     try:
-        assert not shm_names() - before   # unlinked once the child has it mapped
-        grammar_process._process.kill()
-        grammar_process._process.join()
+        assert not shm_names() - before   # unlinked once the processes have it mapped
+        requests = [request(1, NUMBERS, compiler), request(2, NUMBERS, compiler)]   # one in each process
+        grammar_process.fill(requests).result()
+        grammar_process._processes[1].kill()
+        grammar_process._processes[1].join()
         with pytest.raises((GrammarProcessGone, OSError)):
-            grammar_process.fill([request(1, NUMBERS, compiler)]).result()
+            grammar_process.fill(requests).result()
     finally:
         grammar_process.close()
 
