@@ -7,16 +7,21 @@ H200 machine a constrained llama-3.2-1b step took 1.06-1.34x a free one that way
 
 The engine side (`GrammarProcess`) gives each request to one of the processes (the least loaded) and sends them
 binary records through pipes (`send_bytes`: no pickling): NEW (a request's grammar and the tokens it has output so
-far), FILL (a step's rows of that process: each request's tokens since the last FILL, and the row its mask goes to)
-and DROP (requests gone). A process keeps one matcher per request, compiles grammars on a thread of its own (NEW
-comes at admission, so a big schema compiles while the prompt is computed and the other requests' masks are
-filled; only a step that needs its first mask sooner waits for it), advances the matchers and writes their masks
-into shared memory, the engine's pinned host buffer (registered with CUDA where there is one), then a flag per row
-(the grammar completed or refused a token) and the FILL's sequence number. The processes fill their rows at once;
-the engine spins on their sequence numbers, and they poll for the next record before they block: masks are needed
-within a step, so a wake-up through the kernel would cost more than it saves.
+far), FILL (a step's rows of that process: each request's tokens recorded since the last FILL, the row of its token
+in a draw not yet recorded, and the row its mask goes to) and DROP (requests gone). Each step that draws for
+constrained rows has its tokens copied from the device into shared memory, then the draw's number (`publish`:
+queued on the device's stream after the draw), so under overlap scheduling a step's FILL goes out as soon as it is
+launched, and its process takes the last step's tokens the moment they reach the host, while the device runs the
+forward; the engine's own record of those tokens comes later. A process keeps one matcher per request, compiles
+grammars on a thread of its own (NEW comes at admission, so a big schema compiles while the prompt is computed and
+the other requests' masks are filled; only a step that needs its first mask sooner waits for it), advances the
+matchers and writes their masks into the shared memory, the engine's pinned host buffer (registered with CUDA where
+there is one), then a flag per row (the grammar completed or refused a token) and the FILL's sequence number. The
+processes fill their rows at once; the engine spins on their sequence numbers, and they poll for the next record
+before they block: masks are needed within a step, so a wake-up through the kernel would cost more than it saves.
+Every spin yields its core to whatever else would run there.
 
-The matchers here follow each request's recorded output, so a grammar's completion is learnt when the next
+The matchers here follow each request's output token by token, so a grammar's completion is learnt when the next
 step's masks come back (`FilledMasks.completed`), one step after the token that completed it.
 """
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,8 +50,10 @@ logger = logging.getLogger(__name__)
 
 NEW, FILL, DROP, STOP = b"N", b"F", b"D", b"S"
 NEW_HEADER = struct.Struct("<qII")     # rid, number of tokens, grammar bytes; then the tokens (int32), the grammar
-FILL_HEADER = struct.Struct("<qI4x")   # sequence number, rows with a grammar; padded to 8 bytes
-# Then, per row with a grammar: rid, mask row, tokens to consume (int64 each), then every row's tokens (int64).
+FILL_HEADER = struct.Struct("<qqI4x")  # sequence number, draw whose tokens it reads, rows; padded to 8 bytes
+# Then, per row with a grammar: rid, mask row, recorded tokens to consume, the row of the draw's token to consume
+# after them or -1 (int64 each); then every row's recorded tokens (int64).
+FILL_COLUMNS = 4
 COMPLETED, REFUSED = 1, 2              # a row's flag: its grammar is complete / refused a token
 DONE_WORDS = 8                         # a process's FILL sequence number, alone on its cache line
 SPIN_CHECKS = 100_000                  # spins between checks that the processes still live
@@ -58,21 +66,37 @@ MATCHER_THREADS = 1
 PROCESSES = 2                          # four were no faster than two on the H200 machine
 
 
-def _segment_bytes(processes: int, max_rows: int, words: int) -> int:
-    return _masks_offset(processes, max_rows) + max_rows * words * 4
+class _Segment(NamedTuple):
+    """The shared segment's layout, for both ends: each process's FILL sequence number and the number of the last
+    draw published, each on a cache line of its own; a flag per row; the published draw's tokens; the masks."""
+
+    done: np.ndarray        # [processes, DONE_WORDS] int64: column 0
+    published: np.ndarray   # [DONE_WORDS] int64: word 0
+    flags: np.ndarray       # [max_rows] uint8
+    tokens: np.ndarray      # [max_rows] int64
+    masks: np.ndarray       # [max_rows, words] int32
+
+    @staticmethod
+    def layout(processes: int, max_rows: int, words: int) -> list[tuple[str, tuple[int, ...], type]]:
+        return [("done", (processes, DONE_WORDS), np.int64), ("published", (DONE_WORDS,), np.int64),
+                ("flags", (max_rows,), np.uint8), ("tokens", (max_rows,), np.int64),
+                ("masks", (max_rows, words), np.int32)]
+
+    @staticmethod
+    def size(processes: int, max_rows: int, words: int) -> int:
+        return sum(_line_bytes(shape, dtype) for _, shape, dtype in _Segment.layout(processes, max_rows, words))
+
+    @staticmethod
+    def views(buf: memoryview, processes: int, max_rows: int, words: int) -> _Segment:
+        views, offset = {}, 0
+        for name, shape, dtype in _Segment.layout(processes, max_rows, words):
+            views[name] = np.ndarray(shape, dtype, buffer=buf[offset:])
+            offset += _line_bytes(shape, dtype)
+        return _Segment(**views)
 
 
-def _masks_offset(processes: int, max_rows: int) -> int:
-    return processes * DONE_WORDS * 8 + -(-max_rows // 64) * 64   # the sequence numbers, a flag a row, whole lines
-
-
-def _segment_views(buf: memoryview, processes: int, max_rows: int, words: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The shared segment's layout, for both ends: each process's FILL sequence number, a flag per row, the masks."""
-    done = np.ndarray((processes, DONE_WORDS), np.int64, buffer=buf[: processes * DONE_WORDS * 8])
-    flags = np.ndarray((max_rows,), np.uint8, buffer=buf[processes * DONE_WORDS * 8:])
-    masks = np.ndarray((max_rows, words), np.int32, buffer=buf[_masks_offset(processes, max_rows):])
-    return done, flags, masks
+def _line_bytes(shape: tuple[int, ...], dtype: type) -> int:
+    return -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64   # in whole cache lines
 
 
 class GrammarProcessGone(RuntimeError):
@@ -106,16 +130,22 @@ class GrammarProcess:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], max_rows: int,
                  processes: int = PROCESSES) -> None:
         self.words = (vocab_size + 31) // 32
-        self._shm = shared_memory.SharedMemory(create=True, size=_segment_bytes(processes, max_rows, self.words))
-        self._done, self._flags, masks = _segment_views(self._shm.buf, processes, max_rows, self.words)
-        self._masks = masks
-        self.masks = torch.from_numpy(masks)
-        self._done[:] = 0
-        self._registered = False
+        size = _Segment.size(processes, max_rows, self.words)
+        self._shm = shared_memory.SharedMemory(create=True, size=size)
+        self._segment = _Segment.views(self._shm.buf, processes, max_rows, self.words)
+        self._segment.done[:] = 0
+        self._segment.published[:] = 0
+        self.masks = torch.from_numpy(self._segment.masks)
+        self._tokens = torch.from_numpy(self._segment.tokens)
+        self._published = torch.from_numpy(self._segment.published[:1])
+        self._draws = 0                                   # draws published
+        self._draw_number: torch.Tensor | None = None     # the last one's number, on the device
+        self._registered = 0
         if torch.cuda.is_available():
-            # Pinned, so that the copy to the device is queued, not done on the spot.
-            error = torch.cuda.cudart().cudaHostRegister(self.masks.data_ptr(), self.masks.nbytes, 0)
-            self._registered = int(error) == 0
+            # Pinned, so that the copies to and from the device are queued, not done on the spot.
+            base = np.frombuffer(self._shm.buf, np.uint8, size).ctypes.data
+            if int(torch.cuda.cudart().cudaHostRegister(base, size, 0)) == 0:
+                self._registered = base
         spawn = multiprocessing.get_context("spawn")
         self._conns, self._processes = [], []
         for index in range(processes):
@@ -146,7 +176,7 @@ class GrammarProcess:
                                      "imported needs an `if __name__ == \"__main__\":` guard: multiprocessing's "
                                      "spawn imports it again in the child)")
         self._sequence = 0
-        self._synced: dict[int, int] = {}       # rid -> output tokens its process has consumed
+        self._synced: dict[int, int] = {}       # rid -> output tokens its process has consumed, or will by a draw
         self._owner: dict[int, int] = {}        # rid -> the process that keeps its matcher
         self._load = [0] * processes            # requests each process keeps
         self._requests: dict[int, Request] = {}
@@ -156,16 +186,34 @@ class GrammarProcess:
         if req.rid not in self._synced:
             self._new(req)
 
-    def fill(self, requests: list[Request]) -> PendingFill:
-        """Send the tokens each constrained request recorded since the last fill and ask for the masks of
-        `requests` (rows without a grammar allow everything); returns at once."""
+    def publish(self, tokens: torch.Tensor) -> int:
+        """Have the tokens a step just drew (its rows of last_tokens) copied here once the device has drawn them,
+        then the draw's number, which `fill` names; returns it. Queued on the device's stream, after the draw."""
+        self._draws += 1
+        rows = tokens.shape[0]
+        if tokens.device.type == "cpu":
+            self._tokens[:rows].copy_(tokens)
+            self._published.fill_(self._draws)
+            return self._draws
+        if self._draw_number is None or self._draw_number.device != tokens.device:
+            self._draw_number = torch.zeros(1, dtype=torch.int64, device=tokens.device)
+        self._tokens[:rows].copy_(tokens, non_blocking=True)
+        self._draw_number.fill_(self._draws)
+        self._published.copy_(self._draw_number, non_blocking=True)   # after the tokens, in the stream's order
+        return self._draws
+
+    def fill(self, requests: list[Request], drawn: dict[int, int] | None = None, draw: int = 0) -> PendingFill:
+        """Ask for the masks of `requests` (rows without a grammar allow everything), once each constrained
+        request's matcher has taken the tokens it recorded since the last fill, then its token of the published
+        `draw`, if it is in flight there (drawn: rid -> row of last_tokens); returns at once. So the masks of a
+        step can be filled while the device still runs it, from the moment the last step's tokens are drawn."""
         self._drop_finished()
-        synced, owner = self._synced, self._owner
+        synced, owner, drawn = self._synced, self._owner, drawn or {}
         tables: list[list[int]] = [[] for _ in self._conns]
         tokens: list[list[int]] = [[] for _ in self._conns]
         free_rows: list[int] = []
         for row, req in enumerate(requests):
-            if req.grammar is None:
+            if req.grammar is None or req.grammar_complete:   # complete: this row's sample is dropped
                 free_rows.append(row)
                 continue
             output = req.output_ids
@@ -175,24 +223,25 @@ class GrammarProcess:
                 consumed = len(output)
             index = owner[req.rid]
             count = len(output) - consumed
-            if count == 1:   # the usual case: the token the last step drew
-                tokens[index].append(output[-1])
-            elif count:
+            if count < 0:
+                raise RuntimeError(f"request {req.rid}: a drawn token its grammar took was not recorded")
+            if count:
                 tokens[index] += output[consumed:]
-            synced[req.rid] = len(output)
-            tables[index] += (req.rid, row, count)
+            source = drawn.get(req.rid, -1)
+            synced[req.rid] = len(output) + (source >= 0)
+            tables[index] += (req.rid, row, count, source)
         if free_rows:
-            self._masks[free_rows] = -1
+            self._segment.masks[free_rows] = -1
         self._sequence += 1
         sent, filled = [], []
         for index, (table, process_tokens) in enumerate(zip(tables, tokens)):
             if table:
-                rows = np.array(table, np.int64).reshape(-1, 3)
-                self._conns[index].send_bytes(FILL + FILL_HEADER.pack(self._sequence, len(rows)) + rows.tobytes()
-                                              + np.array(process_tokens, np.int64).tobytes())
+                rows = np.array(table, np.int64).reshape(-1, FILL_COLUMNS)
+                self._conns[index].send_bytes(FILL + FILL_HEADER.pack(self._sequence, draw, len(rows))
+                                              + rows.tobytes() + np.array(process_tokens, np.int64).tobytes())
                 sent.append(index)
                 filled.append(rows)
-        rows = np.concatenate(filled) if filled else np.zeros((0, 3), np.int64)
+        rows = np.concatenate(filled) if filled else np.zeros((0, FILL_COLUMNS), np.int64)
         return PendingFill(self, self._sequence, sent, len(requests), rows[:, 0], rows[:, 1])
 
     def _new(self, req: Request) -> None:
@@ -222,7 +271,7 @@ class GrammarProcess:
 
     def wait(self, sequence: int, processes: list[int]) -> None:
         for index in processes:
-            done, spins = self._done[index], 0
+            done, spins = self._segment.done[index], 0
             while done[0] != sequence:
                 os.sched_yield()
                 spins += 1
@@ -245,9 +294,10 @@ class GrammarProcess:
                 process.join()
             conn.close()
         if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.masks.data_ptr())
-            self._registered = False
-        del self._done, self._flags, self._masks, self.masks
+            torch.cuda.synchronize()   # no copy still in flight to or from the segment
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = 0
+        del self._segment, self.masks, self._tokens, self._published
         self._shm.close()
 
 
@@ -261,7 +311,7 @@ class PendingFill:
 
     def result(self) -> FilledMasks:
         self._owner.wait(self._sequence, self._processes)
-        completed = self._rids[self._owner._flags[self._rows] != 0].tolist()
+        completed = self._rids[self._owner._segment.flags[self._rows] != 0].tolist()
         return FilledMasks(self._owner.masks[: self._batch], completed)
 
 
@@ -276,8 +326,8 @@ def _serve(conn, shm_name: str, index: int, processes: int, max_rows: int, words
     from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
     shm = shared_memory.SharedMemory(name=shm_name)
-    done_lines, flags, masks = _segment_views(shm.buf, processes, max_rows, words)
-    done = done_lines[index]
+    segment = _Segment.views(shm.buf, processes, max_rows, words)
+    done, published = segment.done[index], segment.published
     tokenizer = LLTokenizer(conn.recv_bytes().decode(), n_vocab=vocab_size, eos_token=eos_token_ids)
     executor = LLExecutor(MATCHER_THREADS)
     compiler = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="compile")
@@ -321,10 +371,12 @@ def _serve(conn, shm_name: str, index: int, processes: int, max_rows: int, words
                 matchers.pop(rid, None)
             last.key = b""
         elif kind == FILL:
-            sequence, num_rows = FILL_HEADER.unpack_from(body)
-            table = np.frombuffer(body, np.int64, 3 * num_rows, FILL_HEADER.size).reshape(num_rows, 3)
-            tokens = np.frombuffer(body, np.int64, offset=FILL_HEADER.size + table.nbytes).tolist()
-            _fill(table, tokens, last, matchers, executor, masks, flags)
+            sequence, draw, num_rows = FILL_HEADER.unpack_from(body)
+            table = np.frombuffer(body, np.int64, FILL_COLUMNS * num_rows, FILL_HEADER.size).reshape(num_rows, -1)
+            recorded = np.frombuffer(body, np.int64, offset=FILL_HEADER.size + table.nbytes).tolist()
+            while published[0] < draw:   # the draw's tokens are on their way from the device
+                os.sched_yield()
+            _fill(table, recorded, segment.tokens, last, matchers, executor, segment.masks, segment.flags)
             done[0] = sequence
         elif kind == STOP:
             return
@@ -353,27 +405,35 @@ class _Batch:
         self.key = key
 
 
-def _fill(table: np.ndarray, tokens: list[int], last: _Batch, matchers: dict[int, Future | object], executor,
-          masks: np.ndarray, flags: np.ndarray) -> None:
-    """Advance each row's matcher by its new tokens (one token a row, the usual case, in one executor call), then
-    write each row's mask and flag."""
+def _fill(table: np.ndarray, recorded: list[int], drawn: np.ndarray, last: _Batch,
+          matchers: dict[int, Future | object], executor, masks: np.ndarray, flags: np.ndarray) -> None:
+    """Advance each row's matcher by its recorded tokens, then its drawn one (one new token a row, the usual
+    case, in one executor call), then write each row's mask and flag."""
     flags[table[:, 1]] = 0
     last.update(table, matchers)
-    counts = table[:, 2]
-    if len(counts) and counts.min() == counts.max() == 1:
-        accepted = executor.consume_token_par(list(zip(last.matchers, tokens)))
+    counts, sources = table[:, 2], table[:, 3]
+    one_drawn = (counts == 0) & (sources >= 0)
+    if one_drawn.all():
+        one_token = drawn[sources].tolist()
+    elif ((counts == 1) & (sources < 0)).all():
+        one_token = recorded
+    else:
+        one_token = None
+    if one_token is not None:
+        accepted = executor.consume_token_par(list(zip(last.matchers, one_token)))
         if not all(accepted):
-            for ok, (rid, row, _), matcher, token in zip(accepted, table.tolist(), last.matchers, tokens):
+            for ok, (rid, row, _, _), matcher, token in zip(accepted, table.tolist(), last.matchers, one_token):
                 if not ok:
                     _refused(rid, token, matcher, row, flags)
     else:
         used = 0
-        for (rid, row, count), matcher in zip(table.tolist(), last.matchers):
-            for token in tokens[used: used + count]:
+        for (rid, row, count, source), matcher in zip(table.tolist(), last.matchers):
+            tokens = recorded[used: used + count] + ([int(drawn[source])] if source >= 0 else [])
+            used += count
+            for token in tokens:
                 if not matcher.consume_token(token):
                     _refused(rid, token, matcher, row, flags)
                     break
-            used += count
     for matcher, row in last.rows:
         if matcher.is_stopped() and not flags[row]:
             flags[row] = COMPLETED

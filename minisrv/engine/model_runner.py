@@ -84,6 +84,7 @@ class LaunchedStep:
     requests: list[Request]                          # the sampled sequences' requests, in batch order
     samples: DeviceSamples | list[SampleResult] | DeferredSampling   # results already, on the CPU; or not drawn
     token_rows: dict[int, int] = field(default_factory=dict)   # rid -> its token's row in last_tokens
+    draw: int = 0   # the number its tokens were published under to the grammar process, if they were
 
 
 def _token_slice(request: Request, start: int, count: int) -> list[int]:
@@ -243,13 +244,22 @@ class ModelRunner:
             requests, samples = self._replay(batch, bucket, previous, defer_sampling)
         else:
             requests, samples = self._run_eagerly(batch, previous, defer_sampling)
-        return LaunchedStep(batch, requests, samples, {r.rid: i for i, r in enumerate(requests)})
+        step = LaunchedStep(batch, requests, samples, {r.rid: i for i, r in enumerate(requests)})
+        if self.grammar_process is not None and any(r.grammar is not None for r in requests):
+            if isinstance(samples, DeferredSampling):
+                if previous is not None:
+                    # previous's tokens are drawn (and published) by now: the grammar process takes them as they
+                    # reach the host, and fills this step's masks while the device runs its forward.
+                    samples.masks = self.grammar_process.fill(requests, previous.token_rows, previous.draw)
+            else:
+                step.draw = self.grammar_process.publish(self.last_tokens[: len(requests)])
+        return step
 
     def fill_masks(self, step: LaunchedStep) -> None:
         """Begin filling the grammar masks of a step launched with defer_sampling, once its
-        requests' grammars have seen every recorded token, while the caller prepares the next step: in the grammar
-        process when there is one, else on the mask thread (a step with fewer constrained rows than
-        MaskFiller.min_rows has them filled by its draw)."""
+        requests' grammars have seen every recorded token, while the caller prepares the next step: on the mask
+        thread (a step with fewer constrained rows than MaskFiller.min_rows has them filled by its draw). With a
+        grammar process, `launch` began them already."""
         deferred = step.samples
         if not isinstance(deferred, DeferredSampling) or deferred.masks is not None:
             return
@@ -275,6 +285,8 @@ class ModelRunner:
             if bitmask is not None:
                 bitmask = bitmask.to(self.device, non_blocking=True)
             step.samples = self._draw(deferred.logits, requests, positions, deferred.params, bitmask)
+        if self.grammar_process is not None and any(r.grammar is not None for r in requests):
+            step.draw = self.grammar_process.publish(self.last_tokens[: len(requests)])
 
     def _bitmask(self, requests: list[Request], pending: PendingMasks | PendingFill | None = None
                  ) -> torch.Tensor | None:

@@ -84,6 +84,31 @@ def test_completion_and_refused_tokens_are_flagged_at_the_next_fill(process, com
     assert sorted(process.fill([plain, wrong, done]).result().completed) == [1, 2]
 
 
+def test_a_drawn_token_is_taken_from_the_published_draw(process, compiler, tokenizer):
+    """Under overlap a step's masks are asked for before the last step's tokens are recorded: each row names its
+    token's row in the published draw, after the tokens it recorded since the last fill."""
+    rng = random.Random(1)
+    requests = [request(i, NUMBERS, compiler) for i in range(5)]
+    process.fill(requests).result()
+    for step in range(6):
+        expected = host_bitmasks(requests, VOCAB, torch.device("cpu"))
+        last_tokens = torch.tensor([rng.choice([t for t in allowed_tokens(row) if t not in EOS])
+                                    for row in expected], dtype=torch.int64)
+        if step == 3:   # one request's token was recorded before this fill: taken from its output instead
+            requests[0].output_ids.append(int(last_tokens[0]))
+        draw = process.publish(last_tokens)
+        order = requests[::-1] if step % 2 else requests
+        filled = process.fill(order, {r.rid: r.rid for r in requests[step == 3:]}, draw).result()
+        for req in requests:   # the engine records them after
+            if not (step == 3 and req.rid == 0):
+                req.output_ids.append(int(last_tokens[req.rid]))
+            req.grammar.advance(int(last_tokens[req.rid]))
+        assert torch.equal(filled.masks, host_bitmasks(order, VOCAB, torch.device("cpu"))), step
+    with pytest.raises(RuntimeError, match="not recorded"):   # a drawn token the engine then lost
+        process.fill(requests, {0: 0}, process.publish(last_tokens)).result()
+        process.fill(requests).result()
+
+
 def test_a_new_request_catches_up_with_its_output(process, compiler, tokenizer):
     late = request(1, NUMBERS, compiler)
     for token in tokenizer.encode("12, 7", add_special_tokens=False).ids:
@@ -122,7 +147,7 @@ def llm():
     return LLM(dtype="float32", quantization="none")
 
 
-def test_the_engine_gives_the_same_outputs_with_the_grammars_in_a_process(llm):
+def test_the_engine_gives_the_same_outputs_with_the_grammars_in_a_process(llm, capfd):
     """Greedy and seeded rows, beside unconstrained and penalised ones, in the plain loop and under overlap: the
     same tokens and finish reasons as with the matchers in the engine's process, though a grammar's completion
     is learnt a step later there (the sample drawn after it is dropped)."""
@@ -135,6 +160,10 @@ def test_the_engine_gives_the_same_outputs_with_the_grammars_in_a_process(llm):
         engine = LLMEngine(EngineConfig(grammar_process=grammar_process), loaded=llm.engine.loaded, overlap=overlap,
                            load_tokenizer=lambda: load_fast_tokenizer(llm.source))
         assert (engine.runner.grammar_process is not None) == (grammar_process == "on")
+        draws_read: list[int] = []
+        if engine.runner.grammar_process is not None:
+            fill = engine.runner.grammar_process.fill
+            engine.runner.grammar_process.fill = lambda *a: draws_read.append(a[2] if len(a) > 2 else 0) or fill(*a)
         for rid in range(6):
             engine.add_request(rid, llm.tokenizer.encode(PROMPTS[rid % 4], add_special_tokens=False), SamplingParams(
                 temperature=0.0 if rid % 2 else 0.9, seed=rid, max_tokens=40, grammar=kinds[rid % 3],
@@ -147,6 +176,8 @@ def test_the_engine_gives_the_same_outputs_with_the_grammars_in_a_process(llm):
                 if out.finished:
                     reasons[out.rid] = out.finish_reason.name
         if engine.runner.grammar_process is not None:
+            # under overlap, the masks were filled from the drawn tokens while the steps ran
+            assert any(draw for draw in draws_read) == overlap
             engine.runner.grammar_process.close()
         return {rid: (tokens[rid], reasons[rid]) for rid in range(6)}
 
@@ -154,6 +185,7 @@ def test_the_engine_gives_the_same_outputs_with_the_grammars_in_a_process(llm):
     assert any(reason == "STOP" for _, reason in in_process.values())   # some grammar completes
     assert run("on", overlap=False) == in_process
     assert run("on", overlap=True) == in_process
+    assert "refused" not in capfd.readouterr().err   # no token a grammar refused, not even one drawn past its end
 
 
 def test_a_process_that_cannot_start_is_reported_and_leaves_nothing():
