@@ -26,7 +26,6 @@ step's masks come back (`FilledMasks.completed`), one step after the token that 
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -44,6 +43,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from minisrv.ipc.process import die_with_parent, set_process_name
 from minisrv.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,10 @@ class PendingFill:
 def _serve(conn, shm_name: str, index: int, processes: int, max_rows: int, words: int, vocab_size: int,
            eos_token_ids: list[int], parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
+    die_with_parent()
+    set_process_name(f"grammar-{index}")
+    if os.getppid() != parent_pid:   # the parent died before the kernel would kill this with it
+        os._exit(1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s grammar %(levelname)s %(message)s")
     from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
@@ -444,13 +447,3 @@ def _refused(rid: int, token: int, matcher, row: int, flags: np.ndarray) -> None
     # Only a row whose every token was masked can sample one its grammar refuses; the engine stops it.
     logger.error("request %d: the grammar refused token %d: %s", rid, token, matcher.get_error())
     flags[row] = REFUSED
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:
-        os._exit(1)

@@ -7,7 +7,6 @@ the kernel kills it at once where it can (Linux PR_SET_PDEATHSIG), and every wai
 """
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import gc
 import logging
@@ -24,12 +23,11 @@ from typing import Callable, NoReturn, Protocol, TypeVar
 from tqdm import tqdm
 
 from minisrv.ipc import PeerGone
+from minisrv.ipc.process import die_with_parent, set_process_name
 from minisrv.runtime.status_block import StatusBlock, StatusBlockSpec
 
 PARENT_CHECK_INTERVAL_S = 0.25   # workers notice a dead parent within this (plus one model step)
 IDLE_WAIT_S = 0.25               # a sleeping worker wakes this often to check on its parent
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
 
 
 class ParentGone(SystemExit):
@@ -79,8 +77,8 @@ def start_process(name: str, log_level: str) -> None:
     # /dev/shm; progress bars of one process need only a thread lock.
     tqdm.set_lock(threading.RLock())
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 <pid>` prints every thread's stack, for diagnosis
-    _die_with_parent()
-    _set_process_name(name)
+    die_with_parent()   # without it, the wait loops' ParentWatch still notices, within PARENT_CHECK_INTERVAL_S
+    set_process_name(name)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr, force=True,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
 
@@ -92,27 +90,6 @@ def start_worker(info: WorkerInfo) -> tuple[StatusBlock, ParentWatch]:
     status = StatusBlock(info.status)
     status.attach_worker(info.slot, os.getpid())
     return status, ParentWatch(info, status)
-
-
-def _die_with_parent() -> None:
-    # Without it, the wait loops' ParentWatch still notices, within PARENT_CHECK_INTERVAL_S.
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _set_process_name(name: str) -> None:
-    """Show the role in top and ps (its first 15 bytes, the kernel's limit), where every spawned worker would
-    otherwise read `python`."""
-    _prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
-
-
-def _prctl(option: int, arg: object) -> None:
-    """Linux's prctl, where there is one; elsewhere (or refused) nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def run_until_peers_leave(run: Callable[[], None]) -> None:
