@@ -150,7 +150,7 @@ class EngineConfig:
     grammar_process: str = setting(
         "auto", group="engine", choices=("auto", "on", "off"),
         help="advance structured output's grammars and fill their token masks in two processes of their own, off the "
-             "engine thread (on a GPU at batch 64, constrained steps 0.88-0.99x as long as with them in the engine's "
+             "engine thread (on a GPU at batch 64, constrained steps 0.88-1.00x as long as with them in the engine's "
              "process); auto: on for a CUDA device without tensor parallelism")
     overlap_schedule: bool = setting(
         True, group="engine", negative_flags=("--disable-overlap", "--disable-overlap-schedule"),
