@@ -228,6 +228,8 @@ class GrammarProcess:
             if count:
                 tokens[index] += output[consumed:]
             source = drawn.get(req.rid, -1)
+            if source >= 0 and draw <= 0:
+                raise RuntimeError(f"request {req.rid}: its token is in flight, but no draw was published")
             synced[req.rid] = len(output) + (source >= 0)
             tables[index] += (req.rid, row, count, source)
         if free_rows:

@@ -107,6 +107,8 @@ def test_a_drawn_token_is_taken_from_the_published_draw(process, compiler, token
     with pytest.raises(RuntimeError, match="not recorded"):   # a drawn token the engine then lost
         process.fill(requests, {0: 0}, process.publish(last_tokens)).result()
         process.fill(requests).result()
+    with pytest.raises(RuntimeError, match="no draw was published"):
+        process.fill([request(50, NUMBERS, compiler)], {50: 0})
 
 
 def test_a_new_request_catches_up_with_its_output(process, compiler, tokenizer):
