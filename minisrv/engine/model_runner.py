@@ -245,28 +245,23 @@ class ModelRunner:
         else:
             requests, samples = self._run_eagerly(batch, previous, defer_sampling)
         step = LaunchedStep(batch, requests, samples, {r.rid: i for i, r in enumerate(requests)})
-        if self.grammar_process is not None and any(r.grammar is not None for r in requests):
-            if isinstance(samples, DeferredSampling):
-                if previous is not None:
-                    # previous's tokens are drawn (and published) by now: the grammar process takes them as they
-                    # reach the host, and fills this step's masks while the device runs its forward.
-                    samples.masks = self.grammar_process.fill(requests, previous.token_rows, previous.draw)
-            else:
-                step.draw = self.grammar_process.publish(self.last_tokens[: len(requests)])
+        if not isinstance(samples, DeferredSampling):
+            self._publish_draw(step)
+        elif (self.grammar_process is not None and previous is not None
+              and any(r.grammar is not None for r in requests)):
+            # previous's tokens are drawn (and published) by now: the grammar process takes them as they reach the
+            # host, and fills this step's masks while the device runs its forward.
+            samples.masks = self.grammar_process.fill(requests, previous.token_rows, previous.draw)
         return step
 
     def fill_masks(self, step: LaunchedStep) -> None:
-        """Begin filling the grammar masks of a step launched with defer_sampling, once its
-        requests' grammars have seen every recorded token, while the caller prepares the next step: on the mask
-        thread (a step with fewer constrained rows than MaskFiller.min_rows has them filled by its draw). With a
-        grammar process, `launch` began them already."""
+        """Begin filling the grammar masks of a step launched with defer_sampling on the mask thread, once its
+        requests' grammars have seen every recorded token, while the caller prepares the next step; a step with
+        fewer constrained rows than MaskFiller.min_rows has them filled by its draw. With a grammar process,
+        `launch` began them already."""
         deferred = step.samples
-        if not isinstance(deferred, DeferredSampling) or deferred.masks is not None:
-            return
-        if self.grammar_process is None:
+        if self.grammar_process is None and isinstance(deferred, DeferredSampling) and deferred.masks is None:
             deferred.masks = self.mask_filler.start(step.requests, self.model_config.vocab_size, self.device)
-        elif any(r.grammar is not None for r in step.requests):
-            deferred.masks = self.grammar_process.fill(step.requests)
 
     @torch.inference_mode()
     def sample_deferred(self, step: LaunchedStep | None) -> None:
@@ -285,8 +280,13 @@ class ModelRunner:
             if bitmask is not None:
                 bitmask = bitmask.to(self.device, non_blocking=True)
             step.samples = self._draw(deferred.logits, requests, positions, deferred.params, bitmask)
-        if self.grammar_process is not None and any(r.grammar is not None for r in requests):
-            step.draw = self.grammar_process.publish(self.last_tokens[: len(requests)])
+        self._publish_draw(step)
+
+    def _publish_draw(self, step: LaunchedStep) -> None:
+        """Once `step` has drawn, hand its tokens to the grammar process (GrammarProcess.publish), if it has rows
+        with a grammar: the next step's masks are filled from them."""
+        if self.grammar_process is not None and any(r.grammar is not None for r in step.requests):
+            step.draw = self.grammar_process.publish(self.last_tokens[: len(step.requests)])
 
     def _bitmask(self, requests: list[Request], pending: PendingMasks | PendingFill | None = None
                  ) -> torch.Tensor | None:
