@@ -7,8 +7,9 @@ tokens it needs from the device (minisrv/engine/model_runner.py), so outputs are
 only a request that step N stopped (EOS, a stop token) computes one row for nothing. A step N+1 whose batch
 needs its requests' recorded tokens on the host (penalties, grammars) launches its forward, records step N
 while the device runs it, and starts filling its grammar masks on a thread of their own (ModelRunner.fill_masks)
-as soon as step N's tokens have advanced the grammars, the rest of the recording beside it; its tokens are drawn
-when step N+2 is launched, after N+2's inputs are prepared on the host, or when they are collected
+as soon as step N's tokens have advanced the grammars, the rest of the recording beside it (with grammar
+processes, those take step N's tokens as they reach the host, from the launch on: engine/grammar_process.py); its
+tokens are drawn when step N+2 is launched, after N+2's inputs are prepared on the host, or when they are collected
 (ModelRunner.sample_deferred).
 """
 from __future__ import annotations

@@ -72,7 +72,7 @@ class DeferredSampling:
     positions: list[int]
     params: tuple[torch.Tensor, torch.Tensor] | None   # the graph's parameter buffers, when it replayed one
     bucket: int | None = None                          # the bucket of the graph it replayed, if any
-    masks: PendingMasks | PendingFill | None = None    # its grammar masks, when being filled (fill_masks)
+    masks: PendingMasks | PendingFill | None = None    # its grammar masks, when being filled (fill_masks, launch)
 
 
 @dataclass
