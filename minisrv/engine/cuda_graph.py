@@ -8,7 +8,9 @@ buffer and the page table, each filled by a single host-to-device copy per step.
 smallest bucket that holds it; padding rows have sequence length 0 and slot -1, so they write nothing
 (the KV store skips negative slots, the decode kernel writes zeros) and their tokens are discarded.
 A step whose rows have grammars draws again after its masks are filled, from the same logits and parameters: a
-second graph per bucket holds just that draw, reading the masks from one more static buffer.
+second graph per bucket holds just that draw, reading the masks from one more static buffer. With grammar processes
+a third holds the copy of their masks into that buffer, the draw, and the copies that publish its tokens back to
+them: one launch between the masks' arrival and the next step's forward, where the host would queue five.
 
 Decode attention is launched for the longest length a sequence may reach (max_model_len), with the split count
 kernels.cuda.decode_splits gives the bucket: one graph serves every sequence length.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +91,7 @@ class DecodeGraphs:
                                   device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.masked_draws: dict[int, torch.cuda.CUDAGraph] = {}
+        self.published_draws: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
     def bucket(self, batch_size: int) -> int | None:
@@ -132,6 +136,25 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    @torch.inference_mode()
+    def capture_published_draws(self, masks: torch.Tensor, publish: Callable[[torch.Tensor], None]) -> None:
+        """Capture, per bucket, the masked draw between two copies: first the bucket's rows of `masks` (pinned host
+        memory the grammar processes fill) into the mask buffer, then, after the draw, `publish` of the tokens
+        drawn (queues their copies back to the processes: GrammarProcess.queue_publish)."""
+        if masks.shape[0] < self.max_bs:
+            raise ValueError(f"{masks.shape[0]} rows of masks for graphs of up to {self.max_bs} rows")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in sorted(self.graphs, reverse=True):
+                self.published_draws[bs] = graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.bitmask[:bs].copy_(masks[:bs], non_blocking=True)
+                    self._draw(bs, self.bitmask[:bs])
+                    publish(self.last_tokens[:bs])
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
     def host_inputs(self, bucket: int, rows: dict[str, list[int]], floats: list[list[float]],
                     page_table: list[list[int]]) -> DecodeInputs:
         """Pinned host buffers for one step: `rows` holds each INT_ROWS row for the real rows, in order."""
@@ -159,3 +182,9 @@ class DecodeGraphs:
         they draw is discarded."""
         self.bitmask[: bitmask.shape[0]].copy_(bitmask, non_blocking=True)
         self.masked_draws[bucket].replay()
+
+    def draw_published(self, bucket: int) -> None:
+        """draw_masked with the masks copied in from, and the tokens published to, the grammar processes, as
+        capture_published_draws captured it, once the masks of the step's rows are filled (padding rows draw under
+        whatever masks their rows hold, and their tokens are discarded)."""
+        self.published_draws[bucket].replay()

@@ -9,23 +9,26 @@ The engine side (`GrammarProcess`) gives each request to one of the processes (t
 binary records through pipes (`send_bytes`: no pickling): NEW (a request's grammar and the tokens it has output so
 far), FILL (a step's rows of that process: each request's tokens recorded since the last FILL, the row of its token
 in a draw not yet recorded, and the row its mask goes to) and DROP (requests gone). Each step that draws for
-constrained rows has its tokens copied from the device into shared memory, then the draw's number (`publish`:
-queued on the device's stream after the draw), so under overlap scheduling a step's FILL goes out as soon as it is
-launched, and its process takes the last step's tokens the moment they reach the host, while the device runs the
-forward; the engine's own record of those tokens comes later. A process keeps one matcher per request, compiles
-grammars on a thread of its own (NEW comes at admission, so a big schema compiles while the prompt is computed and
-the other requests' masks are filled; only a step that needs its first mask sooner waits for it), advances the
-matchers and writes their masks into the shared memory, the engine's pinned host buffer (registered with CUDA where
-there is one), then a flag per row (the grammar completed or refused a token) and the FILL's sequence number. The
-processes fill their rows at once; the engine spins on their sequence numbers, and they poll for the next record
-before they block: masks are needed within a step, so a wake-up through the kernel would cost more than it saves.
-Every spin yields its core to whatever else would run there.
+constrained rows has its tokens copied from the device into shared memory, then the draw's number (`publish`: queued
+on the device's stream after the draw; a decode graph's masked draw holds those copies, and the copy of the masks
+in, itself), so under overlap scheduling a step's FILL goes out as soon as it is launched, and its process takes the
+last step's tokens the moment they reach the host, while the device runs the forward; the engine's own record of
+those tokens comes later. Every FILL waits for the last draw published: the masks may be copied to the device until
+then, and are not overwritten before. A process keeps one matcher per request, compiles grammars on a thread of its
+own (NEW comes at admission, so a big schema compiles while the prompt is computed and the other requests' masks are
+filled; only a step that needs its first mask sooner waits for it), advances the matchers and writes their masks
+into the shared memory, the engine's pinned host buffer (registered with CUDA where there is one), then a flag per
+row (the grammar completed or refused a token) and the FILL's sequence number. The processes fill their rows at
+once; the engine spins on their sequence numbers, and they poll for the next record before they block: masks are
+needed within a step, so a wake-up through the kernel would cost more than it saves. Every spin yields its core to
+whatever else would run there.
 
 The matchers here follow each request's output token by token, so a grammar's completion is learnt when the next
 step's masks come back (`FilledMasks.completed`), one step after the token that completed it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -50,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 NEW, FILL, DROP, STOP = b"N", b"F", b"D", b"S"
 NEW_HEADER = struct.Struct("<qII")     # rid, number of tokens, grammar bytes; then the tokens (int32), the grammar
-FILL_HEADER = struct.Struct("<qqI4x")  # sequence number, draw whose tokens it reads, rows; padded to 8 bytes
+FILL_HEADER = struct.Struct("<qqI4x")  # sequence number, last draw published (to wait for), rows; padded to 8
 # Then, per row with a grammar: rid, mask row, recorded tokens to consume, the row of the draw's token to consume
 # after them or -1 (int64 each); then every row's recorded tokens (int64).
 FILL_COLUMNS = 4
@@ -128,7 +131,7 @@ class GrammarProcess:
     the requests, filling their rows of the masks at once). Not thread-safe: the engine thread alone calls it."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], max_rows: int,
-                 processes: int = PROCESSES) -> None:
+                 processes: int = PROCESSES, device: torch.device | str = "cpu") -> None:
         self.words = (vocab_size + 31) // 32
         size = _Segment.size(processes, max_rows, self.words)
         self._shm = shared_memory.SharedMemory(create=True, size=size)
@@ -139,13 +142,19 @@ class GrammarProcess:
         self._tokens = torch.from_numpy(self._segment.tokens)
         self._published = torch.from_numpy(self._segment.published[:1])
         self._draws = 0                                   # draws published
-        self._draw_number: torch.Tensor | None = None     # the last one's number, on the device
+        self.device = torch.device(device)
+        # The number of the last draw published, counted on the device, so that a CUDA graph can publish too.
+        self._draw_number = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._registered = 0
-        if torch.cuda.is_available():
+        if self.device.type == "cuda":
             # Pinned, so that the copies to and from the device are queued, not done on the spot.
             base = np.frombuffer(self._shm.buf, np.uint8, size).ctypes.data
-            if int(torch.cuda.cudart().cudaHostRegister(base, size, 0)) == 0:
+            error = torch.cuda.cudart().cudaHostRegister(base, size, 0)
+            if int(error) == 0:
                 self._registered = base
+            else:   # the copies still work, but each waits for the device
+                logger.warning("grammar_process: cannot pin the masks' shared memory (%s); every mask and token copy "
+                               "will wait for the device", error)
         spawn = multiprocessing.get_context("spawn")
         self._conns, self._processes = [], []
         for index in range(processes):
@@ -186,20 +195,30 @@ class GrammarProcess:
         if req.rid not in self._synced:
             self._new(req)
 
+    @property
+    def pinned(self) -> bool:
+        """Whether the shared segment is registered with CUDA (so copies to and from it can be queued)."""
+        return self._registered != 0
+
     def publish(self, tokens: torch.Tensor) -> int:
         """Have the tokens a step just drew (its rows of last_tokens) copied here once the device has drawn them,
         then the draw's number, which `fill` names; returns it. Queued on the device's stream, after the draw."""
-        self._draws += 1
+        self.queue_publish(tokens)
+        return self.count_published()
+
+    def queue_publish(self, tokens: torch.Tensor) -> None:
+        """publish's copies, with no host work after them, so that a CUDA graph can hold them
+        (DecodeGraphs.capture_published_draws); each time they run, count_published must count the draw."""
+        if tokens.device != self.device:
+            raise ValueError(f"tokens on {tokens.device}, published through a counter on {self.device}")
         rows = tokens.shape[0]
-        if tokens.device.type == "cpu":
-            self._tokens[:rows].copy_(tokens)
-            self._published.fill_(self._draws)
-            return self._draws
-        if self._draw_number is None or self._draw_number.device != tokens.device:
-            self._draw_number = torch.zeros(1, dtype=torch.int64, device=tokens.device)
         self._tokens[:rows].copy_(tokens, non_blocking=True)
-        self._draw_number.fill_(self._draws)
+        self._draw_number.add_(1)
         self._published.copy_(self._draw_number, non_blocking=True)   # after the tokens, in the stream's order
+
+    def count_published(self) -> int:
+        """The number of the draw whose publish was queued last (the one queue_publish numbers on the device)."""
+        self._draws += 1
         return self._draws
 
     def fill(self, requests: list[Request], drawn: dict[int, int] | None = None, draw: int = 0) -> PendingFill:
@@ -230,6 +249,9 @@ class GrammarProcess:
             source = drawn.get(req.rid, -1)
             if source >= 0 and draw <= 0:
                 raise RuntimeError(f"request {req.rid}: its token is in flight, but no draw was published")
+            if source >= 0 and draw != self._draws:
+                raise RuntimeError(f"request {req.rid}: its token is in draw {draw}, which draw {self._draws} "
+                                   "overwrote")
             synced[req.rid] = len(output) + (source >= 0)
             tables[index] += (req.rid, row, count, source)
         if free_rows:
@@ -239,7 +261,9 @@ class GrammarProcess:
         for index, (table, process_tokens) in enumerate(zip(tables, tokens)):
             if table:
                 rows = np.array(table, np.int64).reshape(-1, FILL_COLUMNS)
-                self._conns[index].send_bytes(FILL + FILL_HEADER.pack(self._sequence, draw, len(rows))
+                # The process waits for the last draw published, even where no row takes a token from it: its
+                # masks may be copied to the device until then.
+                self._conns[index].send_bytes(FILL + FILL_HEADER.pack(self._sequence, self._draws, len(rows))
                                               + rows.tobytes() + np.array(process_tokens, np.int64).tobytes())
                 sent.append(index)
                 filled.append(rows)
@@ -279,6 +303,13 @@ class GrammarProcess:
                 spins += 1
                 if spins % SPIN_CHECKS == 0 and not self._processes[index].is_alive():
                     raise GrammarProcessGone(f"the grammar process exited (code {self._processes[index].exitcode})")
+
+    def __del__(self) -> None:
+        # Unpinned before the segment is unmapped: CUDA would keep the range registered, and refuse to pin the next
+        # segment mapped there. (Nothing to report from a finalizer, which may run at interpreter exit.)
+        if hasattr(self, "_processes"):
+            with contextlib.suppress(Exception):
+                self.close()
 
     def close(self) -> None:
         if not hasattr(self, "masks"):

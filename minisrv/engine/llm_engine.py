@@ -77,9 +77,9 @@ class LLMEngine:
         if load_tokenizer is not None and _grammar_process_wanted(config, self.runner.device.type, tp):
             # Started with the engine (a second or two), not at the first grammar, which would hold up running streams.
             try:
-                self.runner.grammar_process = GrammarProcess(
+                self.runner.attach_grammar_process(GrammarProcess(
                     self.grammars.tokenizer_json(), self.loaded.model_config.vocab_size, self.loaded.eos_token_ids,
-                    max_rows=self.runner.last_tokens.shape[0])
+                    max_rows=self.runner.last_tokens.shape[0], device=self.runner.device))
             except GrammarProcessGone as exc:
                 logger.warning("grammar_process (--grammar-process): %s; the grammars stay in the engine's process",
                                exc)

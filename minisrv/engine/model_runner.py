@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from minisrv.config import EngineConfig, usable_cores
-from minisrv.engine.cuda_graph import SAMPLER_ROWS, DecodeGraphs
+from minisrv.engine.cuda_graph import SAMPLER_ROWS, DecodeGraphs, graph_buckets
 from minisrv.engine.grammar import MaskFiller, PendingMasks, host_bitmasks
 from minisrv.engine.grammar_process import GrammarProcess, PendingFill
 from minisrv.engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_page, kv_cache_dtype
@@ -138,12 +138,13 @@ class ModelRunner:
                        else Sampler(vocab_size, eos, self.device))
         self.sampler = sampler
         self.mask_filler = MaskFiller()
-        self.grammar_process: GrammarProcess | None = None   # set by the engine when grammars live there
+        self.grammar_process: GrammarProcess | None = None   # attach_grammar_process
         graph_bs = self._graph_batch_size()
         # Where every step leaves its sampled tokens: the next step reads in-flight input ids from here. A request
-        # with drafts samples a token after each.
+        # with drafts samples a token after each; the largest graph draws a token for each of its rows.
         rows_per_request = 1 + (config.speculative.num_speculative_tokens if config.speculative else 0)
-        self.last_tokens = torch.zeros(max(config.max_running_requests * rows_per_request, graph_bs),
+        graph_rows = graph_buckets(graph_bs)[-1] if graph_bs else 0
+        self.last_tokens = torch.zeros(max(config.max_running_requests * rows_per_request, graph_rows),
                                        dtype=torch.int64, device=self.device)
         reserve = self._probe_graph_memory(graph_bs) if graph_bs else 0
         self.num_pages = self._num_pages(reserve)
@@ -225,6 +226,13 @@ class ModelRunner:
         # Every rank's scheduler makes the same decisions only over the same pool: the smallest rank's.
         return self.tp.min_int(pages, self.device)
 
+    def attach_grammar_process(self, process: GrammarProcess) -> None:
+        """Have the grammar masks filled by `process` (the engine starts it). The decode graphs get masked draws
+        that copy its masks in and publish their tokens to it themselves (DecodeGraphs.capture_published_draws)."""
+        self.grammar_process = process
+        if self.graphs is not None and process.pinned:
+            self.graphs.capture_published_draws(process.masks, process.queue_publish)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult]:
         """Run one step and wait for it; one SampleResult per seq with sample=True, in batch order."""
@@ -273,7 +281,10 @@ class ModelRunner:
         bitmask = self._bitmask(requests, deferred.masks)
         if deferred.bucket is not None and not self.sampler.needs_adjustment(requests, positions, grammars=False):
             # Nothing but grammars: the graph's own draw again, under their masks (one replay, not the launches).
-            if bitmask is not None:
+            if bitmask is not None and self.graphs.published_draws:   # the masks are the grammar process's
+                self.graphs.draw_published(deferred.bucket)
+                step.draw = self.grammar_process.count_published()
+            elif bitmask is not None:
                 self.graphs.draw_masked(deferred.bucket, bitmask)
             step.samples = self.sampler.finish(deferred.logits, self.last_tokens[: len(requests)], requests)
         else:
@@ -284,8 +295,8 @@ class ModelRunner:
 
     def _publish_draw(self, step: LaunchedStep) -> None:
         """Once `step` has drawn, hand its tokens to the grammar process (GrammarProcess.publish), if it has rows
-        with a grammar: the next step's masks are filled from them."""
-        if self.grammar_process is not None and any(r.grammar is not None for r in step.requests):
+        with a grammar and its draw did not publish them already: the next step's masks are filled from them."""
+        if step.draw == 0 and self.grammar_process is not None and any(r.grammar is not None for r in step.requests):
             step.draw = self.grammar_process.publish(self.last_tokens[: len(step.requests)])
 
     def _bitmask(self, requests: list[Request], pending: PendingMasks | PendingFill | None = None

@@ -296,3 +296,55 @@ def test_the_masked_draw_graph_draws_what_the_launched_kernel_draws() -> None:
         for token, a, r in zip(tokens, allowed, requests):
             assert a is None or token in a
             r.output_ids.append(token)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_published_draw_graph_draws_under_the_processes_masks_and_publishes_its_tokens() -> None:
+    """With grammar processes a constrained decode step's masked draw is one graph that copies their masks in, draws,
+    and copies the tokens back to them (DecodeGraphs.draw_published): each replay draws what the sampling kernel
+    draws on the same logits, parameters and masks, and the tokens and the draw's number reach the shared segment."""
+    from minisrv.engine.cuda_graph import SAMPLER_ROWS
+    from minisrv.models.source import resolve_source
+
+    config = EngineConfig(model="smollm2-135m", load_format="dummy", device="cuda", max_model_len=512,
+                          cuda_graph_max_bs=16)
+    source = resolve_source(config)
+    engine = LLMEngine(config, source, load_tokenizer=partial(load_fast_tokenizer, source))
+    runner, graphs = engine.runner, engine.runner.graphs
+    process = runner.grammar_process
+    assert process is not None and set(graphs.published_draws) == set(graphs.graphs)
+    replays = []
+    draw_published = graphs.draw_published
+
+    def checked(bucket: int) -> None:
+        torch.cuda.synchronize()
+        if replays and replays[-1][0] == process._draws:   # the last replay's tokens and number, if last published
+            assert int(process._published[0]) == replays[-1][0]
+            assert torch.equal(process._tokens[: len(replays[-1][1])], replays[-1][1])
+        expected = torch.empty(bucket, dtype=torch.int64, device="cuda")
+        runner.sampler.draw(graphs.logits[:bucket], graphs.floats[:, :bucket], graphs.ints[SAMPLER_ROWS, :bucket],
+                            out=expected, bitmasks=process.masks[:bucket].cuda())
+        draw_published(bucket)
+        torch.cuda.synchronize()
+        assert torch.equal(graphs.last_tokens[:bucket], expected)
+        replays.append((process._draws + 1, expected.cpu()))
+
+    graphs.draw_published = checked
+    pattern = r"[0-9]{2,5}(,[0-9]{2,5}){3}"
+    g = grammar("regex", pattern)
+    outputs: dict[int, list[int]] = {rid: [] for rid in range(11)}
+    for rid in outputs:
+        engine.add_request(rid, list(b"Numbers: ") + [rid], SamplingParams(
+            temperature=0.0 if rid % 2 else 1.0, seed=rid, max_tokens=40, ignore_eos=rid % 5 == 4,
+            grammar=None if rid % 5 == 4 else g))
+    finish = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.rid] += out.new_token_ids
+            finish[out.rid] = out.finish_reason
+    assert len(replays) >= 5
+    for rid, ids in outputs.items():
+        if rid % 5 != 4:
+            assert finish[rid].api_name == "stop" and re.fullmatch(pattern, bytes(ids).decode()), (rid, ids)
+    process.close()
