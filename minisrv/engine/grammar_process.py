@@ -228,6 +228,7 @@ class GrammarProcess:
         step can be filled while the device still runs it, from the moment the last step's tokens are drawn."""
         self._drop_finished()
         synced, owner, drawn = self._synced, self._owner, drawn or {}
+        draw_is_last = 0 < draw == self._draws   # the segment holds that draw's tokens
         tables: list[list[int]] = [[] for _ in self._conns]
         tokens: list[list[int]] = [[] for _ in self._conns]
         free_rows: list[int] = []
@@ -247,10 +248,9 @@ class GrammarProcess:
             if count:
                 tokens[index] += output[consumed:]
             source = drawn.get(req.rid, -1)
-            if source >= 0 and draw <= 0:
-                raise RuntimeError(f"request {req.rid}: its token is in flight, but no draw was published")
-            if source >= 0 and draw != self._draws:
-                raise RuntimeError(f"request {req.rid}: its token is in draw {draw}, which draw {self._draws} "
+            if source >= 0 and not draw_is_last:
+                raise RuntimeError(f"request {req.rid}: its token is in flight, but no draw was published" if draw <= 0
+                                   else f"request {req.rid}: its token is in draw {draw}, which draw {self._draws} "
                                    "overwrote")
             synced[req.rid] = len(output) + (source >= 0)
             tables[index] += (req.rid, row, count, source)
