@@ -197,18 +197,18 @@ class Scheduler:
         """Record the step's sampled tokens (each seq's num_samples results, in batch order). Every token kept is
         appended and fed to its grammar first; then `grammars_advanced` is called, if given (the engine starts
         filling the next step's grammar masks there, beside the rest of this), and the outputs are made."""
-        num_samples = sum(seq.num_samples for seq in batch.seqs)
-        if len(results) != num_samples:
+        counts = [seq.num_samples for seq in batch.seqs]
+        if len(results) != sum(counts):
             raise ValueError(f"postprocess got {len(results)} sample results for a batch that samples "
-                             f"{num_samples} tokens")
+                             f"{sum(counts)} tokens")
         recorded: list[tuple[ScheduledSeq, list[SampleResult], FinishReason]] = []
         first = 0
-        for seq in batch.seqs:
-            samples, first = results[first: first + seq.num_samples], first + seq.num_samples
-            if seq.request.finished:   # aborted, or stopped by the token before, after it was scheduled
+        for seq, count in zip(batch.seqs, counts):
+            samples, first, req = results[first: first + count], first + count, seq.request
+            if req.status is RequestStatus.FINISHED:   # aborted, or stopped by the token before, once scheduled
                 continue
-            if seq.request.grammar_complete:   # by the token before: what this step sampled for it is not kept
-                seq.request.num_in_flight -= len(samples)
+            if req.grammar_complete:   # by the token before: what this step sampled for it is not kept
+                req.num_in_flight -= len(samples)
                 recorded.append((seq, [], FinishReason.STOP))
                 continue
             recorded.append((seq, *self._record_all(seq, samples)))
@@ -218,10 +218,13 @@ class Scheduler:
         now = time.monotonic()
         for seq, kept, reason in recorded:
             req = seq.request
-            if req.rid in self._cursors:
+            cursor = self._cursors.get(req.rid)
+            if cursor is not None:
                 # A drafted seq's K/V holds from its start up to the last draft that was right.
-                computed = seq.start + (len(kept) if seq.draft_ids else seq.num_tokens)
-                self._cache_full_pages(req, computed)
+                num_full_pages = (seq.start + (len(kept) if seq.draft_ids else seq.num_tokens)) // self.page_size
+                if num_full_pages > cursor.depth:
+                    self._cursors[req.rid] = self.prefix_cache.insert(cursor, req.token_ids, req.pages,
+                                                                      num_full_pages)
             prompt_samples = self._new_prompt_logprobs(seq) if seq.prompt_logprobs else []
             if not kept:
                 if reason is not FinishReason.NONE:
@@ -238,6 +241,8 @@ class Scheduler:
     def _record_all(self, seq: ScheduledSeq, samples: list[SampleResult]) -> tuple[list[SampleResult], FinishReason]:
         """Record the samples of `seq` that hold (_accepted) up to the first that finishes the request; the rest,
         and the drafts they follow, are forgotten (the scheduler computes from the first position not kept)."""
+        if not seq.draft_ids:   # most seqs: a decode's one sample, or a prefill chunk's none
+            return samples, self._record(seq.request, samples[0]) if samples else FinishReason.NONE
         req, accepted, kept = seq.request, self._accepted(seq, samples), []
         reason = FinishReason.NONE
         for sample in accepted:
@@ -245,13 +250,12 @@ class Scheduler:
             reason = self._record(req, sample)
             if reason is not FinishReason.NONE:
                 break
-        if seq.draft_ids:
-            self.num_accepted_tokens += len(accepted) - 1
-            self._drafters[req.rid].checked(len(seq.draft_ids), len(accepted) - 1)
-            # Computing resumes at the first position whose K/V is not known to be right.
-            unused = seq.num_samples - len(kept)
-            req.num_in_flight -= unused
-            req.num_computed -= unused
+        self.num_accepted_tokens += len(accepted) - 1
+        self._drafters[req.rid].checked(len(seq.draft_ids), len(accepted) - 1)
+        # Computing resumes at the first position whose K/V is not known to be right.
+        unused = seq.num_samples - len(kept)
+        req.num_in_flight -= unused
+        req.num_computed -= unused
         return kept, reason
 
     @staticmethod
@@ -269,9 +273,17 @@ class Scheduler:
     def _record(self, req: Request, result: SampleResult) -> FinishReason:
         """Append a sampled token to the request's output and feed it to its grammar; whether and why it ends the
         request."""
+        token_id = result.token_id
         req.num_in_flight -= 1
-        req.output_ids.append(result.token_id)
-        reason = self._finish_reason(req, result.token_id)
+        req.output_ids.append(token_id)
+        params, num_output = req.params, len(req.output_ids)
+        if num_output >= params.min_tokens and (
+                (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids):
+            reason = FinishReason.STOP
+        elif num_output >= req.max_tokens or len(req.prompt_ids) + num_output >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        else:
+            reason = FinishReason.NONE
         if req.grammar is not None and reason is not FinishReason.STOP and self._grammar_complete(req, result):
             reason = FinishReason.STOP   # a complete grammar ends the output, min_tokens or not
         return reason
@@ -289,11 +301,12 @@ class Scheduler:
     # ---- internals
     def _schedule_running(self, req: Request, step: _Step, num_after: int) -> None:
         """num_after: running requests still to schedule in this step; drafts leave each a token of budget."""
-        num_tokens = step.room(req.num_tokens - req.num_computed)
+        uncomputed = req.num_tokens - req.num_computed
+        num_tokens = step.room(uncomputed)
         if num_tokens == 0 or self._length_reached(req):
             return
         drafts = (self._drafts(req, step.budget - 1 - num_after)
-                  if num_tokens == req.num_tokens - req.num_computed == 1 else [])
+                  if self.speculative is not None and num_tokens == uncomputed == 1 else [])
         if drafts and self._grow(req, req.num_computed + 1 + len(drafts), evict=False):
             self._add_seq(req, req.num_computed, 1, step, drafts)
             return
@@ -360,27 +373,31 @@ class Scheduler:
         return any(seq.start < self.page_size <= seq.request.num_prompt_tokens
                    and seq.request.prompt_ids[:self.page_size] == first_page for seq in step.seqs)
 
-    def _add_seq(self, req: Request, start: int, num_tokens: int, step: _Step, draft_ids: list[int] = ()) -> None:
+    def _add_seq(self, req: Request, start: int, num_tokens: int, step: _Step,
+                 draft_ids: list[int] | None = None) -> None:
+        # Runs for every request of every step: counts are kept in locals, not re-read through ScheduledSeq's
+        # properties.
         self.metrics.scheduled(req)
         sample = start + num_tokens == req.num_tokens
-        seq = ScheduledSeq(req, start, num_tokens + len(draft_ids), sample=sample, draft_ids=list(draft_ids))
-        step.seqs.append(seq)
-        req.num_computed = start + seq.num_tokens
-        req.num_in_flight += seq.num_samples
-        step.budget -= seq.num_tokens
-        if seq.is_decode:
+        num_drafts = len(draft_ids) if draft_ids else 0
+        step.seqs.append(ScheduledSeq(req, start, num_tokens + num_drafts, sample, draft_ids=draft_ids or []))
+        req.num_computed = start + num_tokens + num_drafts
+        step.budget -= num_tokens + num_drafts
+        if sample:
+            req.num_in_flight += 1 + num_drafts
+        if sample and num_tokens == 1:
             step.num_decodes += 1
         else:
             step.prefill_used += num_tokens
-        if draft_ids:
+        if num_drafts:
             self.num_drafts += 1
-            self.num_draft_tokens += len(draft_ids)
+            self.num_draft_tokens += num_drafts
 
     def _grow(self, req: Request, num_tokens: int, evict: bool = True) -> bool:
         """Give req pages for its first num_tokens tokens, evicting idle cached pages if needed (and allowed)."""
-        need = pages_for_tokens(num_tokens, self.page_size) - len(req.pages)
-        if need <= 0:
+        if num_tokens <= len(req.pages) * self.page_size:   # most steps: the last page has room
             return True
+        need = pages_for_tokens(num_tokens, self.page_size) - len(req.pages)
         if need > self.pool.num_free + (self.pool.num_idle if evict else 0):
             return False
         if need > self.pool.num_free:
@@ -423,23 +440,6 @@ class Scheduler:
         req.pages = []
         req.num_computed = 0
 
-    def _cache_full_pages(self, req: Request, num_computed: int) -> None:
-        assert self.prefix_cache is not None
-        cursor = self._cursors[req.rid]
-        num_full_pages = num_computed // self.page_size
-        if num_full_pages > cursor.depth:
-            self._cursors[req.rid] = self.prefix_cache.insert(cursor, req.token_ids, req.pages, num_full_pages)
-
-    def _finish_reason(self, req: Request, token_id: int) -> FinishReason:
-        params = req.params
-        num_output = len(req.output_ids)
-        if num_output >= params.min_tokens and (
-                (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids):
-            return FinishReason.STOP
-        if num_output >= req.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
-            return FinishReason.LENGTH
-        return FinishReason.NONE
-
     @staticmethod
     def _grammar_complete(req: Request, result: SampleResult) -> bool:
         try:
@@ -450,7 +450,8 @@ class Scheduler:
 
     def _length_reached(self, req: Request) -> bool:
         """Whether the request's in-flight tokens already bring it to max_tokens or the context length."""
-        return req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len
+        num_output = len(req.output_ids) + req.num_in_flight
+        return num_output >= req.max_tokens or len(req.prompt_ids) + num_output >= self.max_model_len
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.status is RequestStatus.WAITING:
