@@ -246,7 +246,8 @@ class ModelRunner:
         queued first, once this step's inputs are ready on the host. With `defer_sampling` the forward is queued
         but the tokens are drawn only by `sample_deferred`, once the caller has recorded what grammars and
         penalties need to see (`previous`'s tokens): the host does that while the device runs this forward."""
-        decodes_only = all(seq.num_tokens == 1 and not _computes_prompt_logprobs(seq) for seq in batch.seqs)
+        decodes_only = all(seq.num_tokens == 1 and (seq.request.params.prompt_logprobs is None
+                                                    or not _computes_prompt_logprobs(seq)) for seq in batch.seqs)
         bucket = self.graphs.bucket(len(batch.seqs)) if self.graphs is not None and decodes_only else None
         if bucket is not None:
             requests, samples = self._replay(batch, bucket, previous, defer_sampling)
@@ -373,13 +374,21 @@ class ModelRunner:
 
     def _replay(self, batch: ScheduledBatch, bucket: int, previous: LaunchedStep | None, defer_sampling: bool):
         graphs, ps = self.graphs, self.page_size
+        in_flight = previous.token_rows if previous is not None else {}
         # One list per input row, appended to in one pass: this loop is most of a large batch's host time.
         requests, token_ids, starts, slots, prev_rows, page_tables, positions = [], [], [], [], [], [], []
         for seq in batch.seqs:
-            self._check(seq)
             request, pos = seq.request, seq.start
-            token, prev_row = self._input_token(request, pos, previous)
             pages, page = request.pages, pos // ps
+            # The usual row computes the token the previous step sampled for it, in its pages and the context:
+            # this one test implies what _check and _input_token would find, which explain any other row.
+            known = len(request.prompt_ids) + len(request.output_ids)
+            prev_row = in_flight.get(request.rid, -1) if pos == known and request.num_in_flight else -1
+            if prev_row >= 0 and pos < self.max_model_len and page < len(pages):
+                token = 0
+            else:
+                self._check(seq)
+                token, prev_row = self._input_token(request, pos, previous)
             requests.append(request)
             token_ids.append(token)
             starts.append(pos)
