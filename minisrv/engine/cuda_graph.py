@@ -41,6 +41,7 @@ ROW = {name: i for i, name in enumerate(INT_ROWS)}
 SAMPLER_ROWS = slice(ROW[INT_PARAMS[0]], ROW[INT_PARAMS[-1]] + 1)
 # A padding row: no token to store, nothing to attend to, greedy (the cheapest draw).
 PADDING = dict(input_ids=0, positions=0, slots=-1, seq_lens=0, prev_rows=-1, top_k=0, seed=0, position=0)
+PADDING_COLUMN = np.array([[PADDING[name]] for name in INT_ROWS], dtype=np.int64)
 
 
 def graph_buckets(max_bs: int) -> list[int]:
@@ -48,11 +49,6 @@ def graph_buckets(max_bs: int) -> list[int]:
     and vLLM use: a batch pads by at most 7 rows)."""
     small = [b for b in (1, 2, 4) if b < max_bs]
     return small + ([max_bs] if max_bs <= 4 else list(range(8, -(-max_bs // 8) * 8 + 1, 8)))
-
-
-def _pinned(rows: list[list], dtype: type) -> torch.Tensor:
-    """Nested lists as a tensor in pinned host memory (numpy reads nested lists ~2.5x faster than torch.tensor)."""
-    return torch.from_numpy(np.array(rows, dtype=dtype)).pin_memory()
 
 
 @contextmanager
@@ -80,6 +76,34 @@ class DecodeInputs:
     ints: torch.Tensor      # [len(INT_ROWS), bucket] int64, pinned
     floats: torch.Tensor    # [len(FLOAT_PARAMS), bucket] float32, pinned
     page_table: torch.Tensor  # [bucket, pages] int64, pinned
+    copied: torch.cuda.Event  # recorded once their copies to the device are queued (DecodeGraphs.run)
+
+
+class _Staging:
+    """Pinned host memory one step's inputs are written to (by numpy, which reads nested lists ~2.5x faster than
+    torch.tensor), kept for the engine's life rather than allocated every step; DecodeInputs views it."""
+
+    def __init__(self, max_bs: int, max_pages: int) -> None:
+        self.ints = torch.empty(len(INT_ROWS) * max_bs, dtype=torch.int64, pin_memory=True)
+        self.floats = torch.empty(len(FLOAT_PARAMS) * max_bs, dtype=torch.float32, pin_memory=True)
+        self.page_table = torch.empty(max_bs * max_pages, dtype=torch.int64, pin_memory=True)
+        self.copied = torch.cuda.Event()
+
+    def inputs(self, bucket: int, rows: list[list[int]], floats: list[list[float]],
+               page_table: list[list[int]]) -> DecodeInputs:
+        """The rows written in, each padded to the bucket (and each page list to the longest)."""
+        n, width = len(floats[0]), max(len(p) for p in page_table)
+        ints = self.ints[: len(INT_ROWS) * bucket].view(len(INT_ROWS), bucket)
+        floats_t = self.floats[: len(FLOAT_PARAMS) * bucket].view(len(FLOAT_PARAMS), bucket)
+        pages = self.page_table[: bucket * width].view(bucket, width)
+        ints_array, floats_array, pages_array = ints.numpy(), floats_t.numpy(), pages.numpy()
+        ints_array[:, :n] = rows
+        ints_array[:, n:] = PADDING_COLUMN
+        floats_array[:, :n] = floats
+        floats_array[:, n:] = 0.0
+        pages_array[:n] = [p + [0] * (width - len(p)) for p in page_table]
+        pages_array[n:] = 0
+        return DecodeInputs(ints, floats_t, pages, self.copied)
 
 
 class DecodeGraphs:
@@ -96,6 +120,8 @@ class DecodeGraphs:
                                  device=device)
         self.floats = torch.zeros(len(FLOAT_PARAMS), self.max_bs, dtype=torch.float32, device=device)
         self.page_table = torch.zeros(self.max_bs, -(-max_seq_len // page_size), dtype=torch.int64, device=device)
+        self._staging = [_Staging(self.max_bs, self.page_table.shape[1]) for _ in range(2)]
+        self._steps = 0
         self.last_tokens = last_tokens
         # One logits buffer for every bucket: a graph's own output would live on in the pool, bucket by bucket.
         self.logits = torch.empty(self.max_bs, model.config.vocab_size, dtype=torch.float32, device=device)
@@ -165,14 +191,13 @@ class DecodeGraphs:
 
     def host_inputs(self, bucket: int, rows: dict[str, list[int]], floats: list[list[float]],
                     page_table: list[list[int]]) -> DecodeInputs:
-        """Pinned host buffers for one step: `rows` holds each INT_ROWS row for the real rows, in order."""
-        n = len(rows["input_ids"])
-        pad = bucket - n
-        ints = _pinned([rows[name] + [PADDING[name]] * pad for name in INT_ROWS], np.int64)
-        floats_t = _pinned([row + [0.0] * pad for row in floats], np.float32)
-        width = max(len(p) for p in page_table)
-        pages = _pinned([p + [0] * (width - len(p)) for p in page_table] + [[0] * width] * pad, np.int64)
-        return DecodeInputs(ints, floats_t, pages)
+        """One step's inputs in pinned host memory: `rows` holds each INT_ROWS row for the real rows, in order.
+        They take turns in two staging buffers: a step's inputs are written while the last step's copies may
+        still wait behind the step before on the device; the one before's have run (or are waited for here)."""
+        staging = self._staging[self._steps % len(self._staging)]
+        self._steps += 1
+        staging.copied.synchronize()
+        return staging.inputs(bucket, [rows[name] for name in INT_ROWS], floats, page_table)
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
         """Copy the inputs in and replay; returns the bucket's float32 logits (valid until the next step)."""
@@ -180,6 +205,7 @@ class DecodeGraphs:
         self.ints[:, :bucket].copy_(inputs.ints, non_blocking=True)
         self.floats[:, :bucket].copy_(inputs.floats, non_blocking=True)
         self.page_table[:bucket, : inputs.page_table.shape[1]].copy_(inputs.page_table, non_blocking=True)
+        inputs.copied.record()
         self.graphs[bucket].replay()
         return self.logits[:bucket]
 
