@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minisrv.config import EngineConfig
-from minisrv.engine.cuda_graph import graph_buckets
+from minisrv.engine.cuda_graph import INT_ROWS, PADDING, graph_buckets
 from minisrv.engine.llm_engine import LLMEngine
 from minisrv.engine.model_runner import ModelRunner
 from minisrv.layers.forward_context import ForwardContext, forward_context
@@ -82,6 +82,30 @@ def test_graph_replay_equals_eager_for_every_bucket(loaded):
         separated = (top2[:, 0] - top2[:, 1]) > 2 * LOGIT_TOLERANCE
         assert (graph - eager).abs().max().item() <= LOGIT_TOLERANCE, f"batch {size} in bucket {bucket}"
         assert (torch.tensor(tokens, device="cuda") == eager.argmax(-1))[separated].all(), f"batch {size}"
+
+
+def test_the_inputs_of_consecutive_steps_take_turns_in_two_pinned_buffers(loaded):
+    """A step's inputs are written while the copies of the step before may still wait on the device: host_inputs
+    alternates two pinned buffers, and before writing one it waits for the copies queued from it."""
+    runner = ModelRunner(config(model=loaded.name), loaded)
+    graphs, rng = runner.graphs, random.Random(5)
+    # Rows that store, read and attend to nothing (slot -1, length 0, no token in flight), real in every other field.
+    rows = {name: [rng.randrange(1, 1000) for _ in range(3)] for name in INT_ROWS}
+    rows |= dict(slots=[-1] * 3, seq_lens=[0] * 3, prev_rows=[-1] * 3)
+    floats = [[rng.random() for _ in range(3)] for _ in range(3)]
+    first = graphs.host_inputs(4, rows, floats, [[7], [8, 9], [10]])
+    assert first.ints.is_pinned() and first.floats.is_pinned() and first.page_table.is_pinned()
+    assert first.ints.tolist() == [rows[name] + [PADDING[name]] for name in INT_ROWS]
+    assert first.floats.tolist() == [torch.tensor(row + [0.0]).tolist() for row in floats]
+    assert first.page_table.tolist() == [[7, 0], [8, 9], [10, 0], [0, 0]]
+    torch.cuda._sleep(200_000_000)   # the copies queued next wait behind this (~0.1 s) on the stream
+    graphs.run(first)
+    second = graphs.host_inputs(4, rows, floats, [[1]] * 3)
+    assert second.ints.data_ptr() != first.ints.data_ptr() and not first.copied.query()
+    third = graphs.host_inputs(4, rows, floats, [[2]] * 3)
+    assert third.ints.data_ptr() == first.ints.data_ptr() and first.copied.query()
+    torch.cuda.synchronize()
+    assert graphs.page_table[:4, :2].tolist() == [[7, 0], [8, 9], [10, 0], [0, 0]]   # what was copied is first's
 
 
 def sampled_requests(n: int, vocab: int) -> list[tuple[list[int], SamplingParams]]:
