@@ -180,6 +180,7 @@ class DecodeGraphs:
         drawn (queues their copies back to the processes: GrammarProcess.queue_publish)."""
         if masks.shape[0] < self.max_bs:
             raise ValueError(f"{masks.shape[0]} rows of masks for graphs of up to {self.max_bs} rows")
+
         def published_draw(bs: int) -> None:
             self.bitmask[:bs].copy_(masks[:bs], non_blocking=True)
             self._draw(bs, self.bitmask[:bs])
@@ -192,8 +193,8 @@ class DecodeGraphs:
     def host_inputs(self, bucket: int, rows: dict[str, list[int]], floats: list[list[float]],
                     page_table: list[list[int]]) -> DecodeInputs:
         """One step's inputs in pinned host memory: `rows` holds each INT_ROWS row for the real rows, in order.
-        They take turns in two staging buffers: a step's inputs are written while the last step's copies may
-        still wait behind the step before on the device; the one before's have run (or are waited for here)."""
+        Two staging buffers take turns: when a step's inputs are written, the copies of the step before may still
+        wait on the device, but those of the step before that have run (or are waited for here)."""
         staging = self._staging[self._steps % len(self._staging)]
         self._steps += 1
         staging.copied.synchronize()
