@@ -30,6 +30,7 @@ REASONING_PARSERS = ("qwen3", "deepseek_r1")    # how a reasoning model marks it
 # API server process against a 2.1 ms engine step, 2.6-3.1 ms with two; the same at 16 streams. The CPU engine
 # streams a few hundred tokens/s, which one process writes with ease.
 GPU_API_SERVERS = 2
+GRAMMAR_PROCESSES = 2   # --grammar-process's processes: four were no faster than two on the H200 machine
 GPU_API_SERVERS_MIN_CORES = 8
 
 
@@ -149,9 +150,9 @@ class EngineConfig:
              "highest value, then the latest, is preempted first when memory runs short)")
     grammar_process: str = setting(
         "auto", group="engine", choices=("auto", "on", "off"),
-        help="advance structured output's grammars and fill their token masks in two processes of their own, off the "
-             "engine thread (on a GPU at batch 64, constrained steps 0.88-1.00x as long as with them in the engine's "
-             "process); auto: on for a CUDA device without tensor parallelism")
+        help=f"advance structured output's grammars and fill their token masks in {GRAMMAR_PROCESSES} processes of "
+             "their own, off the engine thread (on a GPU at batch 64, constrained steps 0.88-1.00x as long as with "
+             "them in the engine's process); auto: on for a CUDA device without tensor parallelism")
     overlap_schedule: bool = setting(
         True, group="engine", negative_flags=("--disable-overlap", "--disable-overlap-schedule"),
         help="on CUDA, schedule and prepare step N+1 while the GPU runs step N")

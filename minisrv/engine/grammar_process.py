@@ -46,6 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from minisrv.config import GRAMMAR_PROCESSES
 from minisrv.ipc.process import die_with_parent, set_process_name
 from minisrv.scheduler.request import Request
 
@@ -66,7 +67,6 @@ COMPILE_THREADS = 1
 # llguidance's executor for advancing and filling: more threads were slower on the H200 machine, where two processes
 # of half the rows each took half the time of one (README, issue 11).
 MATCHER_THREADS = 1
-PROCESSES = 2                          # four were no faster than two on the H200 machine
 
 
 class _Segment(NamedTuple):
@@ -131,7 +131,7 @@ class GrammarProcess:
     the requests, filling their rows of the masks at once). Not thread-safe: the engine thread alone calls it."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], max_rows: int,
-                 processes: int = PROCESSES, device: torch.device | str = "cpu") -> None:
+                 processes: int = GRAMMAR_PROCESSES, device: torch.device | str = "cpu") -> None:
         self.words = (vocab_size + 31) // 32
         size = _Segment.size(processes, max_rows, self.words)
         self._shm = shared_memory.SharedMemory(create=True, size=size)
