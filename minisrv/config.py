@@ -30,8 +30,8 @@ REASONING_PARSERS = ("qwen3", "deepseek_r1")    # how a reasoning model marks it
 # API server process against a 2.1 ms engine step, 2.6-3.1 ms with two; the same at 16 streams. The CPU engine
 # streams a few hundred tokens/s, which one process writes with ease.
 GPU_API_SERVERS = 2
-GRAMMAR_PROCESSES = 2   # --grammar-process's processes: four were no faster than two on the H200 machine
 GPU_API_SERVERS_MIN_CORES = 8
+GRAMMAR_PROCESSES = 2   # --grammar-process's processes: four were no faster than two on the H200 machine
 
 
 def setting(default: Any, help: str, *, group: str, flags: tuple[str, ...] = (), range: Range | None = None,

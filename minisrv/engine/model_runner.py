@@ -246,8 +246,7 @@ class ModelRunner:
         queued first, once this step's inputs are ready on the host. With `defer_sampling` the forward is queued
         but the tokens are drawn only by `sample_deferred`, once the caller has recorded what grammars and
         penalties need to see (`previous`'s tokens): the host does that while the device runs this forward."""
-        decodes_only = all(seq.num_tokens == 1 and (seq.request.params.prompt_logprobs is None
-                                                    or not _computes_prompt_logprobs(seq)) for seq in batch.seqs)
+        decodes_only = all(seq.num_tokens == 1 and not _computes_prompt_logprobs(seq) for seq in batch.seqs)
         bucket = self.graphs.bucket(len(batch.seqs)) if self.graphs is not None and decodes_only else None
         if bucket is not None:
             requests, samples = self._replay(batch, bucket, previous, defer_sampling)

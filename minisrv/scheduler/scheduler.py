@@ -205,7 +205,7 @@ class Scheduler:
         first = 0
         for seq, count in zip(batch.seqs, counts):
             samples, first, req = results[first: first + count], first + count, seq.request
-            if req.status is RequestStatus.FINISHED:   # aborted, or stopped by the token before, once scheduled
+            if req.finished:   # aborted, or stopped by the token before, after it was scheduled
                 continue
             if req.grammar_complete:   # by the token before: what this step sampled for it is not kept
                 req.num_in_flight -= len(samples)
@@ -280,7 +280,7 @@ class Scheduler:
         if num_output >= params.min_tokens and (
                 (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids):
             reason = FinishReason.STOP
-        elif num_output >= req.max_tokens or len(req.prompt_ids) + num_output >= self.max_model_len:
+        elif num_output >= req.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             reason = FinishReason.LENGTH
         else:
             reason = FinishReason.NONE
@@ -450,8 +450,7 @@ class Scheduler:
 
     def _length_reached(self, req: Request) -> bool:
         """Whether the request's in-flight tokens already bring it to max_tokens or the context length."""
-        num_output = len(req.output_ids) + req.num_in_flight
-        return num_output >= req.max_tokens or len(req.prompt_ids) + num_output >= self.max_model_len
+        return req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.status is RequestStatus.WAITING:
