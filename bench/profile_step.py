@@ -4,9 +4,9 @@ the host's share of a step, and the kernels of one step.
     python bench/profile_step.py --preset llama-3.2-1b --batch 1 --json bench/results/profile-step.json
 
 Wall ms/step is the median over a long generation (ignore_eos) through LLMEngine.step, overlap and graphs on.
-GPU ms/replay is the graph replayed back to back with nothing else, between CUDA events. Host ms are the
-engine's own phases (schedule, launch, wait for the previous step's tokens, record them) per step. The
-kernel table is torch.profiler's CUDA time per kernel name over replays of the graph.
+GPU ms/replay is the step's graphs (forward, then draw) replayed back to back with nothing else, between CUDA
+events. Host ms are the engine's own phases (schedule, launch, wait for the previous step's tokens, record them)
+per step. The kernel table is torch.profiler's CUDA time per kernel name over replays of the graphs.
 """
 from __future__ import annotations
 
@@ -64,13 +64,15 @@ def main() -> None:
 
         graphs = runner.graphs
         bucket = graphs.bucket(batch)
-        graph = graphs.graphs[bucket]
+        forward, draw = graphs.graphs[bucket], graphs.draws[bucket]
         for _ in range(5):
-            graph.replay()
+            forward.replay()
+            draw.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(100):
-            graph.replay()
+            forward.replay()
+            draw.replay()
         end.record()
         end.synchronize()
         row["gpu_ms_per_replay"] = start.elapsed_time(end) / 100
@@ -79,7 +81,8 @@ def main() -> None:
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                graph.replay()
+                forward.replay()
+                draw.replay()
             torch.cuda.synchronize()
         kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count >= 10]
         row["kernels_per_step"] = sum(e.count for e in kernels) / 10

@@ -1,16 +1,17 @@
 """Decode steps replayed as CUDA graphs: one graph per batch-size bucket, all in one memory pool.
 
 A decode step of a small model is a few hundred kernel launches of a few microseconds of GPU work each;
-launched one by one from Python the GPU waits on the host. A graph replays the whole step (input ids, the
-model, the LM head and the sampling kernel) in one launch. Everything a step varies lives in static device
-buffers the graphs read: one [len(INT_ROWS), max_bs] int64 buffer, one [len(FLOAT_PARAMS), max_bs] float32
-buffer and the page table, each filled by a single host-to-device copy per step. A batch runs in the
-smallest bucket that holds it; padding rows have sequence length 0 and slot -1, so they write nothing
-(the KV store skips negative slots, the decode kernel writes zeros) and their tokens are discarded.
-A step whose rows have grammars draws again after its masks are filled, from the same logits and parameters: a
-second graph per bucket holds just that draw, reading the masks from one more static buffer. With grammar processes
-a third holds the copy of their masks into that buffer, the draw, and the copies that publish its tokens back to
-them: one launch between the masks' arrival and the next step's forward, where the host would queue five.
+launched one by one from Python the GPU waits on the host. A graph replays the whole forward (input ids, the
+model and the LM head) in one launch, and a second, small one the sampling kernel's draw. Everything a step varies
+lives in static device buffers the graphs read: one [len(INT_ROWS), max_bs] int64 buffer, one
+[len(FLOAT_PARAMS), max_bs] float32 buffer and the page table, each filled by a single host-to-device copy per
+step. A batch runs in the smallest bucket that holds it; padding rows have sequence length 0 and slot -1, so they
+write nothing (the KV store skips negative slots, the decode kernel writes zeros) and their tokens are discarded.
+The draw is a graph of its own so that a step whose rows have grammars draws only once, after its masks are filled,
+from the same logits and parameters: a third graph per bucket draws reading the masks from one more static buffer.
+With grammar processes a fourth holds the copy of their masks into that buffer, the draw, and the copies that
+publish its tokens back to them: one launch between the masks' arrival and the next step's forward, where the host
+would queue five.
 
 Decode attention is launched for the longest length a sequence may reach (max_model_len), with the split count
 kernels.cuda.decode_splits gives the bucket: one graph serves every sequence length.
@@ -126,10 +127,13 @@ class DecodeGraphs:
         # One logits buffer for every bucket: a graph's own output would live on in the pool, bucket by bucket.
         self.logits = torch.empty(self.max_bs, model.config.vocab_size, dtype=torch.float32, device=device)
         # A step with grammars draws after its forward, once its masks are filled (model_runner.sample_deferred):
-        # from these logits and parameters again, in a graph of its own that reads the masks from here.
+        # from these logits and parameters, in a graph of its own that reads the masks from here.
         self.bitmask = torch.full((self.max_bs, bitmask_words(model.config.vocab_size)), -1, dtype=torch.int32,
                                   device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}   # the forwards
+        # Apart from the forwards, so that a step drawing later (grammars, penalties) does not draw twice: over
+        # the logits of a batch-64 step of a 128k vocabulary a draw is device time between two forwards.
+        self.draws: dict[int, torch.cuda.CUDAGraph] = {}
         self.masked_draws: dict[int, torch.cuda.CUDAGraph] = {}
         self.published_draws: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -139,7 +143,7 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch_size), None)
 
     def forward(self, bs: int) -> torch.Tensor:
-        """The decode step on the static buffers' first bs rows: float32 logits, tokens into last_tokens[:bs]."""
+        """The decode step's forward on the static buffers' first bs rows: float32 logits."""
         ints = self.ints[:, :bs]
         input_ids = resolve_input_ids(ints[ROW["input_ids"]], ints[ROW["prev_rows"]], self.last_tokens)
         attn = AttentionMetadata(slot_mapping=ints[ROW["slots"]], num_decodes=bs,
@@ -147,11 +151,10 @@ class DecodeGraphs:
                                  decode_max_seq_len=self.max_seq_len)
         with forward_context(ForwardContext(attn)):
             hidden = self.model(input_ids, ints[ROW["positions"]])
-        logits = self.model.compute_logits(hidden, out=self.logits[:bs])
-        self._draw(bs)
-        return logits
+        return self.model.compute_logits(hidden, out=self.logits[:bs])
 
     def _draw(self, bs: int, bitmasks: torch.Tensor | None = None) -> None:
+        """Tokens drawn from the logits of the first bs rows into last_tokens[:bs]."""
         self.sampler.draw(self.logits[:bs], self.floats[:, :bs], self.ints[SAMPLER_ROWS, :bs],
                           out=self.last_tokens[:bs], bitmasks=bitmasks)
 
@@ -162,8 +165,10 @@ class DecodeGraphs:
         with _side_stream() as stream:
             for bs in sorted(buckets or self.buckets, reverse=True):
                 self.forward(bs)   # warm-up: kernels compiled and loaded, cuBLAS workspaces made, outside the graph
+                self._draw(bs)
                 self.graphs[bs] = self._captured(stream, partial(self.forward, bs))
                 self.pool = self.graphs[bs].pool()
+                self.draws[bs] = self._captured(stream, partial(self._draw, bs))
                 self.masked_draws[bs] = self._captured(stream, partial(self._draw, bs, self.bitmask[:bs]))
         return time.perf_counter() - start
 
@@ -200,18 +205,26 @@ class DecodeGraphs:
         staging.copied.synchronize()
         return staging.inputs(bucket, [rows[name] for name in INT_ROWS], floats, page_table)
 
-    def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Copy the inputs in and replay; returns the bucket's float32 logits (valid until the next step)."""
+    def run(self, inputs: DecodeInputs, draw: bool = True) -> torch.Tensor:
+        """Copy the inputs in and replay the forward, then the draw into last_tokens unless not `draw` (the tokens
+        are left for draw, draw_masked or draw_published); returns the bucket's float32 logits (valid until the next
+        step)."""
         bucket = inputs.ints.shape[1]
         self.ints[:, :bucket].copy_(inputs.ints, non_blocking=True)
         self.floats[:, :bucket].copy_(inputs.floats, non_blocking=True)
         self.page_table[:bucket, : inputs.page_table.shape[1]].copy_(inputs.page_table, non_blocking=True)
         inputs.copied.record()
         self.graphs[bucket].replay()
+        if draw:
+            self.draws[bucket].replay()
         return self.logits[:bucket]
 
+    def draw(self, bucket: int) -> None:
+        """Draw the tokens of the step last replayed in `bucket` (by run without `draw`) into last_tokens."""
+        self.draws[bucket].replay()
+
     def draw_masked(self, bucket: int, bitmask: torch.Tensor) -> None:
-        """Draw the tokens of the step last replayed in `bucket` again, into last_tokens, allowing only what
+        """Draw the tokens of the step last replayed in `bucket` into last_tokens, allowing only what
         `bitmask` ([rows, words] int32, rows <= bucket; best pinned on the host) allows; the step's logits and
         parameters must still be in the buffers (no step run since). Rows past `bitmask`'s are padding: whatever
         they draw is discarded."""

@@ -280,12 +280,14 @@ class ModelRunner:
         requests, positions = step.requests, deferred.positions
         bitmask = self._bitmask(requests, deferred.masks)
         if deferred.bucket is not None and not self.sampler.needs_adjustment(requests, positions, grammars=False):
-            # Nothing but grammars: the graph's own draw again, under their masks (one replay, not the launches).
+            # Nothing but grammars: the graph's draw, under their masks (one replay, not the launches).
             if bitmask is not None and self.graphs.published_draws:   # the masks are the grammar process's
                 self.graphs.draw_published(deferred.bucket)
                 step.draw = self.grammar_process.count_published()
             elif bitmask is not None:
                 self.graphs.draw_masked(deferred.bucket, bitmask)
+            else:
+                self.graphs.draw(deferred.bucket)
             step.samples = self.sampler.finish(deferred.logits, self.last_tokens[: len(requests)], requests)
         else:
             if bitmask is not None:
@@ -400,12 +402,13 @@ class ModelRunner:
                     prev_rows=prev_rows, **dict(zip(INT_PARAMS, ints)))
         inputs = graphs.host_inputs(bucket, rows, floats, page_tables)
         self.sample_deferred(previous)   # before the replay overwrites the buffers it reads
-        logits = graphs.run(inputs)[: len(requests)]
+        # The draw graph draws without bans or penalties: a step that needs them draws from the adjusted logits.
+        adjusted = not defer_sampling and self.sampler.needs_adjustment(requests, positions)
+        logits = graphs.run(inputs, draw=not (defer_sampling or adjusted))[: len(requests)]
         params = (graphs.floats[:, : len(requests)], graphs.ints[SAMPLER_ROWS, : len(requests)])
         if defer_sampling:
             return requests, DeferredSampling(logits, positions, params, bucket)
-        if self.sampler.needs_adjustment(requests, positions):
-            # The graph drew without bans or penalties: draw again from the adjusted logits, same parameters.
+        if adjusted:
             return requests, self._draw(logits, requests, positions, params)
         return requests, self.sampler.finish(logits, self.last_tokens[: len(requests)], requests)
 

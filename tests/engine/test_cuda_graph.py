@@ -108,6 +108,28 @@ def test_the_inputs_of_consecutive_steps_take_turns_in_two_pinned_buffers(loaded
     assert graphs.page_table[:4, :2].tolist() == [[7, 0], [8, 9], [10, 0], [0, 0]]   # what was copied is first's
 
 
+def test_a_deferred_step_replays_only_its_forward_and_draws_the_same_tokens_later(loaded):
+    """A step that draws later (grammars, penalties) replays the forward graph but not the draw graph; drawn
+    afterwards, its tokens are those a step drawing at once gets, for seeded random sampling too."""
+    runner = ModelRunner(config(model=loaded.name), loaded)
+    rng = random.Random(4)
+    vocab = loaded.model_config.vocab_size
+    requests = [Request(rid=i, prompt_ids=[rng.randrange(vocab) for _ in range(rng.randint(5, 90))],
+                        params=SamplingParams(temperature=0.9, top_p=0.95), seed=50 + i) for i in range(13)]
+    for i, r in enumerate(requests):
+        r.pages = list(range(i * 8, i * 8 + 8))
+    for r, res in zip(requests, runner.execute(ScheduledBatch([ScheduledSeq(r, 0, len(r.prompt_ids), True)
+                                                               for r in requests]))):
+        r.output_ids.append(res.token_id)
+    batch = ScheduledBatch([ScheduledSeq(r, r.num_tokens - 1, 1, True) for r in requests])
+    drawn = [res.token_id for res in runner.collect(runner.launch(batch))]
+    runner.last_tokens.fill_(-1)
+    deferred = runner.launch(batch, defer_sampling=True)
+    assert deferred.samples.bucket == runner.graphs.bucket(len(requests))
+    assert (runner.last_tokens[: len(requests)] == -1).all()   # the forward left the draw to later
+    assert [res.token_id for res in runner.collect(deferred)] == drawn
+
+
 def sampled_requests(n: int, vocab: int) -> list[tuple[list[int], SamplingParams]]:
     rng = random.Random(9)
     kinds = [dict(temperature=0.8, top_p=0.9, top_k=50), dict(temperature=1.0), dict(temperature=0.7, min_p=0.05),
