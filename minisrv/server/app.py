@@ -20,6 +20,7 @@ from contextlib import aclosing
 from functools import partial
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from urllib.parse import urlsplit
 
 import h11
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -350,6 +351,7 @@ class ApiRoutes:
 
     async def _flush(self, request: Request) -> None:
         self._authorize(request)
+        self._refuse_cross_site(request)
         self._check_ready()
         try:
             await self.engine.flush_cache()
@@ -388,6 +390,22 @@ class ApiRoutes:
         except GrammarError as exc:
             raise APIError(400, str(exc), exc.field, "invalid_grammar") from None
         return grammar
+
+    def _refuse_cross_site(self, request: Request) -> None:
+        """A 403 for a browser's request on behalf of a page of another origin that --allowed-origins does not name.
+        For routes that act without a body: a page may send those cross-site without asking first (a form's
+        POST, an image's GET), and no Content-Type check stops them. Browsers name the page's origin in Origin,
+        or at least say the request is cross-site in Sec-Fetch-Site; other clients send neither."""
+        origin, site = request.headers.get("origin"), request.headers.get("sec-fetch-site")
+        if origin is not None:
+            allowed = self.config.allowed_origins
+            if origin in allowed or "*" in allowed or urlsplit(origin).netloc == request.headers.get("host"):
+                return
+        elif site not in ("cross-site", "same-site"):
+            return
+        raise APIError(403, f"{request.url.path} does not take requests from other origins' pages "
+                            f"({origin or 'Sec-Fetch-Site: ' + str(site)}); allow an origin with --allowed-origins",
+                       code="cross_site_request")
 
     def _authorize(self, request: Request, anthropic: bool = False) -> None:
         """`anthropic`: the key may come as Anthropic's SDK sends it, in X-Api-Key, too."""

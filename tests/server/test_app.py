@@ -1,6 +1,7 @@
 """The HTTP app on real hypercorn + uvloop, in-process, with a fake engine client: shapes, streaming, errors."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -81,6 +82,27 @@ def test_flush_cache_and_reset_prefix_cache_flush_the_engine_and_need_the_key() 
         assert httpx.get(f"{s.url}/flush_cache", headers=auth).text == "Cache flushed.\n"   # SGLang's answer
         client.ready = False
         assert_error(httpx.post(f"{s.url}/flush_cache", headers=auth), 503)
+
+
+def test_a_page_of_another_origin_cannot_flush_the_cache() -> None:
+    """The flush routes take no body, so no Content-Type check keeps a page from sending them cross-site (a
+    form's POST, an image's GET): a browser's request from another origin is a 403 unless that origin is allowed."""
+    client = FakeEngineClient(MODEL)
+    config = ServerConfig(allowed_origins=("https://app.example",))
+    with InProcessServer(client, config) as s:
+        host = s.url.split("://", 1)[1]
+        routes = (("GET", "/flush_cache"), ("POST", "/flush_cache"), ("POST", "/reset_prefix_cache"))
+        for (method, path), headers in itertools.product(routes, (
+                {"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                {"Sec-Fetch-Site": "same-site"})):
+            error = assert_error(httpx.request(method, f"{s.url}{path}", headers=headers), 403)
+            assert error["code"] == "cross_site_request" and "--allowed-origins" in error["message"]
+        assert client.flushes == 0
+        for (method, path), headers in itertools.product(routes, (
+                {}, {"Origin": "https://app.example"}, {"Origin": f"http://{host}"}, {"Sec-Fetch-Site": "same-origin"},
+                {"Sec-Fetch-Site": "none"})):
+            assert httpx.request(method, f"{s.url}{path}", headers=headers).status_code == 200
+        assert client.flushes == 15
 
 
 def test_sglang_model_and_server_info() -> None:
