@@ -366,7 +366,8 @@ class _OpenAIFields(sampling_schema("openai", "_OpenAISampling")):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def continuous_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+        """As vLLM: the usage so far in every chunk only when the final usage is asked for too."""
+        return self.include_usage() and self.stream_options.continuous_usage_stats
 
 
 class ChatCompletionRequest(_OpenAIFields):

@@ -380,6 +380,10 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server) -> N
     assert all(e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"]
                for e in events)
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == len(content)
+    body["stream_options"] = {"continuous_usage_stats": True}   # as vLLM: only with include_usage
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events and not any(e.get("usage") for e in events)
 
 
 def test_streaming_refusal_keeps_its_status(server) -> None:
