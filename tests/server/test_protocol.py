@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from minisrv.server.errors import APIError
 from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from minisrv.tokenizer.prompts import PromptTokenizer
 from minisrv.wire.records import PromptRequest
 
 VOCAB = 1000
@@ -250,3 +251,27 @@ def test_chat_template_kwargs_travel_typed() -> None:
         with pytest.raises(APIError) as info:
             chat(body)
         assert info.value.status == 400 and info.value.param.startswith(param), (body, info.value.param)
+
+
+# Renders what a tool-calling template reads of each message: its role and content, an assistant's calls (their
+# arguments as objects, as vLLM passes them) and the call a tool message answers.
+TOOL_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+                 "[{{ c.id }} {{ c.function.name }}{{ c.function.arguments | tojson }}]{% endfor %}"
+                 "{% if m.tool_call_id %}[answers {{ m.tool_call_id }}]{% endif %}{% endfor %}")
+
+
+def test_a_tool_round_trip_reaches_the_chat_template(hf_tokenizer) -> None:
+    """An assistant's tool_calls (content null) and a tool message's tool_call_id travel through the wire record
+    to the tokenizer worker's chat template, each with its own message."""
+    calls = [{"id": "call_1", "type": "function",
+              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+             {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    request = chat({"messages": [
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "noon"}]})
+    ids = PromptTokenizer(hf_tokenizer, TOOL_TEMPLATE).request_token_ids(PromptRequest.decode(request.encode()))
+    assert hf_tokenizer.decode(ids) == ('<user>Weather and time in Paris?<assistant>'
+                                        '[call_1 get_weather{"city": "Paris"}][call_2 get_time{}]'
+                                        '<tool>21 C[answers call_1]<tool>noon[answers call_2]')
