@@ -514,6 +514,9 @@ def test_guided_choice_regex_and_json_object(server, sdk, model) -> None:
     gbnf = post(server, "/generate", {"text": "Pick a colour:", "sampling_params": {
         "max_new_tokens": 8, "temperature": 0, "ebnf": 'root ::= "red" | "green" | "blue"'}}).json()
     assert gbnf["text"] in ("red", "green", "blue")
+    year = post(server, "/generate", {"text": "The year the war ended:", "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0.8, "regex": "(19|20)[0-9]{2}"}}).json()
+    assert re.fullmatch("(19|20)[0-9]{2}", year["text"]), year["text"]
     allowed = [post(server, "/tokenize", {"model": model, "prompt": word}).json()["tokens"][-1] for word in "AB"]
     only = sdk.completions.create(model=model, prompt="Letters:", max_tokens=6, temperature=1.0, seed=2, n=3,
                                   extra_body={"allowed_token_ids": allowed})
@@ -535,6 +538,37 @@ def test_guided_choice_regex_and_json_object(server, sdk, model) -> None:
 ])
 def test_invalid_grammars_are_400s_naming_the_field(server, model, body: dict, param: str) -> None:
     r = post(server, "/v1/chat/completions", {"model": model, "messages": chat_messages("x"), **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_the_fields_sdks_send_along_are_accepted_and_change_nothing(sdk, model) -> None:
+    """What the OpenAI SDK, LangChain and LiteLLM send for OpenAI's platform is taken and ignored: the reply is the
+    one without them, streamed too, with the usage so far in every chunk as guidellm asks for it."""
+    lenient = dict(store=False, metadata={"run": "ci"}, service_tier="auto", user="user-7", reasoning_effort="low",
+                   parallel_tool_calls=True, modalities=["text"])
+    plain = sdk.chat.completions.create(model=model, messages=chat_messages("Name a colour."), max_tokens=12,
+                                        **GREEDY)
+    given = sdk.chat.completions.create(model=model, messages=chat_messages("Name a colour."), max_tokens=12,
+                                        **GREEDY, **lenient)
+    assert given.choices[0].message.content == plain.choices[0].message.content
+    chunks = list(sdk.chat.completions.create(
+        model=model, messages=chat_messages("Name a colour."), max_tokens=12, **GREEDY, **lenient, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert all(c.usage is not None for c in chunks)
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+@pytest.mark.parametrize("sampling_params, param", [
+    ({"json_schema": '{"type": "bogus"}'}, "sampling_params.json_schema"),
+    ({"json_schema": "{not json"}, "sampling_params.json_schema"),
+    ({"regex": "[a-z"}, "sampling_params.regex"),
+    ({"ebnf": "root ::= undefined_rule"}, "sampling_params.ebnf"),
+    ({"regex": "a", "ebnf": 'root ::= "a"'}, "sampling_params.ebnf"),   # the second names the conflict
+])
+def test_invalid_grammars_on_generate_are_400s_naming_the_field(server, sampling_params: dict, param: str) -> None:
+    r = post(server, "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 4, **sampling_params}})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
 
