@@ -126,11 +126,14 @@ def test_greedy_with_a_grammar_is_the_argmax_of_the_allowed_tokens(llm: LLM) -> 
     assert re.fullmatch(pattern, ours.text)
 
 
-def test_choices_and_preemption_keep_every_output_valid(llm: LLM) -> None:
-    """A tiny KV pool preempts constrained requests mid-output; each resumes with its grammar state intact."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_choices_and_preemption_keep_every_output_valid(llm: LLM, overlap: bool) -> None:
+    """A tiny KV pool preempts constrained requests mid-output; each resumes with its grammar state intact, also
+    when under overlap scheduling a preempted request's token is still in flight (drawn after the step's masks)."""
     clone = object.__new__(LLM)
     clone.engine = LLMEngine(EngineConfig(page_size=4, num_pages=40, enable_prefix_caching=False),
-                             loaded=llm.engine.loaded, load_tokenizer=partial(load_fast_tokenizer, llm.source))
+                             loaded=llm.engine.loaded, load_tokenizer=partial(load_fast_tokenizer, llm.source),
+                             overlap=overlap)
     clone.tokenizer, clone._next_rid, clone.source = llm.tokenizer, 0, llm.source
     pattern = r"\[[0-9]{1,3}(, [0-9]{1,3}){3,9}\]"
     params = [SamplingParams(temperature=0.9, seed=s, max_tokens=60, grammar=grammar("regex", pattern))
@@ -263,8 +266,38 @@ def test_graphs_and_overlap_follow_grammars_on_cuda() -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("grammar_process", ["on", "off"])
+def test_preempted_constrained_requests_stay_valid_on_cuda(grammar_process: str) -> None:
+    """The GPU's way (graphs, overlap, the grammars in processes of their own or in the engine's) with a KV pool
+    too small for the batch: requests are preempted mid-output and recomputed, and every output is still valid."""
+    from minisrv.models.source import resolve_source
+
+    config = EngineConfig(model="smollm2-135m", load_format="dummy", device="cuda", max_model_len=512, page_size=4,
+                          num_pages=60, enable_prefix_caching=False, grammar_process=grammar_process)
+    source = resolve_source(config)
+    engine = LLMEngine(config, source, load_tokenizer=partial(load_fast_tokenizer, source))
+    assert (engine.runner.grammar_process is not None) == (grammar_process == "on") and engine.overlap
+    pattern = r"\[[0-9]{1,3}(, [0-9]{1,3}){3,9}\]"
+    g = grammar("regex", pattern)
+    for rid in range(12):
+        engine.add_request(rid, list(b"Ten numbers: " * (1 + rid % 3)), SamplingParams(
+            temperature=0.0 if rid % 2 else 0.9, seed=rid, max_tokens=60, grammar=g))
+    outputs: dict[int, list[int]] = {rid: [] for rid in range(12)}
+    finish = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.rid] += out.new_token_ids
+            if out.finished:
+                finish[out.rid] = out.finish_reason.api_name
+    assert engine.scheduler.num_preemptions > 0
+    for rid, ids in outputs.items():
+        assert finish[rid] == "stop" and re.fullmatch(pattern, bytes(ids).decode()), (rid, ids)
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_the_masked_draw_graph_draws_what_the_launched_kernel_draws() -> None:
-    """A decode step with grammars replays its graph, then draws again under their masks in a graph of its own
+    """A decode step with grammars replays its forward's graph, then draws under their masks in a graph of its own
     (ModelRunner.sample_deferred): the same tokens as the sampling kernel launched on that step's logits with the
     same masks and parameters; in a bucket with padding rows, greedy and sampled rows, rows without a grammar."""
     from minisrv.engine.model_runner import ModelRunner
