@@ -73,11 +73,14 @@ async def client_gone(request: Request, exc: Exception) -> Response:
 
 
 def route(path: str, endpoint: Callable, methods: list[str], body_schema: type | tuple[type, ...] | None = None,
-          error_schema: type = ErrorBody) -> Route:
+          error_schema: type = ErrorBody, response_schema: type | None = None, stream_schema: type | None = None
+          ) -> Route:
     """A route; `body_schema` is the pydantic model of its JSON body (a tuple: one of them), `error_schema` that of
-    its error bodies, for /openapi.json."""
+    its error bodies, `response_schema` that of its JSON success body and `stream_schema` that of each event when it
+    streams (response_schemas.py), for /openapi.json."""
     declared = Route(path, endpoint, methods=methods)
     declared.body_schema, declared.error_schema = body_schema, error_schema
+    declared.response_schema, declared.stream_schema = response_schema, stream_schema
     return declared
 
 
@@ -104,17 +107,21 @@ class ApiRoutes:
         self._openapi: dict | None = None
 
     def routes(self) -> list[Route]:
+        from minisrv.server import response_schemas as answers
         return [
-            route("/health", self.health, ["GET"]),
-            route("/ping", self.health, ["GET", "POST"]),   # SageMaker's name for it, as vLLM serves
+            route("/health", self.health, ["GET"], response_schema=answers.HealthStatus),
+            route("/ping", self.health, ["GET", "POST"],   # SageMaker's name for it, as vLLM serves
+                  response_schema=answers.HealthStatus),
             route("/health_generate", self.health_generate, ["GET"]),
-            route("/version", self.version, ["GET"]),
+            route("/version", self.version, ["GET"], response_schema=answers.ServerVersion),
             route("/metrics", self.metrics_text, ["GET"]),
             route("/openapi.json", self.openapi, ["GET"]),
-            route("/v1/models", self.list_models, ["GET"]),
-            route("/v1/models/{model:path}", self.get_model, ["GET"]),
-            route("/v1/chat/completions", self.chat_completions, ["POST"], ChatCompletionRequest),
-            route("/v1/completions", self.completions, ["POST"], CompletionRequest),
+            route("/v1/models", self.list_models, ["GET"], response_schema=answers.ModelList),
+            route("/v1/models/{model:path}", self.get_model, ["GET"], response_schema=answers.ModelCard),
+            route("/v1/chat/completions", self.chat_completions, ["POST"], ChatCompletionRequest,
+                  response_schema=answers.ChatCompletion, stream_schema=answers.ChatCompletionChunk),
+            route("/v1/completions", self.completions, ["POST"], CompletionRequest,
+                  response_schema=answers.Completion, stream_schema=answers.CompletionChunk),
             route("/invocations", self.invocations, ["POST"], (ChatCompletionRequest, CompletionRequest)),  # SageMaker's
             route("/v1/responses", self.create_response, ["POST"], responses_api.ResponsesRequest),
             route("/v1/messages", self.create_message, ["POST"], messages_api.MessagesRequest,
@@ -128,8 +135,10 @@ class ApiRoutes:
             route("/get_model_info", self.model_info, ["GET"]),                   # SGLang's
             route("/get_server_info", self.server_info, ["GET"]),                 # SGLang's
             route("/reset_prefix_cache", self.reset_prefix_cache, ["POST"]),    # vLLM's
-            route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest)),
-            route("/detokenize", self.detokenize, ["POST"], DetokenizeRequest),
+            route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest),
+                  response_schema=answers.TokenizeResponse),
+            route("/detokenize", self.detokenize, ["POST"], DetokenizeRequest,
+                  response_schema=answers.DetokenizeResponse),
             route("/v1/embeddings", self.embeddings, ["POST"]),
         ]
 

@@ -1,19 +1,41 @@
 """/openapi.json: generated from the routes, it lists every route the server answers, and every request body it
-documents is one the server accepts (and the other way round: a body its schema forbids is a 400)."""
+documents is one the server accepts (and the other way round: a body its schema forbids is a 400); every success
+body it documents is what the server sends, checked on real responses by the response models and by the document's
+own schemas."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
+from contextlib import aclosing
+from typing import AsyncIterator
 
 import httpx
+import jsonschema_rs
 import pytest
+from pydantic import BaseModel, ValidationError
 from tests.server.conftest import FAKE_MODEL
+from tests.server.fake_engine_client import FakeEngineClient, render_prompt
+from tests.server.inprocess_server import InProcessServer
 
+from minisrv.config import ServerConfig
+from minisrv.server.engine_handle import OutputDelta, TokenLogprob
 from minisrv.server.protocol import ChatCompletionRequest, CompletionRequest
+from minisrv.server.response_schemas import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
+                                             DetokenizeResponse, HealthStatus, ModelCard, ModelList, ServerVersion,
+                                             TokenizeResponse)
 from minisrv.server.responses_api import ResponsesRequest
 from minisrv.server.sglang import SGLangGenerateRequest
 
 MODEL = FAKE_MODEL
+# The success bodies the document declares, by path: (JSON body, each event when streamed).
+SUCCESS_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel] | None]] = {
+    "/health": (HealthStatus, None), "/ping": (HealthStatus, None), "/version": (ServerVersion, None),
+    "/v1/models": (ModelList, None), "/v1/models/{model}": (ModelCard, None),
+    "/v1/chat/completions": (ChatCompletion, ChatCompletionChunk), "/v1/completions": (Completion, CompletionChunk),
+    "/tokenize": (TokenizeResponse, None), "/detokenize": (DetokenizeResponse, None)}
+MEDIA_TYPES = ("application/json", "text/event-stream")
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +114,143 @@ def test_documented_fields_are_accepted_and_undocumented_ones_refused(server, do
     r = httpx.post(f"{server.url}/v1/completions", content=json.dumps({"prompt": "hi", unknown: 1}),
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == unknown
+
+
+def test_success_bodies_are_the_response_models(document) -> None:
+    """Each declared success body (and each event of a stream) is its model's schema, with the fields the server
+    always sends required and no others allowed; the routes that declare none document none."""
+    for path, operations in document["paths"].items():
+        declared = dict(zip(MEDIA_TYPES, SUCCESS_BODIES.get(path, (None, None))))
+        for operation in operations.values():
+            content = operation["responses"]["200"].get("content", {})
+            assert set(content) == {media_type for media_type, model in declared.items() if model}, path
+            for media_type, schema in content.items():
+                model, properties = declared[media_type], resolve(document, schema["schema"]["$ref"])
+                assert set(properties["properties"]) == set(model.model_fields), (path, media_type)
+                assert set(properties.get("required", ())) == \
+                    {name for name, field in model.model_fields.items() if field.is_required()}
+                assert properties["additionalProperties"] is False
+
+
+class PromptLogprobsEngine(FakeEngineClient):
+    """The fake engine, whose first delta of each choice also carries the prompt's logprobs when they are asked
+    for, as the engine sends them: one per prompt token, the first's NaN (nothing came before it)."""
+
+    async def stream(self, inp) -> AsyncIterator[OutputDelta]:
+        top = inp.params.prompt_logprobs
+        async with aclosing(super().stream(inp)) as deltas:
+            async for delta in deltas:
+                if top is not None and delta.num_output_tokens == 1:
+                    delta = dataclasses.replace(delta, prompt_logprobs=[
+                        TokenLogprob(char, ord(char), math.nan if i == 0 else -0.5, char.encode(),
+                                     [TokenLogprob("a", ord("a"), -1.5 - k, b"a", rank=k + 1) for k in range(top)],
+                                     rank=3) for i, char in enumerate(render_prompt(inp))])
+                yield delta
+
+
+@pytest.fixture(scope="module")
+def prompt_logprobs_server():
+    with InProcessServer(PromptLogprobsEngine(MODEL)) as s:
+        yield s
+
+
+def conforming(document: dict, path: str, raw: bytes | str, media_type: str = "application/json") -> BaseModel:
+    """`raw`, a success body (or one event's data) of `path`, as its model validates it; the document's schema for
+    it must accept it too."""
+    model = dict(zip(MEDIA_TYPES, SUCCESS_BODIES[path]))[media_type]
+    schema = next(iter(document["paths"][path].values()))["responses"]["200"]["content"][media_type]["schema"]
+    jsonschema_rs.Draft202012Validator({**schema, "components": document["components"]}).validate(json.loads(raw))
+    return model.model_validate_json(raw)
+
+
+def answered(server, document: dict, path: str, body: dict) -> BaseModel:
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    return conforming(document, path, r.content)
+
+
+def streamed(server, document: dict, path: str, body: dict) -> list:
+    with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.read()
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [conforming(document, path, event, "text/event-stream") for event in data[:-1]]
+
+
+def test_chat_completions_are_their_models(prompt_logprobs_server, document) -> None:
+    server, path = prompt_logprobs_server, "/v1/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2, "seed": 3,
+            "logprobs": True, "top_logprobs": 2}
+    whole = answered(server, document, path, {**body, "prompt_logprobs": 1})
+    assert [c.index for c in whole.choices] == [0, 1] and all(c.logprobs.content for c in whole.choices)
+    assert whole.prompt_logprobs[0] is None and len(whole.prompt_logprobs[1]) == 2 and whole.usage.total_tokens
+    chunks = streamed(server, document, path, {**body, "stream_options": {"include_usage": True}})
+    assert {c.choices[0].index for c in chunks[:-1]} == {0, 1} and all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert sum(c.choices[0].delta.role == "assistant" for c in chunks[:-1]) == 2
+    assert {c.choices[0].finish_reason for c in chunks[:-1]} == {None, "length"}
+    chunks = streamed(server, document, path, {**body, "logprobs": False, "top_logprobs": None,
+                                               "stream_options": {"include_usage": True,
+                                                                  "continuous_usage_stats": True}})
+    assert all(c.usage is not None for c in chunks) and all(c.choices[0].logprobs is None for c in chunks[:-1])
+
+
+def test_completions_are_their_models(prompt_logprobs_server, document) -> None:
+    """Two prompts of two choices each; echoed prompts lead the logprobs, their first token without one."""
+    server, path = prompt_logprobs_server, "/v1/completions"
+    body = {"model": MODEL, "prompt": ["hi", "yo"], "max_tokens": 4, "n": 2, "seed": 3, "logprobs": 2, "echo": True}
+    whole = answered(server, document, path, {**body, "prompt_logprobs": 1})
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    assert all(c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None for c in whole.choices)
+    assert all(c.prompt_logprobs[0] is None and c.prompt_logprobs[1] for c in whole.choices)
+    chunks = streamed(server, document, path, {**body, "stream_options": {"include_usage": True}})
+    assert {c.choices[0].index for c in chunks[:-1]} == {0, 1, 2, 3} and chunks[-1].usage == whole.usage
+    assert sum(c.choices[0].logprobs.token_logprobs[0] is None for c in chunks[:-1]) == 4
+    assert answered(server, document, path, {"model": MODEL, "prompt": "hi", "max_tokens": 2}).choices[0].logprobs \
+        is None
+
+
+def test_tool_calls_and_reasoning_are_their_models(document, monkeypatch) -> None:
+    import tests.server.fake_engine_client as fake
+    monkeypatch.setattr(fake, "REPLY", '<think>\nThe time, then.\n</think>\n\nChecking. <tool_call>{"name": '
+                                       '"get_time", "arguments": {"zone": "UTC"}}</tool_call>')
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "time?"}], "tools": [tool], "max_tokens": 200,
+            "n": 2, "temperature": 0}
+    path = "/v1/chat/completions"
+    with InProcessServer(FakeEngineClient(MODEL), ServerConfig(reasoning_parser="qwen3")) as server:
+        whole = answered(server, document, path, body)
+        chunks = streamed(server, document, path, body)
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.reasoning_content.strip() == "The time, then."
+        assert [call.function.name for call in choice.message.tool_calls] == ["get_time"]
+    call_deltas = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
+    assert {(call.id is not None, call.function.name) for call in call_deltas} == {(True, "get_time"), (False, None)}
+    assert any(c.choices[0].delta.reasoning_content for c in chunks)
+
+
+def test_models_tokens_and_status_are_their_models(server, document) -> None:
+    for path in ("/health", "/version", "/v1/models", "/ping"):
+        conforming(document, path, httpx.get(f"{server.url}{path}").content)
+    conforming(document, "/ping", httpx.post(f"{server.url}/ping").content)
+    assert conforming(document, "/v1/models/{model}", httpx.get(f"{server.url}/v1/models/{MODEL}").content).id == MODEL
+    tokens = answered(server, document, "/tokenize", {"prompt": "hello", "return_token_strs": True})
+    assert tokens.count == len(tokens.tokens) == len(tokens.token_strs)
+    assert answered(server, document, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).token_strs \
+        is None
+    assert answered(server, document, "/detokenize", {"tokens": tokens.tokens}).prompt.endswith("hello")
+
+
+def test_the_models_refuse_what_the_server_does_not_send(server, document) -> None:
+    """A key the server would newly send, or one it stops sending, is a failure of the tests above."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    sent = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()
+    ChatCompletion.model_validate(sent)
+    (choice,) = sent["choices"]
+    drifted = [{**sent, "system_fingerprint": "fp"}, {**sent, "choices": [{**choice, "finish_reason": "eos"}]},
+               {**sent, "choices": [{k: v for k, v in choice.items() if k != "logprobs"}]}]
+    for body in drifted:
+        with pytest.raises(ValidationError):
+            ChatCompletion.model_validate(body)
+        with pytest.raises(ValueError):
+            conforming(document, "/v1/chat/completions", json.dumps(body))
