@@ -37,6 +37,7 @@ from starlette.routing import Route
 from minisrv.config import ServerConfig
 from minisrv.sampling_params import SamplingParams
 from minisrv.server import message_blocks, messages_api, response_items, responses, responses_api, sglang
+from minisrv.server import response_schemas as answers
 from minisrv.server.engine_handle import EngineHandle, RequestError
 from minisrv.server.errors import (APIError, ErrorBody, handle_api_error, handle_http_exception,
                                    handle_unexpected)
@@ -107,12 +108,11 @@ class ApiRoutes:
         self._openapi: dict | None = None
 
     def routes(self) -> list[Route]:
-        from minisrv.server import response_schemas as answers
         return [
             route("/health", self.health, ["GET"], response_schema=answers.HealthStatus),
             route("/ping", self.health, ["GET", "POST"],   # SageMaker's name for it, as vLLM serves
                   response_schema=answers.HealthStatus),
-            route("/health_generate", self.health_generate, ["GET"]),
+            route("/health_generate", self.health_generate, ["GET"], response_schema=answers.HealthStatus),
             route("/version", self.version, ["GET"], response_schema=answers.ServerVersion),
             route("/metrics", self.metrics_text, ["GET"]),
             route("/openapi.json", self.openapi, ["GET"]),

@@ -31,7 +31,8 @@ from minisrv.server.sglang import SGLangGenerateRequest
 MODEL = FAKE_MODEL
 # The success bodies the document declares, by path: (JSON body, each event when streamed).
 SUCCESS_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel] | None]] = {
-    "/health": (HealthStatus, None), "/ping": (HealthStatus, None), "/version": (ServerVersion, None),
+    "/health": (HealthStatus, None), "/ping": (HealthStatus, None), "/health_generate": (HealthStatus, None),
+    "/version": (ServerVersion, None),
     "/v1/models": (ModelList, None), "/v1/models/{model}": (ModelCard, None),
     "/v1/chat/completions": (ChatCompletion, ChatCompletionChunk), "/v1/completions": (Completion, CompletionChunk),
     "/tokenize": (TokenizeResponse, None), "/detokenize": (DetokenizeResponse, None)}
@@ -230,7 +231,7 @@ def test_tool_calls_and_reasoning_are_their_models(document, monkeypatch) -> Non
 
 
 def test_models_tokens_and_status_are_their_models(server, document) -> None:
-    for path in ("/health", "/version", "/v1/models", "/ping"):
+    for path in ("/health", "/health_generate", "/version", "/v1/models", "/ping"):
         conforming(document, path, httpx.get(f"{server.url}{path}").content)
     conforming(document, "/ping", httpx.post(f"{server.url}/ping").content)
     assert conforming(document, "/v1/models/{model}", httpx.get(f"{server.url}/v1/models/{MODEL}").content).id == MODEL
