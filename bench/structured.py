@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", default="1,64", help="comma-separated batch sizes (issue #11 asks for 1 and 64)")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokenizer", metavar="TOKENIZER_JSON",

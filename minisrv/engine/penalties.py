@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from minisrv.engine.grammar import apply_grammar_masks
+from minisrv.engine.grammar import grammar_biases
 from minisrv.scheduler.request import Request
 
 
@@ -60,9 +60,9 @@ def apply_logit_adjustments(logits: torch.Tensor, requests: Sequence[Request], e
     constrained = grammars and any(request.grammar is not None for request in requests)
     if not any(penalised) and not any(bans) and not any(biased) and not constrained:
         return logits
-    adjusted = logits.clone(memory_format=torch.contiguous_format)
-    if constrained:
-        apply_grammar_masks(adjusted, requests, bitmask)
+    masks = grammar_biases(logits, requests, bitmask) if constrained else None
+    # A new tensor for the steps below to adjust in place; with masks, their sum (one pass over the logits, not two).
+    adjusted = logits.clone(memory_format=torch.contiguous_format) if masks is None else logits + masks
     if any(bans):
         rows, ids = _flatten_token_lists(bans, "stop_token_ids", requests, vocab_size, logits.device)
         adjusted[rows, ids] = float("-inf")

@@ -15,7 +15,7 @@ import torch
 
 from minisrv import structured_output
 from minisrv.config import EngineConfig
-from minisrv.engine.grammar import MaskFiller, apply_grammar_masks, bitmask_words, grammar_bitmasks, unpack_bitmask
+from minisrv.engine.grammar import MaskFiller, bitmask_biases, bitmask_words, grammar_biases, grammar_bitmasks
 from minisrv.engine.llm_engine import LLMEngine
 from minisrv.llm import LLM
 from minisrv.sampling_params import SamplingParams
@@ -47,13 +47,16 @@ class AllowedSet:
         return False
 
 
-def test_unpack_bitmask_matches_bit_arithmetic() -> None:
+def test_bitmask_biases_match_bit_arithmetic() -> None:
     rng = random.Random(0)
     vocab = 1000
     words = [[rng.getrandbits(32) for _ in range(bitmask_words(vocab))] for _ in range(3)]
     signed = torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in words], dtype=torch.int32)
-    expected = torch.tensor([[bool(row[t // 32] >> (t % 32) & 1) for t in range(vocab)] for row in words])
-    assert torch.equal(unpack_bitmask(signed, vocab), expected)
+    expected = torch.tensor([[0.0 if row[t // 32] >> (t % 32) & 1 else float("-inf") for t in range(vocab)]
+                             for row in words])
+    assert torch.equal(bitmask_biases(signed, vocab), expected)
+    assert torch.equal(bitmask_biases(signed[:, ::2], 500, torch.bfloat16), expected[:, [t for t in range(vocab)
+                       if t // 32 % 2 == 0]][:, :500].bfloat16())   # a strided view of the words
 
 
 def test_masks_touch_only_constrained_rows_and_their_disallowed_tokens() -> None:
@@ -63,8 +66,7 @@ def test_masks_touch_only_constrained_rows_and_their_disallowed_tokens() -> None
     allowed = [set(rng.sample(range(vocab), 40)), None, set(rng.sample(range(vocab), 3))]
     requests = [Request(i, [1], SamplingParams(), 0, grammar=None if a is None else AllowedSet(a))
                 for i, a in enumerate(allowed)]
-    masked = logits.clone()
-    apply_grammar_masks(masked, requests)
+    masked = logits + grammar_biases(logits, requests)
     for row, a in enumerate(allowed):
         expected = logits[row].clone()
         if a is not None:
@@ -117,7 +119,7 @@ def test_greedy_with_a_grammar_is_the_argmax_of_the_allowed_tokens(llm: LLM) -> 
         while not matcher.is_stopped() and len(by_hand) < 24:
             logits = hf(torch.tensor([ids + by_hand])).logits[0, -1, :vocab]
             fill_next_token_bitmask(matcher, bitmask, 0)
-            token = int(logits.masked_fill(~unpack_bitmask(bitmask, vocab)[0], float("-inf")).argmax())
+            token = int((logits + bitmask_biases(bitmask, vocab)[0]).argmax())
             if token in loaded.eos_token_ids:
                 break
             by_hand.append(token)
