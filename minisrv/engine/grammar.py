@@ -216,8 +216,8 @@ def grammar_biases(logits: torch.Tensor, requests: list[Request], bitmask: torch
 def bitmask_biases(bitmask: torch.Tensor, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[rows, words] int32 -> [rows, vocab_size]: 0 where the mask allows the token, -inf where it does not; bit b
     of word w is token 32 * w + b. Each byte of the mask picks its eight biases from a table of the 256 bytes':
-    on the CPU that and an add took 1.1 ms for 64 rows of a 49,152-token vocabulary, where unpacking the bits to
-    booleans and masked_fill took 8.3 ms."""
+    on the CPU several times cheaper than unpacking the bits to booleans for masked_fill, whose kernel is slow
+    (64 rows of a 49,152-token vocabulary alone: 1.1 ms with the add, against 8.3 ms)."""
     device = bitmask.device
     bits = torch.arange(256, device=device).unsqueeze(1).bitwise_right_shift(torch.arange(8, device=device)) & 1
     table = torch.zeros(256, 8, dtype=dtype, device=device).masked_fill_(bits == 0, float("-inf"))
