@@ -2,6 +2,7 @@
 (every output valid; greedy rows equal to a hand-masked greedy decode; preemption keeps the grammar's state)."""
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import random
@@ -235,16 +236,33 @@ def test_the_fused_sampler_picks_only_allowed_tokens() -> None:
                 assert token == int(logits[i].argmax())
 
 
+def dummy_cuda_engine(**config) -> LLMEngine:
+    """smollm2-135m's shapes with dummy weights on CUDA (graphs and overlap on), its byte-level tokenizer."""
+    from minisrv.models.source import resolve_source
+
+    engine_config = EngineConfig(model="smollm2-135m", load_format="dummy", device="cuda", max_model_len=512, **config)
+    source = resolve_source(engine_config)
+    return LLMEngine(engine_config, source, load_tokenizer=partial(load_fast_tokenizer, source))
+
+
+def run_to_end(engine: LLMEngine) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Each request's output token ids and finish reason, stepping until none is left."""
+    outputs: dict[int, list[int]] = collections.defaultdict(list)
+    finish = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.rid] += out.new_token_ids
+            if out.finished:
+                finish[out.rid] = out.finish_reason.api_name
+    return outputs, finish
+
+
 @pytest.mark.cuda
 @needs_cuda
 def test_graphs_and_overlap_follow_grammars_on_cuda() -> None:
     """A dummy-weight bf16 model with CUDA graphs and overlap scheduling: every constrained output is valid,
     greedy and sampled, beside unconstrained requests in the same batches."""
-    from minisrv.models.source import resolve_source
-
-    config = EngineConfig(model="smollm2-135m", load_format="dummy", device="cuda", max_model_len=512)
-    source = resolve_source(config)
-    engine = LLMEngine(config, source, load_tokenizer=partial(load_fast_tokenizer, source))
+    engine = dummy_cuda_engine()
     pattern = r"[0-9]{2,5}(,[0-9]{2,5}){2}"
     g = grammar("regex", pattern)
     for rid in range(16):
@@ -252,14 +270,9 @@ def test_graphs_and_overlap_follow_grammars_on_cuda() -> None:
         engine.add_request(rid, list(b"Numbers: ") + [rid], SamplingParams(
             temperature=0.0 if rid % 2 else 1.0, seed=rid, max_tokens=40, ignore_eos=not constrained,
             grammar=g if constrained else None))
-    outputs: dict[int, list[int]] = {rid: [] for rid in range(16)}
-    finish = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outputs[out.rid] += out.new_token_ids
-            if out.finished:
-                finish[out.rid] = out.finish_reason.api_name
-    for rid, ids in outputs.items():
+    outputs, finish = run_to_end(engine)
+    for rid in range(16):
+        ids = outputs[rid]
         if rid % 4 != 3:
             assert finish[rid] == "stop" and re.fullmatch(pattern, bytes(ids).decode()), (rid, ids)
         else:
@@ -272,28 +285,18 @@ def test_graphs_and_overlap_follow_grammars_on_cuda() -> None:
 def test_preempted_constrained_requests_stay_valid_on_cuda(grammar_process: str) -> None:
     """The GPU's way (graphs, overlap, the grammars in processes of their own or in the engine's) with a KV pool
     too small for the batch: requests are preempted mid-output and recomputed, and every output is still valid."""
-    from minisrv.models.source import resolve_source
-
-    config = EngineConfig(model="smollm2-135m", load_format="dummy", device="cuda", max_model_len=512, page_size=4,
-                          num_pages=60, enable_prefix_caching=False, grammar_process=grammar_process)
-    source = resolve_source(config)
-    engine = LLMEngine(config, source, load_tokenizer=partial(load_fast_tokenizer, source))
+    engine = dummy_cuda_engine(page_size=4, num_pages=60, enable_prefix_caching=False,
+                               grammar_process=grammar_process)
     assert (engine.runner.grammar_process is not None) == (grammar_process == "on") and engine.overlap
     pattern = r"\[[0-9]{1,3}(, [0-9]{1,3}){3,9}\]"
     g = grammar("regex", pattern)
     for rid in range(12):
         engine.add_request(rid, list(b"Ten numbers: " * (1 + rid % 3)), SamplingParams(
             temperature=0.0 if rid % 2 else 0.9, seed=rid, max_tokens=60, grammar=g))
-    outputs: dict[int, list[int]] = {rid: [] for rid in range(12)}
-    finish = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outputs[out.rid] += out.new_token_ids
-            if out.finished:
-                finish[out.rid] = out.finish_reason.api_name
+    outputs, finish = run_to_end(engine)
     assert engine.scheduler.num_preemptions > 0
-    for rid, ids in outputs.items():
-        assert finish[rid] == "stop" and re.fullmatch(pattern, bytes(ids).decode()), (rid, ids)
+    for rid in range(12):
+        assert finish[rid] == "stop" and re.fullmatch(pattern, bytes(outputs[rid]).decode()), (rid, outputs[rid])
 
 
 @pytest.mark.cuda
