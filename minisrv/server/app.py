@@ -38,6 +38,7 @@ from minisrv.config import ServerConfig
 from minisrv.sampling_params import SamplingParams
 from minisrv.server import message_blocks, messages_api, response_items, responses, responses_api, sglang
 from minisrv.server import response_schemas as answers
+from minisrv.server import sglang_schemas as sglang_answers
 from minisrv.server.engine_handle import EngineHandle, RequestError
 from minisrv.server.errors import (APIError, ErrorBody, handle_api_error, handle_http_exception,
                                    handle_unexpected)
@@ -130,10 +131,12 @@ class ApiRoutes:
                   messages_api.AnthropicErrorBody),
             route("/v1/responses/{response_id}", self.stored_response, ["GET", "DELETE"]),
             route("/v1/responses/{response_id}/cancel", self.stored_response, ["POST"]),
-            route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest),
+            route("/generate", self.sglang_generate, ["POST"], sglang.SGLangGenerateRequest,
+                  response_schema=sglang_answers.GenerateAnswer, stream_schema=sglang_answers.GenerateChunk),
             route("/flush_cache", self.flush_cache, ["GET", "POST"]),             # SGLang's
-            route("/get_model_info", self.model_info, ["GET"]),                   # SGLang's
-            route("/get_server_info", self.server_info, ["GET"]),                 # SGLang's
+            route("/get_model_info", self.model_info, ["GET"], response_schema=sglang_answers.ModelInfo),  # SGLang's
+            route("/get_server_info", self.server_info, ["GET"],                  # SGLang's
+                  response_schema=sglang_answers.ServerInfo),
             route("/reset_prefix_cache", self.reset_prefix_cache, ["POST"]),    # vLLM's
             route("/tokenize", self.tokenize, ["POST"], (TokenizeCompletionRequest, TokenizeChatRequest),
                   response_schema=answers.TokenizeResponse),

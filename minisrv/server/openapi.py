@@ -4,7 +4,8 @@ Each route that takes a JSON body names its pydantic schema (or schemas, one of 
 where it is declared (`body_schema`, see minisrv/server/app.py); the document's paths come from the route
 table, its request schemas from pydantic's JSON Schema of those models, and every error is the one ErrorBody
 (or the route's own `error_schema`: Anthropic's on its routes). A route may name its success body too
-(`response_schema`, and `stream_schema` for each server-sent event when it streams: response_schemas.py).
+(`response_schema`, and `stream_schema` for each server-sent event when it streams: response_schemas.py and
+sglang_schemas.py).
 Nothing here lists a route or a field by hand, so the document cannot drift from what the server accepts.
 """
 from __future__ import annotations

@@ -9,12 +9,12 @@ import json
 import math
 import random
 from contextlib import aclosing
-from typing import AsyncIterator
+from typing import AsyncIterator, get_args
 
 import httpx
 import jsonschema_rs
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, RootModel, ValidationError
 from tests.server.conftest import FAKE_MODEL
 from tests.server.fake_engine_client import FakeEngineClient, render_prompt
 from tests.server.inprocess_server import InProcessServer
@@ -27,6 +27,7 @@ from minisrv.server.response_schemas import (ChatCompletion, ChatCompletionChunk
                                              TokenizeResponse)
 from minisrv.server.responses_api import ResponsesRequest
 from minisrv.server.sglang import SGLangGenerateRequest
+from minisrv.server.sglang_schemas import GenerateAnswer, GenerateChunk, GenerateOutput, ModelInfo, ServerInfo
 
 MODEL = FAKE_MODEL
 # The success bodies the document declares, by path: (JSON body, each event when streamed).
@@ -35,7 +36,9 @@ SUCCESS_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel] | None]] = {
     "/version": (ServerVersion, None),
     "/v1/models": (ModelList, None), "/v1/models/{model}": (ModelCard, None),
     "/v1/chat/completions": (ChatCompletion, ChatCompletionChunk), "/v1/completions": (Completion, CompletionChunk),
-    "/tokenize": (TokenizeResponse, None), "/detokenize": (DetokenizeResponse, None)}
+    "/tokenize": (TokenizeResponse, None), "/detokenize": (DetokenizeResponse, None),
+    "/generate": (GenerateAnswer, GenerateChunk), "/get_model_info": (ModelInfo, None),
+    "/get_server_info": (ServerInfo, None)}
 MEDIA_TYPES = ("application/json", "text/event-stream")
 
 
@@ -126,11 +129,22 @@ def test_success_bodies_are_the_response_models(document) -> None:
             content = operation["responses"]["200"].get("content", {})
             assert set(content) == {media_type for media_type, model in declared.items() if model}, path
             for media_type, schema in content.items():
-                model, properties = declared[media_type], resolve(document, schema["schema"]["$ref"])
+                model, properties = object_of(document, declared[media_type], schema["schema"])
                 assert set(properties["properties"]) == set(model.model_fields), (path, media_type)
                 assert set(properties.get("required", ())) == \
                     {name for name, field in model.model_fields.items() if field.is_required()}
                 assert properties["additionalProperties"] is False
+
+
+def object_of(document: dict, model: type[BaseModel], schema: dict) -> tuple[type[BaseModel], dict]:
+    """The model of the object a body is made of, and its schema in the document: a root model's body is that
+    object or a list of them (/generate's), each as its model describes it."""
+    if not issubclass(model, RootModel):
+        return model, resolve(document, schema["$ref"])
+    one, many = resolve(document, schema["$ref"])["anyOf"]
+    assert many["type"] == "array" and many["items"] == one
+    (member, _listed) = get_args(model.model_fields["root"].annotation)
+    return member, resolve(document, one["$ref"])
 
 
 class PromptLogprobsEngine(FakeEngineClient):
@@ -242,6 +256,42 @@ def test_models_tokens_and_status_are_their_models(server, document) -> None:
     assert answered(server, document, "/detokenize", {"tokens": tokens.tokens}).prompt.endswith("hello")
 
 
+def test_generate_answers_are_their_models(server, document) -> None:
+    """/generate from text and from token ids, one output or one per choice, with logprob triples (their text
+    only when asked for), and streamed: each event is its choice's whole output so far."""
+    path, sampling = "/generate", {"max_new_tokens": 3}
+    one = answered(server, document, path, {"text": "hi", "sampling_params": sampling}).root
+    assert isinstance(one, GenerateOutput) and one.meta_info.finish_reason.type == "length"
+    assert one.meta_info.completion_tokens == len(one.output_ids) == 3 and one.meta_info.output_token_logprobs is None
+    assert answered(server, document, path, {"input_ids": [104, 105], "rid": "mine", "sampling_params": sampling}
+                    ).root.meta_info.id == "mine"
+    logprobs = {"return_logprob": True, "top_logprobs_num": 2}
+    two = answered(server, document, path, {"text": "hi", "sampling_params": {**sampling, "n": 2}, **logprobs}).root
+    assert len(two) == 2 and all(len(out.meta_info.output_token_logprobs) == len(out.output_ids) for out in two)
+    assert all(len(top) == 2 and text is None for out in two for top in out.meta_info.output_top_logprobs
+               for *_, text in top)
+    texts = answered(server, document, path, {"text": "hi", "sampling_params": sampling, **logprobs,
+                                              "return_text_in_logprobs": True}).root.meta_info.output_token_logprobs
+    assert all(isinstance(text, str) for *_, text in texts)
+    events = streamed(server, document, path, {"text": "hi", "sampling_params": {**sampling, "n": 2}, **logprobs})
+    assert all(isinstance(event, GenerateChunk) for event in events) and {e.index for e in events} == {0, 1}
+    assert [e.meta_info.finish_reason is None for e in events].count(False) == 2
+    assert all(len(e.meta_info.output_token_logprobs) == len(e.output_ids) for e in events)
+
+
+def test_sglang_model_and_server_info_are_their_models(server, document) -> None:
+    """/get_server_info's settings are typed as the config declares them; /get_model_info's sampling defaults
+    are null without any, else those set."""
+    info = conforming(document, "/get_server_info", httpx.get(f"{server.url}/get_server_info").content)
+    assert info.served_model_name == MODEL and len(info.internal_states) == 1 and info.allowed_methods == ("*",)
+    assert conforming(document, "/get_model_info", httpx.get(f"{server.url}/get_model_info").content
+                      ).preferred_sampling_params is None
+    with InProcessServer(FakeEngineClient(MODEL), request_defaults={"temperature": 0.6, "top_k": 20}) as defaulted:
+        preferred = conforming(document, "/get_model_info", httpx.get(f"{defaulted.url}/get_model_info").content
+                               ).preferred_sampling_params
+    assert (preferred.temperature, preferred.top_k, preferred.top_p) == (0.6, 20, None)
+
+
 def test_the_models_refuse_what_the_server_does_not_send(server, document) -> None:
     """A key the server would newly send, or one it stops sending, is a failure of the tests above."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -255,3 +305,18 @@ def test_the_models_refuse_what_the_server_does_not_send(server, document) -> No
             ChatCompletion.model_validate(body)
         with pytest.raises(ValueError):
             conforming(document, "/v1/chat/completions", json.dumps(body))
+
+
+def test_the_generate_model_refuses_what_the_server_does_not_send(server, document) -> None:
+    sent = httpx.post(f"{server.url}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2},
+                                                      "return_logprob": True}).json()
+    GenerateAnswer.model_validate_json(json.dumps(sent))   # JSON: strict, a triple is a tuple only there
+    meta = sent["meta_info"]
+    drifted = [{**sent, "index": 0}, [sent], {**sent, "meta_info": {**meta, "finish_reason": "length"}},
+               {**sent, "meta_info": {k: v for k, v in meta.items() if k != "cached_tokens"}},
+               {**sent, "meta_info": {**meta, "output_token_logprobs": [[-0.5, 7]]}}]
+    for body in drifted:
+        with pytest.raises(ValidationError):
+            GenerateAnswer.model_validate_json(json.dumps(body))
+        with pytest.raises(ValueError):
+            conforming(document, "/generate", json.dumps(body))
