@@ -368,7 +368,7 @@ class BitmaskRow:
 def test_grammar_bitmasks_inside_the_kernel_equal_masking_the_logits(cuda, vocab):
     """Rows with random grammar bitmasks (some allowing a handful of tokens, some none but one, some without a
     grammar) drawn by the kernel with the mask agree with the reference sampler on -inf-masked logits."""
-    from minisrv.engine.grammar import bitmask_words, unpack_bitmask
+    from minisrv.engine.grammar import bitmask_biases, bitmask_words
 
     rows, words = 64, bitmask_words(vocab)
     logits = randn(rows, vocab, dtype=torch.float32, seed=vocab + 7) * 3
@@ -384,12 +384,12 @@ def test_grammar_bitmasks_inside_the_kernel_equal_masking_the_logits(cuda, vocab
         allowed[i, torch.randint(vocab, (1,), generator=gen)] = True   # never an empty set
         bits = allowed[i].view(words, 32).int() << torch.arange(32, dtype=torch.int32)
         request.grammar = BitmaskRow(bits.sum(dim=1, dtype=torch.int64).to(torch.int32))
-    assert torch.equal(unpack_bitmask(torch.stack([r.grammar.words if r.grammar else torch.full((words,), -1,
-                                                   dtype=torch.int32) for r in requests]), vocab),
-                       allowed[:, :vocab])
+    biases = bitmask_biases(torch.stack([r.grammar.words if r.grammar else torch.full((words,), -1, dtype=torch.int32)
+                                         for r in requests]), vocab)
+    assert torch.equal(biases == 0, allowed[:, :vocab])
     fused, ref = fused_and_reference(vocab)
     got = [r.token_id for r in fused(logits, requests)]
-    want = [r.token_id for r in ref(logits, requests)]   # the reference masks the logits (apply_grammar_masks)
+    want = [r.token_id for r in ref(logits, requests)]   # the reference masks the logits (grammar_biases)
     assert all(allowed[i, t] for i, t in enumerate(got)), "the kernel drew a token the grammar refuses"
     agree = sum(g == w for g, w in zip(got, want)) / rows
     print(f"vocab {vocab}: {agree:.3f} of masked rows agree with the reference sampler")
