@@ -43,6 +43,12 @@ def setting(default: Any, help: str, *, group: str, flags: tuple[str, ...] = (),
                                                 negative_flags=negative_flags, env=env, secret=secret))
 
 
+def reported_settings(config: type | object) -> list[str]:
+    """The names of the settings a server may report of a config (class or instance): those with a flag's help,
+    none secret."""
+    return [f.name for f in dataclasses.fields(config) if "help" in f.metadata and not f.metadata["secret"]]
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -216,7 +216,7 @@ class DecodeGraphs:
         inputs.copied.record()
         self.graphs[bucket].replay()
         if draw:
-            self.draws[bucket].replay()
+            self.draw(bucket)
         return self.logits[:bucket]
 
     def draw(self, bucket: int) -> None:

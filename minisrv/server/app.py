@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from minisrv.config import ServerConfig
+from minisrv.config import ServerConfig, reported_settings
 from minisrv.sampling_params import SamplingParams
 from minisrv.server import message_blocks, messages_api, response_items, responses, responses_api, sglang
 from minisrv.server import response_schemas as answers
@@ -344,8 +344,8 @@ class ApiRoutes:
         self._authorize(request)
         self._check_ready()
         engine = self.config.engine
-        settings = {f.name: getattr(config, f.name) for config in (engine, self.config)
-                    for f in dataclasses.fields(config) if "help" in f.metadata and not f.metadata["secret"]}
+        settings = {name: getattr(config, name) for config in (engine, self.config)
+                    for name in reported_settings(config)}
         return json_response({**settings, "model_path": engine.model, "context_length": self.engine.max_model_len,
                               "served_model_name": self.engine.model_name, "version": _version(),
                               "internal_states": [dataclasses.asdict(self.engine.stats())]})

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Iterable, Literal, get_type_hints
 
 from pydantic import ConfigDict, Field, RootModel, create_model
 
-from minisrv.config import EngineConfig, ServerConfig
+from minisrv.config import EngineConfig, ServerConfig, reported_settings
 from minisrv.models.source import GENERATION_DEFAULTS
 from minisrv.sampling_params import SamplingParams
 from minisrv.server.response_schemas import Body
@@ -93,8 +93,7 @@ class ServerInfoKeys(Body):
 def _reported_settings() -> dict[str, Any]:
     """The settings app.py's server_info reports (each one with help that is not secret) but those it replaces."""
     return {name: spec for config in (EngineConfig, ServerConfig)
-            for name, spec in _fields_of(config, (f.name for f in dataclasses.fields(config)
-                                                  if "help" in f.metadata and not f.metadata["secret"])).items()
+            for name, spec in _fields_of(config, reported_settings(config)).items()
             if name not in ServerInfoKeys.model_fields}
 
 
