@@ -290,7 +290,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--logprobs", type=int, help="ask for logprobs, so every token makes a chunk even when its "
                                                      "bytes are not text yet (dummy models' byte vocabulary)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="picks the prompts, with --num-prompts and --num-warmups: a run repeating all three sends "
+                             "the same prompts, which a server's prefix cache may hold from the last run")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", metavar="PATH", help="write the figures under vLLM's key names")
