@@ -1,6 +1,7 @@
-"""Layers import downward only: every `minisrv` import, top-level or inside a function, is checked against the
-layer order that ARCHITECTURE.md describes. A package may import itself and lower layers, never a sibling.
-minisrv/__init__.py, the public face (LLM, SamplingParams, __version__), stands outside the order."""
+"""Layers import downward only: every `minisrv` import, relative or absolute, top-level or inside a function, is
+checked against the layer order that ARCHITECTURE.md describes. A package may import itself and lower layers,
+never a sibling. minisrv/__init__.py, the public face (LLM, SamplingParams, __version__), stands outside the
+order."""
 from __future__ import annotations
 
 import ast
@@ -33,11 +34,22 @@ def unit_of(module: str) -> str:
     return "__init__"
 
 
+def absolute(node: ast.ImportFrom, path: Path) -> str:
+    """The dotted module an import-from names, `from .x import y` resolved against the importing file."""
+    if not node.level:
+        return node.module or ""
+    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]   # a module's or __init__'s package
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
 def imports(path: Path) -> list[tuple[int, str]]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minisrv"):
-            names = [node.module] if node.module != "minisrv" else [f"minisrv.{a.name}" for a in node.names]
+        module = absolute(node, path) if isinstance(node, ast.ImportFrom) else ""
+        if module.startswith("minisrv"):
+            # `from minisrv import config, llm` names its modules; deeper, the package is what counts.
+            names = [f"{module}.{a.name}" for a in node.names] if module == "minisrv" else [module]
             found += [(node.lineno, n) for n in names]
         elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("minisrv")]
