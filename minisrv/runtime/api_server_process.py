@@ -94,7 +94,7 @@ class ApiServer:
 
     def on_control(self) -> None:
         try:
-            message = self.role.control.recv()
+            message = self.role.control.recv_bytes().decode()
         except (EOFError, OSError):
             message = f"the launcher process is gone; {GOING_DOWN}"
         asyncio.get_running_loop().remove_reader(self.role.control.fileno())

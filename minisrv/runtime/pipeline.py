@@ -162,7 +162,7 @@ class Pipeline:
         """Tell the other API server processes to stop: with `error` for their streams, or "" (abort them)."""
         for control in self.api_controls:
             try:
-                control.send(error)
+                control.send_bytes(error.encode())   # bytes: nothing pickled between processes
             except OSError:   # that process is gone already
                 pass
 
