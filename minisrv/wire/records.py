@@ -102,7 +102,7 @@ class PromptRequest(Record):
             raise ValueError(f"PROMPT_REQUEST needs exactly one of text, prompt_ids and messages, got {given}")
 
 
-@record(Kind.TOKENIZED_REQUEST, "tokenizer -> scheduler")
+@record(Kind.TOKENIZED_REQUEST, "tokenizer -> scheduler (rank 0 -> the other tensor-parallel ranks)")
 class TokenizedRequest(Record):
     """One choice of a request, as the engine runs it."""
 
@@ -127,7 +127,7 @@ class DetokenizeRequest(Record):
     echo_logprobs: bool = flag()                  # echo with prompt logprobs: the first prompt token leads them
 
 
-@record(Kind.ABORT, "api -> tokenizer -> scheduler; detokenizer -> scheduler")
+@record(Kind.ABORT, "api -> tokenizer -> scheduler; detokenizer -> scheduler (rank 0 -> the other ranks)")
 class Abort(Record):
     rid: int = scalar("Q")
 
@@ -187,7 +187,7 @@ class Error(Record):
     message: str = text("")
 
 
-@record(Kind.SHUTDOWN, "api -> tokenizer -> scheduler, detokenizer")
+@record(Kind.SHUTDOWN, "api -> tokenizer -> scheduler (rank 0 -> the other ranks), detokenizer")
 class Shutdown(Record):
     pass
 
