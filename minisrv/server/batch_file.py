@@ -39,7 +39,10 @@ def parse_line(line: str, number: int) -> BatchRequest:
     try:
         request = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise BatchLineError(f"line {number}: not JSON: {exc}") from None
+        # The position within the line: json's "line 1 column c", or "line 2" when the break after it is what ends
+        # a line cut short.
+        raise BatchLineError(f"line {number}: not JSON: {exc.msg} at column {exc.colno}"
+                             if exc.lineno == 1 else f"line {number}: not JSON: {exc.msg} at its end") from None
     if not isinstance(request, dict):
         raise BatchLineError(f"line {number}: a JSON object is expected, got {type(request).__name__}")
     custom_id = request.get("custom_id")

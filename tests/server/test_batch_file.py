@@ -29,6 +29,8 @@ def test_a_line_is_a_request_or_an_error_naming_the_line_and_the_field() -> None
     assert parse_line(no_method, 1) == BatchRequest("r1", "/v1/completions", {})
     for text, message, custom_id in (
             ("{", "line 7: not JSON", None), ("[1]", "line 7: a JSON object is expected", None),
+            ('{"custom_id": "r1", "body": {"model":\n', "line 7: not JSON: Expecting value at its end$", None),
+            ('{"custom_id" "r1"}\n', "line 7: not JSON: Expecting ':' delimiter at column 14$", None),
             (line(custom_id=5), "line 7: custom_id: a string is required", None),
             (line(method="GET"), "line 7: method: only POST", "r1"),
             (line(url="/v1/models"), "line 7: url: '/v1/models' is not one of /v1/chat/completions", "r1"),
