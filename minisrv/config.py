@@ -338,7 +338,8 @@ class ServerConfig:
         None, group="server", help="the private key (PEM) of --ssl-certfile")
     api_key: str | None = setting(
         None, group="server", env=API_KEY_ENV, secret=True,
-        help=f"require 'Authorization: Bearer KEY' on /v1 and /generate (also ${API_KEY_ENV})")
+        help=f"require 'Authorization: Bearer KEY' (X-Api-Key too on /v1/messages) on every route but the health "
+             f"checks, /version, /metrics and /openapi.json (also ${API_KEY_ENV})")
     max_choices_per_request: int = setting(
         256, group="server", range=Range(1),
         help="prompts x n that one completions request may ask for (each choice runs as its own request); more "

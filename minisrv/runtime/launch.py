@@ -13,6 +13,7 @@ way of exiting (`kill -9` included) leaves anything in /dev/shm.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -78,7 +79,10 @@ def serve(config: ServerConfig, command: str = "serve",
         print(f"minisrv {command}: error: {exc}", file=sys.stderr)
         return 2
     if defaults:
-        logger.info("a request's sampling options default to the model's generation_config.json: %s", defaults)
+        from_file = request_defaults(dataclasses.replace(config, override_generation_config=None), source)
+        origin = [name for name, given in (("--override-generation-config", config.override_generation_config),
+                                           ("the model's generation_config.json", from_file)) if given]
+        logger.info("sampling options a request leaves out default to %s (%s)", defaults, " over ".join(origin))
     if config.engine.node_rank > 0:   # another host's tensor-parallel ranks: no HTTP, no tokenizers
         from minisrv.runtime.tensor_parallel import serve_node
 
