@@ -90,7 +90,8 @@ class TokenizerLoop:
                 rid=req.rid, n=req.n, stop=req.stop, echo=req.echo, skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 prompt_ids=prompt_ids if req.echo else [],
-                echo_logprobs=req.echo and req.params.prompt_logprobs is not None))
+                echo_logprobs=req.echo and req.params.prompt_logprobs is not None,
+                stop_token_ids=req.params.stop_token_ids))
             # The n choices share one prompt, so the prefix cache lets them share its KV pages too.
             params = req.params
             self.to_schedulers[self.replica_for(prompt_ids, req.n)].send_many(

@@ -39,6 +39,9 @@ class PendingRow:
 @dataclass
 class ChoiceStream:
     detok: IncrementalDetokenizer
+    # Ids whose text is left out when they stop the output, as vLLM does: the request's stop_token_ids and the
+    # special tokens (EOS among them); None with include_stop_str_in_output.
+    unrendered_stops: frozenset[int] | None
     prefix: str = ""                  # the prompt's text for echo, sent with the choice's first row
     prompt_tokens: PendingRow | None = None   # prompt logprobs, sent with the choice's first row
     pending: PendingRow | None = None
@@ -54,15 +57,17 @@ class Detokenizer:
         self.token_texts = TokenTexts(tokenizer)
         self.stream_interval = stream_interval
         self.streams: dict[int, ChoiceStream] = {}
+        self.special_ids = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
 
     def add_request(self, req: DetokenizeRequest) -> None:
         prefix = ""
         if req.echo:
             prefix = self.tokenizer.decode(req.prompt_ids.tolist(), skip_special_tokens=req.skip_special_tokens)
+        unrendered = None if req.include_stop_str_in_output else self.special_ids | set(map(int, req.stop_token_ids))
         for index in range(req.n):
             detok = IncrementalDetokenizer(self.tokenizer, req.stop, req.skip_special_tokens,
                                            req.include_stop_str_in_output)
-            stream = self.streams[choice_rid(req.rid, index)] = ChoiceStream(detok, prefix)
+            stream = self.streams[choice_rid(req.rid, index)] = ChoiceStream(detok, unrendered, prefix)
             if req.echo_logprobs:   # the prompt's first token has no logprob, but an echo shows it
                 stream.prompt_tokens = PendingRow(0)
                 self._add_token(stream.prompt_tokens, int(req.prompt_ids[0]), math.nan, 0, [], [], True)
@@ -95,7 +100,9 @@ class Detokenizer:
                 self._add_token(stream.prompt_tokens, token, logprob, top_counts[row], top_ids[tops],
                                 top_logprobs[tops], True, ranks[row])
                 continue
-            text = stream.detok.step(token) if token >= 0 else ""
+            # The token that stopped the output (EOS, a stop token id) counts and has its logprob, but no text.
+            unrendered = reason == FinishReason.STOP and stream.unrendered_stops and token in stream.unrendered_stops
+            text = stream.detok.step(token) if token >= 0 and not unrendered else ""
             if stream.detok.stopped:
                 if reason == FinishReason.NONE:
                     stopped.append(rid)

@@ -16,7 +16,7 @@ from minisrv.wire.codec import (HEADER, Column, RecordError, RecordLayout, colum
                                 strings, text)
 from minisrv.wire.codec import text as text_field   # for a field declared after PromptRequest's own `text`
 
-LAYOUT_VERSION = 11
+LAYOUT_VERSION = 12
 
 
 class Kind(enum.IntEnum):
@@ -125,6 +125,7 @@ class DetokenizeRequest(Record):
     include_stop_str_in_output: bool = flag()
     prompt_ids: Column = column("<i4")            # only with echo
     echo_logprobs: bool = flag()                  # echo with prompt logprobs: the first prompt token leads them
+    stop_token_ids: Column = column("<i4")        # params.stop_token_ids: stopping on one, it is not rendered
 
 
 @record(Kind.ABORT, "api -> tokenizer -> scheduler; detokenizer -> scheduler (rank 0 -> the other ranks)")

@@ -215,3 +215,28 @@ def test_rows_go_to_the_api_server_process_that_numbered_their_request(byte_leve
     for api, out in enumerate(outs):
         assert sorted(out.rids) == sorted(choice_rid(base, i) for base in bases[api] for i in range(2))
         assert all(api_server_of(rid, count) == api for rid in out.rids)
+
+
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_the_token_that_stops_the_output_is_not_rendered_unless_asked(byte_level_tokenizer: Tokenizer,
+                                                                      include_stop: bool) -> None:
+    """vLLM's rule: EOS (special) or a stop token id ends the output without its text, unless
+    include_stop_str_in_output; a grammar's last token, which also finishes with STOP, keeps its text."""
+    end = byte_level_tokenizer.token_to_id("<|im_end|>")
+    words = byte_level_tokenizer.encode("ab cd").ids
+    stop_id = words[-1]
+    detok = Detokenizer(byte_level_tokenizer)
+    for rid, last in ((1, end), (2, stop_id), (3, words[0])):   # 3: a token outside both, as a grammar's last
+        detok.add_request(DetokenizeRequest(rid=rid, skip_special_tokens=False, include_stop_str_in_output=include_stop,
+                                            stop_token_ids=[stop_id]))
+    choice = {rid: choice_rid(rid, 0) for rid in (1, 2, 3)}
+    rows = [[(choice[rid], token, FinishReason.NONE) for rid in (1, 2, 3)] for token in words[:-1]]
+    last = [(choice[1], end, FinishReason.STOP), (choice[2], stop_id, FinishReason.STOP),
+            (choice[3], words[0], FinishReason.STOP)]
+    texts, _ = run(detok, [step(r) for r in rows] + [step(last)])
+    head = byte_level_tokenizer.decode(words[:-1])
+    assert joined(texts, choice[1]) == head + ("<|im_end|>" if include_stop else "")
+    assert joined(texts, choice[2]) == head + (byte_level_tokenizer.decode([stop_id]) if include_stop else "")
+    assert joined(texts, choice[3]) == byte_level_tokenizer.decode(words[:-1] + [words[0]])
+    last_row = texts[-1]
+    assert last_row.num_tokens.tolist() == [1, 1, 1] and last_row.token_ids.tolist() == [end, stop_id, words[0]]
