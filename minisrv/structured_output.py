@@ -43,6 +43,11 @@ class Grammar:
 
     text: str
     field: str
+    fault_field: str | None = None   # what an invalid grammar's error names, where not `field` (a forced call's tools)
+
+    def with_field(self, field: str) -> Grammar:
+        """The same grammar made from `field`, its faults still `self.field`'s."""
+        return Grammar(self.text, field, self.fault_field or self.field)
 
 
 def json_schema(schema: dict | str, field: str) -> Grammar:
@@ -121,7 +126,7 @@ class GrammarValidator:
         else:
             self._verdicts.move_to_end(grammar.text)
         if verdict:
-            raise GrammarError(grammar.field, verdict)
+            raise GrammarError(grammar.fault_field or grammar.field, verdict)
 
 
 def _validate(grammar: str) -> str:

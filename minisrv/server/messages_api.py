@@ -104,7 +104,7 @@ class Tool(Schema):
     type: str | None = None   # "custom"; hosted tools (bash_..., web_search_...) are other types, refused by name
     name: FunctionToolName
     description: str | None = None
-    input_schema: dict[str, Any]
+    input_schema: dict[str, Any] | None = None   # required of custom tools (_tools): a hosted tool has none
 
 
 class ToolChoice(Schema):
@@ -149,6 +149,9 @@ class Conversation(Schema):
             if tool.type not in (None, "custom"):
                 raise APIError(400, f"tools.{i}.type: {tool.type!r} is a tool Anthropic's servers run; this server "
                                     "takes custom tools (name, input_schema) only", f"tools.{i}.type")
+            if tool.input_schema is None:
+                raise APIError(400, f"tools.{i}.input_schema: field required", f"tools.{i}.input_schema",
+                               "missing_field")
         chat: dict[str, Any] = {}
         if self.tools:
             chat["tools"] = [{"type": "function", "function": {

@@ -416,8 +416,11 @@ class ChatCompletionRequest(_OpenAIFields):
         choice = self.resolved_tool_choice()
         if choice in ("none", "auto"):
             return []
-        return [tool_calls.call_grammar(self.tool_dicts(), choice,
-                                        self.parallel_tool_calls is not False, "tool_choice")]
+        # An invalid grammar's fault: the forced function's parameters, or the tools' for "required"
+        names = [t.function.name for t in self.tools]
+        fault = "tools" if choice == "required" else f"tools.{names.index(choice)}.function.parameters"
+        return [tool_calls.call_grammar(self.tool_dicts(), choice, self.parallel_tool_calls is not False, "tool_choice",
+                                        fault)]
 
     def to_prompt_request(self, vocab_size: int, max_model_len: int, grammar: Grammar | None = None,
                           defaults: dict[str, Any] | None = None) -> PromptRequest:

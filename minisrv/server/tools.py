@@ -51,17 +51,18 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def call_grammar(tools: list[dict], choice: str, parallel: bool, field: str) -> Grammar:
+def call_grammar(tools: list[dict], choice: str, parallel: bool, field: str, fault_field: str) -> Grammar:
     """The output a forced tool_choice allows: `choice` is "required" or a function's name (one of `tools`,
-    OpenAI's {"type": "function", "function": {...}} objects)."""
+    OpenAI's {"type": "function", "function": {...}} objects). `fault_field`: what an invalid one's error names,
+    the tools' parameters it is made of."""
     functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
     if choice != "required":
-        return structured_output.json_schema(functions[choice], field)
+        return structured_output.json_schema(functions[choice], fault_field).with_field(field)
     items = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "parameters": params},
                         "required": ["name", "parameters"], "additionalProperties": False}
                        for name, params in functions.items()]}
     schema = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-    return structured_output.json_schema(schema, field)
+    return structured_output.json_schema(schema, fault_field).with_field(field)
 
 
 def forced_calls(text: str, choice: str) -> list[ToolCall]:

@@ -87,6 +87,8 @@ def test_tool_choices_and_options_become_the_chat_requests(choice: dict, chat_ch
 @pytest.mark.parametrize("body, message", [
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "'image' blocks are not read"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search", "input_schema": {}}]}, "tools.0.type"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),   # as the SDK sends it
+    ({"tools": [TIME_TOOL, {"name": "f"}]}, "tools.1.input_schema: field required"),
     ({"mcp_servers": [{"url": "x"}]}, "mcp_servers"),
     ({"tools": [TIME_TOOL], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
 ])
@@ -197,7 +199,9 @@ def test_chat_fields_in_errors_are_renamed_as_the_messages_request_has_them() ->
     ({"max_tokens": 0}, 400, "invalid_request_error", "max_tokens must be in"),
     ({"model": "other"}, 404, "not_found_error", "other"),
     ({"tools": [{"name": "f", "input_schema": {"type": "nope"}}], "tool_choice": {"type": "any"}}, 400,
-     "invalid_request_error", "tool_choice: Invalid type: nope"),
+     "invalid_request_error", "tools: Invalid type: nope"),
+    ({"tools": [TIME_TOOL, {"name": "f", "input_schema": {"type": "nope"}}], "tool_choice": {"type": "tool", "name": "f"}},
+     400, "invalid_request_error", "tools.1.input_schema: Invalid type: nope"),
     ({"stop_sequences": [""]}, 400, "invalid_request_error", "stop_sequences"),
     ({"extra": 1}, 400, "invalid_request_error", "extra"),
 ])

@@ -17,16 +17,16 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 
 def test_forced_grammars_accept_calls_and_nothing_else() -> None:
-    named = tools.call_grammar([WEATHER, TIME], "get_weather", True, "tool_choice").text
+    named = tools.call_grammar([WEATHER, TIME], "get_weather", True, "tool_choice", "tools").text
     assert accepts(named, '{"city": "Paris", "unit": "C"}')
     assert not accepts(named, '{"zone": "UTC"}')
-    one = tools.call_grammar([WEATHER, TIME], "required", False, "tool_choice").text
+    one = tools.call_grammar([WEATHER, TIME], "required", False, "tool_choice", "tools").text
     assert accepts(one, '[{"name": "get_time", "parameters": {"zone": "UTC"}}]')
     assert not accepts(one, '[{"name": "get_time", "parameters": {"zone": "UTC"}}, '
                             '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
     assert not accepts(one, '[{"name": "get_time", "parameters": {"city": "Oslo"}}]')
     assert not accepts(one, "[]")
-    many = tools.call_grammar([WEATHER, TIME], "required", True, "tool_choice").text
+    many = tools.call_grammar([WEATHER, TIME], "required", True, "tool_choice", "tools").text
     text = ('[{"name": "get_time", "parameters": {"zone": "UTC"}}, '
             '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
     assert accepts(many, text)
