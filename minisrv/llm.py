@@ -29,6 +29,7 @@ class GenerationOutput:
     logprobs: list[SampleResult] = field(default_factory=list)
     # SamplingParams.prompt_logprobs: one per prompt token after the first (vLLM puts None for the first)
     prompt_logprobs: list[SampleResult] = field(default_factory=list)
+    error: str | None = None   # why the request failed (finish_reason "abort"), e.g. a grammar llguidance cannot follow
 
 
 class LLM:
@@ -88,6 +89,10 @@ class LLM:
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 gen = outputs[out.rid]
+                if out.error:   # what it sampled last is no output
+                    gen.finish_reason, gen.error = out.finish_reason.api_name, out.error
+                    bar.update(1)
+                    continue
                 gen.token_ids += out.new_token_ids
                 gen.logprobs += [s for s in out.new_samples if s.logprob is not None]
                 gen.prompt_logprobs += out.prompt_samples

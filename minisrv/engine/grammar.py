@@ -47,7 +47,8 @@ class RequestGrammar:
 
     def advance(self, token_id: int) -> bool:
         """Consume the sampled token; True when the output is complete (nothing but an end may follow)."""
-        if not self.matcher.consume_token(token_id):
+        # A matcher whose mask failed (llguidance's lexer over its limits) allows only an end, and takes it.
+        if not self.matcher.consume_token(token_id) or self.matcher.is_error():
             raise ValueError(f"the grammar refused token {token_id}: {self.matcher.get_error()}")
         return self.matcher.is_stopped()
 

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import NamedTuple
 
@@ -109,10 +109,11 @@ class GrammarProcessGone(RuntimeError):
 @dataclass
 class FilledMasks:
     """A FILL's result once it is done: the masks of the batch's rows, and the rids whose grammar is complete (or
-    refused a token: logged by the process) after the tokens recorded so far."""
+    refused a token: logged by the process, and listed in `refused` too) after the tokens recorded so far."""
 
     masks: torch.Tensor
     completed: list[int]
+    refused: list[int] = field(default_factory=list)
 
 
 class RemoteGrammar:
@@ -344,8 +345,9 @@ class PendingFill:
 
     def result(self) -> FilledMasks:
         self._owner.wait(self._sequence, self._processes)
-        completed = self._rids[self._owner._segment.flags[self._rows] != 0].tolist()
-        return FilledMasks(self._owner.masks[: self._batch], completed)
+        flags = self._owner._segment.flags[self._rows]
+        return FilledMasks(self._owner.masks[: self._batch], self._rids[flags != 0].tolist(),
+                           self._rids[flags == REFUSED].tolist())
 
 
 # ---- the child
@@ -474,6 +476,10 @@ def _fill(table: np.ndarray, recorded: list[int], drawn: np.ndarray, last: _Batc
         if matcher.is_stopped() and not flags[row]:
             flags[row] = COMPLETED
     executor.unsafe_compute_mask_ptr(last.rows, masks.ctypes.data, masks.shape[1] * 4, len(masks))
+    for rid, (matcher, row) in zip(table[:, 0].tolist(), last.rows):
+        if matcher.is_error() and flags[row] != REFUSED:   # its mask failed (allowing only an end): the engine stops it
+            logger.error("request %d: the grammar failed: %s", rid, matcher.get_error())
+            flags[row] = REFUSED
 
 
 def _refused(rid: int, token: int, matcher, row: int, flags: np.ndarray) -> None:

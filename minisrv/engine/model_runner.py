@@ -26,7 +26,7 @@ from minisrv.layers.linear import Linear
 from minisrv.models.loader import LoadedModel
 from minisrv.scheduler.batch import ScheduledBatch, ScheduledSeq
 from minisrv.scheduler.kv_pages import pages_for_tokens
-from minisrv.scheduler.request import Request, SampleResult
+from minisrv.scheduler.request import Request, SampleResult, grammar_failure
 
 logger = logging.getLogger(__name__)
 
@@ -315,10 +315,13 @@ class ModelRunner:
             pending = self.grammar_process.fill(requests)
         filled = pending.result()
         if filled.completed:
-            completed = set(filled.completed)
+            completed, refused = set(filled.completed), set(filled.refused)
             for req in requests:
                 if req.rid in completed:
                     req.grammar_complete = True
+                if req.rid in refused:
+                    req.grammar_error = grammar_failure(len(req.output_ids) - 1, "it refused the token sampled last; "
+                                                        "the server log has llguidance's message")
         return filled.masks
 
     def _draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int],

@@ -157,10 +157,15 @@ class SchedulerLoop:
             if stats != published or stepped:   # a step's histograms change even where its stats do not
                 self.status.publish_stats(stats, engine.metrics(), self.replica)
                 published = stats
+            failed = [out for out in outputs if out.error]
+            if failed:   # their clients get the error, not this step's tokens
+                outputs = [out for out in outputs if not out.error]
             if outputs:
                 record = step_tokens(outputs)
                 record.emitted_ns = time.monotonic_ns()
                 self.to_detokenizer.send(record)
+            for out in failed:
+                self.to_detokenizer.send(Error(out.rid, 400, out.error))
             self.watch.check()
             if not engine.has_unfinished():
                 wait_any(self.inputs, COMPILE_POLL_S if self.compiles else IDLE_WAIT_S)

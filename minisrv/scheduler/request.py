@@ -27,6 +27,13 @@ class TokenConstraint(Protocol):
         """Record the sampled token; True once the output is complete. ValueError for a refused token."""
 
 
+def grammar_failure(num_tokens: int, detail: str) -> str:
+    """What a client is told when its grammar could not go on after `num_tokens` output tokens (llguidance's
+    message's first line: the rest is its parser's state, for the log)."""
+    return (f"grammar: llguidance could not follow it after {num_tokens} output tokens ({detail.splitlines()[0]}); "
+            "a simpler grammar (fewer nested repetitions) may work")
+
+
 @dataclass
 class RequestTimes:
     """time.monotonic() seconds (minisrv/scheduler/metrics.py): arrival at the API server, then the scheduler."""
@@ -59,6 +66,7 @@ class Request:
     # Set when a grammar process (minisrv/engine/grammar_process.py) finds the grammar complete after output_ids:
     # the request then ends at its next postprocess, whatever that step sampled for it.
     grammar_complete: bool = False
+    grammar_error: str | None = None   # the grammar could not go on (it refused the token sampled): the request fails
     times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
     num_prompt_logprobs: int = 0                # prompt tokens whose logprobs went out (params.prompt_logprobs)
     priority: int = 0                           # --scheduling-policy priority: lower values run first
@@ -117,6 +125,7 @@ class RequestOutput:
     # Logprobs of prompt tokens computed this step (params.prompt_logprobs), in order: they come before the
     # first output token, the first of them for the prompt's second token.
     prompt_samples: list[SampleResult] = field(default_factory=list)
+    error: str | None = None   # the request failed (its finish_reason ABORT): the client gets this, not its tokens
 
     @property
     def finished(self) -> bool:

@@ -38,7 +38,7 @@ from minisrv.scheduler.kv_pages import PagePool, pages_for_tokens
 from minisrv.scheduler.metrics import RequestMetrics
 from minisrv.scheduler.ngram import NgramDrafter
 from minisrv.scheduler.prefix_cache import CacheNode, PrefixCache
-from minisrv.scheduler.request import Request, RequestOutput, RequestStatus, SampleResult
+from minisrv.scheduler.request import Request, RequestOutput, RequestStatus, SampleResult, grammar_failure
 from minisrv.scheduler.waiting import WaitingQueue
 from minisrv.wire.terms import FinishReason, SchedulerStats
 
@@ -209,7 +209,7 @@ class Scheduler:
                 continue
             if req.grammar_complete:   # by the token before: what this step sampled for it is not kept
                 req.num_in_flight -= len(samples)
-                recorded.append((seq, [], FinishReason.STOP))
+                recorded.append((seq, [], FinishReason.ABORT if req.grammar_error else FinishReason.STOP))
                 continue
             recorded.append((seq, *self._record_all(seq, samples)))
         if grammars_advanced is not None:
@@ -284,8 +284,10 @@ class Scheduler:
             reason = FinishReason.LENGTH
         else:
             reason = FinishReason.NONE
-        if req.grammar is not None and reason is not FinishReason.STOP and self._grammar_complete(req, result):
-            reason = FinishReason.STOP   # a complete grammar ends the output, min_tokens or not
+        # Fed every token, an end too: a grammar whose matcher failed allows only an end, which it then refuses.
+        if req.grammar is not None and self._grammar_complete(req, result):
+            # A complete grammar ends the output, min_tokens or not; one that cannot go on fails the request.
+            reason = FinishReason.ABORT if req.grammar_error else FinishReason.STOP
         return reason
 
     @staticmethod
@@ -445,7 +447,8 @@ class Scheduler:
         try:
             return req.grammar.advance(result.token_id)
         except ValueError as exc:   # only a row whose every token was masked can sample a refused one
-            logger.error("request %d: %s; it stops here", req.rid, exc)
+            logger.error("request %d: %s; it fails here", req.rid, exc)
+            req.grammar_error = grammar_failure(len(req.output_ids) - 1, str(exc))
             return True
 
     def _length_reached(self, req: Request) -> bool:
@@ -468,4 +471,4 @@ class Scheduler:
         return RequestOutput(rid=req.rid, new_token_ids=[s.token_id for s in samples], new_samples=samples,
                              finish_reason=req.finish_reason, num_prompt_tokens=req.num_prompt_tokens,
                              num_cached_tokens=req.num_cached_tokens, num_output_tokens=len(req.output_ids),
-                             prompt_samples=prompt_samples or [])
+                             prompt_samples=prompt_samples or [], error=req.grammar_error)

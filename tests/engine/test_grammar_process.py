@@ -81,7 +81,25 @@ def test_completion_and_refused_tokens_are_flagged_at_the_next_fill(process, com
     assert process.fill([done, wrong, plain]).result().completed == []
     done.output_ids += tokenizer.encode("yes", add_special_tokens=False).ids
     wrong.output_ids.append(tokenizer.encode("x", add_special_tokens=False).ids[0])
-    assert sorted(process.fill([plain, wrong, done]).result().completed) == [1, 2]
+    filled = process.fill([plain, wrong, done]).result()
+    assert sorted(filled.completed) == [1, 2] and filled.refused == [2]
+
+
+def test_a_grammar_whose_mask_fails_is_flagged_refused_with_its_mask(compiler, tokenizer):
+    """llguidance's lexer has limits: past them the mask allows only an end, and the row is flagged at once. One
+    process, so that both requests meet the same matchers."""
+    heavy = structured_output.regex("(b{1000}){1000}", "test").text
+    process = GrammarProcess(tokenizer.to_str(), VOCAB, EOS, max_rows=16, processes=1)
+    try:
+        first = request(1, heavy, compiler)
+        assert process.fill([first]).result().refused == []
+        first.output_ids += tokenizer.encode("bb", add_special_tokens=False).ids   # the only token its mask allows
+        assert process.fill([first]).result().refused == [1]
+        # The regex's lexer states are shared with later requests of it, whose first mask then fails.
+        filled = process.fill([request(2, heavy, compiler)]).result()
+        assert filled.refused == [2] and allowed_tokens(filled.masks[0]) == EOS
+    finally:
+        process.close()
 
 
 def test_a_drawn_token_is_taken_from_the_published_draw(process, compiler, tokenizer):

@@ -392,6 +392,32 @@ def test_postprocess_feeds_every_grammar_its_token_before_the_callback_and_finis
     assert constrained[0].finished and not constrained[1].finished
 
 
+class RefusingGrammar(CountingGrammar):
+    """Refuses its `length`-th token, as llguidance does when it cannot go on (a lexer over its limits)."""
+
+    def advance(self, token_id: int) -> bool:
+        if super().advance(token_id):
+            raise ValueError(f"the grammar refused token {token_id}: lexer error: too many expressions")
+        return False
+
+
+def test_a_grammar_that_cannot_go_on_fails_its_request_with_an_error_for_the_client():
+    sched = make_scheduler(num_pages=16)
+    failing = request(0, [1, 2, 3], max_tokens=8)
+    failing.grammar = RefusingGrammar(2)
+    sched.add_request(failing)
+    sched.add_request(other := request(1, [4, 5, 6], max_tokens=8))
+    first = sched.postprocess(sched.schedule(), [SampleResult(7), SampleResult(8)])
+    assert [(o.rid, o.finish_reason, o.error) for o in first] == [(0, FinishReason.NONE, None),
+                                                                 (1, FinishReason.NONE, None)]
+    second = sched.postprocess(sched.schedule(), [SampleResult(9), SampleResult(10)])
+    assert [(o.rid, o.finish_reason) for o in second] == [(0, FinishReason.ABORT), (1, FinishReason.NONE)]
+    assert second[0].error.startswith("grammar: llguidance could not follow it after 1 output tokens (the grammar "
+                                      "refused token 9: lexer error: too many expressions)")
+    assert second[1].error is None and failing.finished and not other.finished
+    assert sched.stats().num_running == 1   # its pages are free
+
+
 def test_requests_arriving_together_with_one_prompt_share_its_pages():
     """n>1 choices arrive as n requests with the same prompt: the later ones wait one step and hit."""
     rng = random.Random(12)

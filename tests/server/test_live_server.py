@@ -542,6 +542,17 @@ def test_invalid_grammars_are_400s_naming_the_field(server, model, body: dict, p
     assert r.json()["error"]["param"] == param, r.json()
 
 
+def test_a_grammar_llguidance_cannot_follow_fails_its_request_with_a_400_streamed_or_not(server, model) -> None:
+    """Its lexer's limits are met only while generating: the request fails (its text so far is no match), the
+    client is told why, and the server serves on. The second request meets the lexer states the first built."""
+    body = {"model": model, "prompt": "x", "max_tokens": 5, "guided_regex": "(b{1000}){1000}"}
+    for extra in ({}, {"stream": True}):
+        r = post(server, "/v1/completions", {**body, **extra})
+        assert r.status_code == 400, r.text
+        assert "llguidance could not follow it" in r.json()["error"]["message"]
+    assert post(server, "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
 def test_the_fields_sdks_send_along_are_accepted_and_change_nothing(sdk, model) -> None:
     """What the OpenAI SDK, LangChain and LiteLLM send for OpenAI's platform is taken and ignored: the reply is the
     one without them, streamed too, with the usage so far in every chunk as guidellm asks for it."""
