@@ -320,8 +320,7 @@ class ModelRunner:
                 if req.rid in completed:
                     req.grammar_complete = True
                 if req.rid in refused:
-                    req.grammar_error = grammar_failure(len(req.output_ids) - 1, "it refused the token sampled last; "
-                                                        "the server log has llguidance's message")
+                    req.grammar_error = grammar_failure("its matcher failed; the server log has llguidance's message")
         return filled.masks
 
     def _draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int],

@@ -27,11 +27,12 @@ class TokenConstraint(Protocol):
         """Record the sampled token; True once the output is complete. ValueError for a refused token."""
 
 
-def grammar_failure(num_tokens: int, detail: str) -> str:
-    """What a client is told when its grammar could not go on after `num_tokens` output tokens (llguidance's
-    message's first line: the rest is its parser's state, for the log)."""
-    return (f"grammar: llguidance could not follow it after {num_tokens} output tokens ({detail.splitlines()[0]}); "
-            "a simpler grammar (fewer nested repetitions) may work")
+def grammar_failure(detail: str, num_tokens: int | None = None) -> str:
+    """What a client is told when its grammar could not go on (after `num_tokens` output tokens, where known):
+    llguidance's message's first line, the rest being its parser's state, for the log."""
+    after = "" if num_tokens is None else f" after {num_tokens} output tokens"
+    return (f"grammar: llguidance could not follow it{after} ({detail.splitlines()[0]}); a simpler grammar (fewer "
+            "nested repetitions) may work")
 
 
 @dataclass

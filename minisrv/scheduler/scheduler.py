@@ -448,7 +448,7 @@ class Scheduler:
             return req.grammar.advance(result.token_id)
         except ValueError as exc:   # only a row whose every token was masked can sample a refused one
             logger.error("request %d: %s; it fails here", req.rid, exc)
-            req.grammar_error = grammar_failure(len(req.output_ids) - 1, str(exc))
+            req.grammar_error = grammar_failure(str(exc), len(req.output_ids) - 1)
             return True
 
     def _length_reached(self, req: Request) -> bool:
