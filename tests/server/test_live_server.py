@@ -490,6 +490,11 @@ def test_a_grammar_process_gives_the_same_structured_output(sdk, model) -> None:
         assert (whole.message.content, whole.finish_reason) == (expected.message.content, expected.finish_reason)
         stream = client.chat.completions.create(**ask, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole.message.content
+        # A grammar its matcher cannot follow fails the request here too: refused token, then failed mask.
+        for _ in range(2):
+            with pytest.raises(openai.BadRequestError, match="llguidance could not follow it"):
+                client.completions.create(model=model, prompt="x", max_tokens=5,
+                                          extra_body={"guided_regex": "(b{1000}){1000}"})
     assert other.process.returncode == 0
 
 
