@@ -45,10 +45,6 @@ class Grammar:
     field: str
     fault_field: str | None = None   # what an invalid grammar's error names, where not `field` (a forced call's tools)
 
-    def with_field(self, field: str) -> Grammar:
-        """The same grammar made from `field`, its faults still `self.field`'s."""
-        return Grammar(self.text, field, self.fault_field or self.field)
-
 
 def json_schema(schema: dict | str, field: str) -> Grammar:
     if isinstance(schema, str):

@@ -113,7 +113,7 @@ def request_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any
     """The sampling options a request leaves out take these (SamplingParams' names): with --generation-config
     auto (vLLM's default) those a Hugging Face directory's generation_config.json sets, else none; then
     --override-generation-config's. ValueError naming the file or the flag when one is out of range."""
-    defaults = _generation_config_defaults(config, source)
+    defaults = generation_config_defaults(config, source)
     overrides = config.override_generation_config
     if overrides is None:
         return defaults
@@ -128,7 +128,8 @@ def request_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any
     return {**defaults, **_checked(written, f"override_generation_config ({flag})")}
 
 
-def _generation_config_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any]:
+def generation_config_defaults(config: ServerConfig, source: ModelSource) -> dict[str, Any]:
+    """The defaults a Hugging Face directory's generation_config.json sets, with --generation-config auto."""
     if config.generation_config == "vllm" or source.format != "hf" or source.path is None:
         return {}
     path = source.path / "generation_config.json"

@@ -13,7 +13,6 @@ way of exiting (`kill -9` included) leaves anything in /dev/shm.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import socket
@@ -68,7 +67,7 @@ def serve(config: ServerConfig, command: str = "serve",
                                "%(levelname)s %(message)s")
     try:
         check_config(config)
-        from minisrv.models.source import request_defaults, resolve_source
+        from minisrv.models.source import generation_config_defaults, request_defaults, resolve_source
         from minisrv.tokenizer.loading import check_vocabulary
 
         # Once, here: the embedded model is fetched by this process, not by several workers at a time.
@@ -79,9 +78,9 @@ def serve(config: ServerConfig, command: str = "serve",
         print(f"minisrv {command}: error: {exc}", file=sys.stderr)
         return 2
     if defaults:
-        from_file = request_defaults(dataclasses.replace(config, override_generation_config=None), source)
         origin = [name for name, given in (("--override-generation-config", config.override_generation_config),
-                                           ("the model's generation_config.json", from_file)) if given]
+                                           ("the model's generation_config.json",
+                                            generation_config_defaults(config, source))) if given]
         logger.info("sampling options a request leaves out default to %s (%s)", defaults, " over ".join(origin))
     if config.engine.node_rank > 0:   # another host's tensor-parallel ranks: no HTTP, no tokenizers
         from minisrv.runtime.tensor_parallel import serve_node

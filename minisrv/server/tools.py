@@ -57,12 +57,14 @@ def call_grammar(tools: list[dict], choice: str, parallel: bool, field: str, fau
     the tools' parameters it is made of."""
     functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
     if choice != "required":
-        return structured_output.json_schema(functions[choice], fault_field).with_field(field)
-    items = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "parameters": params},
-                        "required": ["name", "parameters"], "additionalProperties": False}
-                       for name, params in functions.items()]}
-    schema = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-    return structured_output.json_schema(schema, fault_field).with_field(field)
+        schema = functions[choice]
+    else:
+        items = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "parameters": params},
+                            "required": ["name", "parameters"], "additionalProperties": False}
+                           for name, params in functions.items()]}
+        schema = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+    # json_schema's own refusals name the parameters too
+    return Grammar(structured_output.json_schema(schema, fault_field).text, field, fault_field)
 
 
 def forced_calls(text: str, choice: str) -> list[ToolCall]:

@@ -40,8 +40,8 @@ class PendingRow:
 class ChoiceStream:
     detok: IncrementalDetokenizer
     # Ids whose text is left out when they stop the output, as vLLM does: the request's stop_token_ids and the
-    # special tokens (EOS among them); None with include_stop_str_in_output.
-    unrendered_stops: frozenset[int] | None
+    # special tokens (EOS among them); none with include_stop_str_in_output.
+    unrendered_stops: frozenset[int]
     prefix: str = ""                  # the prompt's text for echo, sent with the choice's first row
     prompt_tokens: PendingRow | None = None   # prompt logprobs, sent with the choice's first row
     pending: PendingRow | None = None
@@ -63,7 +63,8 @@ class Detokenizer:
         prefix = ""
         if req.echo:
             prefix = self.tokenizer.decode(req.prompt_ids.tolist(), skip_special_tokens=req.skip_special_tokens)
-        unrendered = None if req.include_stop_str_in_output else self.special_ids | set(map(int, req.stop_token_ids))
+        unrendered = (frozenset() if req.include_stop_str_in_output
+                      else self.special_ids.union(map(int, req.stop_token_ids)))
         for index in range(req.n):
             detok = IncrementalDetokenizer(self.tokenizer, req.stop, req.skip_special_tokens,
                                            req.include_stop_str_in_output)
@@ -101,7 +102,7 @@ class Detokenizer:
                                 top_logprobs[tops], True, ranks[row])
                 continue
             # The token that stopped the output (EOS, a stop token id) counts and has its logprob, but no text.
-            unrendered = reason == FinishReason.STOP and stream.unrendered_stops and token in stream.unrendered_stops
+            unrendered = reason == FinishReason.STOP and token in stream.unrendered_stops
             text = stream.detok.step(token) if token >= 0 and not unrendered else ""
             if stream.detok.stopped:
                 if reason == FinishReason.NONE:
